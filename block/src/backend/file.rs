@@ -1,0 +1,424 @@
+//! A raw image file (or block device) on the host.
+//!
+//! Buffered by default, like QEMU's `cache=writeback`: writes land in the host page
+//! cache and [`Backend::flush`] is `fdatasync`. With [`FileOptions::direct`] the file is
+//! opened `O_DIRECT` and every transfer goes through an aligned bounce buffer, with
+//! read-modify-write at unaligned edges, so callers may still use any offset.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::{write_zero_chunks, Backend, Capabilities};
+use crate::{HostError, HostOp};
+
+/// Alignment used for `O_DIRECT` transfers: safe for 512-byte and 4 KiB devices.
+pub const DIRECT_ALIGN: u64 = 4096;
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+}
+
+/// Why an image could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open image {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot find the size of image {path}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path} is {size} bytes, not a multiple of {DIRECT_ALIGN} as O_DIRECT needs")]
+    DirectUnaligned { path: PathBuf, size: u64 },
+}
+
+/// A raw image file.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    size: u64,
+    direct: bool,
+    regular: bool,
+    /// Reused bounce space for `O_DIRECT`; over-allocated by `DIRECT_ALIGN` so an
+    /// aligned window always fits.
+    bounce: Vec<u8>,
+}
+
+impl FileBackend {
+    pub fn open(path: &Path, options: FileOptions) -> Result<Self, OpenError> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let mut file = open.open(path).map_err(|source| OpenError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| OpenError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        if options.direct && size % DIRECT_ALIGN != 0 {
+            return Err(OpenError::DirectUnaligned {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        Ok(FileBackend {
+            file,
+            size,
+            direct: options.direct,
+            regular,
+            bounce: Vec::new(),
+        })
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// An aligned window of `len` bytes in the bounce space.
+    fn bounce(&mut self, len: usize) -> &mut [u8] {
+        let need = len + DIRECT_ALIGN as usize;
+        if self.bounce.len() < need {
+            self.bounce = vec![0; need];
+        }
+        let skew = self.bounce.as_ptr().align_offset(DIRECT_ALIGN as usize);
+        &mut self.bounce[skew..skew + len]
+    }
+
+    fn read_plain(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_direct(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let (start, end) = align_out(offset, buf.len() as u64);
+        let file = self.file.try_clone()?;
+        let window = self.bounce((end - start) as usize);
+        Self::read_plain(&file, window, start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&window[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_direct(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if len == 0 {
+            return Ok(());
+        }
+        let (start, end) = align_out(offset, len);
+        let file = self.file.try_clone()?;
+        let window = self.bounce((end - start) as usize);
+        // Read-modify-write only the edge blocks the caller does not cover.
+        let block = DIRECT_ALIGN as usize;
+        if offset != start {
+            Self::read_plain(&file, &mut window[..block], start)?;
+        }
+        if offset + len != end && (end - start > DIRECT_ALIGN || offset == start) {
+            let w = window.len();
+            Self::read_plain(&file, &mut window[w - block..], end - DIRECT_ALIGN)?;
+        }
+        let mut at = (offset - start) as usize;
+        for b in bufs {
+            window[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        file.write_all_at(window, start)
+    }
+
+    fn write_vectored_plain(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut first = 0;
+        let mut at = offset;
+        while first < iovs.len() {
+            let batch = &iovs[first..iovs.len().min(first + IOV_MAX)];
+            // SAFETY: every iovec points into a live `&[u8]` of `bufs` (or a suffix of
+            // one, see below) for its full `iov_len`; pwritev only reads them.
+            let n = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as i32,
+                    at as i64,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let mut n = n as usize;
+            at += n as u64;
+            // Skip what was written; a partly written iovec keeps its suffix.
+            while n > 0 {
+                let iov = &mut iovs[first];
+                if n >= iov.iov_len {
+                    n -= iov.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: n < iov_len, so the advanced pointer stays inside the buffer.
+                    iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                    iov.iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate takes a file descriptor we own and plain integers.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+const IOV_MAX: usize = 1024;
+
+/// The smallest `DIRECT_ALIGN`-aligned range covering `[offset, offset + len)`.
+fn align_out(offset: u64, len: u64) -> (u64, u64) {
+    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
+    let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    (start, end)
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            discard: self.regular,
+            write_zeroes: self.regular,
+        }
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        let r = if self.direct {
+            self.read_direct(buf, offset)
+        } else {
+            Self::read_plain(&self.file, buf, offset)
+        };
+        r.map_err(|e| HostError::from_io(HostOp::Read, &e))
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        let r = if self.direct {
+            self.write_direct(&[buf], offset)
+        } else {
+            self.file.write_all_at(buf, offset)
+        };
+        r.map_err(|e| HostError::from_io(HostOp::Write, &e))
+    }
+
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> Result<(), HostError> {
+        let r = if self.direct {
+            self.write_direct(bufs, offset)
+        } else {
+            self.write_vectored_plain(bufs, offset)
+        };
+        r.map_err(|e| HostError::from_io(HostOp::Write, &e))
+    }
+
+    fn flush(&mut self) -> Result<(), HostError> {
+        self.file
+            .sync_data()
+            .map_err(|e| HostError::from_io(HostOp::Flush, &e))
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
+        if self.regular && !(self.direct && (offset % DIRECT_ALIGN != 0 || len % DIRECT_ALIGN != 0))
+        {
+            let mode = if unmap {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            match self.fallocate(mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if unsupported(&e) => {}
+                Err(e) => return Err(HostError::from_io(HostOp::WriteZeroes, &e)),
+            }
+        }
+        write_zero_chunks(self, offset, len).map_err(|e| HostError {
+            op: HostOp::WriteZeroes,
+            ..e
+        })
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), HostError> {
+        if !self.regular {
+            return Err(HostError::new(HostOp::Discard, libc::EOPNOTSUPP));
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            // Discard is advice: a file system that cannot punch holes loses nothing.
+            Err(e) if unsupported(&e) => Ok(()),
+            r => r.map_err(|e| HostError::from_io(HostOp::Discard, &e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(size: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("disk.img");
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, bytes).expect("write image");
+        (dir, path)
+    }
+
+    fn round_trip(options: FileOptions) {
+        let (_dir, path) = image(64 * 1024);
+        let mut b = FileBackend::open(&path, options).expect("open");
+        assert_eq!(b.size(), 64 * 1024);
+        // Unaligned write across a block edge, then read it back with context.
+        let data: Vec<u8> = (0..5000).map(|i| (i * 7 % 256) as u8).collect();
+        b.write_at(&data, 4000).expect("write");
+        let parts: [&[u8]; 3] = [&[1; 100], &[2; 5000], &[3; 3]];
+        b.write_vectored_at(&parts, 20_000).expect("writev");
+        b.flush().expect("flush");
+        let mut back = vec![0; 9000];
+        b.read_at(&mut back, 3000).expect("read");
+        for (i, byte) in back.iter().enumerate() {
+            let off = 3000 + i;
+            let want = if (4000..9000).contains(&off) {
+                ((off - 4000) * 7 % 256) as u8
+            } else {
+                (off % 251) as u8
+            };
+            assert_eq!(*byte, want, "offset {off}");
+        }
+        let on_disk = std::fs::read(&path).expect("read image");
+        assert_eq!(&on_disk[20_000..20_100], &[1; 100][..]);
+        assert_eq!(&on_disk[20_100..25_100], &[2; 5000][..]);
+        assert_eq!(&on_disk[25_100..25_103], &[3; 3][..]);
+        assert_eq!(on_disk[25_103], (25_103 % 251) as u8);
+        assert_eq!(on_disk[19_999], (19_999 % 251) as u8);
+        // Zeroing, with and without unmap, unaligned.
+        b.write_zeroes(30_001, 10_000, false).expect("zero");
+        b.write_zeroes(50_000, 4096, true).expect("punch");
+        let on_disk = std::fs::read(&path).expect("read image");
+        assert!(on_disk[30_001..40_001].iter().all(|&x| x == 0));
+        assert_eq!(on_disk[30_000], (30_000 % 251) as u8);
+        assert_eq!(on_disk[40_001], (40_001 % 251) as u8);
+        assert!(on_disk[50_000..54_096].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn buffered_round_trip() {
+        round_trip(FileOptions::default());
+    }
+
+    #[test]
+    fn direct_round_trip() {
+        round_trip(FileOptions {
+            direct: true,
+            read_only: false,
+        });
+    }
+
+    #[test]
+    fn reads_past_end_are_zero() {
+        let (_dir, path) = image(8192);
+        let mut b = FileBackend::open(&path, FileOptions::default()).expect("open");
+        let mut buf = vec![9; 100];
+        b.read_at(&mut buf, 8150).expect("read");
+        assert!(buf[42..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let (_dir, path) = image(8192);
+        let mut b = FileBackend::open(
+            &path,
+            FileOptions {
+                read_only: true,
+                direct: false,
+            },
+        )
+        .expect("open");
+        let e = b.write_at(&[1], 0).expect_err("write on read-only fd");
+        assert_eq!(e.op, HostOp::Write);
+        assert_eq!(e.errno, libc::EBADF);
+    }
+
+    #[test]
+    fn direct_needs_aligned_size() {
+        let (_dir, path) = image(5000);
+        let err = FileBackend::open(
+            &path,
+            FileOptions {
+                direct: true,
+                read_only: false,
+            },
+        )
+        .expect_err("unaligned");
+        assert!(err.to_string().contains("5000"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_path() {
+        let err = FileBackend::open(Path::new("/nonexistent/x.img"), FileOptions::default())
+            .expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/x.img"));
+    }
+}

@@ -1,0 +1,114 @@
+//! Backends: where a disk's bytes live on the host.
+//!
+//! One trait for all of them, so the engine, the fault injector and the simulated
+//! host page cache stack freely: `Disk<FaultInjector<HostCache<FaultInjector<MemBackend>>>>`
+//! is an engine over a page cache whose "disk" can fail.
+
+mod file;
+mod mem;
+
+pub use file::{FileBackend, FileOptions, OpenError};
+pub use mem::MemBackend;
+
+use crate::{HostError, HostOp};
+
+/// What a backend can do beyond read, write and flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Discard (punch a hole) is supported; the frontend may offer it to the guest.
+    pub discard: bool,
+    /// Zeroing without writing zeroes is supported (the fallback always works).
+    pub write_zeroes: bool,
+}
+
+/// Positional block storage. Implementations are used by one owner at a time (the
+/// disk's device thread); out-of-band control (arming faults, evicting a simulated
+/// cache) goes through handles the implementation hands out.
+pub trait Backend: Send {
+    /// Size in bytes; fixed for the backend's life.
+    fn size(&self) -> u64;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Fills `buf` from `offset`; bytes past the end of the host image read as zero.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError>;
+
+    /// Writes the buffers back to back from `offset`. The default writes them one by
+    /// one; backends with a real vectored call override it (replay uses it).
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> Result<(), HostError> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_at(buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every write handed over before this call stable (`fdatasync`).
+    fn flush(&mut self) -> Result<(), HostError>;
+
+    /// Makes `[offset, offset + len)` read as zeroes. `unmap` allows deallocating.
+    /// The default writes zero buffers.
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
+        let _ = unmap;
+        write_zero_chunks(self, offset, len).map_err(|e| HostError {
+            op: HostOp::WriteZeroes,
+            ..e
+        })
+    }
+
+    /// Tells the host the range is unused; its content becomes unspecified.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), HostError> {
+        let _ = (offset, len);
+        Err(HostError::new(HostOp::Discard, libc::EOPNOTSUPP))
+    }
+}
+
+/// Writes `len` zero bytes from `offset` in bounded chunks.
+pub(crate) fn write_zero_chunks<B: Backend + ?Sized>(
+    backend: &mut B,
+    offset: u64,
+    len: u64,
+) -> Result<(), HostError> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        backend.write_at(&zeroes[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> Result<(), HostError> {
+        (**self).write_vectored_at(bufs, offset)
+    }
+    fn flush(&mut self) -> Result<(), HostError> {
+        (**self).flush()
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
+        (**self).write_zeroes(offset, len, unmap)
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), HostError> {
+        (**self).discard(offset, len)
+    }
+}

@@ -1,0 +1,594 @@
+//! The disk engine: runs guest [`Request`]s against a [`Backend`] as SEMANTICS.md says.
+//!
+//! ```text
+//!                 host write/flush error, action stop
+//!   +---------+  (request parked, io-status failed|nospace)   +---------+
+//!   | Running | ------------------------------------------->  | Stopped | --+
+//!   +---------+                                               +---------+   | replay()
+//!        ^        replay(): rewrite buffer, flush, run parked      |        | failed:
+//!        +---------------------------------------------------------+        | all kept
+//!                         all succeeded                         ^-----------+
+//! ```
+//!
+//! While `Stopped`, every request submitted is parked behind the one that failed,
+//! except guest errors (bad range, write to a read-only disk, unsupported op) and
+//! GET_ID, which touch no storage and complete at once.
+//!
+//! The engine is synchronous and has one owner (the device thread). It tells its
+//! owner about host errors through [`Outcome::error`]; pausing the VM and sending
+//! events is the owner's job. The owner must not run vCPUs between a failed
+//! [`Disk::replay`] and a successful one: the parked requests have not completed.
+
+use std::collections::VecDeque;
+use std::mem;
+
+use crate::backend::Backend;
+use crate::buffer::{BufferStats, ExtentData, FlushTicket, UnflushedBuffer};
+use crate::policy::{ErrorAction, ErrorPolicy, IoStatus};
+use crate::request::{Completion, Request, RequestOp, Status};
+use crate::HostError;
+
+/// Default bound of the unflushed buffer, per disk.
+pub const DEFAULT_UNFLUSHED_LIMIT: u64 = 128 << 20;
+
+/// Largest read or write one request may carry; larger ones complete `S_IOERR`
+/// rather than make the VMM allocate what a guest asks.
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
+/// Longest serial GET_ID returns (virtio's `VIRTIO_BLK_ID_BYTES`).
+pub const ID_BYTES: usize = 20;
+
+/// How a disk behaves; see SEMANTICS.md for each knob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Write-back (the guest flushes) or writethrough (every write is flushed).
+    pub writeback: bool,
+    pub werror: ErrorPolicy,
+    pub rerror: ErrorPolicy,
+    /// When a write would take the buffer past this, the disk flushes first.
+    pub unflushed_limit: u64,
+    /// Keep extents one extra successful flush (hosts that report errors late).
+    pub keep_extra_flush: bool,
+    pub read_only: bool,
+    /// What GET_ID returns (at most 20 bytes are used).
+    pub serial: String,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            writeback: true,
+            werror: ErrorPolicy::Stop,
+            rerror: ErrorPolicy::Stop,
+            unflushed_limit: DEFAULT_UNFLUSHED_LIMIT,
+            keep_extra_flush: false,
+            read_only: false,
+            serial: String::new(),
+        }
+    }
+}
+
+/// A host error the owner must hear about (QMP's `BLOCK_IO_ERROR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoErrorReport {
+    pub error: HostError,
+    pub action: ErrorAction,
+}
+
+/// What [`Disk::submit`] did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The completion to give the guest now; `None` when the request was parked.
+    pub completion: Option<Completion>,
+    /// Set when a host call failed while running this request.
+    pub error: Option<IoErrorReport>,
+}
+
+impl Outcome {
+    fn done(completion: Completion) -> Self {
+        Outcome {
+            completion: Some(completion),
+            error: None,
+        }
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.completion.is_none()
+    }
+}
+
+/// A successful replay: the parked requests' completions, in the order they were
+/// submitted, and what was rewritten.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub completions: Vec<Completion>,
+    pub bytes_rewritten: u64,
+    pub extents_rewritten: usize,
+}
+
+/// A replay that failed; the disk stays stopped with its buffer and parked requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("replay failed")]
+pub struct ReplayError {
+    #[source]
+    pub error: HostError,
+}
+
+/// Buffered bytes that could not be made stable before the disk goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{unflushed_bytes} unflushed bytes could not be written")]
+pub struct SettleError {
+    pub unflushed_bytes: u64,
+    #[source]
+    pub error: HostError,
+}
+
+/// What `x-query-unflushed` shows of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskStatus {
+    pub io_status: IoStatus,
+    pub stopped: bool,
+    pub parked: usize,
+    pub buffer: BufferStats,
+    pub last_error: Option<HostError>,
+    /// Flushes the disk issued on its own to stay under its buffer bound.
+    pub internal_flushes: u64,
+}
+
+/// A parked request. `Covered` ones already have their effect in the buffer (a write)
+/// or are covered by replay's flush (a flush): replay completes them without running
+/// them again. `Pending` ones run again.
+#[derive(Debug)]
+enum Parked {
+    Covered { tag: u64 },
+    Pending(Request),
+}
+
+/// A host call failed while executing a request: the request comes back to the
+/// caller, who completes, parks or retries it.
+#[derive(Debug)]
+struct Failed {
+    parked: Parked,
+    error: HostError,
+}
+
+impl Failed {
+    fn covered(tag: u64, error: HostError) -> Self {
+        Failed {
+            parked: Parked::Covered { tag },
+            error,
+        }
+    }
+
+    fn pending(req: Request, error: HostError) -> Self {
+        Failed {
+            parked: Parked::Pending(req),
+            error,
+        }
+    }
+}
+
+/// One virtual disk: backend, unflushed buffer, policy and error state.
+#[derive(Debug)]
+pub struct Disk<B> {
+    backend: B,
+    config: DiskConfig,
+    buffer: UnflushedBuffer,
+    parked: VecDeque<Parked>,
+    stopped: bool,
+    io_status: IoStatus,
+    last_error: Option<HostError>,
+    /// A host write or flush failed since the buffer was last rewritten: the host may
+    /// have dropped buffered bytes, so the next flush rewrites the buffer first.
+    rewrite_before_flush: bool,
+    /// During replay, successful flushes are recorded here and released only once the
+    /// whole replay succeeded.
+    deferred_release: Option<Vec<FlushTicket>>,
+    internal_flushes: u64,
+}
+
+impl<B: Backend> Disk<B> {
+    pub fn new(backend: B, config: DiskConfig) -> Self {
+        Disk {
+            backend,
+            buffer: UnflushedBuffer::new(config.keep_extra_flush),
+            config,
+            parked: VecDeque::new(),
+            stopped: false,
+            io_status: IoStatus::Ok,
+            last_error: None,
+            rewrite_before_flush: false,
+            deferred_release: None,
+            internal_flushes: 0,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    pub fn config(&self) -> &DiskConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The guest switched the write cache (virtio's `writeback` config field).
+    pub fn set_writeback(&mut self, writeback: bool) {
+        self.config.writeback = writeback;
+    }
+
+    pub fn set_policies(&mut self, werror: ErrorPolicy, rerror: ErrorPolicy) {
+        self.config.werror = werror;
+        self.config.rerror = rerror;
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    pub fn status(&self) -> DiskStatus {
+        DiskStatus {
+            io_status: self.io_status,
+            stopped: self.stopped,
+            parked: self.parked.len(),
+            buffer: self.buffer.stats(),
+            last_error: self.last_error,
+            internal_flushes: self.internal_flushes,
+        }
+    }
+
+    /// Runs a guest request, or parks it if the disk is stopped or a host call fails
+    /// under `stop`.
+    pub fn submit(&mut self, req: Request) -> Outcome {
+        if let Some(status) = self.guest_error(&req.op) {
+            return Outcome::done(Completion::with_status(req.tag, status));
+        }
+        if req.op == RequestOp::GetId {
+            let mut id = self.config.serial.as_bytes().to_vec();
+            id.truncate(ID_BYTES);
+            return Outcome::done(Completion {
+                tag: req.tag,
+                status: Status::Ok,
+                data: id,
+            });
+        }
+        if self.stopped {
+            self.parked.push_back(Parked::Pending(req));
+            return Outcome {
+                completion: None,
+                error: None,
+            };
+        }
+        let is_read = req.op.is_read();
+        let tag = req.tag;
+        match self.execute(req) {
+            Ok(completion) => Outcome::done(completion),
+            Err(failed) => self.host_error(failed, is_read, tag),
+        }
+    }
+
+    /// Applies the error policy to a failed request.
+    fn host_error(&mut self, failed: Failed, is_read: bool, tag: u64) -> Outcome {
+        let error = failed.error;
+        let policy = if is_read {
+            self.config.rerror
+        } else {
+            self.config.werror
+        };
+        let action = policy.action(&error);
+        self.last_error = Some(error);
+        let report = Some(IoErrorReport { error, action });
+        let status = match action {
+            ErrorAction::Stop => {
+                self.stopped = true;
+                self.io_status = IoStatus::of(&error);
+                self.parked.push_back(failed.parked);
+                return Outcome {
+                    completion: None,
+                    error: report,
+                };
+            }
+            ErrorAction::Report => Status::IoErr,
+            ErrorAction::Ignore => Status::Ok,
+        };
+        let data = match (action, failed.parked) {
+            // An ignored read error still returns the buffered bytes it can.
+            (
+                ErrorAction::Ignore,
+                Parked::Pending(Request {
+                    op: RequestOp::Read { offset, len },
+                    ..
+                }),
+            ) => {
+                let mut buf = vec![0; len as usize];
+                self.buffer.overlay(offset, &mut buf);
+                buf
+            }
+            _ => Vec::new(),
+        };
+        Outcome {
+            completion: Some(Completion { tag, status, data }),
+            error: report,
+        }
+    }
+
+    /// Mistakes of the guest: they never reach the host and never stop the disk.
+    fn guest_error(&self, op: &RequestOp) -> Option<Status> {
+        let writes = matches!(
+            op,
+            RequestOp::Write { .. } | RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
+        );
+        if writes && self.config.read_only {
+            return Some(Status::IoErr);
+        }
+        if let RequestOp::Discard { .. } = op {
+            if !self.backend.capabilities().discard {
+                return Some(Status::Unsupp);
+            }
+        }
+        if let Some((offset, len)) = op.range() {
+            let out_of_range = offset.checked_add(len).is_none_or(|end| end > self.size());
+            let carries_data = matches!(op, RequestOp::Read { .. } | RequestOp::Write { .. });
+            if out_of_range || (carries_data && len > MAX_REQUEST_BYTES) {
+                return Some(Status::IoErr);
+            }
+        }
+        None
+    }
+
+    /// Runs one request on the host. A failure hands the request back with its error.
+    fn execute(&mut self, req: Request) -> Result<Completion, Failed> {
+        let tag = req.tag;
+        match req.op {
+            RequestOp::Read { offset, len } => {
+                let mut buf = vec![0; len as usize];
+                // Fully buffered ranges need no host read (and cannot fail on one).
+                if !self.buffer.covers(offset, len) {
+                    if let Err(e) = self.backend.read_at(&mut buf, offset) {
+                        return Err(Failed::pending(req, e));
+                    }
+                }
+                self.buffer.overlay(offset, &mut buf);
+                Ok(Completion {
+                    tag,
+                    status: Status::Ok,
+                    data: buf,
+                })
+            }
+            RequestOp::Write { offset, data } => {
+                if let Err(e) = self.make_room(data.len() as u64) {
+                    return Err(Failed::pending(
+                        Request::new(tag, RequestOp::Write { offset, data }),
+                        e,
+                    ));
+                }
+                let written = self.backend.write_at(&data, offset);
+                // Failed or not, the bytes are the guest's: keep them for replay.
+                self.buffer.insert(offset, ExtentData::Bytes(data));
+                written.map_err(|e| Failed::covered(tag, e))?;
+                self.finish_write(tag)
+            }
+            RequestOp::WriteZeroes { offset, len, unmap } => {
+                if let Err(e) = self.make_room(0) {
+                    return Err(Failed::pending(req, e));
+                }
+                let written = self.backend.write_zeroes(offset, len, unmap);
+                self.buffer.insert(offset, ExtentData::Zeroes(len));
+                written.map_err(|e| Failed::covered(tag, e))?;
+                self.finish_write(tag)
+            }
+            RequestOp::Discard { offset, len } => {
+                // The range's content is unspecified from now on: nothing to keep.
+                self.buffer.remove_range(offset, len);
+                match self.backend.discard(offset, len) {
+                    Ok(()) => Ok(Completion::ok(tag)),
+                    Err(e) if e.errno == libc::EOPNOTSUPP => {
+                        Ok(Completion::with_status(tag, Status::Unsupp))
+                    }
+                    Err(e) => Err(Failed::pending(req, e)),
+                }
+            }
+            RequestOp::Flush => {
+                self.host_flush().map_err(|e| Failed::covered(tag, e))?;
+                Ok(Completion::ok(tag))
+            }
+            RequestOp::GetId => Ok(Completion::ok(tag)),
+        }
+    }
+
+    /// In writethrough mode a write completes only once a flush covering it succeeded.
+    fn finish_write(&mut self, tag: u64) -> Result<Completion, Failed> {
+        if !self.config.writeback {
+            self.host_flush().map_err(|e| Failed::covered(tag, e))?;
+        }
+        Ok(Completion::ok(tag))
+    }
+
+    /// Keeps the buffer under its bound with flushes the guest does not see.
+    fn make_room(&mut self, incoming: u64) -> Result<(), HostError> {
+        let mut tries = if self.config.keep_extra_flush { 2 } else { 1 };
+        while tries > 0
+            && !self.buffer.is_empty()
+            && self.buffer.bytes().saturating_add(incoming) > self.config.unflushed_limit
+        {
+            self.internal_flushes += 1;
+            self.host_flush()?;
+            tries -= 1;
+        }
+        Ok(())
+    }
+
+    /// One host flush; rewrites the buffer first when an earlier failure may have
+    /// cost the host buffered bytes.
+    fn host_flush(&mut self) -> Result<(), HostError> {
+        if self.rewrite_before_flush {
+            self.rewrite_buffer()?;
+        }
+        let ticket = self.buffer.begin_flush();
+        let flushed = self.backend.flush();
+        if let Err(e) = flushed {
+            self.rewrite_before_flush = true;
+            return Err(e);
+        }
+        match &mut self.deferred_release {
+            Some(tickets) => tickets.push(ticket),
+            None => {
+                self.buffer.flushed(ticket);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every buffered extent to the host again, adjacent extents in one
+    /// vectored call. Returns (bytes, extents) written.
+    fn rewrite_buffer(&mut self) -> Result<(u64, usize), HostError> {
+        self.rewrite_before_flush = true;
+        let mut bytes = 0;
+        let mut extents = 0;
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_start = 0;
+        let mut run_end = 0;
+        for (offset, data) in self.buffer.extents() {
+            extents += 1;
+            bytes += data.len();
+            match data {
+                ExtentData::Bytes(b) => {
+                    if run.is_empty() || offset != run_end || run.len() == REWRITE_RUN {
+                        write_run(&mut self.backend, &run, run_start)?;
+                        run.clear();
+                        run_start = offset;
+                    }
+                    run.push(b);
+                    run_end = offset + b.len() as u64;
+                }
+                ExtentData::Zeroes(len) => {
+                    self.backend.write_zeroes(offset, *len, false)?;
+                }
+            }
+        }
+        write_run(&mut self.backend, &run, run_start)?;
+        self.buffer.mark_all_rewritten();
+        self.rewrite_before_flush = false;
+        Ok((bytes, extents))
+    }
+
+    /// Resumes a stopped disk (QMP `cont`): rewrites every buffered extent, flushes,
+    /// then runs the parked requests in order. Only if all of that succeeded are the
+    /// parked requests completed, covered extents released and the disk running
+    /// again. On failure everything stays as it was and `replay` may be called again.
+    ///
+    /// On a running disk this does nothing and returns an empty report.
+    pub fn replay(&mut self) -> Result<ReplayReport, ReplayError> {
+        if !self.stopped {
+            return Ok(ReplayReport::default());
+        }
+        self.deferred_release = Some(Vec::new());
+        let result = self.replay_steps();
+        let tickets = self.deferred_release.take().unwrap_or_default();
+        match result {
+            Ok(report) => {
+                for t in tickets {
+                    self.buffer.flushed(t);
+                }
+                self.parked.clear();
+                self.stopped = false;
+                self.io_status = IoStatus::Ok;
+                Ok(report)
+            }
+            Err(error) => {
+                self.last_error = Some(error);
+                self.io_status = IoStatus::of(&error);
+                Err(ReplayError { error })
+            }
+        }
+    }
+
+    fn replay_steps(&mut self) -> Result<ReplayReport, HostError> {
+        let (bytes_rewritten, extents_rewritten) = self.rewrite_buffer()?;
+        self.host_flush()?;
+        let mut completions = Vec::with_capacity(self.parked.len());
+        for i in 0..self.parked.len() {
+            let req = match &mut self.parked[i] {
+                Parked::Covered { tag } => {
+                    completions.push(Completion::ok(*tag));
+                    continue;
+                }
+                // A read must run again if this replay fails later: keep it.
+                Parked::Pending(
+                    req @ Request {
+                        op: RequestOp::Read { .. },
+                        ..
+                    },
+                ) => req.clone(),
+                Parked::Pending(req) => {
+                    let tag = req.tag;
+                    match mem::replace(&mut self.parked[i], Parked::Covered { tag }) {
+                        Parked::Pending(req) => req,
+                        Parked::Covered { .. } => unreachable!("matched Pending above"),
+                    }
+                }
+            };
+            match self.execute(req) {
+                Ok(c) => completions.push(c),
+                Err(failed) => {
+                    // A write that reached the buffer comes back covered; anything
+                    // else comes back pending and runs again on the next replay.
+                    self.parked[i] = failed.parked;
+                    return Err(failed.error);
+                }
+            }
+        }
+        Ok(ReplayReport {
+            completions,
+            bytes_rewritten,
+            extents_rewritten,
+        })
+    }
+
+    /// Makes every buffered byte stable before the disk goes away (QMP `quit`, guest
+    /// poweroff). Parked requests are not run: the guest never saw them complete.
+    /// On failure the error says how many bytes are still unflushed.
+    pub fn settle(&mut self) -> Result<(), SettleError> {
+        let fail = |disk: &Self, error| SettleError {
+            unflushed_bytes: disk.buffer.bytes(),
+            error,
+        };
+        if self.stopped {
+            self.rewrite_before_flush = true;
+        }
+        let flushes = if self.config.keep_extra_flush { 2 } else { 1 };
+        for _ in 0..flushes {
+            if let Err(e) = self.host_flush() {
+                return Err(fail(self, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest reset the device: parked requests will never be completed. The
+    /// buffer stays (it holds writes the guest saw complete) and so does the error
+    /// state. Returns how many requests were dropped.
+    pub fn drop_parked(&mut self) -> usize {
+        let n = self.parked.len();
+        self.parked.clear();
+        n
+    }
+}
+
+/// Longest run of extents written in one vectored call during a rewrite.
+const REWRITE_RUN: usize = 1024;
+
+fn write_run<B: Backend>(backend: &mut B, run: &[&[u8]], offset: u64) -> Result<(), HostError> {
+    match run {
+        [] => Ok(()),
+        [one] => backend.write_at(one, offset),
+        many => backend.write_vectored_at(many, offset),
+    }
+}

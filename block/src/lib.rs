@@ -1,0 +1,46 @@
+//! holdfast's durability engine.
+//!
+//! A guest write enters a disk's [`UnflushedBuffer`] and stays there until a
+//! successful host flush covers it; when a host write or flush fails, the disk's
+//! [error policy](ErrorPolicy) decides, and under `stop` the request is parked and the
+//! disk stops until [`Disk::replay`] rewrites the buffer, flushes and runs what was
+//! parked. `../shared/SEMANTICS.md` is the contract this crate implements.
+//!
+//! Following a failed `fdatasync` by name: [`Request`] -> [`Disk::submit`] ->
+//! [`Backend::flush`] returns a [`HostError`] -> [`ErrorPolicy::action`] -> parked,
+//! [`IoStatus`] set, [`Outcome::error`] tells the owner (who pauses the VM and sends
+//! `BLOCK_IO_ERROR`) -> on `cont`, [`Disk::replay`] -> [`ReplayReport`].
+//!
+//! Nothing here knows about KVM or virtio transports. For tests and outage studies
+//! there are an in-memory backend, a fault-injecting wrapper ([`fault`]), simulated
+//! host page caches with the failure behaviour of real file systems ([`hostcache`]),
+//! an oracle for the durability invariant ([`oracle`]) and the outage matrix that
+//! compares holdfast with QEMU-like strategies ([`matrix`]).
+
+pub mod backend;
+pub mod buffer;
+pub mod disk;
+pub mod fault;
+mod host_error;
+pub mod hostcache;
+pub mod matrix;
+pub mod oracle;
+pub mod policy;
+pub mod request;
+
+pub use backend::{Backend, Capabilities, FileBackend, FileOptions, MemBackend};
+pub use buffer::{BufferStats, UnflushedBuffer};
+pub use disk::{
+    Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError, ReplayReport, SettleError,
+};
+pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
+pub use host_error::{errno_from_name, errno_name, HostError, HostOp};
+pub use hostcache::{HostCache, HostModel};
+pub use policy::{ErrorAction, ErrorPolicy, IoStatus};
+pub use request::{Completion, Request, RequestOp, Status};
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves its data
+/// consistent even if a panic unwinds through it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
