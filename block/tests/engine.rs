@@ -1,0 +1,698 @@
+//! The disk engine against SEMANTICS.md, one edge at a time, on in-memory and
+//! simulated page-cache hosts with injected faults.
+
+use holdfast_block::*;
+
+const EIO: i32 = libc::EIO;
+const ENOSPC: i32 = libc::ENOSPC;
+const SIZE: u64 = 1 << 20;
+
+type Host = FaultInjector<HostCache<FaultInjector<MemBackend>>>;
+
+/// An engine over a simulated page cache. `calls` fails host calls as the engine
+/// makes them (pwrite, fsync); `writeback` fails the cache's write-back to its disk.
+struct Rig {
+    disk: Disk<Host>,
+    calls: FaultHandle,
+    writeback: FaultHandle,
+    cache: HostCache<FaultInjector<MemBackend>>,
+    stable: MemBackend,
+}
+
+fn rig(model: HostModel, config: DiskConfig) -> Rig {
+    let stable = MemBackend::new(SIZE);
+    let below = FaultInjector::new(stable.clone());
+    let writeback = below.handle();
+    let cache = HostCache::new(model, below);
+    let host = FaultInjector::new(cache.clone());
+    let calls = host.handle();
+    Rig {
+        disk: Disk::new(host, config),
+        calls,
+        writeback,
+        cache,
+        stable,
+    }
+}
+
+fn xfs() -> Rig {
+    rig(HostModel::Xfs, DiskConfig::default())
+}
+
+fn write(tag: u64, offset: u64, byte: u8, len: usize) -> Request {
+    Request::new(
+        tag,
+        RequestOp::Write {
+            offset,
+            data: vec![byte; len],
+        },
+    )
+}
+
+fn read(tag: u64, offset: u64, len: u64) -> Request {
+    Request::new(tag, RequestOp::Read { offset, len })
+}
+
+fn flush(tag: u64) -> Request {
+    Request::new(tag, RequestOp::Flush)
+}
+
+fn always(op: FaultOp, errno: i32) -> FaultRule {
+    FaultRule::new(op, errno, Trigger::Always)
+}
+
+fn ok(outcome: Outcome) -> Completion {
+    assert_eq!(outcome.error, None, "unexpected host error");
+    let c = outcome.completion.expect("completed");
+    assert_eq!(c.status, Status::Ok);
+    c
+}
+
+impl Rig {
+    fn submit_ok(&mut self, req: Request) -> Completion {
+        ok(self.disk.submit(req))
+    }
+
+    fn read_back(&mut self, offset: u64, len: u64) -> Vec<u8> {
+        self.submit_ok(read(999, offset, len)).data
+    }
+}
+
+#[test]
+fn write_read_flush_and_release() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 4096, 7, 4096));
+    assert_eq!(r.disk.status().buffer.bytes, 4096);
+    assert_eq!(r.read_back(4096, 4096), vec![7; 4096]);
+    assert_eq!(r.stable.contents()[4096], 0, "not stable before a flush");
+    r.submit_ok(flush(2));
+    assert_eq!(r.stable.contents()[4096], 7);
+    assert_eq!(
+        r.disk.status().buffer.bytes,
+        0,
+        "a successful flush releases what it covers"
+    );
+    assert_eq!(r.disk.status().buffer.peak_bytes, 4096);
+}
+
+#[test]
+fn reads_overlay_buffered_bytes_the_host_lost() {
+    // A flush failure under `report` leaves the host's pages clean; after eviction
+    // the host has the old bytes, but the guest must still read its own write.
+    let mut r = rig(
+        HostModel::Xfs,
+        DiskConfig {
+            werror: ErrorPolicy::Report,
+            ..Default::default()
+        },
+    );
+    r.submit_ok(write(1, 0, 3, 8192));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(flush(2));
+    assert_eq!(out.completion.expect("reported").status, Status::IoErr);
+    r.writeback.clear(id);
+    r.cache.evict();
+    assert_eq!(r.read_back(0, 8192), vec![3; 8192]);
+    assert_eq!(r.read_back(4000, 200), vec![3; 200]);
+}
+
+#[test]
+fn fully_buffered_read_does_not_touch_the_host() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 0, 9, 1024));
+    r.calls.arm(always(FaultOp::Read, EIO));
+    assert_eq!(r.read_back(100, 200), vec![9; 200]);
+    let out = r.disk.submit(read(2, 1000, 100));
+    assert!(out.is_parked(), "a read that needs the host does touch it");
+}
+
+#[test]
+fn writethrough_completes_after_a_covering_flush() {
+    let mut r = rig(
+        HostModel::Xfs,
+        DiskConfig {
+            writeback: false,
+            ..Default::default()
+        },
+    );
+    r.submit_ok(write(1, 0, 4, 512));
+    assert_eq!(r.stable.contents()[0], 4, "stable when the write completes");
+    assert_eq!(r.disk.status().buffer.bytes, 0);
+    // The guest can switch the cache mode.
+    r.disk.set_writeback(true);
+    r.submit_ok(write(2, 0, 5, 512));
+    assert_eq!(r.stable.contents()[0], 4);
+}
+
+#[test]
+fn writethrough_flush_failure_parks_the_write() {
+    let mut r = rig(
+        HostModel::Xfs,
+        DiskConfig {
+            writeback: false,
+            ..Default::default()
+        },
+    );
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(write(1, 0, 4, 512));
+    assert!(out.is_parked());
+    assert_eq!(out.error.expect("reported").error.op, HostOp::Flush);
+    r.writeback.clear(id);
+    r.cache.evict();
+    let report = r.disk.replay().expect("replay");
+    assert_eq!(report.completions, vec![Completion::ok(1)]);
+    assert_eq!(r.stable.contents()[0], 4);
+}
+
+#[test]
+fn bounded_buffer_flushes_on_its_own() {
+    let config = DiskConfig {
+        unflushed_limit: 16384,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    for i in 0..4 {
+        r.submit_ok(write(i, i * 4096, 1, 4096));
+    }
+    assert_eq!(r.disk.status().internal_flushes, 0);
+    assert_eq!(r.stable.contents()[0], 0);
+    r.submit_ok(write(9, 8 * 4096, 2, 4096));
+    let s = r.disk.status();
+    assert_eq!(s.internal_flushes, 1);
+    assert_eq!(s.buffer.bytes, 4096, "only the new write is left");
+    assert_eq!(
+        r.stable.contents()[0],
+        1,
+        "the internal flush made earlier writes stable"
+    );
+    assert!(s.buffer.peak_bytes <= 16384);
+}
+
+#[test]
+fn bounded_buffer_with_extra_flush_still_stays_bounded() {
+    let config = DiskConfig {
+        unflushed_limit: 8192,
+        keep_extra_flush: true,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Ext4Data, config);
+    for i in 0..16 {
+        r.submit_ok(write(i, i * 4096, 1, 4096));
+        assert!(r.disk.status().buffer.bytes <= 8192, "write {i}");
+    }
+}
+
+#[test]
+fn internal_flush_failure_parks_the_write_that_needed_room() {
+    let config = DiskConfig {
+        unflushed_limit: 4096,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    r.submit_ok(write(1, 0, 1, 4096));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(write(2, 4096, 2, 4096));
+    assert!(out.is_parked());
+    assert_eq!(out.error.expect("reported").error.op, HostOp::Flush);
+    r.writeback.clear(id);
+    r.cache.evict();
+    let report = r.disk.replay().expect("replay");
+    assert_eq!(report.completions, vec![Completion::ok(2)]);
+    r.submit_ok(flush(3));
+    let stable = r.stable.contents();
+    assert_eq!((stable[0], stable[4096]), (1, 2));
+}
+
+/// The whole `stop` story: park, park behind, guest errors during the outage, a
+/// replay while still broken, then a replay that works.
+#[test]
+fn stop_parks_in_order_and_replay_completes_in_order() {
+    let mut r = rig(
+        HostModel::Xfs,
+        DiskConfig {
+            serial: "holdfast-disk-0".into(),
+            ..Default::default()
+        },
+    );
+    r.submit_ok(write(1, 0, 1, 4096));
+    let outage = r.writeback.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(flush(2));
+    assert!(out.is_parked());
+    let report = out.error.expect("reported");
+    assert_eq!(
+        (report.error.op, report.error.errno, report.action),
+        (HostOp::Flush, EIO, ErrorAction::Stop)
+    );
+    let s = r.disk.status();
+    assert!(s.stopped);
+    assert_eq!(s.io_status, IoStatus::Failed);
+    assert_eq!(s.last_error, Some(HostError::new(HostOp::Flush, EIO)));
+
+    // Taken from the queue after it: parked in order, no host call made.
+    assert!(r.disk.submit(write(3, 4096, 3, 4096)).is_parked());
+    assert!(
+        r.disk.submit(flush(4)).is_parked(),
+        "a flush issued while writes are parked"
+    );
+    assert!(r.disk.submit(read(5, 0, 8192)).is_parked());
+    // Guest errors and GET_ID complete at once and never touch the outage.
+    let beyond = r.disk.submit(read(6, SIZE - 512, 1024));
+    assert_eq!(
+        beyond.completion.expect("guest error").status,
+        Status::IoErr
+    );
+    assert_eq!(beyond.error, None);
+    let id = ok(r.disk.submit(Request::new(7, RequestOp::GetId)));
+    assert_eq!(id.data, b"holdfast-disk-0");
+    assert_eq!(r.disk.status().parked, 4);
+
+    // Memory pressure during the outage: the host forgets the failed pages.
+    r.cache.evict();
+    let failed = r.disk.replay().expect_err("still broken");
+    assert_eq!(failed.error.errno, EIO);
+    let s = r.disk.status();
+    assert!(s.stopped);
+    assert_eq!(s.parked, 4, "a failed replay keeps the parked requests");
+    assert_eq!(s.buffer.bytes, 4096, "and the buffer");
+    assert!(r.disk.replay().is_err(), "and can be retried");
+
+    r.writeback.clear(outage);
+    let done = r.disk.replay().expect("outage over");
+    let tags: Vec<u64> = done.completions.iter().map(|c| c.tag).collect();
+    assert_eq!(tags, vec![2, 3, 4, 5]);
+    assert!(done.completions.iter().all(|c| c.status == Status::Ok));
+    let read_data = &done.completions[3].data;
+    assert_eq!(&read_data[..4096], &[1; 4096][..]);
+    assert_eq!(&read_data[4096..], &[3; 4096][..]);
+    assert_eq!(done.bytes_rewritten, 4096);
+    let s = r.disk.status();
+    assert!(!s.stopped);
+    assert_eq!(s.io_status, IoStatus::Ok);
+    assert_eq!(s.buffer.bytes, 0, "the parked flush covered everything");
+    let stable = r.stable.contents();
+    assert_eq!(
+        (stable[0], stable[4096]),
+        (1, 3),
+        "the write the host dropped is on disk"
+    );
+}
+
+#[test]
+fn write_error_parks_and_its_data_is_buffered() {
+    let mut r = xfs();
+    let id = r.calls.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(write(1, 512, 6, 512));
+    assert!(out.is_parked());
+    assert_eq!(
+        r.disk.status().buffer.bytes,
+        512,
+        "the failed write's data is kept"
+    );
+    r.calls.clear(id);
+    let done = r.disk.replay().expect("replay");
+    assert_eq!(done.completions, vec![Completion::ok(1)]);
+    assert_eq!(r.stable.contents()[512], 6, "replay's flush made it stable");
+}
+
+#[test]
+fn replay_failing_on_a_parked_request_keeps_it_and_retries() {
+    let mut r = xfs();
+    r.calls
+        .arm(FaultRule::new(FaultOp::Write, EIO, Trigger::Once));
+    assert!(r.disk.submit(write(1, 0, 1, 512)).is_parked());
+    assert!(r.disk.submit(write(2, 512, 2, 512)).is_parked());
+    assert!(r.disk.submit(read(3, 0, 1024)).is_parked());
+    assert!(r.disk.submit(flush(4)).is_parked());
+    // Replay: rewrite (write 1), flush, write 2, read 3 all pass; the parked flush fails.
+    r.calls
+        .arm(FaultRule::new(FaultOp::Flush, EIO, Trigger::Nth(2)));
+    let e = r.disk.replay().expect_err("parked flush fails");
+    assert_eq!(e.error.op, HostOp::Flush);
+    assert_eq!(r.disk.status().parked, 4);
+    assert_eq!(
+        r.disk.status().buffer.bytes,
+        1024,
+        "the parked write that ran is buffered"
+    );
+    let done = r.disk.replay().expect("second replay");
+    assert_eq!(done.bytes_rewritten, 1024);
+    let tags: Vec<u64> = done.completions.iter().map(|c| c.tag).collect();
+    assert_eq!(tags, vec![1, 2, 3, 4]);
+    assert_eq!(done.completions[2].data[..512], [1; 512]);
+    assert_eq!(done.completions[2].data[512..], [2; 512]);
+    assert_eq!(
+        &r.stable.contents()[..1024],
+        &[[1; 512], [2; 512]].concat()[..]
+    );
+}
+
+#[test]
+fn replay_on_a_running_disk_does_nothing() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 0, 1, 512));
+    assert_eq!(
+        r.disk.replay().expect("nothing to do"),
+        ReplayReport::default()
+    );
+    assert_eq!(r.disk.status().buffer.bytes, 512);
+}
+
+#[test]
+fn enospc_policy_stops_on_space_and_reports_the_rest() {
+    let config = DiskConfig {
+        werror: ErrorPolicy::Enospc,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    let id = r.calls.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(write(1, 0, 1, 512));
+    assert_eq!(out.completion.expect("reported").status, Status::IoErr);
+    assert_eq!(out.error.expect("event").action, ErrorAction::Report);
+    assert!(!r.disk.is_stopped());
+    assert_eq!(
+        r.disk.status().io_status,
+        IoStatus::Ok,
+        "io-status changes only on stop"
+    );
+    r.calls.clear(id);
+    let id = r.calls.arm(always(FaultOp::Write, ENOSPC));
+    let out = r.disk.submit(write(2, 0, 2, 512));
+    assert!(out.is_parked());
+    assert_eq!(out.error.expect("event").action, ErrorAction::Stop);
+    assert_eq!(r.disk.status().io_status, IoStatus::Nospace);
+    r.calls.clear(id);
+    r.disk.replay().expect("space freed");
+    assert_eq!(r.disk.status().io_status, IoStatus::Ok);
+}
+
+#[test]
+fn report_keeps_the_buffer_and_the_next_flush_replays_it() {
+    let config = DiskConfig {
+        werror: ErrorPolicy::Report,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Ext4Ordered, config);
+    r.submit_ok(write(1, 0, 1, 4096));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(flush(2));
+    assert_eq!(out.completion.expect("reported").status, Status::IoErr);
+    assert_eq!(out.error.expect("event").action, ErrorAction::Report);
+    r.writeback.clear(id);
+    r.cache.evict();
+    // The host now says the pages are clean: a plain retried fsync would succeed
+    // with the data gone. holdfast rewrites first, so the guest's retry tells the truth.
+    r.submit_ok(flush(3));
+    assert_eq!(r.stable.contents()[0], 1);
+    assert_eq!(r.disk.status().buffer.bytes, 0);
+}
+
+#[test]
+fn report_on_a_write_error_completes_ioerr() {
+    let config = DiskConfig {
+        werror: ErrorPolicy::Report,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    let id = r.calls.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(write(1, 0, 1, 512));
+    assert_eq!(out.completion.expect("reported").status, Status::IoErr);
+    r.calls.clear(id);
+    r.submit_ok(flush(2));
+}
+
+#[test]
+fn ignore_completes_ok_but_still_replays_on_the_next_flush() {
+    let config = DiskConfig {
+        werror: ErrorPolicy::Ignore,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    r.submit_ok(write(1, 0, 1, 4096));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    let out = r.disk.submit(flush(2));
+    assert_eq!(out.completion.expect("completed").status, Status::Ok);
+    assert_eq!(out.error.expect("event").action, ErrorAction::Ignore);
+    assert_eq!(
+        r.disk.status().buffer.bytes,
+        4096,
+        "a failed flush releases nothing"
+    );
+    r.writeback.clear(id);
+    r.cache.evict();
+    r.submit_ok(flush(3));
+    assert_eq!(r.stable.contents()[0], 1);
+}
+
+#[test]
+fn rerror_policies_apply_to_reads() {
+    for (policy, status) in [
+        (ErrorPolicy::Report, Status::IoErr),
+        (ErrorPolicy::Ignore, Status::Ok),
+    ] {
+        let config = DiskConfig {
+            rerror: policy,
+            ..Default::default()
+        };
+        let mut r = rig(HostModel::Xfs, config);
+        r.calls.arm(always(FaultOp::Read, EIO));
+        let out = r.disk.submit(read(1, 0, 512));
+        assert_eq!(
+            out.completion.expect("completed").status,
+            status,
+            "{policy}"
+        );
+        assert_eq!(out.error.expect("event").error.op, HostOp::Read);
+    }
+    let mut r = xfs();
+    let id = r.calls.arm(always(FaultOp::Read, EIO));
+    assert!(r.disk.submit(read(1, 0, 512)).is_parked(), "rerror=stop");
+    // werror does not apply to reads: a write error under rerror=stop, werror=report.
+    r.calls.clear(id);
+    let done = r.disk.replay().expect("replay");
+    assert_eq!(done.completions[0].data, vec![0; 512]);
+}
+
+#[test]
+fn read_only_disk_refuses_writes_as_guest_errors() {
+    let config = DiskConfig {
+        read_only: true,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    for req in [
+        write(1, 0, 1, 512),
+        Request::new(
+            2,
+            RequestOp::WriteZeroes {
+                offset: 0,
+                len: 512,
+                unmap: false,
+            },
+        ),
+        Request::new(
+            3,
+            RequestOp::Discard {
+                offset: 0,
+                len: 512,
+            },
+        ),
+    ] {
+        let out = r.disk.submit(req);
+        assert_eq!(out.completion.expect("guest error").status, Status::IoErr);
+        assert_eq!(out.error, None);
+    }
+    r.submit_ok(flush(4));
+    r.submit_ok(read(5, 0, 512));
+}
+
+#[test]
+fn guest_errors_never_stop_the_disk() {
+    let mut r = xfs();
+    r.calls.arm(always(FaultOp::Any, EIO));
+    let cases = [
+        read(1, SIZE, 1),
+        write(2, SIZE - 1, 0, 2),
+        Request::new(
+            3,
+            RequestOp::Read {
+                offset: u64::MAX - 10,
+                len: 20,
+            },
+        ),
+        Request::new(
+            4,
+            RequestOp::WriteZeroes {
+                offset: SIZE,
+                len: 1,
+                unmap: true,
+            },
+        ),
+        Request::new(
+            5,
+            RequestOp::Read {
+                offset: 0,
+                len: disk::MAX_REQUEST_BYTES + 1,
+            },
+        ),
+    ];
+    for req in cases {
+        let out = r.disk.submit(req.clone());
+        assert_eq!(
+            out.completion.expect("guest error").status,
+            Status::IoErr,
+            "{req:?}"
+        );
+        assert_eq!(out.error, None);
+    }
+    assert!(!r.disk.is_stopped());
+    // The page cache host cannot discard: unsupported, also not a host error.
+    let out = r.disk.submit(Request::new(
+        6,
+        RequestOp::Discard {
+            offset: 0,
+            len: 512,
+        },
+    ));
+    assert_eq!(out.completion.expect("unsupported").status, Status::Unsupp);
+}
+
+#[test]
+fn get_id_is_truncated_to_twenty_bytes() {
+    let config = DiskConfig {
+        serial: "a-serial-longer-than-twenty-bytes".into(),
+        ..Default::default()
+    };
+    let mut d = Disk::new(MemBackend::new(SIZE), config);
+    let c = ok(d.submit(Request::new(1, RequestOp::GetId)));
+    assert_eq!(c.data, b"a-serial-longer-than");
+}
+
+#[test]
+fn discard_forgets_buffered_extents() {
+    let mut d = Disk::new(MemBackend::new(SIZE), DiskConfig::default());
+    ok(d.submit(write(1, 0, 1, 8192)));
+    ok(d.submit(Request::new(
+        2,
+        RequestOp::Discard {
+            offset: 0,
+            len: 4096,
+        },
+    )));
+    assert_eq!(d.status().buffer.bytes, 4096);
+}
+
+#[test]
+fn write_zeroes_are_buffered_and_replayed() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 0, 7, 8192));
+    r.submit_ok(flush(2));
+    r.submit_ok(Request::new(
+        3,
+        RequestOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            unmap: false,
+        },
+    ));
+    assert_eq!(r.disk.status().buffer.bytes, 4096);
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    assert!(r.disk.submit(flush(4)).is_parked());
+    r.writeback.clear(id);
+    r.cache.evict();
+    assert_eq!(r.read_back_parked_safe(), 7, "the host lost the zeroes");
+    r.disk.replay().expect("replay");
+    let stable = r.stable.contents();
+    assert_eq!((stable[0], stable[4096]), (0, 7));
+}
+
+impl Rig {
+    /// What the host (not the engine) shows at offset 0.
+    fn read_back_parked_safe(&mut self) -> u8 {
+        let mut b = [0u8; 1];
+        self.cache.read_at(&mut b, 0).expect("host read");
+        b[0]
+    }
+}
+
+#[test]
+fn settle_flushes_or_says_what_it_drops() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 0, 1, 4096));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    let e = r.disk.settle().expect_err("host broken");
+    assert_eq!(e.unflushed_bytes, 4096);
+    assert!(e.to_string().contains("4096"), "{e}");
+    r.writeback.clear(id);
+    r.cache.evict();
+    r.disk.settle().expect("host back");
+    assert_eq!(r.stable.contents()[0], 1);
+    assert_eq!(r.disk.status().buffer.bytes, 0);
+}
+
+#[test]
+fn settle_of_a_stopped_disk_rewrites_the_buffer() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 0, 1, 4096));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    assert!(r.disk.submit(flush(2)).is_parked());
+    r.writeback.clear(id);
+    r.cache.evict();
+    r.disk.settle().expect("settle");
+    assert_eq!(r.stable.contents()[0], 1);
+}
+
+#[test]
+fn guest_reset_drops_parked_requests_but_keeps_the_buffer() {
+    let mut r = xfs();
+    r.submit_ok(write(1, 0, 1, 4096));
+    let id = r.writeback.arm(always(FaultOp::Write, EIO));
+    assert!(r.disk.submit(flush(2)).is_parked());
+    assert!(r.disk.submit(write(3, 8192, 3, 512)).is_parked());
+    assert_eq!(r.disk.drop_parked(), 2);
+    assert!(r.disk.is_stopped());
+    assert_eq!(r.disk.status().buffer.bytes, 4096);
+    r.writeback.clear(id);
+    r.cache.evict();
+    let done = r.disk.replay().expect("replay");
+    assert!(done.completions.is_empty());
+    assert_eq!(
+        r.stable.contents()[0],
+        1,
+        "the completed write survives the reset"
+    );
+    assert_eq!(r.stable.contents()[8192], 0, "the dropped one never ran");
+}
+
+/// ext4 `data=journal` reports a write-back error one fsync late. Without the extra
+/// flush, holdfast releases extents on the lying success and loses them.
+#[test]
+fn late_reporting_host_needs_the_extra_flush() {
+    for extra in [false, true] {
+        let config = DiskConfig {
+            keep_extra_flush: extra,
+            ..Default::default()
+        };
+        let mut r = rig(HostModel::Ext4Data, config);
+        r.submit_ok(write(1, 0, 1, 4096));
+        let id = r.writeback.arm(always(FaultOp::Write, EIO));
+        r.submit_ok(flush(2)); // the lie
+        r.writeback.clear(id);
+        r.cache.evict();
+        let out = r.disk.submit(flush(3)); // the truth, one flush late
+        assert!(out.is_parked());
+        r.disk.replay().expect("replay");
+        r.submit_ok(flush(4));
+        let lost = r.stable.contents()[0] != 1;
+        assert_eq!(lost, !extra, "extra flush {extra}");
+    }
+}
+
+#[test]
+fn user_policy_change_applies_to_the_next_error() {
+    let mut r = xfs();
+    r.disk
+        .set_policies(ErrorPolicy::Report, ErrorPolicy::Report);
+    r.calls.arm(always(FaultOp::Flush, EIO));
+    let out = r.disk.submit(flush(1));
+    assert_eq!(out.completion.expect("reported").status, Status::IoErr);
+}
