@@ -135,12 +135,14 @@ pub struct DiskStatus {
     pub internal_flushes: u64,
 }
 
-/// A parked request. `Covered` ones already have their effect in the buffer (a write)
-/// or are covered by replay's flush (a flush): replay completes them without running
-/// them again. `Pending` ones run again.
+/// A parked request. `Done` ones have already had their effect, in order: a failed
+/// write whose bytes are in the buffer, a flush that replay's own flush covers, or any
+/// request that ran during a replay that failed later. Replay hands their completion
+/// over without running them again (running a read again could show it a later
+/// write). `Pending` ones run on the next replay.
 #[derive(Debug)]
 enum Parked {
-    Covered { tag: u64 },
+    Done(Completion),
     Pending(Request),
 }
 
@@ -155,7 +157,7 @@ struct Failed {
 impl Failed {
     fn covered(tag: u64, error: HostError) -> Self {
         Failed {
-            parked: Parked::Covered { tag },
+            parked: Parked::Done(Completion::ok(tag)),
             error,
         }
     }
@@ -284,6 +286,11 @@ impl<B: Backend> Disk<B> {
         };
         let action = policy.action(&error);
         self.last_error = Some(error);
+        if !is_read {
+            // The host may not have the buffered bytes: whatever the policy, the next
+            // flush must write them again before it can vouch for them.
+            self.rewrite_before_flush = true;
+        }
         let report = Some(IoErrorReport { error, action });
         let status = match action {
             ErrorAction::Stop => {
@@ -363,23 +370,20 @@ impl<B: Backend> Disk<B> {
                 })
             }
             RequestOp::Write { offset, data } => {
-                if let Err(e) = self.make_room(data.len() as u64) {
-                    return Err(Failed::pending(
-                        Request::new(tag, RequestOp::Write { offset, data }),
-                        e,
-                    ));
-                }
-                let written = self.backend.write_at(&data, offset);
-                // Failed or not, the bytes are the guest's: keep them for replay.
+                // Failed or not, the bytes are the guest's: keep them for replay. If
+                // the room-making flush failed they were not even written, and the
+                // buffer goes past its bound: dropping them would lose them.
+                let written = self
+                    .make_room(data.len() as u64)
+                    .and_then(|()| self.backend.write_at(&data, offset));
                 self.buffer.insert(offset, ExtentData::Bytes(data));
                 written.map_err(|e| Failed::covered(tag, e))?;
                 self.finish_write(tag)
             }
             RequestOp::WriteZeroes { offset, len, unmap } => {
-                if let Err(e) = self.make_room(0) {
-                    return Err(Failed::pending(req, e));
-                }
-                let written = self.backend.write_zeroes(offset, len, unmap);
+                let written = self
+                    .make_room(0)
+                    .and_then(|()| self.backend.write_zeroes(offset, len, unmap));
                 self.buffer.insert(offset, ExtentData::Zeroes(len));
                 written.map_err(|e| Failed::covered(tag, e))?;
                 self.finish_write(tag)
@@ -479,8 +483,8 @@ impl<B: Backend> Disk<B> {
         Ok((bytes, extents))
     }
 
-    /// Resumes a stopped disk (QMP `cont`): rewrites every buffered extent, flushes,
-    /// then runs the parked requests in order. Only if all of that succeeded are the
+    /// Resumes a stopped disk (QMP `cont`): rewrites every buffered extent, flushes
+    /// (twice with `keep_extra_flush`), then runs the parked requests in order. Only if all of that succeeded are the
     /// parked requests completed, covered extents released and the disk running
     /// again. On failure everything stays as it was and `replay` may be called again.
     ///
@@ -497,7 +501,6 @@ impl<B: Backend> Disk<B> {
                 for t in tickets {
                     self.buffer.flushed(t);
                 }
-                self.parked.clear();
                 self.stopped = false;
                 self.io_status = IoStatus::Ok;
                 Ok(report)
@@ -513,37 +516,33 @@ impl<B: Backend> Disk<B> {
     fn replay_steps(&mut self) -> Result<ReplayReport, HostError> {
         let (bytes_rewritten, extents_rewritten) = self.rewrite_buffer()?;
         self.host_flush()?;
+        if self.config.keep_extra_flush {
+            // A host that reports errors one flush late would let the first flush
+            // succeed while storage is still broken; the second tells the truth
+            // before the guest runs again.
+            self.host_flush()?;
+        }
         let mut completions = Vec::with_capacity(self.parked.len());
-        for i in 0..self.parked.len() {
-            let req = match &mut self.parked[i] {
-                Parked::Covered { tag } => {
-                    completions.push(Completion::ok(*tag));
+        while let Some(parked) = self.parked.pop_front() {
+            let failed = match parked {
+                Parked::Done(c) => {
+                    completions.push(c);
                     continue;
                 }
-                // A read must run again if this replay fails later: keep it.
-                Parked::Pending(
-                    req @ Request {
-                        op: RequestOp::Read { .. },
-                        ..
-                    },
-                ) => req.clone(),
-                Parked::Pending(req) => {
-                    let tag = req.tag;
-                    match mem::replace(&mut self.parked[i], Parked::Covered { tag }) {
-                        Parked::Pending(req) => req,
-                        Parked::Covered { .. } => unreachable!("matched Pending above"),
+                Parked::Pending(req) => match self.execute(req) {
+                    Ok(c) => {
+                        completions.push(c);
+                        continue;
                     }
-                }
+                    Err(failed) => failed,
+                },
             };
-            match self.execute(req) {
-                Ok(c) => completions.push(c),
-                Err(failed) => {
-                    // A write that reached the buffer comes back covered; anything
-                    // else comes back pending and runs again on the next replay.
-                    self.parked[i] = failed.parked;
-                    return Err(failed.error);
-                }
+            // Put the queue back as it now stands: what ran keeps its completion.
+            self.parked.push_front(failed.parked);
+            for c in completions.into_iter().rev() {
+                self.parked.push_front(Parked::Done(c));
             }
+            return Err(failed.error);
         }
         Ok(ReplayReport {
             completions,

@@ -1,1 +1,488 @@
+//! The outage matrix: holdfast and QEMU-like peers under simulated host outages.
+//!
+//! Every cell runs the same guest workload (rounds of 4 KiB writes to random blocks,
+//! each round ended by a FLUSH, every write read back) on a [`HostCache`] of one
+//! [`HostModel`], breaks the host storage with one [`Outage`] pattern, and plays the
+//! operator: when the device stops it lets memory pressure evict the host's clean
+//! pages, tries `cont` while storage is still broken, ends the outage and `cont`s
+//! again. At the end it evicts the host cache and checks the stable disk with the
+//! [`Oracle`].
+//!
+//! Device strategies:
+//! - `holdfast`: the [`Disk`] engine (replay from the unflushed buffer; the extra
+//!   flush on hosts that report late);
+//! - `retry-flush`: on `cont`, re-issue only the parked requests, as QEMU's
+//!   `werror=stop` does, without its sticky flag;
+//! - `sticky`: QEMU's default file backend: after a failed flush every later flush
+//!   fails (`page_cache_inconsistent`), so the VM cannot resume.
 
+use std::collections::VecDeque;
+use std::fmt;
+
+use crate::backend::Backend;
+use crate::disk::{Disk, DiskConfig};
+use crate::fault::{FaultHandle, FaultInjector, FaultOp, FaultRule, Trigger};
+use crate::hostcache::{HostCache, HostModel};
+use crate::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
+use crate::request::{Completion, Request, RequestOp, Status};
+use crate::{HostError, HostOp, MemBackend};
+
+const DISK_SIZE: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const ROUNDS: usize = 10;
+const WRITES_PER_ROUND: usize = 8;
+const OUTAGE_ROUND: usize = 4;
+/// `cont`s the operator tries after the outage has ended before giving up.
+const CONT_TRIES: usize = 3;
+
+/// How a device handles host errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    Holdfast,
+    RetryFlush,
+    Sticky,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::Holdfast, Strategy::RetryFlush, Strategy::Sticky];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Holdfast => "holdfast",
+            Strategy::RetryFlush => "retry-flush",
+            Strategy::Sticky => "sticky",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the host storage breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outage {
+    /// `pwrite` itself fails with EIO (a file system that shut down).
+    WriteEio,
+    /// Write-back to the disk fails with EIO; fsync reports it.
+    FlushEio,
+    /// Background write-back fails before the guest's fsync; the fsync reports it.
+    WritebackEio,
+    /// `pwrite` fails with ENOSPC (the host file system is full).
+    WriteEnospc,
+    /// Write-back fails with ENOSPC (a thin-provisioned volume ran out).
+    FlushEnospc,
+    /// Write-back fails with EIO, and fails again part-way through the first replay
+    /// after the outage seemed over.
+    RepeatDuringReplay,
+}
+
+impl Outage {
+    pub const ALL: [Outage; 6] = [
+        Outage::WriteEio,
+        Outage::FlushEio,
+        Outage::WritebackEio,
+        Outage::WriteEnospc,
+        Outage::FlushEnospc,
+        Outage::RepeatDuringReplay,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outage::WriteEio => "write EIO",
+            Outage::FlushEio => "flush EIO",
+            Outage::WritebackEio => "writeback EIO",
+            Outage::WriteEnospc => "write ENOSPC",
+            Outage::FlushEnospc => "flush ENOSPC",
+            Outage::RepeatDuringReplay => "repeats in replay",
+        }
+    }
+}
+
+impl fmt::Display for Outage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellResult {
+    pub strategy: Strategy,
+    pub host: HostModel,
+    pub outage: Outage,
+    /// Writes that completed `S_OK` and were followed by a FLUSH that completed `S_OK`.
+    pub acked_writes: usize,
+    /// Bytes of acked writes missing from the stable disk after eviction.
+    pub acked_bytes_lost: u64,
+    /// The device ran again after the outage and the workload finished.
+    pub resumed: bool,
+    /// Reads that completed `S_OK` with stale bytes.
+    pub stale_reads: usize,
+    /// `cont`s that failed.
+    pub failed_conts: usize,
+}
+
+type Host = FaultInjector<HostCache<FaultInjector<MemBackend>>>;
+
+/// What the operator drives: a device that can stop on a host error and be resumed.
+trait Device {
+    /// `None`: parked, the device is stopped.
+    fn submit(&mut self, req: Request) -> Option<Completion>;
+    fn cont(&mut self) -> Result<Vec<Completion>, HostError>;
+}
+
+impl Device for Disk<Host> {
+    fn submit(&mut self, req: Request) -> Option<Completion> {
+        Disk::submit(self, req).completion
+    }
+
+    fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
+        self.replay().map(|r| r.completions).map_err(|e| e.error)
+    }
+}
+
+/// QEMU's `werror=stop` model: no buffer of its own; on `cont` the parked requests
+/// run again as they are. With `sticky`, a failed flush poisons every later flush.
+struct QemuLike {
+    host: Host,
+    sticky: bool,
+    poisoned: bool,
+    stopped: bool,
+    parked: VecDeque<Request>,
+    done: Vec<Completion>,
+}
+
+impl QemuLike {
+    fn run(&mut self, req: &Request) -> Result<Completion, HostError> {
+        let tag = req.tag;
+        match &req.op {
+            RequestOp::Read { offset, len } => {
+                let mut data = vec![0; *len as usize];
+                self.host.read_at(&mut data, *offset)?;
+                Ok(Completion {
+                    tag,
+                    status: Status::Ok,
+                    data,
+                })
+            }
+            RequestOp::Write { offset, data } => self
+                .host
+                .write_at(data, *offset)
+                .map(|()| Completion::ok(tag)),
+            RequestOp::Flush => {
+                if self.poisoned {
+                    return Err(HostError::new(HostOp::Flush, libc::EIO));
+                }
+                let r = self.host.flush();
+                if r.is_err() && self.sticky {
+                    self.poisoned = true;
+                }
+                r.map(|()| Completion::ok(tag))
+            }
+            _ => Ok(Completion::with_status(tag, Status::Unsupp)),
+        }
+    }
+}
+
+impl Device for QemuLike {
+    fn submit(&mut self, req: Request) -> Option<Completion> {
+        if self.stopped {
+            self.parked.push_back(req);
+            return None;
+        }
+        match self.run(&req) {
+            Ok(c) => Some(c),
+            Err(_) => {
+                self.stopped = true;
+                self.parked.push_back(req);
+                None
+            }
+        }
+    }
+
+    fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
+        while let Some(req) = self.parked.pop_front() {
+            match self.run(&req) {
+                // What ran stays completed, as in QEMU, even if a later one fails.
+                Ok(c) => self.done.push(c),
+                Err(e) => {
+                    self.parked.push_front(req);
+                    return Err(e);
+                }
+            }
+        }
+        self.stopped = false;
+        Ok(std::mem::take(&mut self.done))
+    }
+}
+
+/// A deterministic pseudo-random sequence (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// What the guest waits for on each request tag.
+enum Waiting {
+    Write(WriteId),
+    Flush(FlushTicket),
+    Read(ReadTicket),
+}
+
+struct Cell {
+    device: Box<dyn Device>,
+    outage: Outage,
+    calls: FaultHandle,
+    writeback: FaultHandle,
+    cache: HostCache<FaultInjector<MemBackend>>,
+    stable: MemBackend,
+    oracle: Oracle,
+    next_tag: u64,
+    stale_reads: usize,
+    failed_conts: usize,
+    /// Times the device stopped.
+    outages: usize,
+}
+
+impl Cell {
+    fn new(strategy: Strategy, host: HostModel, outage: Outage) -> Self {
+        let stable = MemBackend::new(DISK_SIZE);
+        let below = FaultInjector::new(stable.clone());
+        let writeback = below.handle();
+        let cache = HostCache::new(host, below);
+        let front = FaultInjector::new(cache.clone());
+        let calls = front.handle();
+        let device: Box<dyn Device> = match strategy {
+            Strategy::Holdfast => {
+                let config = DiskConfig {
+                    keep_extra_flush: host.reports_late(),
+                    ..Default::default()
+                };
+                Box::new(Disk::new(front, config))
+            }
+            Strategy::RetryFlush | Strategy::Sticky => Box::new(QemuLike {
+                host: front,
+                sticky: strategy == Strategy::Sticky,
+                poisoned: false,
+                stopped: false,
+                parked: VecDeque::new(),
+                done: Vec::new(),
+            }),
+        };
+        Cell {
+            device,
+            outage,
+            calls,
+            writeback,
+            cache,
+            stable,
+            oracle: Oracle::new(DISK_SIZE),
+            next_tag: 0,
+            stale_reads: 0,
+            failed_conts: 0,
+            outages: 0,
+        }
+    }
+
+    fn start_outage(&self) {
+        let rule = |errno| FaultRule::new(FaultOp::Write, errno, Trigger::Always).named("outage");
+        match self.outage {
+            Outage::WriteEio => self.calls.arm(rule(libc::EIO)),
+            Outage::WriteEnospc => self.calls.arm(rule(libc::ENOSPC)),
+            Outage::FlushEio | Outage::WritebackEio | Outage::RepeatDuringReplay => {
+                self.writeback.arm(rule(libc::EIO))
+            }
+            Outage::FlushEnospc => self.writeback.arm(rule(libc::ENOSPC)),
+        };
+    }
+
+    fn end_outage(&self) {
+        self.calls.clear_named("outage");
+        self.writeback.clear_named("outage");
+    }
+
+    fn cont(&mut self) -> Option<Vec<Completion>> {
+        match self.device.cont() {
+            Ok(done) => Some(done),
+            Err(_) => {
+                self.failed_conts += 1;
+                None
+            }
+        }
+    }
+
+    /// The operator's part while the device is stopped. The outage lasts the same for
+    /// every strategy: it ends right after the first `cont`, whatever that returned.
+    /// Returns the completions of a successful `cont`, or `None` if the device could
+    /// not be resumed.
+    fn operate(&mut self) -> Option<Vec<Completion>> {
+        // The guest is paused; the host reclaims memory.
+        self.cache.evict();
+        // Too early: storage is still broken. A correct device refuses to resume.
+        let early = self.cont();
+        let first_outage = self.outages == 0;
+        self.outages += 1;
+        self.end_outage();
+        if early.is_some() {
+            return early;
+        }
+        if first_outage && self.outage == Outage::RepeatDuringReplay {
+            let again = FaultRule::new(FaultOp::Write, libc::EIO, Trigger::AfterBytes(BLOCK))
+                .named("outage");
+            self.writeback.arm(again);
+            let done = self.cont();
+            self.end_outage();
+            if done.is_some() {
+                return done;
+            }
+            self.cache.evict();
+        }
+        (0..CONT_TRIES).find_map(|_| self.cont())
+    }
+
+    /// Submits one request and waits for it (and whatever was parked before it).
+    /// Returns false if the device stopped and could not be resumed.
+    fn run(&mut self, op: RequestOp, waiting: Waiting) -> bool {
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        let completions = match self.device.submit(Request::new(tag, op)) {
+            Some(c) => vec![c],
+            None => match self.operate() {
+                Some(done) => done,
+                None => return false,
+            },
+        };
+        let mine = completions.into_iter().find(|c| c.tag == tag);
+        let Some(c) = mine else { return false };
+        let ok = c.status == Status::Ok;
+        match waiting {
+            Waiting::Write(id) => self.oracle.completed(id, ok),
+            Waiting::Flush(t) => self.oracle.flush_completed(t, ok),
+            Waiting::Read(t) => {
+                if ok && !self.oracle.check_read(&t, &c.data).is_empty() {
+                    self.stale_reads += 1;
+                }
+            }
+        }
+        true
+    }
+
+    fn write(&mut self, block: u64) -> bool {
+        let (id, data) = self.oracle.write(block * BLOCK, BLOCK);
+        self.run(
+            RequestOp::Write {
+                offset: block * BLOCK,
+                data,
+            },
+            Waiting::Write(id),
+        )
+    }
+
+    fn flush(&mut self) -> bool {
+        let t = self.oracle.flush_submitted();
+        self.run(RequestOp::Flush, Waiting::Flush(t))
+    }
+
+    fn read(&mut self, block: u64) -> bool {
+        let t = self.oracle.read_submitted(block * BLOCK, BLOCK);
+        self.run(
+            RequestOp::Read {
+                offset: block * BLOCK,
+                len: BLOCK,
+            },
+            Waiting::Read(t),
+        )
+    }
+
+    /// The guest's workload; false if the device never resumed.
+    fn workload(&mut self, seed: u64) -> bool {
+        let mut rng = Rng(seed | 1);
+        for round in 0..ROUNDS {
+            if round == OUTAGE_ROUND {
+                self.start_outage();
+            }
+            let blocks: Vec<u64> = (0..WRITES_PER_ROUND)
+                .map(|_| rng.next() % (DISK_SIZE / BLOCK))
+                .collect();
+            for &b in &blocks {
+                if !self.write(b) {
+                    return false;
+                }
+            }
+            if round == OUTAGE_ROUND && self.outage == Outage::WritebackEio {
+                self.cache.background_writeback();
+            }
+            if !self.flush() {
+                return false;
+            }
+            for &b in &blocks {
+                if !self.read(b) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Runs one cell of the matrix.
+pub fn run_cell(strategy: Strategy, host: HostModel, outage: Outage) -> CellResult {
+    let mut cell = Cell::new(strategy, host, outage);
+    // The same workload for every strategy on a host and outage.
+    let seed = 0x5EED ^ ((host as u64) << 8) ^ (outage as u64);
+    let resumed = cell.workload(seed);
+    cell.end_outage();
+    cell.cache.evict();
+    let lost = cell.oracle.check_stable(&cell.stable.contents());
+    CellResult {
+        strategy,
+        host,
+        outage,
+        acked_writes: cell.oracle.acked_writes(),
+        acked_bytes_lost: lost.len() as u64 * crate::oracle::SECTOR,
+        resumed,
+        stale_reads: cell.stale_reads,
+        failed_conts: cell.failed_conts,
+    }
+}
+
+/// Every cell: strategies x host models x outage patterns.
+pub fn run_all() -> Vec<CellResult> {
+    let mut rows = Vec::new();
+    for strategy in Strategy::ALL {
+        for host in HostModel::ALL {
+            for outage in Outage::ALL {
+                rows.push(run_cell(strategy, host, outage));
+            }
+        }
+    }
+    rows
+}
+
+/// The table, in Markdown.
+pub fn markdown(rows: &[CellResult]) -> String {
+    let mut out = String::from(
+        "| strategy | host | outage | acked writes | acked bytes lost | resumed |\n|---|---|---|---:|---:|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.strategy,
+            r.host,
+            r.outage,
+            r.acked_writes,
+            r.acked_bytes_lost,
+            if r.resumed { "yes" } else { "no" }
+        ));
+    }
+    out
+}

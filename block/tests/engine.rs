@@ -696,3 +696,23 @@ fn user_policy_change_applies_to_the_next_error() {
     let out = r.disk.submit(flush(1));
     assert_eq!(out.completion.expect("reported").status, Status::IoErr);
 }
+
+#[test]
+fn replay_on_a_late_reporting_host_is_refused_while_storage_is_broken() {
+    let config = DiskConfig {
+        keep_extra_flush: true,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Ext4Data, config);
+    r.submit_ok(write(1, 0, 1, 4096));
+    let outage = r.writeback.arm(always(FaultOp::Write, EIO));
+    r.cache.background_writeback();
+    assert!(r.disk.submit(flush(2)).is_parked());
+    // One flush would lie here; replay's second flush reveals the outage.
+    assert!(r.disk.replay().is_err());
+    r.writeback.clear(outage);
+    r.cache.evict();
+    // The late error of the failed replay may still come out once.
+    assert!((0..2).any(|_| r.disk.replay().is_ok()), "storage is back");
+    assert_eq!(r.stable.contents()[0], 1);
+}
