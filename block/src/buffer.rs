@@ -415,7 +415,7 @@ mod tests {
             let mut seq = 0u64;
             let mut held: Option<u64> = None;
             let mut peak = 0u64;
-            let mut write = |model: &mut Vec<Option<(u8, u64)>>, seq: &mut u64, o: u64, l: u64, v: u8| {
+            let write = |model: &mut Vec<Option<(u8, u64)>>, seq: &mut u64, o: u64, l: u64, v: u8| {
                 *seq += 1;
                 for x in &mut model[o as usize..(o + l) as usize] { *x = Some((v, *seq)); }
             };

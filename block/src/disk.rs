@@ -20,7 +20,6 @@
 //! [`Disk::replay`] and a successful one: the parked requests have not completed.
 
 use std::collections::VecDeque;
-use std::mem;
 
 use crate::backend::Backend;
 use crate::buffer::{BufferStats, ExtentData, FlushTicket, UnflushedBuffer};
@@ -584,10 +583,15 @@ impl<B: Backend> Disk<B> {
 /// Longest run of extents written in one vectored call during a rewrite.
 const REWRITE_RUN: usize = 1024;
 
+/// Writes one run of adjacent extents and lets the host start writing it back, so
+/// the flush that ends replay overlaps with the copying of later runs.
 fn write_run<B: Backend>(backend: &mut B, run: &[&[u8]], offset: u64) -> Result<(), HostError> {
     match run {
-        [] => Ok(()),
-        [one] => backend.write_at(one, offset),
-        many => backend.write_vectored_at(many, offset),
+        [] => return Ok(()),
+        [one] => backend.write_at(one, offset)?,
+        many => backend.write_vectored_at(many, offset)?,
     }
+    let len = run.iter().map(|b| b.len() as u64).sum();
+    backend.start_writeback(offset, len);
+    Ok(())
 }

@@ -442,6 +442,10 @@ impl<B: Backend> Backend for FaultInjector<B> {
         self.inner.flush()
     }
 
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len)
+    }
+
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
         self.handle
             .check(HostOp::WriteZeroes, Some((offset, len)))?;

@@ -328,10 +328,18 @@ fn run(kind: HostKind, mut config: DiskConfig, ops: Vec<Op>) -> Result<(), TestC
     h.settle_and_check()
 }
 
+/// 96 cases per host model by default; `PROPTEST_CASES` asks for more.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96)
+}
+
 macro_rules! host_property {
     ($name:ident, $kind:expr) => {
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
             #[test]
             fn $name(config in config(), ops in proptest::collection::vec(op(), 1..80)) {
                 run($kind, config, ops)?;

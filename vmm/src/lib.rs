@@ -1,1 +1,7 @@
-
+//! holdfast's machine: the KVM VM, guest memory, vCPUs, boot, ACPI, serial console,
+//! the virtio-mmio transport and the virtio-blk frontend over `holdfast-block`, and
+//! the run-state owner that pauses vCPUs on a disk error and resumes them after a
+//! replay.
+//!
+//! Not built yet: this crate holds the `holdfast` binary's command line so far. The
+//! machine arrives with the issue "vmm/ + images/: boot a stock Linux guest".

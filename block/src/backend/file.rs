@@ -278,6 +278,22 @@ impl Backend for FileBackend {
             .map_err(|e| HostError::from_io(HostOp::Flush, &e))
     }
 
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        if self.direct || !self.regular {
+            return;
+        }
+        // SAFETY: sync_file_range takes a file descriptor we own and plain integers.
+        // A failure here only loses the head start; the flush reports real errors.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
         if self.regular && !(self.direct && (offset % DIRECT_ALIGN != 0 || len % DIRECT_ALIGN != 0))
         {

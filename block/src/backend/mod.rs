@@ -52,6 +52,13 @@ pub trait Backend: Send {
     /// Makes every write handed over before this call stable (`fdatasync`).
     fn flush(&mut self) -> Result<(), HostError>;
 
+    /// A hint that `[offset, offset + len)` will be flushed soon: the host may start
+    /// writing it back now. Replay uses it to overlap copying with write-back. Errors
+    /// are left for the flush to report.
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// Makes `[offset, offset + len)` read as zeroes. `unmap` allows deallocating.
     /// The default writes zero buffers.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
@@ -104,6 +111,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn flush(&mut self) -> Result<(), HostError> {
         (**self).flush()
+    }
+    fn start_writeback(&mut self, offset: u64, len: u64) {
+        (**self).start_writeback(offset, len)
     }
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
         (**self).write_zeroes(offset, len, unmap)
