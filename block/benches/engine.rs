@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use holdfast_block::matrix::Rng;
 use holdfast_block::*;
 
 /// Counts live heap bytes, to weigh the unflushed buffer.
@@ -45,18 +46,10 @@ static ALLOC: Counting = Counting;
 const BLOCK: u64 = 4096;
 const REPS: usize = 7;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
+/// Fisher-Yates with the project's deterministic generator.
+fn shuffle<T>(rng: &mut Rng, v: &mut [T]) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
 }
 
@@ -120,7 +113,7 @@ fn write_flush(dir: &Path) -> String {
     let path = image(dir, "write-flush.img", SPAN);
     let mut rng = Rng(0xBE7C);
     let offsets: Vec<u64> = (0..WRITES)
-        .map(|_| rng.next() % (SPAN / BLOCK) * BLOCK)
+        .map(|_| rng.next_u64() % (SPAN / BLOCK) * BLOCK)
         .collect();
     let data = vec![0xA5u8; BLOCK as usize];
     let plain = || {
@@ -187,7 +180,7 @@ fn replay(dir: &Path, mib: u64) -> String {
     let span = mib << 20;
     let path = image(dir, "replay.img", span);
     let mut order: Vec<u64> = (0..span / BLOCK).collect();
-    Rng(0x4E91).shuffle(&mut order);
+    shuffle(&mut Rng(0x4E91), &mut order);
     let chunk = vec![0xC3u8; 1 << 20];
     let (mut engine, mut baseline) = (Vec::new(), Vec::new());
     for _ in 0..REPS.min(3) {
@@ -251,7 +244,10 @@ fn memory(dir: &Path, mib: u64) -> Vec<String> {
     let patterns: [(&str, Pattern); 2] = [
         ("distinct 4 KiB writes", |_, i| (i * BLOCK, BLOCK)),
         ("overlapping 512 B..64 KiB writes", |rng, _| {
-            (rng.next() % (1 << 40) * 512, (rng.next() % 128 + 1) * 512)
+            (
+                rng.next_u64() % (1 << 40) * 512,
+                (rng.next_u64() % 128 + 1) * 512,
+            )
         }),
     ];
     for (name, pattern) in patterns {

@@ -25,7 +25,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::Backend;
-use crate::{lock, HostError, HostOp};
+use crate::{lock, FaultHandle, FaultInjector, HostError, HostOp, MemBackend};
 
 pub const PAGE: u64 = 4096;
 
@@ -148,6 +148,26 @@ impl<D: Backend> CacheState<D> {
     }
 }
 
+/// The pages `[offset, end)` spans: (page index, offset within the page, offset
+/// within the caller's buffer, length).
+fn pages(offset: u64, end: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let n = (PAGE - at % PAGE).min(end - at);
+        let item = (
+            at / PAGE,
+            (at % PAGE) as usize,
+            (at - offset) as usize,
+            n as usize,
+        );
+        at += n;
+        Some(item)
+    })
+}
+
 /// The simulated cache. Clones share state: keep one to evict or inspect while an
 /// engine owns another.
 #[derive(Debug)]
@@ -219,17 +239,11 @@ impl<D: Backend> Backend for HostCache<D> {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
         let mut s = lock(&self.state);
         let end = (offset + buf.len() as u64).min(self.size);
-        let mut at = offset;
-        while at < end {
-            let index = at / PAGE;
-            let within = (at % PAGE) as usize;
-            let n = ((PAGE - at % PAGE).min(end - at)) as usize;
+        for (index, within, at, n) in pages(offset, end) {
             let page = s
                 .page(index, false)
                 .map_err(|e| HostError::new(HostOp::Read, e.errno))?;
-            let dst = (at - offset) as usize;
-            buf[dst..dst + n].copy_from_slice(&page.data[within..within + n]);
-            at += n as u64;
+            buf[at..at + n].copy_from_slice(&page.data[within..within + n]);
         }
         buf[(end.max(offset) - offset) as usize..].fill(0);
         Ok(())
@@ -238,18 +252,13 @@ impl<D: Backend> Backend for HostCache<D> {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError> {
         let mut s = lock(&self.state);
         let end = (offset + buf.len() as u64).min(self.size);
-        let mut at = offset;
-        while at < end {
-            let index = at / PAGE;
-            let within = (at % PAGE) as usize;
-            let n = ((PAGE - at % PAGE).min(end - at)) as usize;
+        for (index, within, at, n) in pages(offset, end) {
+            let whole = n as u64 == PAGE;
             let page = s
-                .page(index, n as u64 == PAGE)
+                .page(index, whole)
                 .map_err(|e| HostError::new(HostOp::Write, e.errno))?;
-            let src = (at - offset) as usize;
-            page.data[within..within + n].copy_from_slice(&buf[src..src + n]);
+            page.data[within..within + n].copy_from_slice(&buf[at..at + n]);
             page.dirty = true;
-            at += n as u64;
         }
         Ok(())
     }
@@ -273,10 +282,41 @@ impl<D: Backend> Backend for HostCache<D> {
     }
 }
 
+/// A complete simulated host for tests and outage studies: an in-memory "disk"
+/// (`stable`), a fault point on the cache's write-back to it (`writeback`), the page
+/// cache (`cache`), and a fault point on the calls the engine makes (`calls`:
+/// `pwrite`, `fsync`, `pread`). `host` is what an engine runs on.
+#[derive(Debug)]
+pub struct SimulatedHost {
+    pub host: FaultInjector<HostCache<FaultInjector<MemBackend>>>,
+    pub calls: FaultHandle,
+    pub writeback: FaultHandle,
+    pub cache: HostCache<FaultInjector<MemBackend>>,
+    pub stable: MemBackend,
+}
+
+impl SimulatedHost {
+    pub fn new(model: HostModel, size: u64) -> Self {
+        let stable = MemBackend::new(size);
+        let below = FaultInjector::new(stable.clone());
+        let writeback = below.handle();
+        let cache = HostCache::new(model, below);
+        let host = FaultInjector::new(cache.clone());
+        let calls = host.handle();
+        SimulatedHost {
+            host,
+            calls,
+            writeback,
+            cache,
+            stable,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend, Trigger};
+    use crate::{FaultOp, FaultRule, Trigger};
 
     fn cache(
         model: HostModel,

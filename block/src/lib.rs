@@ -35,7 +35,7 @@ pub use disk::{
 };
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
 pub use host_error::{errno_from_name, errno_name, HostError, HostOp};
-pub use hostcache::{HostCache, HostModel};
+pub use hostcache::{HostCache, HostModel, SimulatedHost};
 pub use policy::{ErrorAction, ErrorPolicy, IoStatus};
 pub use request::{Completion, Request, RequestOp, Status};
 

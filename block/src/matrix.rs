@@ -22,6 +22,7 @@ use std::fmt;
 use crate::backend::Backend;
 use crate::disk::{Disk, DiskConfig};
 use crate::fault::{FaultHandle, FaultInjector, FaultOp, FaultRule, Trigger};
+use crate::hostcache::SimulatedHost;
 use crate::hostcache::{HostCache, HostModel};
 use crate::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
 use crate::request::{Completion, Request, RequestOp, Status};
@@ -219,11 +220,13 @@ impl Device for QemuLike {
     }
 }
 
-/// A deterministic pseudo-random sequence (xorshift64*).
-struct Rng(u64);
+/// A deterministic pseudo-random sequence (xorshift64*), for workloads that must be
+/// the same in every run. The seed must not be 0.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -255,12 +258,13 @@ struct Cell {
 
 impl Cell {
     fn new(strategy: Strategy, host: HostModel, outage: Outage) -> Self {
-        let stable = MemBackend::new(DISK_SIZE);
-        let below = FaultInjector::new(stable.clone());
-        let writeback = below.handle();
-        let cache = HostCache::new(host, below);
-        let front = FaultInjector::new(cache.clone());
-        let calls = front.handle();
+        let SimulatedHost {
+            host: front,
+            calls,
+            writeback,
+            cache,
+            stable,
+        } = SimulatedHost::new(host, DISK_SIZE);
         let device: Box<dyn Device> = match strategy {
             Strategy::Holdfast => {
                 let config = DiskConfig {
@@ -411,7 +415,7 @@ impl Cell {
                 self.start_outage();
             }
             let blocks: Vec<u64> = (0..WRITES_PER_ROUND)
-                .map(|_| rng.next() % (DISK_SIZE / BLOCK))
+                .map(|_| rng.next_u64() % (DISK_SIZE / BLOCK))
                 .collect();
             for &b in &blocks {
                 if !self.write(b) {

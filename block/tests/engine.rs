@@ -20,12 +20,13 @@ struct Rig {
 }
 
 fn rig(model: HostModel, config: DiskConfig) -> Rig {
-    let stable = MemBackend::new(SIZE);
-    let below = FaultInjector::new(stable.clone());
-    let writeback = below.handle();
-    let cache = HostCache::new(model, below);
-    let host = FaultInjector::new(cache.clone());
-    let calls = host.handle();
+    let SimulatedHost {
+        host,
+        calls,
+        writeback,
+        cache,
+        stable,
+    } = SimulatedHost::new(model, SIZE);
     Rig {
         disk: Disk::new(host, config),
         calls,
