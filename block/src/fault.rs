@@ -596,6 +596,25 @@ mod tests {
     }
 
     #[test]
+    fn loads_a_plan_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("plan.json");
+        std::fs::write(
+            &path,
+            r#"{"rules": [{"op": "flush", "errno": "EIO", "when": "once"}]}"#,
+        )
+        .expect("write");
+        let plan = FaultPlan::load(&path).expect("load");
+        let (mut f, h) = injector();
+        h.arm_plan(&plan);
+        assert!(f.flush().is_err());
+        f.flush().expect("once");
+        let missing = dir.path().join("missing.json");
+        let e = FaultPlan::load(&missing).expect_err("missing");
+        assert!(e.to_string().contains("missing.json"), "{e}");
+    }
+
+    #[test]
     fn rule_from_json_value() {
         let rule = FaultRule::from_json_value(serde_json::json!({"op": "flush", "errno": "EIO"}))
             .expect("valid");

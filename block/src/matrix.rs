@@ -56,6 +56,18 @@ impl Strategy {
     }
 }
 
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown strategy `{s}` (expected holdfast, retry-flush or sticky)")
+            })
+    }
+}
+
 impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -99,6 +111,36 @@ impl Outage {
             Outage::FlushEnospc => "flush ENOSPC",
             Outage::RepeatDuringReplay => "repeats in replay",
         }
+    }
+}
+
+impl Outage {
+    /// The name used on command lines.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Outage::WriteEio => "write-eio",
+            Outage::FlushEio => "flush-eio",
+            Outage::WritebackEio => "writeback-eio",
+            Outage::WriteEnospc => "write-enospc",
+            Outage::FlushEnospc => "flush-enospc",
+            Outage::RepeatDuringReplay => "repeat-in-replay",
+        }
+    }
+}
+
+impl std::str::FromStr for Outage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Outage::ALL
+            .into_iter()
+            .find(|x| x.slug() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Outage::ALL.iter().map(|o| o.slug()).collect();
+                format!(
+                    "unknown outage `{s}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -461,10 +503,19 @@ pub fn run_cell(strategy: Strategy, host: HostModel, outage: Outage) -> CellResu
 
 /// Every cell: strategies x host models x outage patterns.
 pub fn run_all() -> Vec<CellResult> {
+    run_selected(&Strategy::ALL, &HostModel::ALL, &Outage::ALL)
+}
+
+/// The cells of the given strategies, hosts and outages, in that nesting order.
+pub fn run_selected(
+    strategies: &[Strategy],
+    hosts: &[HostModel],
+    outages: &[Outage],
+) -> Vec<CellResult> {
     let mut rows = Vec::new();
-    for strategy in Strategy::ALL {
-        for host in HostModel::ALL {
-            for outage in Outage::ALL {
+    for &strategy in strategies {
+        for &host in hosts {
+            for &outage in outages {
                 rows.push(run_cell(strategy, host, outage));
             }
         }
