@@ -3,5 +3,8 @@
 //! the run-state owner that pauses vCPUs on a disk error and resumes them after a
 //! replay.
 //!
-//! Not built yet: this crate holds the `holdfast` binary's command line so far. The
-//! machine arrives with the issue "vmm/ + images/: boot a stock Linux guest".
+//! Built so far: the virtio-blk frontend ([`virtio::block`]), tested on virtio-queue's
+//! mock queues. The rest arrives with the issue "vmm/ + images/: boot a stock Linux
+//! guest".
+
+pub mod virtio;

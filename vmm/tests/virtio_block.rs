@@ -1,0 +1,469 @@
+//! The virtio-blk frontend driven through real split virtqueues in test memory
+//! (virtio-queue's mock), over the holdfast disk engine. No KVM.
+
+use holdfast_block::{
+    Disk, DiskConfig, ErrorPolicy, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend,
+    Trigger,
+};
+use holdfast_vmm::virtio::block::{BlockDevice, QUEUE_SIZE};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const MEM_SIZE: usize = 4 << 20;
+const DISK_SIZE: u64 = 1 << 20;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+type Dev = BlockDevice<FaultInjector<MemBackend>>;
+
+fn memory() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+}
+
+fn device(config: DiskConfig) -> (Dev, MemBackend, FaultHandle) {
+    let disk = MemBackend::new(DISK_SIZE);
+    let injector = FaultInjector::new(disk.clone());
+    let faults = injector.handle();
+    let mut dev = BlockDevice::new(Disk::new(injector, config));
+    dev.ack_features(dev.features());
+    (dev, disk, faults)
+}
+
+/// One descriptor: (guest address, length, device-writable).
+type Part = (u64, u32, bool);
+
+/// Lays out chains in the descriptor table and makes them available.
+struct Driver<'a> {
+    vq: MockSplitQueue<'a, GuestMemoryMmap<()>>,
+    mem: &'a GuestMemoryMmap<()>,
+    next_desc: u16,
+}
+
+impl<'a> Driver<'a> {
+    fn new(mem: &'a GuestMemoryMmap<()>) -> Self {
+        Driver {
+            vq: MockSplitQueue::new(mem, QUEUE_SIZE),
+            mem,
+            next_desc: 0,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        self.vq.create_queue().expect("queue")
+    }
+
+    fn chain(&mut self, parts: &[Part]) -> u16 {
+        let first = self.next_desc;
+        let descs: Vec<RawDescriptor> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < parts.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
+            })
+            .collect();
+        self.vq.add_desc_chains(&descs, first).expect("add chain");
+        self.next_desc += parts.len() as u16;
+        first
+    }
+
+    fn header(&self, at: u64, kind: u32, sector: u64) {
+        self.mem
+            .write_obj(kind.to_le(), GuestAddress(at))
+            .expect("type");
+        self.mem
+            .write_obj(0u32, GuestAddress(at + 4))
+            .expect("reserved");
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(at + 8))
+            .expect("sector");
+    }
+
+    /// A request laid out the Linux way: header, data, status in separate descriptors.
+    fn request(&mut self, slot: u64, kind: u32, sector: u64, data: Option<(u32, bool)>) -> u16 {
+        let base = 0x10_0000 + slot * 0x1_0000;
+        self.header(base, kind, sector);
+        let mut parts = vec![(base, 16, false)];
+        if let Some((len, write)) = data {
+            parts.push((base + 0x100, len, write));
+        }
+        parts.push((base + 0xF000, 1, true));
+        self.mem
+            .write_obj(0xFFu8, GuestAddress(base + 0xF000))
+            .expect("status");
+        self.chain(&parts)
+    }
+
+    fn data_addr(slot: u64) -> GuestAddress {
+        GuestAddress(0x10_0000 + slot * 0x1_0000 + 0x100)
+    }
+
+    fn status(&self, slot: u64) -> u8 {
+        self.mem
+            .read_obj(GuestAddress(0x10_0000 + slot * 0x1_0000 + 0xF000))
+            .expect("status")
+    }
+
+    /// The used ring's entries: (head, length).
+    fn used(&self) -> Vec<(u32, u32)> {
+        let n = self.vq.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = self
+                    .vq
+                    .used()
+                    .ring()
+                    .ref_at(i as usize)
+                    .expect("used entry")
+                    .load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn write_then_read_back() {
+    let mem = memory();
+    let (mut dev, disk, _) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    mem.write_slice(&[0xAB; 1024], Driver::data_addr(0))
+        .expect("data");
+    let w = d.request(0, VIRTIO_BLK_T_OUT, 3, Some((1024, false)));
+    let f = d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    let r = d.request(2, VIRTIO_BLK_T_IN, 3, Some((1024, true)));
+    let mut q = d.queue();
+    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(run.used, 3);
+    assert_eq!(run.error, None);
+    assert_eq!((d.status(0), d.status(1), d.status(2)), (S_OK, S_OK, S_OK));
+    assert_eq!(
+        d.used(),
+        vec![(w as u32, 1), (f as u32, 1), (r as u32, 1025)]
+    );
+    let mut back = [0u8; 1024];
+    mem.read_slice(&mut back, Driver::data_addr(2))
+        .expect("read back");
+    assert_eq!(back, [0xAB; 1024]);
+    assert_eq!(&disk.contents()[1536..2560], &[0xAB; 1024][..]);
+}
+
+#[test]
+fn header_data_and_status_in_one_writable_descriptor_pair() {
+    // Any layout is legal: header in one descriptor, data and status sharing the
+    // last writable one.
+    let mem = memory();
+    let (mut dev, disk, _) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    d.header(0x20_0000, VIRTIO_BLK_T_IN, 0);
+    disk_write(&disk, 0, &[7; 512]);
+    mem.write_slice(&[0xEE; 513], GuestAddress(0x20_1000))
+        .expect("fill");
+    let head = d.chain(&[(0x20_0000, 16, false), (0x20_1000, 513, true)]);
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(d.used(), vec![(head as u32, 513)]);
+    let mut got = [0u8; 513];
+    mem.read_slice(&mut got, GuestAddress(0x20_1000))
+        .expect("read");
+    assert_eq!(&got[..512], &[7; 512][..]);
+    assert_eq!(got[512], S_OK);
+}
+
+fn disk_write(disk: &MemBackend, offset: u64, data: &[u8]) {
+    use holdfast_block::Backend;
+    disk.clone().write_at(data, offset).expect("seed disk");
+}
+
+#[test]
+fn get_id_is_padded_to_twenty_bytes() {
+    let mem = memory();
+    let config = DiskConfig {
+        serial: "disk-7".into(),
+        ..Default::default()
+    };
+    let (mut dev, _, _) = device(config);
+    let mut d = Driver::new(&mem);
+    mem.write_slice(&[0xEE; 20], Driver::data_addr(0))
+        .expect("fill");
+    d.request(0, VIRTIO_BLK_T_GET_ID, 0, Some((20, true)));
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, Driver::data_addr(0)).expect("id");
+    assert_eq!(&id[..6], b"disk-7");
+    assert_eq!(&id[6..], &[0u8; 14]);
+    assert_eq!(d.status(0), S_OK);
+}
+
+#[test]
+fn write_zeroes_and_discard_segments() {
+    let mem = memory();
+    let (mut dev, disk, _) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    mem.write_slice(&[9; 4096], Driver::data_addr(0))
+        .expect("data");
+    d.request(0, VIRTIO_BLK_T_OUT, 0, Some((4096, false)));
+    let segment = |sector: u64, sectors: u32, flags: u32| {
+        let mut s = Vec::new();
+        s.extend_from_slice(&sector.to_le_bytes());
+        s.extend_from_slice(&sectors.to_le_bytes());
+        s.extend_from_slice(&flags.to_le_bytes());
+        s
+    };
+    mem.write_slice(&segment(1, 2, 0), Driver::data_addr(1))
+        .expect("seg");
+    d.request(1, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false)));
+    mem.write_slice(&segment(6, 1, 1), Driver::data_addr(2))
+        .expect("seg");
+    d.request(2, VIRTIO_BLK_T_DISCARD, 0, Some((16, false)));
+    mem.write_slice(&segment(6, 1, 4), Driver::data_addr(3))
+        .expect("seg");
+    d.request(3, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false)));
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(d.status(1), S_OK);
+    assert_eq!(d.status(2), S_UNSUPP, "unmap on a discard");
+    assert_eq!(d.status(3), S_UNSUPP, "reserved flag");
+    let bytes = disk.contents();
+    assert_eq!(bytes[511], 9);
+    assert!(bytes[512..1536].iter().all(|&b| b == 0));
+    assert_eq!(bytes[1536], 9);
+}
+
+#[test]
+fn malformed_chains_end_as_errors_not_crashes() {
+    let mem = memory();
+    let (mut dev, disk, _) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    // Header too short.
+    let short = d.chain(&[(0x30_0000, 8, false), (0x30_1000, 1, true)]);
+    // No status byte at all.
+    d.header(0x31_0000, VIRTIO_BLK_T_FLUSH, 0);
+    let no_status = d.chain(&[(0x31_0000, 16, false)]);
+    // Data outside guest memory.
+    d.header(0x32_0000, VIRTIO_BLK_T_OUT, 0);
+    let wild = d.chain(&[
+        (0x32_0000, 16, false),
+        (MEM_SIZE as u64 + 0x1000, 512, false),
+        (0x32_1000, 1, true),
+    ]);
+    // Not a multiple of the sector size.
+    d.header(0x33_0000, VIRTIO_BLK_T_IN, 0);
+    let odd = d.chain(&[
+        (0x33_0000, 16, false),
+        (0x33_0100, 100, true),
+        (0x33_1000, 1, true),
+    ]);
+    // A readable descriptor after a writable one.
+    d.header(0x34_0000, VIRTIO_BLK_T_OUT, 0);
+    let order = d.chain(&[
+        (0x34_0000, 16, false),
+        (0x34_1000, 1, true),
+        (0x34_0100, 512, false),
+    ]);
+    // Past the end of the disk.
+    d.header(0x35_0000, VIRTIO_BLK_T_IN, DISK_SIZE / 512);
+    let beyond = d.chain(&[
+        (0x35_0000, 16, false),
+        (0x35_0100, 512, true),
+        (0x35_1000, 1, true),
+    ]);
+    // A type nobody knows; an oversized read that must not be allocated.
+    d.header(0x36_0000, 0x7777, 0);
+    let unknown = d.chain(&[(0x36_0000, 16, false), (0x36_1000, 1, true)]);
+    d.header(0x37_0000, VIRTIO_BLK_T_IN, 0);
+    let huge = d.chain(&[
+        (0x37_0000, 16, false),
+        (0x0, u32::MAX - 4096, true),
+        (0x37_1000, 1, true),
+    ]);
+    let mut q = d.queue();
+    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(run.used, 8);
+    assert_eq!(run.error, None, "guest mistakes are not host errors");
+    let used: std::collections::HashMap<u32, u32> = d.used().into_iter().collect();
+    assert_eq!(used[&(no_status as u32)], 0);
+    for (head, at) in [
+        (short, 0x30_1000),
+        (wild, 0x32_1000),
+        (odd, 0x33_1000),
+        (order, 0x34_1000),
+        (beyond, 0x35_1000),
+        (huge, 0x37_1000),
+    ] {
+        assert_eq!(used[&(head as u32)], 1, "head {head}");
+        let status: u8 = mem.read_obj(GuestAddress(at)).expect("status");
+        assert_eq!(status, S_IOERR, "head {head}");
+    }
+    let status: u8 = mem.read_obj(GuestAddress(0x36_1000)).expect("status");
+    assert_eq!(status, S_UNSUPP);
+    assert_eq!(used[&(unknown as u32)], 1);
+    assert!(!dev.disk().is_stopped());
+    assert!(
+        disk.contents().iter().all(|&b| b == 0),
+        "nothing reached the disk"
+    );
+}
+
+#[test]
+fn a_looping_chain_terminates() {
+    let mem = memory();
+    let (mut dev, _, _) = device(DiskConfig::default());
+    let d = Driver::new(&mem);
+    d.header(0x20_0000, VIRTIO_BLK_T_FLUSH, 0);
+    // Two descriptors pointing at each other forever.
+    let flags = VRING_DESC_F_NEXT as u16;
+    let descs = [
+        RawDescriptor::from(Descriptor::new(0x20_0000, 16, flags, 1)),
+        RawDescriptor::from(Descriptor::new(
+            0x20_1000,
+            1,
+            flags | VRING_DESC_F_WRITE as u16,
+            0,
+        )),
+    ];
+    d.vq.add_desc_chains(&descs[..1], 0).expect("head");
+    d.vq.desc_table().store(1, descs[1]).expect("loop");
+    let mut q = d.queue();
+    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(run.used, 1);
+}
+
+#[test]
+fn host_error_stops_taking_requests_until_resume() {
+    let mem = memory();
+    let (mut dev, disk, faults) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    mem.write_slice(&[5; 512], Driver::data_addr(0))
+        .expect("data");
+    mem.write_slice(&[6; 512], Driver::data_addr(2))
+        .expect("data");
+    d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    let outage = faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
+    d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    d.request(2, VIRTIO_BLK_T_OUT, 1, Some((512, false)));
+    let mut q = d.queue();
+    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(
+        run.used, 1,
+        "only the write before the failed flush completed"
+    );
+    let report = run.error.expect("host error reported");
+    assert_eq!(report.action, holdfast_block::ErrorAction::Stop);
+    assert!(dev.disk().is_stopped());
+    assert_eq!(d.status(1), 0xFF, "the failed flush is not completed");
+    assert_eq!(
+        dev.disk().status().parked,
+        1,
+        "only the failed flush is parked"
+    );
+    assert_eq!(
+        d.status(2),
+        0xFF,
+        "the write after it was not taken from the ring"
+    );
+    // cont while still broken: nothing completes.
+    assert!(dev.resume(&mem, &mut q).is_err());
+    assert_eq!(d.used().len(), 1);
+    faults.clear(outage);
+    assert_eq!(dev.resume(&mem, &mut q).expect("resume"), 1);
+    assert_eq!(d.status(1), S_OK);
+    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(run.used, 1);
+    assert_eq!(d.status(2), S_OK);
+    assert_eq!(
+        &disk.contents()[..1024],
+        &[[5u8; 512], [6; 512]].concat()[..]
+    );
+}
+
+#[test]
+fn reset_while_parked_keeps_completed_writes() {
+    let mem = memory();
+    let (mut dev, _, faults) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    let outage = faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
+    mem.write_slice(&[5; 512], Driver::data_addr(0))
+        .expect("data");
+    d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(dev.reset(), 1);
+    assert_eq!(dev.disk().status().buffer.bytes, 512);
+    faults.clear(outage);
+    assert_eq!(
+        dev.resume(&mem, &mut q).expect("resume"),
+        0,
+        "nobody waits for the dropped flush"
+    );
+}
+
+#[test]
+fn features_and_config_space() {
+    let (dev, _, _) = device(DiskConfig::default());
+    let f = dev.features();
+    for bit in [
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_CONFIG_WCE,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+    ] {
+        assert_ne!(f & (1 << bit), 0, "feature {bit}");
+    }
+    assert_ne!(f & (1 << 32), 0, "VERSION_1");
+    assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+    let mut capacity = [0u8; 8];
+    dev.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), DISK_SIZE / 512);
+    let mut past_end = [0xFFu8; 4];
+    dev.read_config(200, &mut past_end);
+    assert_eq!(past_end, [0; 4]);
+    let (ro, _, _) = device(DiskConfig {
+        read_only: true,
+        ..Default::default()
+    });
+    assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+}
+
+#[test]
+fn cache_mode_follows_flush_feature_and_wce() {
+    let mem = memory();
+    let disk = MemBackend::new(DISK_SIZE);
+    let injector = FaultInjector::new(disk.clone());
+    let faults = injector.handle();
+    let config = DiskConfig {
+        werror: ErrorPolicy::Report,
+        ..Default::default()
+    };
+    let mut dev = BlockDevice::new(Disk::new(injector, config));
+    // A driver without FLUSH gets writethrough: its write is flushed before it completes.
+    dev.ack_features(dev.features() & !(1 << VIRTIO_BLK_F_FLUSH));
+    faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
+    let mut d = Driver::new(&mem);
+    d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(d.status(0), S_IOERR, "the covering flush failed");
+    // With FLUSH and CONFIG_WCE, the guest turns the write cache on and off.
+    dev.ack_features(dev.features());
+    dev.write_config(32, &[0]);
+    let mut wce = [9u8];
+    dev.read_config(32, &mut wce);
+    assert_eq!(wce, [0]);
+    assert!(!dev.disk().config().writeback);
+    dev.write_config(32, &[1]);
+    assert!(dev.disk().config().writeback);
+}
