@@ -3,7 +3,8 @@
 //! the run-state owner that pauses vCPUs on a disk error and resumes them after a
 //! replay.
 //!
-//! Built so far: the virtio-blk frontend ([`virtio::block`]), tested on virtio-queue's
+//! Built so far: the virtio-blk frontend ([`virtio::block`]) and the virtio-mmio
+//! transport ([`virtio::mmio`]), tested on virtio-queue's
 //! mock queues. The rest arrives with the issue "vmm/ + images/: boot a stock Linux
 //! guest".
 

@@ -23,7 +23,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-use super::FEATURE_VERSION_1;
+use super::{VirtioDevice, FEATURE_VERSION_1};
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Segments per request we accept (`seg_max`); Linux sizes its requests by it.
@@ -278,6 +278,32 @@ impl<B: Backend> BlockDevice<B> {
             _ => 0,
         };
         queue.add_used(mem, r.head, used).map_err(Error::UsedRing)
+    }
+}
+
+impl<B: Backend> VirtioDevice for BlockDevice<B> {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        BlockDevice::features(self)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        BlockDevice::ack_features(self, features)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        BlockDevice::read_config(self, offset, data)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        BlockDevice::write_config(self, offset, data)
     }
 }
 
