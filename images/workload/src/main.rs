@@ -1,0 +1,160 @@
+//! The guest workload, built static for the guest initramfs.
+//!
+//! `workload write FILE COUNT [SIZE]` appends COUNT records of SIZE bytes (4096 by
+//! default) to FILE, `fdatasync`s after each and then prints `ACK <n>`: a record
+//! whose ACK was printed must survive any host outage. `workload verify FILE
+//! [ACKED]` checks every record in FILE and, if ACKED is given, that records
+//! 1..=ACKED are all there and intact. It prints `VERIFIED <n>` or says what is wrong
+//! and exits 1.
+//!
+//! A record: magic `HFRC`, its number (u64), its length (u32), payload bytes derived
+//! from the number, and an FNV-1a checksum (u64) of everything before it.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+const MAGIC: &[u8; 4] = b"HFRC";
+const HEAD: usize = 4 + 8 + 4;
+const TAIL: usize = 8;
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn record(n: u64, size: usize) -> Vec<u8> {
+    let mut r = Vec::with_capacity(size);
+    r.extend_from_slice(MAGIC);
+    r.extend_from_slice(&n.to_le_bytes());
+    r.extend_from_slice(&(size as u32).to_le_bytes());
+    let payload = size - HEAD - TAIL;
+    r.extend((0..payload).map(|i| (n as usize).wrapping_mul(31).wrapping_add(i) as u8));
+    let sum = fnv1a(&r);
+    r.extend_from_slice(&sum.to_le_bytes());
+    r
+}
+
+fn write(path: &str, count: u64, size: usize) -> Result<(), String> {
+    if size < HEAD + TAIL + 1 {
+        return Err(format!("record size must be at least {}", HEAD + TAIL + 1));
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    for n in 1..=count {
+        f.write_all(&record(n, size))
+            .map_err(|e| format!("write of record {n}: {e}"))?;
+        f.sync_data()
+            .map_err(|e| format!("fdatasync after record {n}: {e}"))?;
+        println!("ACK {n}");
+    }
+    Ok(())
+}
+
+/// Checks the records in `bytes`; returns how many are intact, in order from 1.
+fn verify(bytes: &[u8]) -> Result<u64, String> {
+    let mut at = 0;
+    let mut n = 0u64;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < HEAD + TAIL || &rest[..4] != MAGIC {
+            return Err(format!("record {} at byte {at}: no record header", n + 1));
+        }
+        let num = u64::from_le_bytes(rest[4..12].try_into().map_err(|_| "short")?);
+        let size = u32::from_le_bytes(rest[12..16].try_into().map_err(|_| "short")?) as usize;
+        if num != n + 1 || size < HEAD + TAIL || size > rest.len() {
+            return Err(format!(
+                "record {} at byte {at}: header says number {num}, size {size}",
+                n + 1
+            ));
+        }
+        if rest[..size] != record(num, size)[..] {
+            return Err(format!(
+                "record {num} at byte {at}: content or checksum wrong"
+            ));
+        }
+        n = num;
+        at += size;
+    }
+    Ok(n)
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let num = |s: &String, what: &str| {
+        s.parse::<u64>()
+            .map_err(|_| format!("{what} must be a number, not `{s}`"))
+    };
+    match args {
+        [cmd, file, count] if cmd == "write" => write(file, num(count, "COUNT")?, 4096),
+        [cmd, file, count, size] if cmd == "write" => {
+            write(file, num(count, "COUNT")?, num(size, "SIZE")? as usize)
+        }
+        [cmd, file, rest @ ..] if cmd == "verify" && rest.len() <= 1 => {
+            let mut bytes = Vec::new();
+            std::fs::File::open(file)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(|e| format!("cannot read {file}: {e}"))?;
+            let intact = verify(&bytes)?;
+            if let Some(acked) = rest.first() {
+                let acked = num(acked, "ACKED")?;
+                if intact < acked {
+                    return Err(format!(
+                        "only {intact} records on disk, {acked} were acknowledged"
+                    ));
+                }
+            }
+            println!("VERIFIED {intact}");
+            Ok(())
+        }
+        _ => Err("usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED]".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("workload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_verify_and_damage_is_found() {
+        let mut bytes: Vec<u8> = (1..=5).flat_map(|n| record(n, 100)).collect();
+        assert_eq!(verify(&bytes), Ok(5));
+        bytes[250] ^= 1;
+        assert!(verify(&bytes).expect_err("damaged").contains("record 3"));
+        let truncated: Vec<u8> = (1..=3).flat_map(|n| record(n, 100)).collect();
+        assert_eq!(
+            verify(&truncated[..250]).map_err(|e| e.contains("record 3")),
+            Err(true)
+        );
+        let skipped: Vec<u8> = [1, 3].iter().flat_map(|&n| record(n, 100)).collect();
+        assert!(verify(&skipped).is_err());
+    }
+
+    #[test]
+    fn write_then_verify_a_file() {
+        let dir = std::env::temp_dir().join(format!("workload-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("r.dat");
+        let path = file.to_str().expect("utf-8").to_owned();
+        write(&path, 7, 512).expect("write");
+        let args = ["verify".to_string(), path.clone(), "7".into()];
+        run(&args).expect("verify 7");
+        let args = ["verify".to_string(), path, "8".into()];
+        assert!(run(&args).expect_err("8 acked").contains("only 7"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
