@@ -3,9 +3,17 @@
 //! the run-state owner that pauses vCPUs on a disk error and resumes them after a
 //! replay.
 //!
-//! Built so far: the virtio-blk frontend ([`virtio::block`]) and the virtio-mmio
-//! transport ([`virtio::mmio`]), tested on virtio-queue's
-//! mock queues. The rest arrives with the issue "vmm/ + images/: boot a stock Linux
-//! guest".
+//! Following a failed fdatasync: the guest's request arrives on a virtqueue
+//! ([`virtio::block::BlockDevice::process_queue`], device thread) -> the disk engine
+//! parks it and reports the error -> [`vm::VmEvent::DiskError`] to the run-state
+//! owner -> [`vm::Vm::pause`]; on `cont`, [`vm::Vm::resume`] replays the disk
+//! before any vCPU runs.
 
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod devices;
+pub mod layout;
+pub mod vcpu;
 pub mod virtio;
+pub mod vm;

@@ -32,8 +32,31 @@ fn unknown_command_is_named() {
 }
 
 #[test]
-fn run_says_it_is_not_there_yet() {
-    let (code, _, err) = holdfast(&["run", "--kernel", "x"]);
+fn run_checks_its_options_before_touching_kvm() {
+    let (code, _, err) = holdfast(&["run", "--kernel", "/nonexistent/vmlinuz"]);
     assert_eq!(code, 2);
-    assert!(err.contains("not implemented"), "{err}");
+    assert!(err.contains("--kernel: /nonexistent/vmlinuz"), "{err}");
+    let (code, _, err) = holdfast(&["run", "--kernel", "/proc/self/exe", "--mem", "12"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--mem"), "{err}");
+}
+
+#[test]
+fn run_help_documents_every_option() {
+    let (code, out, _) = holdfast(&["run", "--help"]);
+    assert_eq!(code, 0);
+    for option in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--cpus",
+        "--mem",
+        "--disk",
+        "--serial",
+        "--qmp",
+        "werror=",
+        "unflushed-limit=",
+    ] {
+        assert!(out.contains(option), "{option} missing from run --help");
+    }
 }

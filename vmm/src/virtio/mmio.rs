@@ -84,6 +84,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &mut self.device
     }
 
+    /// The device and its queues at once (the device thread serves one with the other).
+    pub fn device_and_queues(&mut self) -> (&mut D, &mut [Queue]) {
+        (&mut self.device, &mut self.queues)
+    }
+
     pub fn queues(&self) -> &[Queue] {
         &self.queues
     }

@@ -1,0 +1,373 @@
+//! `holdfast run`'s command line. Every error names the option it is about.
+
+use std::path::PathBuf;
+
+use holdfast_block::{DiskConfig, ErrorPolicy};
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
+pub const DEFAULT_MEM: u64 = 512 << 20;
+const MIN_MEM: u64 = 64 << 20;
+const MAX_MEM: u64 = 1 << 40;
+
+pub const RUN_HELP: &str = "\
+Usage: holdfast run --kernel PATH [options]
+
+Boots a Linux guest on KVM with virtio-blk disks that survive host storage outages:
+a host write or flush error pauses the guest and keeps every unflushed guest write
+in holdfast's memory until storage is back.
+
+Options:
+  --kernel PATH        guest kernel: a bzImage or an ELF vmlinux (required)
+  --initrd PATH        initial ramdisk
+  --cmdline STR        kernel command line (default: \"console=ttyS0 panic=-1\")
+  --cpus N             vCPUs, 1 to 254 (default: 1); the guest learns them from ACPI
+  --mem SIZE           guest memory, K/M/G suffixes, at least 64M (default: 512M)
+  --disk SPEC          a virtio-blk disk; repeatable. SPEC is path=IMG followed by any of
+                         id=NAME               name in messages and QMP (default: diskN)
+                         readonly=on|off       (default: off)
+                         cache=writeback|writethrough|none
+                                               writeback (default): the host page cache,
+                                               guest flushes become fdatasync;
+                                               writethrough: every write is flushed;
+                                               none: O_DIRECT, write-back semantics
+                         werror=stop|report|ignore|enospc   host write/flush errors
+                         rerror=stop|report|ignore|enospc   host read errors
+                                               (default: stop for both)
+                         unflushed-limit=SIZE  bound of the unflushed buffer; past it
+                                               holdfast flushes on its own (default: 128M)
+                         serial=STR            what the guest reads as the disk's ID
+  --serial stdio|file:PATH|none
+                       where the guest's serial console goes (default: stdio)
+  --qmp PATH           QMP socket (not built yet: arrives with pause-on-error over QMP)
+  -h, --help           this text
+
+Exit status: 0 when the guest powers off or reboots (holdfast does not reset a guest;
+it exits, like QEMU -no-reboot); 1 on a VMM error; 2 on bad options; 3 when the guest
+panics (reported through pvpanic); 4 when this host's KVM cannot run the guest's kernel
+code (run holdfast inside the nested test host: tests/testhost).
+";
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOut {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskOpt {
+    pub id: String,
+    pub path: PathBuf,
+    pub direct: bool,
+    pub config: DiskConfig,
+}
+
+/// A parsed `holdfast run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOpts {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub mem: u64,
+    pub disks: Vec<DiskOpt>,
+    pub serial: SerialOut,
+}
+
+/// `None` means `--help`.
+pub fn parse_run(args: &[String]) -> Result<Option<RunOpts>, String> {
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut cmdline = None;
+    let mut cpus = 1u8;
+    let mut mem = DEFAULT_MEM;
+    let mut disks = Vec::new();
+    let mut serial = SerialOut::Stdio;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        if name == "-h" || name == "--help" {
+            return Ok(None);
+        }
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or(format!("{name} needs a value"))
+        };
+        match name {
+            "--kernel" => kernel = Some(existing(name, &value()?)?),
+            "--initrd" => initrd = Some(existing(name, &value()?)?),
+            "--cmdline" => cmdline = Some(value()?),
+            "--cpus" => {
+                let v = value()?;
+                cpus = v
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|n| (1..=254).contains(n))
+                    .ok_or(format!("--cpus: `{v}` is not a number from 1 to 254"))?;
+            }
+            "--mem" => {
+                let v = value()?;
+                mem = parse_size(&v).map_err(|e| format!("--mem: {e}"))?;
+                if !(MIN_MEM..=MAX_MEM).contains(&mem) {
+                    return Err(format!("--mem: {v} is outside 64M..1T"));
+                }
+                if mem % 4096 != 0 {
+                    return Err(format!("--mem: {v} is not a multiple of 4K"));
+                }
+            }
+            "--disk" => {
+                let d = parse_disk(&value()?, disks.len()).map_err(|e| format!("--disk: {e}"))?;
+                if disks.iter().any(|o: &DiskOpt| o.id == d.id) {
+                    return Err(format!("--disk: id `{}` is used twice", d.id));
+                }
+                disks.push(d);
+            }
+            "--serial" => {
+                let v = value()?;
+                serial = match v.as_str() {
+                    "stdio" => SerialOut::Stdio,
+                    "none" => SerialOut::None,
+                    s if s.starts_with("file:") && s.len() > 5 => {
+                        SerialOut::File(PathBuf::from(&s[5..]))
+                    }
+                    _ => return Err(format!("--serial: `{v}` is not stdio, file:PATH or none")),
+                };
+            }
+            "--qmp" => return Err("--qmp: the QMP server is not built yet".into()),
+            other => {
+                return Err(format!(
+                    "unknown option `{other}` (see holdfast run --help)"
+                ))
+            }
+        }
+    }
+    let kernel = kernel.ok_or("--kernel is required (see holdfast run --help)")?;
+    Ok(Some(RunOpts {
+        kernel,
+        initrd,
+        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+        cpus,
+        mem,
+        disks,
+        serial,
+    }))
+}
+
+fn existing(name: &str, path: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(path);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() => Ok(p),
+        Ok(_) => Err(format!("{name}: {path} is not a file")),
+        Err(e) => Err(format!("{name}: {path}: {e}")),
+    }
+}
+
+/// `512`, `64K`, `512M`, `2G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (like 512M or 2G)"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or(format!("`{s}` is too large"))
+}
+
+fn policy(key: &str, v: &str) -> Result<ErrorPolicy, String> {
+    v.parse().map_err(|e| format!("{key}: {e}"))
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}: `{v}` is not on or off")),
+    }
+}
+
+pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
+    let mut path = None;
+    let mut id = format!("disk{index}");
+    let mut direct = false;
+    let mut config = DiskConfig::default();
+    for part in spec.split(',') {
+        let (key, v) = part
+            .split_once('=')
+            .ok_or(format!("`{part}` is not key=value"))?;
+        match key {
+            "path" => path = Some(existing("path", v)?),
+            "id" if !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
+                id = v.into()
+            }
+            "id" => return Err(format!("id: `{v}` must be letters, digits, - or _")),
+            "readonly" => config.read_only = on_off(key, v)?,
+            "cache" => match v {
+                "writeback" => (config.writeback, direct) = (true, false),
+                "writethrough" => (config.writeback, direct) = (false, false),
+                "none" => (config.writeback, direct) = (true, true),
+                _ => {
+                    return Err(format!(
+                        "cache: `{v}` is not writeback, writethrough or none"
+                    ))
+                }
+            },
+            "werror" => config.werror = policy(key, v)?,
+            "rerror" => config.rerror = policy(key, v)?,
+            "unflushed-limit" => {
+                config.unflushed_limit =
+                    parse_size(v).map_err(|e| format!("unflushed-limit: {e}"))?
+            }
+            "serial" => config.serial = v.into(),
+            _ => return Err(format!("unknown key `{key}`")),
+        }
+    }
+    let path = path.ok_or("path=IMG is required")?;
+    if config.serial.is_empty() {
+        config.serial = id.clone();
+    }
+    Ok(DiskOpt {
+        id,
+        path,
+        direct,
+        config,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    fn file() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"x").expect("write");
+        (dir, p.to_str().expect("utf-8").to_string())
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999T")
+            .expect_err("overflow")
+            .contains("too large"));
+    }
+
+    #[test]
+    fn a_full_command_line() {
+        let (_d, f) = file();
+        let disk =
+            format!("path={f},id=data,cache=none,werror=enospc,rerror=report,unflushed-limit=16M");
+        let o = parse_run(&args(&[
+            "--kernel",
+            &f,
+            "--initrd",
+            &f,
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "2",
+            "--mem=1G",
+            "--disk",
+            &disk,
+            "--disk",
+            &format!("path={f},readonly=on"),
+            "--serial",
+            "file:/tmp/x",
+        ]))
+        .expect("valid")
+        .expect("not help");
+        assert_eq!(
+            (o.cpus, o.mem, o.cmdline.as_str()),
+            (2, 1 << 30, "console=ttyS0 quiet")
+        );
+        assert_eq!(o.disks[0].id, "data");
+        assert!(o.disks[0].direct && o.disks[0].config.writeback);
+        assert_eq!(o.disks[0].config.werror, ErrorPolicy::Enospc);
+        assert_eq!(o.disks[0].config.unflushed_limit, 16 << 20);
+        assert_eq!(o.disks[1].id, "disk1");
+        assert!(o.disks[1].config.read_only);
+        assert_eq!(o.serial, SerialOut::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let (_d, f) = file();
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--kernel is required"),
+            (&["--kernel", "/nonexistent"], "--kernel: /nonexistent"),
+            (&["--kernel", &f, "--cpus", "0"], "--cpus"),
+            (&["--kernel", &f, "--mem", "1M"], "--mem"),
+            (&["--kernel", &f, "--mem", "lots"], "--mem"),
+            (
+                &["--kernel", &f, "--disk", "id=x"],
+                "--disk: path=IMG is required",
+            ),
+            (
+                &["--kernel", &f, "--disk", "path=/nope"],
+                "--disk: path: /nope",
+            ),
+            (
+                &[
+                    "--kernel",
+                    &f,
+                    "--disk",
+                    &format!("path={f},cache=sometimes"),
+                ],
+                "--disk: cache",
+            ),
+            (
+                &["--kernel", &f, "--disk", &format!("path={f},werror=panic")],
+                "--disk: werror",
+            ),
+            (
+                &["--kernel", &f, "--disk", &format!("path={f},colour=red")],
+                "--disk: unknown key `colour`",
+            ),
+            (
+                &[
+                    "--kernel",
+                    &f,
+                    "--disk",
+                    &format!("path={f},id=a"),
+                    "--disk",
+                    &format!("path={f},id=a"),
+                ],
+                "twice",
+            ),
+            (&["--kernel", &f, "--serial", "tcp:1"], "--serial"),
+            (
+                &["--kernel", &f, "--frobnicate"],
+                "unknown option `--frobnicate`",
+            ),
+            (&["--kernel"], "--kernel needs a value"),
+        ];
+        for (a, want) in cases {
+            let e = parse_run(&args(a)).expect_err("invalid");
+            assert!(e.contains(want), "{a:?}: {e}");
+        }
+        assert_eq!(parse_run(&args(&["--help"])), Ok(None));
+    }
+}

@@ -1,0 +1,508 @@
+//! The machine: KVM VM, guest memory, vCPUs, devices, and the run-state owner.
+//!
+//! One thread owns the run state ([`Vm::run`]); vCPU threads and the device thread
+//! send it [`VmEvent`]s over a channel and never change the state themselves.
+//!
+//! Ordering contract (written here, relied on by pause-on-error and `cont`):
+//! - pause: vCPUs first (each kicked out of `KVM_RUN` and parked), then devices;
+//!   the guest clock is saved so it does not jump over the pause;
+//! - resume: devices first (a stopped disk is replayed before anything else), then
+//!   the clock is restored, then vCPUs.
+//!
+//! ```text
+//!   running --STOP/disk error--> paused --cont (devices, then vCPUs)--> running
+//!      |                            |
+//!      +--poweroff/reboot/panic-----+--> shutdown (disks settled, threads joined)
+//! ```
+
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use holdfast_block::{Backend, Disk, IoErrorReport};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::legacy::PortBus;
+use crate::layout::*;
+use crate::vcpu::{self, Control, Want};
+use crate::virtio::block::BlockDevice;
+use crate::virtio::mmio::{Action, MmioTransport, MMIO_SIZE};
+
+/// What the machine is made of.
+pub struct VmConfig {
+    pub kernel: std::path::PathBuf,
+    pub initrd: Option<std::path::PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub mem: u64,
+    pub disks: Vec<DiskSpec>,
+    pub serial: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline)
+            .field("cpus", &self.cpus)
+            .field("mem", &self.mem)
+            .field("disks", &self.disks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One disk: its name and its engine.
+pub struct DiskSpec {
+    pub id: String,
+    pub disk: Disk<Box<dyn Backend>>,
+}
+
+impl std::fmt::Debug for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DiskSpec({})", self.id)
+    }
+}
+
+/// Sent to the run-state owner.
+#[derive(Debug)]
+pub enum VmEvent {
+    Poweroff,
+    Reboot,
+    GuestPanic,
+    EmulationFailure {
+        cpu: u8,
+    },
+    VcpuFailed {
+        cpu: u8,
+        message: String,
+    },
+    /// A disk hit a host error (under `stop` it is now stopped).
+    DiskError {
+        disk: String,
+        report: IoErrorReport,
+    },
+}
+
+/// How the machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    Poweroff,
+    Reboot,
+    GuestPanic,
+    EmulationFailure { cpu: u8 },
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("cannot create the VM: {0}")]
+    Create(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot allocate {0} bytes of guest memory")]
+    Memory(u64),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::Error),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::Error),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::Error),
+    #[error("cannot set up device plumbing (eventfd, irqfd, ioeventfd, threads)")]
+    Plumbing(#[source] std::io::Error),
+}
+
+type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
+
+/// A virtio-mmio device slot: its transport, queue notifier and interrupt.
+struct MmioSlot {
+    id: String,
+    base: u64,
+    transport: Mutex<BlockTransport>,
+    notify: EventFd,
+    irq: EventFd,
+}
+
+impl MmioSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BlockTransport> {
+        self.transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// MMIO accesses from vCPUs, by address.
+pub struct MmioBus {
+    slots: Vec<Arc<MmioSlot>>,
+}
+
+impl std::fmt::Debug for MmioBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MmioBus({} devices)", self.slots.len())
+    }
+}
+
+impl MmioBus {
+    fn slot(&self, addr: u64) -> Option<(&Arc<MmioSlot>, u64)> {
+        self.slots
+            .iter()
+            .find(|s| (s.base..s.base + MMIO_SIZE).contains(&addr))
+            .map(|s| (s, addr - s.base))
+    }
+
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.slot(addr) {
+            Some((slot, offset)) => slot.lock().read(offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        let Some((slot, offset)) = self.slot(addr) else {
+            return;
+        };
+        let action = slot.lock().write(offset, data);
+        match action {
+            // Serve what the driver queued before DRIVER_OK; later kicks come by ioeventfd.
+            Action::Activate | Action::Notify(_) => {
+                let _ = slot.notify.write(1);
+            }
+            Action::Reset => {
+                slot.lock().device_mut().reset();
+            }
+            Action::None => {}
+        }
+    }
+}
+
+/// The running machine.
+pub struct Vm {
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<(Arc<Control>, JoinHandle<()>)>,
+    slots: Vec<Arc<MmioSlot>>,
+    events: Receiver<VmEvent>,
+    device_thread: Option<JoinHandle<()>>,
+    device_stop: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Vm({} vCPUs, {} disks)",
+            self.vcpus.len(),
+            self.slots.len()
+        )
+    }
+}
+
+impl Vm {
+    /// Builds the machine and starts its vCPUs.
+    pub fn start(config: VmConfig) -> Result<Vm, Error> {
+        let kvm = Kvm::new().map_err(Error::Kvm)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Create("KVM_CREATE_VM", e))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| Error::Create("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::Create("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| Error::Create("KVM_CREATE_PIT2", e))?;
+
+        let mut ranges = vec![(GuestAddress(0), config.mem.min(LOWMEM_END) as usize)];
+        if config.mem > LOWMEM_END {
+            ranges.push((
+                GuestAddress(HIGHMEM_START),
+                (config.mem - LOWMEM_END) as usize,
+            ));
+        }
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|_| Error::Memory(config.mem))?;
+        for (slot, (start, len)) in ranges.iter().enumerate() {
+            let host = vm_memory::GuestMemoryBackend::get_host_address(&mem, *start)
+                .map_err(|_| Error::Memory(config.mem))?;
+            let r = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: start.0,
+                memory_size: *len as u64,
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM's
+            // use of it (the vCPUs are joined before `mem` is dropped).
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|e| Error::Create("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let (events_tx, events) = channel();
+        let mut slots = Vec::new();
+        let mut acpi_devices = Vec::new();
+        for (i, spec) in config.disks.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE;
+            let gsi = VIRTIO_IRQ_BASE + i as u32;
+            let plumbing = Error::Plumbing;
+            let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(plumbing)?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?;
+            vm.register_irqfd(&irq, gsi)
+                .map_err(|e| Error::Create("KVM_IRQFD", e))?;
+            vm.register_ioevent(&notify, &IoEventAddress::Mmio(base + 0x50), NoDatamatch)
+                .map_err(|e| Error::Create("KVM_IOEVENTFD", e))?;
+            let transport = MmioTransport::new(BlockDevice::new(spec.disk));
+            slots.push(Arc::new(MmioSlot {
+                id: spec.id,
+                base,
+                transport: Mutex::new(transport),
+                notify,
+                irq,
+            }));
+            acpi_devices.push(crate::acpi::MmioDevice {
+                base,
+                size: MMIO_SIZE,
+                irq: gsi,
+            });
+        }
+
+        let entry = crate::boot::load(
+            &mem,
+            config.mem,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+        )?;
+        crate::acpi::write(&mem, config.cpus, &acpi_devices)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| Error::Create("KVM_IRQFD", e))?;
+        let ports = Arc::new(PortBus::new(serial_irq, config.serial));
+        let mmio = Arc::new(MmioBus {
+            slots: slots.clone(),
+        });
+
+        let device_stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?);
+        let device_thread = spawn_device_thread(
+            mem.clone(),
+            slots.clone(),
+            Arc::clone(&device_stop),
+            events_tx.clone(),
+        )
+        .map_err(Error::Plumbing)?;
+
+        vcpu::install_kick_handler().map_err(Error::Plumbing)?;
+        let mut vcpus = Vec::new();
+        for cpu in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(cpu))
+                .map_err(|e| Error::Create("KVM_CREATE_VCPU", e))?;
+            vcpu::configure(&kvm, &fd, cpu, config.cpus)?;
+            if cpu == 0 {
+                let mut sregs = fd
+                    .get_sregs()
+                    .map_err(|e| Error::Create("KVM_GET_SREGS", e))?;
+                crate::boot::boot_sregs(&mem, &mut sregs)?;
+                fd.set_sregs(&sregs)
+                    .map_err(|e| Error::Create("KVM_SET_SREGS", e))?;
+                fd.set_regs(&crate::boot::boot_regs(entry))
+                    .map_err(|e| Error::Create("KVM_SET_REGS", e))?;
+            }
+            let control = Control::new();
+            let (c, p, m, e) = (
+                Arc::clone(&control),
+                Arc::clone(&ports),
+                Arc::clone(&mmio),
+                events_tx.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{cpu}"))
+                .spawn(move || vcpu::run(cpu, fd, c, p, m, e))
+                .map_err(Error::Plumbing)?;
+            vcpus.push((control, handle));
+        }
+        Ok(Vm {
+            vm,
+            mem,
+            vcpus,
+            slots,
+            events,
+            device_thread: Some(device_thread),
+            device_stop,
+        })
+    }
+
+    /// Pauses every vCPU (kicked out of KVM_RUN, parked), then saves the guest
+    /// clock. Devices keep their state; a stopped disk stays stopped.
+    pub fn pause(&mut self) -> Option<kvm_bindings::kvm_clock_data> {
+        for (control, handle) in &self.vcpus {
+            control.set(Want::Pause);
+            // SAFETY: the thread is alive (joined only in `shutdown`); a signal with
+            // a registered handler interrupts its KVM_RUN.
+            unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+        }
+        for (control, _) in &self.vcpus {
+            control.wait_parked();
+        }
+        self.vm.get_clock().ok()
+    }
+
+    /// Resumes: devices first (every stopped disk replayed; on failure nothing
+    /// runs and the error names the disk), then the clock, then the vCPUs.
+    pub fn resume(&mut self, clock: Option<kvm_bindings::kvm_clock_data>) -> Result<(), String> {
+        for slot in &self.slots {
+            let mut t = slot.lock();
+            let (device, queues) = t.device_and_queues();
+            match device.resume(&self.mem, &mut queues[0]) {
+                Ok(0) => {}
+                Ok(_) => {
+                    t.interrupt_status()
+                        .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                    let _ = slot.irq.write(1);
+                }
+                Err(e) => return Err(format!("disk {}: {}", slot.id, error_chain(&e))),
+            }
+            // Requests the guest queued while the disk was stopped.
+            let _ = slot.notify.write(1);
+        }
+        if let Some(mut clock) = clock {
+            clock.flags = 0;
+            let _ = self.vm.set_clock(&clock);
+        }
+        for (control, _) in &self.vcpus {
+            control.set(Want::Run);
+        }
+        Ok(())
+    }
+
+    /// Waits for the next event from the vCPUs or the devices.
+    pub fn next_event(&self) -> Option<VmEvent> {
+        self.events.recv().ok()
+    }
+
+    /// Stops everything and makes every disk's buffered bytes stable. Returns, per
+    /// disk that could not be flushed, its name and how many bytes are dropped.
+    pub fn shutdown(mut self) -> Vec<(String, u64, String)> {
+        for (control, handle) in &self.vcpus {
+            control.set(Want::Exit);
+            // SAFETY: as in `pause`.
+            unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+        }
+        for (_, handle) in self.vcpus.drain(..) {
+            let _ = handle.join();
+        }
+        let _ = self.device_stop.write(1);
+        if let Some(t) = self.device_thread.take() {
+            let _ = t.join();
+        }
+        let mut dropped = Vec::new();
+        for slot in &self.slots {
+            if let Err(e) = slot.lock().device_mut().disk_mut().settle() {
+                dropped.push((slot.id.clone(), e.unflushed_bytes, e.error.to_string()));
+            }
+        }
+        dropped
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// The device thread: waits on every queue's ioeventfd and serves the queues, off
+/// the vCPU threads.
+fn spawn_device_thread(
+    mem: GuestMemoryMmap,
+    slots: Vec<Arc<MmioSlot>>,
+    stop: Arc<EventFd>,
+    events: Sender<VmEvent>,
+) -> std::io::Result<JoinHandle<()>> {
+    let epoll = Epoll::new()?;
+    for (i, slot) in slots.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            slot.notify.as_raw_fd_(),
+            EpollEvent::new(EventSet::IN, i as u64),
+        )?;
+    }
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd_(),
+        EpollEvent::new(EventSet::IN, u64::MAX),
+    )?;
+    std::thread::Builder::new()
+        .name("devices".into())
+        .spawn(move || {
+            let mut ready = vec![EpollEvent::default(); slots.len() + 1];
+            loop {
+                let n = match epoll.wait(-1, &mut ready) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for ev in &ready[..n] {
+                    let i = ev.data();
+                    if i == u64::MAX {
+                        return;
+                    }
+                    let Some(slot) = slots.get(i as usize) else {
+                        continue;
+                    };
+                    let _ = slot.notify.read();
+                    let mut t = slot.lock();
+                    if t.status() & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+                        continue;
+                    }
+                    let interrupts = t.interrupt_status();
+                    let (device, queues) = t.device_and_queues();
+                    match device.process_queue(&mem, &mut queues[0]) {
+                        Ok(run) => {
+                            if run.used > 0 {
+                                interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                                let _ = slot.irq.write(1);
+                            }
+                            if let Some(report) = run.error {
+                                let _ = events.send(VmEvent::DiskError {
+                                    disk: slot.id.clone(),
+                                    report,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            let _ = events.send(VmEvent::VcpuFailed {
+                                cpu: 0,
+                                message: format!("disk {}: {e}", slot.id),
+                            });
+                        }
+                    }
+                }
+            }
+        })
+}
+
+trait RawFdExt {
+    fn as_raw_fd_(&self) -> i32;
+}
+
+impl RawFdExt for EventFd {
+    fn as_raw_fd_(&self) -> i32 {
+        std::os::unix::io::AsRawFd::as_raw_fd(self)
+    }
+}
