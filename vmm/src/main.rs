@@ -53,7 +53,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether this host's CPUs advertise hardware virtualization.
+fn hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+        .unwrap_or(true)
+}
+
 fn run(opts: RunOpts) -> ExitCode {
+    if !hardware_virtualization() {
+        eprintln!(
+            "holdfast: warning: this host's CPUs show no VT-x/AMD-V (no vmx or svm flag in /proc/cpuinfo): \
+             its KVM emulates guest kernel code about 1000x slower, and a stock kernel crawls and then stops \
+             with an emulation failure. Run the guest in the nested test host instead (tests/e2e)."
+        );
+    }
     let serial: Box<dyn std::io::Write + Send> = match &opts.serial {
         SerialOut::Stdio => Box::new(std::io::stdout()),
         SerialOut::None => Box::new(std::io::sink()),
