@@ -385,6 +385,11 @@ impl Vm {
         Ok(())
     }
 
+    /// Guest memory (the host's view of it).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Waits for the next event from the vCPUs or the devices.
     pub fn next_event(&self) -> Option<VmEvent> {
         self.events.recv().ok()
