@@ -4,15 +4,14 @@
 # Runs under busybox sh (in the nested test host) and bash (directly on a host).
 # Needs: HOLDFAST (the binary), GUEST (kernel, initramfs, disk image), WORKLOAD
 # (the verifier), WORK (a scratch directory). Prints SCENARIO OK or SCENARIO FAIL.
-set -u
+set -u -o pipefail
 fail() { echo "SCENARIO FAIL records: $*"; exit 1; }
 N=${RECORDS:-200}
 cp "$GUEST/disk.img" "$WORK/disk.img" || fail "cannot copy the disk image"
 "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M \
-    --disk "path=$WORK/disk.img,id=data" --serial "file:$WORK/console.log" \
-    --cmdline "console=ttyS0 panic=-1 holdfast.workload=records holdfast.records=$N"
+    --disk "path=$WORK/disk.img,id=data" --serial stdio \
+    --cmdline "console=ttyS0 panic=-1 holdfast.workload=records holdfast.records=$N" | tee "$WORK/console.log"
 status=$?
-cat "$WORK/console.log"
 [ "$status" -eq 0 ] || fail "holdfast exited with $status"
 grep -q "GUEST WORKLOAD OK" "$WORK/console.log" || fail "the guest's workload did not finish"
 acked=$(grep -c "^ACK " "$WORK/console.log")

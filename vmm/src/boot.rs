@@ -146,7 +146,28 @@ pub fn load(
     )
     .map_err(|_| Error::Memory)?;
     write_page_tables(mem)?;
+    write_reset_stub(mem)?;
     Ok(Entry { rip: entry })
+}
+
+/// What firmware would do at the reset vector, in 16-bit real mode: write the ACPI
+/// reset register. Linux on a hardware-reduced ACPI platform without EFI reboots by
+/// jumping here (BOOT_EFI falls back to BOOT_BIOS).
+fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    let port = ACPI_RESET.to_le_bytes();
+    let stub = [
+        0xb0,
+        ACPI_RESET_VALUE, // mov al, reset value
+        0xba,
+        port[0],
+        port[1], // mov dx, reset port
+        0xee,    // out dx, al
+        0xf4,    // hlt
+        0xeb,
+        0xfd, // jmp back to hlt
+    ];
+    mem.write_slice(&stub, GuestAddress(RESET_VECTOR))
+        .map_err(|_| Error::Memory)
 }
 
 /// Identity-maps the first GiB with 2 MiB pages: enough for the kernel, the zero

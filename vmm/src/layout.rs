@@ -18,6 +18,8 @@ pub const EBDA: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area, where Linux scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
+/// The x86 reset vector (F000:FFF0), where a BIOS reboot lands.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// The kernel's protected-mode part is loaded here.
 pub const HIMEM: u64 = 0x100000;
 /// RAM below 4 GiB ends here; the rest of the 32-bit space is for devices.
@@ -43,5 +45,7 @@ pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
 pub const ACPI_SLEEP_STATUS: u16 = 0x601;
 pub const ACPI_RESET: u16 = 0x604;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// The PCI reset control register.
+pub const PCI_RESET: u16 = 0xcf9;
 /// QEMU's pvpanic port: the guest writes here when it panics.
 pub const PVPANIC: u16 = 0x505;

@@ -7,6 +7,10 @@
 //! 1..=ACKED are all there and intact. It prints `VERIFIED <n>` or says what is wrong
 //! and exits 1.
 //!
+//! `workload time-to MARKER -- CMD ARGS...` runs CMD, passes its output through,
+//! and prints `TIME-TO <ms>` once a line containing MARKER appeared (for boot-time
+//! benchmarks of VMMs whose guest prints MARKER on the serial console).
+//!
 //! A record: magic `HFRC`, its number (u64), its length (u32), payload bytes derived
 //! from the number, and an FNV-1a checksum (u64) of everything before it.
 
@@ -83,6 +87,38 @@ fn verify(bytes: &[u8]) -> Result<u64, String> {
     Ok(n)
 }
 
+fn time_to(marker: &str, cmd: &[String]) -> Result<(), String> {
+    use std::io::BufRead;
+    let (prog, rest) = cmd.split_first().ok_or("time-to needs a command")?;
+    let start = std::time::Instant::now();
+    let mut child = std::process::Command::new(prog)
+        .args(rest)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut found = None;
+    for line in std::io::BufReader::new(out).split(b'\n') {
+        let line = line.map_err(|e| format!("reading {prog}: {e}"))?;
+        println!("{}", String::from_utf8_lossy(&line).trim_end());
+        if found.is_none() && String::from_utf8_lossy(&line).contains(marker) {
+            found = Some(start.elapsed());
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {prog}: {e}"))?;
+    match found {
+        Some(t) => {
+            println!("TIME-TO {}", t.as_millis());
+            Ok(())
+        }
+        None => Err(format!(
+            "`{marker}` never appeared ({prog} exited with {status})"
+        )),
+    }
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     let num = |s: &String, what: &str| {
         s.parse::<u64>()
@@ -110,7 +146,14 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("VERIFIED {intact}");
             Ok(())
         }
-        _ => Err("usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED]".into()),
+        [cmd, marker, dashes, rest @ ..] if cmd == "time-to" && dashes == "--" => {
+            time_to(marker, rest)
+        }
+        _ => Err(
+            "usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED] | \
+                  workload time-to MARKER -- CMD [ARGS...]"
+                .into(),
+        ),
     }
 }
 
@@ -142,6 +185,18 @@ mod tests {
         );
         let skipped: Vec<u8> = [1, 3].iter().flat_map(|&n| record(n, 100)).collect();
         assert!(verify(&skipped).is_err());
+    }
+
+    #[test]
+    fn time_to_a_marker() {
+        let cmd: Vec<String> = ["sh", "-c", "echo one; echo GUEST INIT; echo three"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        time_to("GUEST INIT", &cmd).expect("marker seen");
+        assert!(time_to("NEVER", &cmd)
+            .expect_err("absent")
+            .contains("never appeared"));
     }
 
     #[test]

@@ -85,6 +85,8 @@ impl PortBus {
                 Some(Request::Poweroff)
             }
             ACPI_RESET if *value == ACPI_RESET_VALUE => Some(Request::Reboot),
+            // Bit 2 of the PCI reset control register resets the CPU.
+            PCI_RESET if value & 0x4 != 0 => Some(Request::Reboot),
             PVPANIC if value & PVPANIC_PANICKED != 0 => Some(Request::Panic),
             _ => None,
         }
@@ -126,6 +128,8 @@ mod tests {
             Some(Request::Reboot)
         );
         assert_eq!(bus.write(0x64, &[0xfe]), Some(Request::Reboot));
+        assert_eq!(bus.write(PCI_RESET, &[0x6]), Some(Request::Reboot));
+        assert_eq!(bus.write(PCI_RESET, &[0x2]), None);
         assert_eq!(bus.write(PVPANIC, &[1]), Some(Request::Panic));
         assert_eq!(bus.write(PVPANIC, &[2]), None, "crash-loaded only");
         let mut b = [0u8; 1];
