@@ -1,9 +1,14 @@
-# Boots the default guest with 2 vCPUs; the guest must see both (nproc).
+# Boots the default guest with 2 vCPUs and two disks, the second read-only: the guest
+# must see both CPUs (nproc), both disks, and the second one read-only.
 set -u -o pipefail
 fail() { echo "SCENARIO FAIL smp: $*"; exit 1; }
-"$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --cpus 2 \
-    --serial stdio --cmdline "console=ttyS0 panic=-1 holdfast.workload=none" | tee "$WORK/console.log"
+cp "$GUEST/disk.img" "$WORK/a.img" && cp "$GUEST/disk.img" "$WORK/b.img" || fail "cannot copy the disk images"
+"$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --cpus 2 --serial stdio \
+    --disk "path=$WORK/a.img,id=a" --disk "path=$WORK/b.img,id=b,readonly=on" \
+    --cmdline "console=ttyS0 panic=-1 holdfast.workload=none" | tee "$WORK/console.log"
 status=$?
 [ "$status" -eq 0 ] || fail "holdfast exited with $status"
 grep -q "GUEST NPROC 2" "$WORK/console.log" || fail "the guest does not see 2 CPUs"
-echo "SCENARIO OK smp: the guest sees 2 CPUs"
+grep -q "GUEST DISKS 2" "$WORK/console.log" || fail "the guest does not see 2 disks"
+grep -q "GUEST VDB RO 1" "$WORK/console.log" || fail "the read-only disk is not read-only in the guest"
+echo "SCENARIO OK smp: the guest sees 2 CPUs and 2 disks, the second read-only"

@@ -108,7 +108,7 @@ pub enum Error {
     Kvm(#[source] kvm_ioctls::Error),
     #[error("cannot create the VM: {0}")]
     Create(&'static str, #[source] kvm_ioctls::Error),
-    #[error("cannot allocate {0} bytes of guest memory")]
+    #[error("--mem: cannot allocate {0} bytes of guest memory on this host")]
     Memory(u64),
     #[error(transparent)]
     Boot(#[from] crate::boot::Error),
@@ -383,6 +383,11 @@ impl Vm {
             control.set(Want::Run);
         }
         Ok(())
+    }
+
+    /// The VM's clock (what kvmclock shows the guest), in nanoseconds.
+    pub fn clock_ns(&self) -> Option<u64> {
+        self.vm.get_clock().ok().map(|c| c.clock)
     }
 
     /// Guest memory (the host's view of it).

@@ -14,37 +14,18 @@ use holdfast_block::{
 use holdfast_vmm::vm::{DiskSpec, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
-const ENTRY: u64 = 0x100_0000;
+mod common;
+use common::elf;
+
 const COUNTER: u64 = 0x200_0000;
+const _: u64 = common::ENTRY;
 
 /// A static ELF whose code is `loop: inc qword [COUNTER]; jmp loop`.
 fn counting_guest() -> Vec<u8> {
     let mut code = vec![0x48, 0xff, 0x04, 0x25];
     code.extend_from_slice(&(COUNTER as u32).to_le_bytes());
     code.extend_from_slice(&[0xeb, 0xf6]);
-    let mut elf = Vec::new();
-    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&62u16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&ENTRY.to_le_bytes());
-    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    elf.extend_from_slice(&120u64.to_le_bytes());
-    elf.extend_from_slice(&ENTRY.to_le_bytes());
-    elf.extend_from_slice(&ENTRY.to_le_bytes());
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    elf.extend_from_slice(&0x1000u64.to_le_bytes());
-    assert_eq!(elf.len(), 120);
-    elf.extend_from_slice(&code);
-    elf
+    elf(&code)
 }
 
 fn counter(vm: &Vm) -> u64 {
@@ -128,6 +109,17 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
     assert!(
         advances(&vm, paused_at),
         "vCPUs run once the disks are replayed"
+    );
+
+    // A long pause does not show in the guest's clock.
+    let clock = vm.pause();
+    let before = vm.clock_ns().expect("clock");
+    std::thread::sleep(Duration::from_millis(1000));
+    vm.resume(clock).expect("nothing to replay");
+    let jump = vm.clock_ns().expect("clock").saturating_sub(before);
+    assert!(
+        jump < 500_000_000,
+        "the guest clock moved {jump} ns over a 1 s pause"
     );
 
     // And a second pause/resume cycle works the same.
