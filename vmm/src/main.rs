@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use holdfast_block::{Backend, Disk, ErrorAction, FileBackend, FileOptions};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
-use holdfast_vmm::vm::{DiskSpec, Exit, Vm, VmConfig, VmEvent};
+use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, Vm, VmConfig, VmEvent};
 
 const HELP: &str = "\
 holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host storage
@@ -94,7 +94,7 @@ fn run(opts: RunOpts) -> ExitCode {
                 });
             }
             Err(e) => {
-                eprintln!("holdfast run: --disk {}: {}", d.id, chain(&e));
+                eprintln!("holdfast run: --disk {}: {}", d.id, error_chain(&e));
                 return ExitCode::from(2);
             }
         }
@@ -111,7 +111,7 @@ fn run(opts: RunOpts) -> ExitCode {
     let mut vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("holdfast run: {}", chain(&e));
+            eprintln!("holdfast run: {}", error_chain(&e));
             return ExitCode::from(1);
         }
     };
@@ -177,15 +177,4 @@ fn own_run_state(vm: &mut Vm) -> Exit {
             }
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
 }
