@@ -1,0 +1,320 @@
+//! The socket, its connections, and the protocol state of each.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::{Args, ErrorClass, EventSink, Machine, QmpError};
+
+/// Longest input line accepted; longer ones get an error and are skipped.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("--qmp {0}: exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("--qmp {0}: another process is listening there")]
+    InUse(PathBuf),
+    #[error("--qmp {path}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A listening QMP socket.
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds `path` with mode 0600. A stale socket (nobody listening) is replaced;
+    /// anything else at `path` is refused.
+    pub fn bind(path: &Path) -> Result<Server, ServerError> {
+        let io = |source| ServerError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(ServerError::NotASocket(path.to_owned()))
+            }
+            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::InUse(path.to_owned())),
+                Err(_) => std::fs::remove_file(path).map_err(io)?,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        // Create it private from the start: no window where others could connect.
+        // SAFETY: umask only changes this process's file-creation mask; restored below.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = std::os::unix::net::UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = listener.map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        let listener = UnixListener::from_std(listener).map_err(io)?;
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts clients until the task is dropped.
+    pub async fn serve(self, machine: Arc<dyn Machine>, events: EventSink) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(client(stream, Arc::clone(&machine), events.clone()));
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One input line, as the reader task saw it.
+enum Line {
+    Text(Vec<u8>),
+    TooLong,
+}
+
+async fn read_lines(read: tokio::net::unix::OwnedReadHalf, lines: mpsc::Sender<Line>) {
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let mut too_long = false;
+        loop {
+            let buf = match reader.fill_buf().await {
+                Ok(b) if b.is_empty() => return,
+                Ok(b) => b,
+                Err(_) => return,
+            };
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if !too_long {
+                line.extend_from_slice(&buf[..take]);
+                if line.len() > MAX_LINE {
+                    too_long = true;
+                    line = Vec::new();
+                }
+            }
+            reader.consume(take);
+            if done {
+                break;
+            }
+        }
+        let msg = if too_long {
+            Line::TooLong
+        } else {
+            Line::Text(line)
+        };
+        if lines.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error(class: ErrorClass, desc: impl Into<String>) -> QmpError {
+    QmpError {
+        class,
+        desc: desc.into(),
+    }
+}
+
+/// One client's session.
+async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink) {
+    let (read, mut write) = stream.into_split();
+    let (tx, mut lines) = mpsc::channel(16);
+    tokio::spawn(read_lines(read, tx));
+    let mut subscription = events.subscribe();
+    let greeting = json!({"QMP": {
+        "version": {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": format!("holdfast {}", env!("CARGO_PKG_VERSION"))},
+        "capabilities": [],
+    }});
+    if write_json(&mut write, &greeting).await.is_err() {
+        return;
+    }
+    let mut negotiated = false;
+    loop {
+        tokio::select! {
+            line = lines.recv() => {
+                let Some(line) = line else { return };
+                let reply = match line {
+                    Line::TooLong => Some(reply_err(None, error(ErrorClass::GenericError, format!("QMP input exceeds {MAX_LINE} bytes")))),
+                    Line::Text(bytes) => handle(&bytes, &mut negotiated, &machine).await,
+                };
+                if let Some(reply) = reply {
+                    if write_json(&mut write, &reply).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            event = subscription.recv(), if negotiated => {
+                match event {
+                    Ok(text) => {
+                        if write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A client too slow for the event rate misses events, as in QEMU.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+async fn write_json(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    v: &Value,
+) -> std::io::Result<()> {
+    write.write_all(format!("{v}\r\n").as_bytes()).await
+}
+
+fn reply_ok(id: Option<Value>, ret: Value) -> Value {
+    let mut r = json!({"return": ret});
+    if let Some(id) = id {
+        r["id"] = id;
+    }
+    r
+}
+
+fn reply_err(id: Option<Value>, e: QmpError) -> Value {
+    let mut r = json!({"error": {"class": e.class.as_str(), "desc": e.desc}});
+    if let Some(id) = id {
+        r["id"] = id;
+    }
+    r
+}
+
+/// One input line in, at most one reply out (blank lines get none).
+async fn handle(bytes: &[u8], negotiated: &mut bool, machine: &Arc<dyn Machine>) -> Option<Value> {
+    let text = String::from_utf8_lossy(bytes);
+    if text.trim().is_empty() {
+        return None;
+    }
+    let value: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(reply_err(
+                None,
+                QmpError::generic(format!("JSON parse error, {e}")),
+            ))
+        }
+    };
+    let Value::Object(mut obj) = value else {
+        return Some(reply_err(
+            None,
+            QmpError::generic("QMP input must be a JSON object"),
+        ));
+    };
+    let id = obj.remove("id");
+    let command = match obj.remove("execute") {
+        Some(Value::String(c)) => c,
+        Some(_) => {
+            return Some(reply_err(
+                id,
+                QmpError::generic("QMP input member 'execute' must be a string"),
+            ))
+        }
+        None => {
+            return Some(reply_err(
+                id,
+                QmpError::generic("QMP input lacks member 'execute'"),
+            ))
+        }
+    };
+    let args = match obj.remove("arguments") {
+        None => Args::default(),
+        Some(Value::Object(a)) => Args(a),
+        Some(_) => {
+            return Some(reply_err(
+                id,
+                QmpError::generic("QMP input member 'arguments' must be an object"),
+            ))
+        }
+    };
+    if let Some(k) = obj.keys().next() {
+        return Some(reply_err(
+            id,
+            QmpError::generic(format!("QMP input member '{k}' is unexpected")),
+        ));
+    }
+    if !*negotiated {
+        if command != "qmp_capabilities" {
+            let e = error(
+                ErrorClass::CommandNotFound,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            );
+            return Some(reply_err(id, e));
+        }
+        if let Err(e) = args.only(&["enable"]) {
+            return Some(reply_err(id, e));
+        }
+        *negotiated = true;
+        return Some(reply_ok(id, json!({})));
+    }
+    let result = match command.as_str() {
+        "qmp_capabilities" => Err(error(
+            ErrorClass::CommandNotFound,
+            "Capabilities negotiation is already complete, command ignored",
+        )),
+        "query-version" => Ok(
+            json!({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": format!("holdfast {}", env!("CARGO_PKG_VERSION"))}),
+        ),
+        "query-commands" => {
+            let mut names = vec!["qmp_capabilities", "query-version", "query-commands"];
+            names.extend(machine.commands());
+            Ok(Value::Array(
+                names.into_iter().map(|n| json!({"name": n})).collect(),
+            ))
+        }
+        name if machine.commands().contains(&name) => {
+            let m = Arc::clone(machine);
+            let name = name.to_owned();
+            match tokio::task::spawn_blocking(move || m.execute(&name, &args)).await {
+                Ok(r) => r,
+                Err(_) => Err(QmpError::generic("the command failed inside holdfast")),
+            }
+        }
+        other => Err(error(
+            ErrorClass::CommandNotFound,
+            format!("The command {other} has not been found"),
+        )),
+    };
+    Some(match result {
+        Ok(v) => reply_ok(
+            id,
+            if v.is_null() {
+                Value::Object(Map::new())
+            } else {
+                v
+            },
+        ),
+        Err(e) => reply_err(id, e),
+    })
+}
