@@ -106,7 +106,7 @@ async fn read_lines(read: tokio::net::unix::OwnedReadHalf, lines: mpsc::Sender<L
         let mut too_long = false;
         loop {
             let buf = match reader.fill_buf().await {
-                Ok(b) if b.is_empty() => return,
+                Ok([]) => return,
                 Ok(b) => b,
                 Err(_) => return,
             };
