@@ -167,6 +167,14 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
                     Line::Text(bytes) => handle(&bytes, &mut negotiated, &machine).await,
                 };
                 if let Some(reply) = reply {
+                    // Events the command raised go first, as QEMU sends them.
+                    if negotiated {
+                        while let Ok(text) = subscription.try_recv() {
+                            if write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                     if write_json(&mut write, &reply).await.is_err() {
                         return;
                     }

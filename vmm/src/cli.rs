@@ -38,10 +38,13 @@ Options:
                          serial=STR            what the guest reads as the disk's ID
   --serial stdio|file:PATH|none
                        where the guest's serial console goes (default: stdio)
-  --qmp PATH           QMP socket (not built yet: arrives with pause-on-error over QMP)
+  --qmp PATH           a QMP socket (mode 0600) for QEMU's clients: query-status, stop,
+                       cont, quit, query-block, and holdfast's x-query-unflushed and
+                       x-block-fault; events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR,
+                       X_BLOCK_REPLAY. A stale socket at PATH is replaced.
   -h, --help           this text
 
-Exit status: 0 when the guest powers off or reboots (holdfast does not reset a guest;
+Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;
 it exits, like QEMU -no-reboot); 1 on a VMM error; 2 on bad options; 3 when the guest
 panics (reported through pvpanic); 4 when this host's KVM cannot run the guest's kernel
 code (run holdfast inside the nested test host: tests/testhost).
@@ -74,6 +77,7 @@ pub struct RunOpts {
     pub mem: u64,
     pub disks: Vec<DiskOpt>,
     pub serial: SerialOut,
+    pub qmp: Option<PathBuf>,
 }
 
 /// `None` means `--help`.
@@ -85,6 +89,7 @@ pub fn parse_run(args: &[String]) -> Result<Option<RunOpts>, String> {
     let mut mem = DEFAULT_MEM;
     let mut disks = Vec::new();
     let mut serial = SerialOut::Stdio;
+    let mut qmp = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -140,7 +145,7 @@ pub fn parse_run(args: &[String]) -> Result<Option<RunOpts>, String> {
                     _ => return Err(format!("--serial: `{v}` is not stdio, file:PATH or none")),
                 };
             }
-            "--qmp" => return Err("--qmp: the QMP server is not built yet".into()),
+            "--qmp" => qmp = Some(PathBuf::from(value()?)),
             other => {
                 return Err(format!(
                     "unknown option `{other}` (see holdfast run --help)"
@@ -157,6 +162,7 @@ pub fn parse_run(args: &[String]) -> Result<Option<RunOpts>, String> {
         mem,
         disks,
         serial,
+        qmp,
     }))
 }
 
@@ -358,6 +364,7 @@ mod tests {
                 "twice",
             ),
             (&["--kernel", &f, "--serial", "tcp:1"], "--serial"),
+            (&["--kernel", &f, "--qmp"], "--qmp needs a value"),
             (
                 &["--kernel", &f, "--frobnicate"],
                 "unknown option `--frobnicate`",

@@ -14,6 +14,7 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod layout;
+pub mod owner;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

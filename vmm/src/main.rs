@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
-use holdfast_block::{Backend, Disk, ErrorAction, FileBackend, FileOptions};
+use holdfast_block::{Backend, Disk, FaultInjector, FileBackend, FileOptions};
+use holdfast_qmp::{EventSink, Machine, Server};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
-use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, Vm, VmConfig, VmEvent};
+use holdfast_vmm::owner::{self, QmpBridge};
+use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, Vm, VmConfig};
 
 const HELP: &str = "\
 holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host storage
@@ -87,10 +89,17 @@ fn run(opts: RunOpts) -> ExitCode {
         };
         match FileBackend::open(&d.path, options) {
             Ok(f) => {
-                let backend: Box<dyn Backend> = Box::new(f);
+                // Every disk has a fault-injection point (x-block-fault); with no rule
+                // armed it costs one uncontended lock per host call.
+                let injector = FaultInjector::new(f);
+                let faults = Some(injector.handle());
+                let backend: Box<dyn Backend> = Box::new(injector);
                 disks.push(DiskSpec {
                     id: d.id.clone(),
                     disk: Disk::new(backend, d.config.clone()),
+                    path: d.path.display().to_string(),
+                    direct: d.direct,
+                    faults,
                 });
             }
             Err(e) => {
@@ -108,6 +117,33 @@ fn run(opts: RunOpts) -> ExitCode {
         disks,
         serial,
     };
+    // The QMP socket first: a bad --qmp fails before the guest starts.
+    let qmp = match &opts.qmp {
+        None => None,
+        Some(path) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("holdfast run: --qmp: cannot start its runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let server = {
+                let _guard = rt.enter();
+                Server::bind(path)
+            };
+            match server {
+                Ok(server) => Some((rt, server)),
+                Err(e) => {
+                    eprintln!("holdfast run: {}", error_chain(&e));
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
     let mut vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -115,18 +151,31 @@ fn run(opts: RunOpts) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let exit = own_run_state(&mut vm);
+    let events = EventSink::new();
+    if let Some((rt, server)) = qmp {
+        let bridge: std::sync::Arc<dyn Machine> =
+            std::sync::Arc::new(QmpBridge(std::sync::Mutex::new(vm.event_sender())));
+        let sink = events.clone();
+        let spawned = std::thread::Builder::new()
+            .name("qmp".into())
+            .spawn(move || rt.block_on(server.serve(bridge, sink)));
+        if let Err(e) = spawned {
+            eprintln!("holdfast run: --qmp: cannot start its thread: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let exit = owner::run(&mut vm, &events);
     let dropped = vm.shutdown();
     for (disk, bytes, error) in &dropped {
         eprintln!("holdfast: disk {disk}: {bytes} unflushed bytes dropped ({error})");
     }
     match exit {
-        Exit::Poweroff if dropped.is_empty() => ExitCode::SUCCESS,
+        Exit::Poweroff | Exit::Quit if dropped.is_empty() => ExitCode::SUCCESS,
         Exit::Reboot if dropped.is_empty() => {
             eprintln!("holdfast: the guest rebooted; holdfast exits instead of resetting it");
             ExitCode::SUCCESS
         }
-        Exit::Poweroff | Exit::Reboot => ExitCode::from(1),
+        Exit::Poweroff | Exit::Reboot | Exit::Quit => ExitCode::from(1),
         Exit::GuestPanic => {
             eprintln!("holdfast: the guest panicked");
             ExitCode::from(3)
@@ -143,38 +192,6 @@ fn run(opts: RunOpts) -> ExitCode {
         Exit::Failed(message) => {
             eprintln!("holdfast: {message}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// The run-state owner's loop: the only place the machine's state changes.
-fn own_run_state(vm: &mut Vm) -> Exit {
-    loop {
-        let Some(event) = vm.next_event() else {
-            return Exit::Failed("every vCPU is gone".into());
-        };
-        match event {
-            VmEvent::Poweroff => return Exit::Poweroff,
-            VmEvent::Reboot => return Exit::Reboot,
-            VmEvent::GuestPanic => return Exit::GuestPanic,
-            VmEvent::EmulationFailure { cpu } => return Exit::EmulationFailure { cpu },
-            VmEvent::VcpuFailed { cpu, message } => {
-                return Exit::Failed(format!("vCPU {cpu}: {message}"))
-            }
-            VmEvent::DiskError { disk, report } => {
-                eprintln!(
-                    "holdfast: disk {disk}: {} (action: {})",
-                    report.error,
-                    report.action.as_str()
-                );
-                if report.action == ErrorAction::Stop {
-                    vm.pause();
-                    eprintln!(
-                        "holdfast: the VM is paused (io-error); its unflushed writes are kept. \
-                         Resuming needs QMP `cont`, which is not built yet."
-                    );
-                }
-            }
         }
     }
 }

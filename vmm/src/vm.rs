@@ -22,7 +22,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use holdfast_block::{Backend, Disk, IoErrorReport};
+use holdfast_block::{Backend, Disk, DiskStatus, FaultHandle, HostError, IoErrorReport};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -60,10 +60,15 @@ impl std::fmt::Debug for VmConfig {
     }
 }
 
-/// One disk: its name and its engine.
+/// One disk: its name, its engine and where it lives.
 pub struct DiskSpec {
     pub id: String,
     pub disk: Disk<Box<dyn Backend>>,
+    /// The image, for `query-block`.
+    pub path: String,
+    pub direct: bool,
+    /// The fault-injection point in front of the image (`x-block-fault`).
+    pub faults: Option<FaultHandle>,
 }
 
 impl std::fmt::Debug for DiskSpec {
@@ -90,15 +95,52 @@ pub enum VmEvent {
         disk: String,
         report: IoErrorReport,
     },
+    /// A QMP command for the run-state owner, with where to send its answer.
+    Qmp {
+        command: String,
+        args: holdfast_qmp::Args,
+        reply: Sender<Result<serde_json::Value, holdfast_qmp::QmpError>>,
+    },
+}
+
+/// A disk as the run-state owner reports it.
+#[derive(Debug, Clone)]
+pub struct DiskInfo {
+    pub id: String,
+    pub path: String,
+    pub direct: bool,
+    pub read_only: bool,
+    pub writeback: bool,
+    pub status: DiskStatus,
+}
+
+/// A disk that `resume` replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    pub disk: String,
+    pub bytes_rewritten: u64,
+}
+
+/// Why `resume` did not resume: the disk whose replay failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("disk {disk}: {message}")]
+pub struct ResumeFailure {
+    pub disk: String,
+    pub error: Option<HostError>,
+    pub message: String,
 }
 
 /// How the machine ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     Poweroff,
+    /// QMP `quit`.
+    Quit,
     Reboot,
     GuestPanic,
-    EmulationFailure { cpu: u8 },
+    EmulationFailure {
+        cpu: u8,
+    },
     Failed(String),
 }
 
@@ -125,6 +167,9 @@ type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
 /// A virtio-mmio device slot: its transport, queue notifier and interrupt.
 struct MmioSlot {
     id: String,
+    path: String,
+    direct: bool,
+    faults: Option<FaultHandle>,
     base: u64,
     transport: Mutex<BlockTransport>,
     notify: EventFd,
@@ -190,6 +235,7 @@ pub struct Vm {
     vcpus: Vec<(Arc<Control>, JoinHandle<()>)>,
     slots: Vec<Arc<MmioSlot>>,
     events: Receiver<VmEvent>,
+    events_tx: Sender<VmEvent>,
     device_thread: Option<JoinHandle<()>>,
     device_stop: Arc<EventFd>,
 }
@@ -263,6 +309,9 @@ impl Vm {
             let transport = MmioTransport::new(BlockDevice::new(spec.disk));
             slots.push(Arc::new(MmioSlot {
                 id: spec.id,
+                path: spec.path,
+                direct: spec.direct,
+                faults: spec.faults,
                 base,
                 transport: Mutex::new(transport),
                 notify,
@@ -337,6 +386,7 @@ impl Vm {
             vcpus,
             slots,
             events,
+            events_tx,
             device_thread: Some(device_thread),
             device_stop,
         })
@@ -358,19 +408,42 @@ impl Vm {
     }
 
     /// Resumes: devices first (every stopped disk replayed; on failure nothing
-    /// runs and the error names the disk), then the clock, then the vCPUs.
-    pub fn resume(&mut self, clock: Option<kvm_bindings::kvm_clock_data>) -> Result<(), String> {
+    /// runs and the error names the disk), then the clock, then the vCPUs. Returns
+    /// the disks that were replayed.
+    pub fn resume(
+        &mut self,
+        clock: Option<kvm_bindings::kvm_clock_data>,
+    ) -> Result<Vec<Replayed>, ResumeFailure> {
+        let mut replayed = Vec::new();
         for slot in &self.slots {
             let mut t = slot.lock();
+            let was_stopped = t.device().disk().is_stopped();
             let (device, queues) = t.device_and_queues();
             match device.resume(&self.mem, &mut queues[0]) {
-                Ok(0) => {}
-                Ok(_) => {
-                    t.interrupt_status()
-                        .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-                    let _ = slot.irq.write(1);
+                Ok((used, bytes_rewritten)) => {
+                    if used > 0 {
+                        t.interrupt_status()
+                            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                        let _ = slot.irq.write(1);
+                    }
+                    if was_stopped {
+                        replayed.push(Replayed {
+                            disk: slot.id.clone(),
+                            bytes_rewritten,
+                        });
+                    }
                 }
-                Err(e) => return Err(format!("disk {}: {}", slot.id, error_chain(&e))),
+                Err(e) => {
+                    let error = match &e {
+                        crate::virtio::block::ResumeError::Replay(r) => Some(r.error),
+                        crate::virtio::block::ResumeError::Queue(_) => None,
+                    };
+                    return Err(ResumeFailure {
+                        disk: slot.id.clone(),
+                        error,
+                        message: error_chain(&e),
+                    });
+                }
             }
             // Requests the guest queued while the disk was stopped.
             let _ = slot.notify.write(1);
@@ -382,7 +455,52 @@ impl Vm {
         for (control, _) in &self.vcpus {
             control.set(Want::Run);
         }
-        Ok(())
+        Ok(replayed)
+    }
+
+    /// A sender for events to the run-state owner (the QMP bridge uses it).
+    pub fn event_sender(&self) -> Sender<VmEvent> {
+        self.events_tx.clone()
+    }
+
+    /// Every disk, for `query-block` and `x-query-unflushed`.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        self.slots
+            .iter()
+            .map(|slot| {
+                let t = slot.lock();
+                let disk = t.device().disk();
+                DiskInfo {
+                    id: slot.id.clone(),
+                    path: slot.path.clone(),
+                    direct: slot.direct,
+                    read_only: disk.config().read_only,
+                    writeback: disk.config().writeback,
+                    status: disk.status(),
+                }
+            })
+            .collect()
+    }
+
+    /// The fault-injection handle of a disk, if it has one.
+    pub fn disk_faults(&self, id: &str) -> Option<Option<FaultHandle>> {
+        self.slots
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.faults.clone())
+    }
+
+    /// Makes every disk's buffered bytes stable now (vCPUs must be paused).
+    /// Returns, per disk that could not be flushed, its name, the bytes dropped
+    /// and why.
+    pub fn settle_disks(&self) -> Vec<(String, u64, String)> {
+        let mut dropped = Vec::new();
+        for slot in &self.slots {
+            if let Err(e) = slot.lock().device_mut().disk_mut().settle() {
+                dropped.push((slot.id.clone(), e.unflushed_bytes, e.error.to_string()));
+            }
+        }
+        dropped
     }
 
     /// The VM's clock (what kvmclock shows the guest), in nanoseconds.
@@ -415,13 +533,7 @@ impl Vm {
         if let Some(t) = self.device_thread.take() {
             let _ = t.join();
         }
-        let mut dropped = Vec::new();
-        for slot in &self.slots {
-            if let Err(e) = slot.lock().device_mut().disk_mut().settle() {
-                dropped.push((slot.id.clone(), e.unflushed_bytes, e.error.to_string()));
-            }
-        }
-        dropped
+        self.settle_disks()
     }
 }
 

@@ -15,18 +15,7 @@ use holdfast_vmm::vm::{DiskSpec, Vm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::elf;
-
-const COUNTER: u64 = 0x200_0000;
-const _: u64 = common::ENTRY;
-
-/// A static ELF whose code is `loop: inc qword [COUNTER]; jmp loop`.
-fn counting_guest() -> Vec<u8> {
-    let mut code = vec![0x48, 0xff, 0x04, 0x25];
-    code.extend_from_slice(&(COUNTER as u32).to_le_bytes());
-    code.extend_from_slice(&[0xeb, 0xf6]);
-    elf(&code)
-}
+use common::{counting_guest, COUNTER};
 
 fn counter(vm: &Vm) -> u64 {
     vm.guest_memory()
@@ -83,6 +72,9 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
         disks: vec![DiskSpec {
             id: "data".into(),
             disk,
+            path: "memory".into(),
+            direct: false,
+            faults: Some(faults.clone()),
         }],
         serial: Box::new(std::io::sink()),
     };
@@ -96,7 +88,12 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
 
     // The disk is still broken: resume must fail, name the disk, and run nothing.
     let err = vm.resume(clock).expect_err("replay fails");
-    assert!(err.contains("disk data") && err.contains("EIO"), "{err}");
+    assert_eq!(err.disk, "data");
+    assert_eq!(err.error.map(|e| e.errno), Some(libc::EIO), "{err}");
+    assert!(
+        err.to_string().contains("disk data") && err.to_string().contains("EIO"),
+        "{err}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         counter(&vm),

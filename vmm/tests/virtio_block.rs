@@ -375,7 +375,7 @@ fn host_error_stops_taking_requests_until_resume() {
     assert!(dev.resume(&mem, &mut q).is_err());
     assert_eq!(d.used().len(), 1);
     faults.clear(outage);
-    assert_eq!(dev.resume(&mem, &mut q).expect("resume"), 1);
+    assert_eq!(dev.resume(&mem, &mut q).expect("resume").0, 1);
     assert_eq!(d.status(1), S_OK);
     let run = dev.process_queue(&mem, &mut q).expect("queue");
     assert_eq!(run.used, 1);
@@ -402,7 +402,7 @@ fn reset_while_parked_keeps_completed_writes() {
     assert_eq!(dev.disk().status().buffer.bytes, 512);
     faults.clear(outage);
     assert_eq!(
-        dev.resume(&mem, &mut q).expect("resume"),
+        dev.resume(&mem, &mut q).expect("resume").0,
         0,
         "nobody waits for the dropped flush"
     );

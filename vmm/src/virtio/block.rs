@@ -213,18 +213,19 @@ impl<B: Backend> BlockDevice<B> {
     }
 
     /// `cont`: replays the stopped disk and completes what was parked. On failure
-    /// nothing is completed and the device stays stopped. Returns used entries added.
+    /// nothing is completed and the device stays stopped. Returns (used entries
+    /// added, bytes rewritten).
     pub fn resume<M: GuestMemory>(
         &mut self,
         mem: &M,
         queue: &mut Queue,
-    ) -> Result<usize, ResumeError> {
+    ) -> Result<(usize, u64), ResumeError> {
         let report = self.disk.replay()?;
         let n = report.completions.len();
         for c in report.completions {
             self.complete(mem, queue, c)?;
         }
-        Ok(n)
+        Ok((n, report.bytes_rewritten))
     }
 
     /// The driver reset the device: in-flight requests will never be answered. The

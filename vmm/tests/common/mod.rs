@@ -2,6 +2,18 @@
 
 /// Where a tiny guest's code is loaded and starts.
 pub const ENTRY: u64 = 0x100_0000;
+/// Where the counting guest counts.
+#[allow(dead_code)]
+pub const COUNTER: u64 = 0x200_0000;
+
+#[allow(dead_code)]
+/// A static ELF whose code is `loop: inc qword [COUNTER]; jmp loop`.
+pub fn counting_guest() -> Vec<u8> {
+    let mut code = vec![0x48, 0xff, 0x04, 0x25];
+    code.extend_from_slice(&(COUNTER as u32).to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xf6]);
+    elf(&code)
+}
 
 /// A static ELF loading `code` at ENTRY and starting there.
 pub fn elf(code: &[u8]) -> Vec<u8> {

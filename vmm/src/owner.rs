@@ -1,0 +1,298 @@
+//! The run-state owner: the one loop that changes the machine's run state. vCPUs,
+//! the device thread and QMP clients send it [`VmEvent`]s; it answers QMP commands
+//! and sends QMP events.
+//!
+//! ```text
+//!   running --stop--> paused --cont--> running
+//!      |                 ^  (cont replays stopped disks first; if a replay
+//!      |                 |   fails: BLOCK_IO_ERROR again, cont errors, still paused)
+//!      +--disk error (stop)--> io-error --cont--> running
+//!   any --poweroff/reboot/panic/quit--> shutdown
+//! ```
+//!
+//! Events, in order: a host error sends `BLOCK_IO_ERROR` then (if the VM stops)
+//! `STOP`; a successful `cont` sends `X_BLOCK_REPLAY` per replayed disk, then
+//! `RESUME`; the end sends `SHUTDOWN`.
+
+use std::sync::mpsc::Sender;
+
+use holdfast_block::{ErrorAction, FaultRule, HostError, HostOp, IoErrorReport};
+use holdfast_qmp::{Args, EventSink, Machine, QmpError};
+use kvm_bindings::kvm_clock_data;
+use serde_json::{json, Value};
+
+use crate::vm::{Exit, Vm, VmEvent};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    IoError,
+}
+
+impl RunState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::IoError => "io-error",
+        }
+    }
+}
+
+/// The commands the owner answers.
+pub const COMMANDS: &[&str] = &[
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "query-block",
+    "x-query-unflushed",
+    "x-block-fault",
+];
+
+/// QMP's side of the owner: forwards commands and waits for the answer.
+#[derive(Debug)]
+pub struct QmpBridge(pub std::sync::Mutex<Sender<VmEvent>>);
+
+impl Machine for QmpBridge {
+    fn commands(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+
+    fn execute(&self, command: &str, args: &Args) -> Result<Value, QmpError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let gone = || QmpError::generic("the machine has shut down");
+        let tx = self.0.lock().map_err(|_| gone())?.clone();
+        tx.send(VmEvent::Qmp {
+            command: command.to_owned(),
+            args: args.clone(),
+            reply,
+        })
+        .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
+
+fn errno_desc(e: &HostError) -> String {
+    std::io::Error::from_raw_os_error(e.errno).to_string()
+}
+
+fn block_io_error(events: &EventSink, disk: &str, report: &IoErrorReport) {
+    let operation = if report.error.op == HostOp::Read {
+        "read"
+    } else {
+        "write"
+    };
+    events.emit(
+        "BLOCK_IO_ERROR",
+        json!({
+            "device": disk,
+            "node-name": disk,
+            "operation": operation,
+            "action": report.action.as_str(),
+            "nospace": report.error.is_nospace(),
+            "reason": errno_desc(&report.error),
+        }),
+    );
+}
+
+/// Runs the machine until it ends; returns how.
+pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
+    let mut state = RunState::Running;
+    let mut clock: Option<kvm_clock_data> = None;
+    let end = |events: &EventSink, guest: bool, reason: &str| {
+        events.emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
+    };
+    loop {
+        let Some(event) = vm.next_event() else {
+            return Exit::Failed("every vCPU is gone".into());
+        };
+        match event {
+            VmEvent::Poweroff => {
+                end(events, true, "guest-shutdown");
+                return Exit::Poweroff;
+            }
+            VmEvent::Reboot => {
+                end(events, true, "guest-reset");
+                return Exit::Reboot;
+            }
+            VmEvent::GuestPanic => {
+                events.emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+                end(events, true, "guest-panic");
+                return Exit::GuestPanic;
+            }
+            VmEvent::EmulationFailure { cpu } => return Exit::EmulationFailure { cpu },
+            VmEvent::VcpuFailed { cpu, message } => {
+                return Exit::Failed(format!("vCPU {cpu}: {message}"))
+            }
+            VmEvent::DiskError { disk, report } => {
+                eprintln!(
+                    "holdfast: disk {disk}: {} (action: {})",
+                    report.error,
+                    report.action.as_str()
+                );
+                block_io_error(events, &disk, &report);
+                if report.action == ErrorAction::Stop {
+                    if state == RunState::Running {
+                        clock = vm.pause();
+                        events.emit("STOP", Value::Null);
+                    }
+                    state = RunState::IoError;
+                }
+            }
+            VmEvent::Qmp {
+                command,
+                args,
+                reply,
+            } => {
+                let (answer, quit) = execute(vm, events, &mut state, &mut clock, &command, &args);
+                let _ = reply.send(answer);
+                if quit {
+                    return Exit::Quit;
+                }
+            }
+        }
+    }
+}
+
+fn execute(
+    vm: &mut Vm,
+    events: &EventSink,
+    state: &mut RunState,
+    clock: &mut Option<kvm_clock_data>,
+    command: &str,
+    args: &Args,
+) -> (Result<Value, QmpError>, bool) {
+    let r = match command {
+        "query-status" => Ok(json!({"status": state.as_str(), "running": *state == RunState::Running, "singlestep": false})),
+        "stop" => {
+            if *state == RunState::Running {
+                *clock = vm.pause();
+                *state = RunState::Paused;
+                events.emit("STOP", Value::Null);
+            }
+            Ok(json!({}))
+        }
+        "cont" => cont(vm, events, state, clock),
+        "quit" => {
+            if *state == RunState::Running {
+                vm.pause();
+            }
+            let dropped = vm.settle_disks();
+            for (disk, bytes, why) in &dropped {
+                eprintln!("holdfast: disk {disk}: {bytes} unflushed bytes dropped ({why})");
+                events.emit("X_UNFLUSHED_DROPPED", json!({"device": disk, "bytes": bytes, "reason": why}));
+            }
+            events.emit("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"}));
+            return (Ok(json!({})), true);
+        }
+        "query-block" => Ok(Value::Array(
+            vm.disks()
+                .iter()
+                .map(|d| {
+                    json!({
+                        "device": d.id, "qdev": d.id, "locked": false, "removable": false, "type": "unknown",
+                        "io-status": d.status.io_status.as_str(),
+                        "inserted": {
+                            "file": d.path, "node-name": d.id, "drv": "raw", "ro": d.read_only,
+                            "cache": {"writeback": d.writeback, "direct": d.direct, "no-flush": false},
+                        },
+                    })
+                })
+                .collect(),
+        )),
+        "x-query-unflushed" => Ok(Value::Array(
+            vm.disks()
+                .iter()
+                .map(|d| {
+                    let s = d.status;
+                    json!({
+                        "device": d.id,
+                        "bytes": s.buffer.bytes, "extents": s.buffer.extents, "peak-bytes": s.buffer.peak_bytes,
+                        "parked": s.parked, "io-status": s.io_status.as_str(), "internal-flushes": s.internal_flushes,
+                        "last-error": s.last_error.map(|e| json!({
+                            "operation": e.op.to_string(), "errno": e.errno_name(), "desc": errno_desc(&e),
+                        })),
+                    })
+                })
+                .collect(),
+        )),
+        "x-block-fault" => block_fault(vm, args),
+        other => Err(QmpError::generic(format!("{other} is not handled"))),
+    };
+    (r, false)
+}
+
+fn cont(
+    vm: &mut Vm,
+    events: &EventSink,
+    state: &mut RunState,
+    clock: &mut Option<kvm_clock_data>,
+) -> Result<Value, QmpError> {
+    if *state == RunState::Running {
+        return Ok(json!({}));
+    }
+    match vm.resume(*clock) {
+        Ok(replayed) => {
+            for r in replayed {
+                events.emit("X_BLOCK_REPLAY", json!({"device": r.disk, "bytes-rewritten": r.bytes_rewritten, "outcome": "ok"}));
+            }
+            *state = RunState::Running;
+            events.emit("RESUME", Value::Null);
+            Ok(json!({}))
+        }
+        Err(f) => {
+            *state = RunState::IoError;
+            if let Some(error) = f.error {
+                let report = IoErrorReport {
+                    error,
+                    action: ErrorAction::Stop,
+                };
+                events.emit(
+                    "X_BLOCK_REPLAY",
+                    json!({"device": f.disk, "outcome": "failed", "errno": error.errno_name()}),
+                );
+                block_io_error(events, &f.disk, &report);
+                Err(QmpError::generic(format!(
+                    "disk {}: replay failed: {} ({}); the VM stays paused",
+                    f.disk,
+                    error.errno_name(),
+                    errno_desc(&error)
+                )))
+            } else {
+                Err(QmpError::generic(format!("{f}; the VM stays paused")))
+            }
+        }
+    }
+}
+
+fn block_fault(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
+    args.only(&["device", "arm", "clear", "clear-all"])?;
+    let device = args.str("device")?;
+    let faults = match vm.disk_faults(device) {
+        None => return Err(QmpError::device_not_found(device)),
+        Some(None) => {
+            return Err(QmpError::generic(format!(
+                "disk {device} has no fault injection point"
+            )))
+        }
+        Some(Some(f)) => f,
+    };
+    if let Some(rule) = args.get("arm") {
+        let rule = FaultRule::from_json_value(rule.clone())
+            .map_err(|e| QmpError::generic(format!("arm: {e}")))?;
+        return Ok(json!({"id": faults.arm(rule)}));
+    }
+    if let Some(name) = args.opt_str("clear")? {
+        return Ok(json!({"cleared": faults.clear_named(name)}));
+    }
+    if args.get("clear-all") == Some(&Value::Bool(true)) {
+        let n = faults.rules().len();
+        faults.clear_all();
+        return Ok(json!({"cleared": n}));
+    }
+    Err(QmpError::generic(
+        "x-block-fault needs one of 'arm', 'clear' or 'clear-all': true",
+    ))
+}

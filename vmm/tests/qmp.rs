@@ -1,0 +1,193 @@
+//! `holdfast run --qmp` driven over its socket, with a tiny counting guest on real
+//! KVM (this project's machines emulate its kernel-mode loop; that is enough).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+mod common;
+
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(path: &std::path::Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("QMP socket never appeared: {e}"),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut q = Qmp {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            writer: stream,
+            events: Vec::new(),
+        };
+        assert!(q.line().get("QMP").is_some(), "greeting");
+        assert_eq!(q.call("qmp_capabilities", json!({})), json!({}));
+        q
+    }
+
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    }
+
+    /// Sends a command; returns its `return` (or the whole error); keeps events.
+    fn call(&mut self, command: &str, args: Value) -> Value {
+        let msg = json!({"execute": command, "arguments": args, "id": command});
+        self.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .expect("send");
+        loop {
+            let v = self.line();
+            if v.get("event").is_some() {
+                self.events.push(v);
+                continue;
+            }
+            assert_eq!(v["id"], command);
+            return v.get("return").cloned().unwrap_or(v);
+        }
+    }
+
+    fn saw(&mut self, event: &str) -> bool {
+        self.events.iter().any(|e| e["event"] == event)
+    }
+}
+
+/// Kills holdfast if the test fails before it exits.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn holdfast(kernel: &std::path::Path, disk: &std::path::Path, sock: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().expect("utf-8"),
+            "--mem",
+            "128M",
+            "--serial",
+            "none",
+        ])
+        .arg("--disk")
+        .arg(format!("path={},id=data", disk.display()))
+        .arg("--qmp")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start holdfast")
+}
+
+#[test]
+fn stop_cont_query_and_quit_over_qmp() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
+            "this test needs /dev/kvm"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let kernel = dir.path().join("counting.elf");
+    std::fs::write(&kernel, common::counting_guest()).expect("guest");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Reap(holdfast(&kernel, &disk, &sock));
+    let mut q = Qmp::connect(&sock);
+
+    assert_eq!(q.call("query-status", json!({}))["status"], "running");
+    assert_eq!(q.call("stop", json!({})), json!({}));
+    assert!(q.saw("STOP"));
+    assert_eq!(
+        q.call("query-status", json!({})),
+        json!({"status": "paused", "running": false, "singlestep": false})
+    );
+
+    let block = q.call("query-block", json!({}));
+    assert_eq!(block[0]["device"], "data");
+    assert_eq!(block[0]["io-status"], "ok");
+    assert_eq!(block[0]["inserted"]["cache"]["writeback"], true);
+    let unflushed = q.call("x-query-unflushed", json!({}));
+    assert_eq!(
+        (
+            unflushed[0]["bytes"].as_u64(),
+            unflushed[0]["parked"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+
+    let armed = q.call(
+        "x-block-fault",
+        json!({"device": "data", "arm": {"name": "outage", "op": "flush", "errno": "EIO"}}),
+    );
+    assert!(armed["id"].is_u64(), "{armed}");
+    let bad = q.call(
+        "x-block-fault",
+        json!({"device": "data", "arm": {"op": "flush", "errno": "EWHAT"}}),
+    );
+    assert!(
+        bad["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("errno"),
+        "{bad}"
+    );
+    let nodev = q.call(
+        "x-block-fault",
+        json!({"device": "nope", "clear-all": true}),
+    );
+    assert_eq!(nodev["error"]["class"], "DeviceNotFound");
+    assert_eq!(
+        q.call(
+            "x-block-fault",
+            json!({"device": "data", "clear": "outage"})
+        ),
+        json!({"cleared": 1})
+    );
+
+    assert_eq!(q.call("cont", json!({})), json!({}));
+    assert!(q.saw("RESUME"));
+    assert_eq!(q.call("query-status", json!({}))["status"], "running");
+
+    assert_eq!(q.call("quit", json!({})), json!({}));
+    let status = child.0.wait().expect("holdfast exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(q.saw("SHUTDOWN") || q.line()["event"] == "SHUTDOWN");
+}
+
+#[test]
+fn a_bad_qmp_path_fails_before_the_guest_starts() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"x").expect("file");
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["run", "--kernel", "/proc/self/exe", "--qmp"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+}
