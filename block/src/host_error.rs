@@ -32,7 +32,7 @@ impl fmt::Display for HostOp {
 
 /// A failed host call: which operation, and the errno it failed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("host {op} failed: {} ({})", errno_name(*.errno), io::Error::from_raw_os_error(*.errno).kind())]
+#[error("host {op} failed: {} ({})", errno_name(*.errno), strerror(*.errno))]
 pub struct HostError {
     pub op: HostOp,
     pub errno: i32,
@@ -58,6 +58,15 @@ impl HostError {
 
     pub fn errno_name(&self) -> &'static str {
         errno_name(self.errno)
+    }
+}
+
+/// The system's description of an errno ("Input/output error").
+pub fn strerror(errno: i32) -> String {
+    let s = io::Error::from_raw_os_error(errno).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
     }
 }
 
@@ -113,6 +122,10 @@ mod tests {
         let e = HostError::new(HostOp::Flush, libc::ENOSPC);
         let msg = e.to_string();
         assert!(msg.contains("flush") && msg.contains("ENOSPC"), "{msg}");
+        assert!(
+            msg.contains("No space left on device") && !msg.contains("os error"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub use disk::{
     Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError, ReplayReport, SettleError,
 };
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
-pub use host_error::{errno_from_name, errno_name, HostError, HostOp};
+pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};
 pub use hostcache::{HostCache, HostModel, SimulatedHost};
 pub use policy::{ErrorAction, ErrorPolicy, IoStatus};
 pub use request::{Completion, Request, RequestOp, Status};

@@ -75,7 +75,7 @@ impl Machine for QmpBridge {
 }
 
 fn errno_desc(e: &HostError) -> String {
-    std::io::Error::from_raw_os_error(e.errno).to_string()
+    holdfast_block::strerror(e.errno)
 }
 
 fn block_io_error(events: &EventSink, disk: &str, report: &IoErrorReport) {

@@ -11,6 +11,10 @@
 //! and prints `TIME-TO <ms>` once a line containing MARKER appeared (for boot-time
 //! benchmarks of VMMs whose guest prints MARKER on the serial console).
 //!
+//! `workload qmp SOCKET COMMAND [ARGUMENTS-JSON]` is a minimal QMP client for
+//! scenarios inside the test host: it negotiates, runs one command, prints the
+//! reply line and exits 0 on a `return`, 1 on an `error`.
+//!
 //! A record: magic `HFRC`, its number (u64), its length (u32), payload bytes derived
 //! from the number, and an FNV-1a checksum (u64) of everything before it.
 
@@ -119,6 +123,49 @@ fn time_to(marker: &str, cmd: &[String]) -> Result<(), String> {
     }
 }
 
+fn qmp(socket: &str, command: &str, arguments: Option<&str>) -> Result<(), String> {
+    use std::io::BufRead;
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {socket}: {e}"))?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    let mut next = |reader: &mut std::io::BufReader<std::os::unix::net::UnixStream>| -> Result<String, String> {
+        // Skip events: the reply is the first line without "event".
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(|e| format!("reading QMP: {e}"))? == 0 {
+                return Err("QMP closed the connection".into());
+            }
+            if !line.contains("\"event\"") {
+                return Ok(line.trim_end().to_owned());
+            }
+        }
+    };
+    next(&mut reader)?; // greeting
+    writer
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .map_err(|e| e.to_string())?;
+    next(&mut reader)?;
+    let msg = match arguments {
+        Some(a) => format!("{{\"execute\": \"{command}\", \"arguments\": {a}}}\n"),
+        None => format!("{{\"execute\": \"{command}\"}}\n"),
+    };
+    writer
+        .write_all(msg.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let reply = next(&mut reader)?;
+    println!("{reply}");
+    if reply.contains("\"return\"") {
+        Ok(())
+    } else {
+        Err(format!("{command} failed"))
+    }
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     let num = |s: &String, what: &str| {
         s.parse::<u64>()
@@ -149,9 +196,11 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, marker, dashes, rest @ ..] if cmd == "time-to" && dashes == "--" => {
             time_to(marker, rest)
         }
+        [cmd, socket, command] if cmd == "qmp" => qmp(socket, command, None),
+        [cmd, socket, command, arguments] if cmd == "qmp" => qmp(socket, command, Some(arguments)),
         _ => Err(
             "usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED] | \
-                  workload time-to MARKER -- CMD [ARGS...]"
+                  workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON]"
                 .into(),
         ),
     }
