@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
@@ -93,46 +93,91 @@ impl Drop for Server {
     }
 }
 
-/// One input line, as the reader task saw it.
-enum Line {
-    Text(Vec<u8>),
+/// One input message, as the reader task saw it.
+enum Input {
+    Value(Value),
+    Invalid(String),
     TooLong,
 }
 
-async fn read_lines(read: tokio::net::unix::OwnedReadHalf, lines: mpsc::Sender<Line>) {
-    let mut reader = BufReader::new(read);
+/// Reads the client's JSON stream. QMP is a stream of JSON values, not of lines:
+/// QEMU's own Python client sends compact JSON with no newline. Invalid input is
+/// reported and skipped up to the next newline; a value longer than [`MAX_LINE`]
+/// is reported and skipped up to the next newline.
+async fn read_messages(read: tokio::net::unix::OwnedReadHalf, out: mpsc::Sender<Input>) {
+    use tokio::io::AsyncReadExt;
+    let mut reader = read;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let mut line = Vec::new();
-        let mut too_long = false;
-        loop {
-            let buf = match reader.fill_buf().await {
-                Ok([]) => return,
-                Ok(b) => b,
-                Err(_) => return,
-            };
-            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => (i + 1, true),
-                None => (buf.len(), false),
-            };
-            if !too_long {
-                line.extend_from_slice(&buf[..take]);
-                if line.len() > MAX_LINE {
-                    too_long = true;
-                    line = Vec::new();
+        let n = match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut data = &chunk[..n];
+        if skipping {
+            match data.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    skipping = false;
+                    data = &data[i + 1..];
                 }
-            }
-            reader.consume(take);
-            if done {
-                break;
+                None => continue,
             }
         }
-        let msg = if too_long {
-            Line::TooLong
-        } else {
-            Line::Text(line)
-        };
-        if lines.send(msg).await.is_err() {
-            return;
+        buf.extend_from_slice(data);
+        loop {
+            let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+            match stream.next() {
+                None => {
+                    buf.clear();
+                    break;
+                }
+                Some(Ok(v)) => {
+                    let used = stream.byte_offset();
+                    buf.drain(..used);
+                    let input = if used > MAX_LINE {
+                        Input::TooLong
+                    } else {
+                        Input::Value(v)
+                    };
+                    if out.send(input).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) if e.is_eof() => {
+                    if buf.len() > MAX_LINE {
+                        if out.send(Input::TooLong).await.is_err() {
+                            return;
+                        }
+                        skipping = !drop_through_newline(&mut buf);
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    if out.send(Input::Invalid(e.to_string())).await.is_err() {
+                        return;
+                    }
+                    if !drop_through_newline(&mut buf) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Drops `buf` up to and including its first newline; without one, drops all of
+/// it and returns false.
+fn drop_through_newline(buf: &mut Vec<u8>) -> bool {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            buf.drain(..=i);
+            true
+        }
+        None => {
+            buf.clear();
+            false
         }
     }
 }
@@ -148,7 +193,7 @@ fn error(class: ErrorClass, desc: impl Into<String>) -> QmpError {
 async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink) {
     let (read, mut write) = stream.into_split();
     let (tx, mut lines) = mpsc::channel(16);
-    tokio::spawn(read_lines(read, tx));
+    tokio::spawn(read_messages(read, tx));
     let mut subscription = events.subscribe();
     let greeting = json!({"QMP": {
         "version": {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": format!("holdfast {}", env!("CARGO_PKG_VERSION"))},
@@ -163,8 +208,9 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
             line = lines.recv() => {
                 let Some(line) = line else { return };
                 let reply = match line {
-                    Line::TooLong => Some(reply_err(None, error(ErrorClass::GenericError, format!("QMP input exceeds {MAX_LINE} bytes")))),
-                    Line::Text(bytes) => handle(&bytes, &mut negotiated, &machine).await,
+                    Input::TooLong => Some(reply_err(None, error(ErrorClass::GenericError, format!("QMP input exceeds {MAX_LINE} bytes")))),
+                    Input::Invalid(e) => Some(reply_err(None, QmpError::generic(format!("JSON parse error, {e}")))),
+                    Input::Value(v) => handle(v, &mut negotiated, &machine).await,
                 };
                 if let Some(reply) = reply {
                     // Events the command raised go first, as QEMU sends them.
@@ -219,21 +265,8 @@ fn reply_err(id: Option<Value>, e: QmpError) -> Value {
     r
 }
 
-/// One input line in, at most one reply out (blank lines get none).
-async fn handle(bytes: &[u8], negotiated: &mut bool, machine: &Arc<dyn Machine>) -> Option<Value> {
-    let text = String::from_utf8_lossy(bytes);
-    if text.trim().is_empty() {
-        return None;
-    }
-    let value: Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => {
-            return Some(reply_err(
-                None,
-                QmpError::generic(format!("JSON parse error, {e}")),
-            ))
-        }
-    };
+/// One input value in, one reply out.
+async fn handle(value: Value, negotiated: &mut bool, machine: &Arc<dyn Machine>) -> Option<Value> {
     let Value::Object(mut obj) = value else {
         return Some(reply_err(
             None,

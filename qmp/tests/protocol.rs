@@ -217,8 +217,17 @@ fn bad_input_gets_errors_and_the_connection_stays_usable() {
         .as_str()
         .unwrap_or("")
         .contains("exceeds"));
-    // Blank lines are ignored.
+    // Blank lines are ignored; so is the lack of newlines between values, as QEMU's
+    // Python client sends them.
     c.send_raw(b"\n  \n");
+    c.send_raw(b"{\"execute\":\"query-status\",\"id\":1}{\"execute\":\"query-status\",\"id\":2}");
+    assert_eq!(c.recv()["id"], 1);
+    assert_eq!(c.recv()["id"], 2);
+    // One value split across writes.
+    c.send_raw(b"{\"execute\": \"query-");
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_raw(b"status\", \"id\": \"split\"}");
+    assert_eq!(c.recv()["id"], "split");
     assert_eq!(
         c.call(json!({"execute": "query-status", "id": "after"}))["id"],
         "after"
