@@ -4,7 +4,8 @@
 # is swapped for an error table: holdfast must stop (io-error), refuse `cont` while
 # storage is broken, and after the outage ends resume on `cont` and finish; every
 # ACKed record must then be intact in the image after dropping the host page cache
-# and remounting the host file system.
+# and remounting the host file system. The outage also strikes again during the
+# first replay after it ended (a one-shot flush failure armed over QMP).
 set -u
 N=300
 SOCK="$WORK/qmp.sock"
@@ -40,7 +41,13 @@ if q cont; then fail "cont succeeded while storage was broken"; fi
 [ "$(state)" = io-error ] || fail "not paused after a failed cont"
 table "linear /dev/ram0 0" || fail "cannot end the outage"
 echo "OUTAGE ended"
-q cont || fail "cont failed after the outage ended"
+# The outage strikes again during the replay: its flush fails once.
+q x-block-fault '{"device": "data", "arm": {"name": "again", "op": "flush", "errno": "EIO", "when": "once"}}' \
+    || fail "cannot arm the fault"
+if q cont; then fail "cont succeeded although its replay's flush failed"; fi
+[ "$(state)" = io-error ] || fail "not paused after a replay that failed"
+echo "OUTAGE struck again during the replay: cont refused, still paused"
+q cont || fail "cont failed after the outage ended for good"
 wait "$pid"
 status=$?
 pid=
@@ -57,4 +64,4 @@ mount -o loop,ro "$WORK/host/disk.img" "$WORK/mnt" || fail "cannot mount the ima
 verified=$?
 umount "$WORK/mnt"; umount "$WORK/host"; dmsetup remove hfhost
 [ "$verified" -eq 0 ] || fail "acknowledged records are missing or damaged after the outage"
-echo "SCENARIO OK outage: stopped on the outage, refused cont while broken, resumed; $acked acknowledged records intact after remount"
+echo "SCENARIO OK outage: stopped on the outage, refused cont while broken and when it struck again during the replay, resumed; $acked acknowledged records intact after remount"
