@@ -136,7 +136,8 @@ impl EventSink {
         let _ = self.0.send(event.to_string());
     }
 
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+    /// A receiver of every event sent from now on (serialized JSON).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.0.subscribe()
     }
 }
