@@ -47,7 +47,11 @@ Options:
 Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;
 it exits, like QEMU -no-reboot); 1 on a VMM error; 2 on bad options; 3 when the guest
 panics (reported through pvpanic); 4 when this host's KVM cannot run the guest's kernel
-code (run holdfast inside the nested test host: tests/testhost).
+code (run holdfast inside the nested test host: tests/testhost). Dropping unflushed bytes
+at the end (storage still broken) makes any of the 0 cases 1.
+
+Signals: SIGTERM, SIGINT and SIGHUP end holdfast like QMP quit: the guest is paused, every
+disk's buffered bytes are written and flushed, and what cannot be is reported per disk.
 ";
 
 /// Where the serial console goes.

@@ -13,6 +13,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod host_signals;
 pub mod layout;
 pub mod owner;
 pub mod vcpu;

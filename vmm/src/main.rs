@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use holdfast_block::{Backend, Disk, FaultInjector, FileBackend, FileOptions};
 use holdfast_qmp::{EventSink, Machine, Server};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
+use holdfast_vmm::host_signals;
 use holdfast_vmm::owner::{self, QmpBridge};
 use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, Vm, VmConfig};
 
@@ -63,6 +64,11 @@ fn hardware_virtualization() -> bool {
 }
 
 fn run(opts: RunOpts) -> ExitCode {
+    // Before any thread starts, so that every thread inherits the mask.
+    if let Err(e) = host_signals::block_termination_signals() {
+        eprintln!("holdfast run: cannot block SIGTERM/SIGINT/SIGHUP: {e}");
+        return ExitCode::from(1);
+    }
     if !hardware_virtualization() {
         eprintln!(
             "holdfast: warning: this host's CPUs show no VT-x/AMD-V (no vmx or svm flag in /proc/cpuinfo): \
@@ -151,6 +157,10 @@ fn run(opts: RunOpts) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = host_signals::forward_termination_signals(vm.event_sender()) {
+        eprintln!("holdfast run: cannot start the signal thread: {e}");
+        return ExitCode::from(1);
+    }
     let events = EventSink::new();
     if let Some((rt, server)) = qmp {
         let bridge: std::sync::Arc<dyn Machine> =
@@ -175,7 +185,13 @@ fn run(opts: RunOpts) -> ExitCode {
             eprintln!("holdfast: the guest rebooted; holdfast exits instead of resetting it");
             ExitCode::SUCCESS
         }
-        Exit::Poweroff | Exit::Reboot | Exit::Quit => ExitCode::from(1),
+        Exit::Signal(name) if dropped.is_empty() => {
+            eprintln!(
+                "holdfast: ended by {name}; every disk's buffered bytes are on stable storage"
+            );
+            ExitCode::SUCCESS
+        }
+        Exit::Poweroff | Exit::Reboot | Exit::Quit | Exit::Signal(_) => ExitCode::from(1),
         Exit::GuestPanic => {
             eprintln!("holdfast: the guest panicked");
             ExitCode::from(3)

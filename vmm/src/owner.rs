@@ -7,7 +7,7 @@
 //!      |                 ^  (cont replays stopped disks first; if a replay
 //!      |                 |   fails: BLOCK_IO_ERROR again, cont errors, still paused)
 //!      +--disk error (stop)--> io-error --cont--> running
-//!   any --poweroff/reboot/panic/quit--> shutdown
+//!   any --poweroff/reboot/panic/quit/SIGTERM--> shutdown
 //! ```
 //!
 //! Events, in order: a host error sends `BLOCK_IO_ERROR` then (if the VM stops)
@@ -141,6 +141,12 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                     state = RunState::IoError;
                 }
             }
+            VmEvent::HostSignal { signal } => {
+                let name = crate::host_signals::signal_name(signal);
+                eprintln!("holdfast: {name}: pausing the guest and settling its disks");
+                settle_and_end(vm, events, state, "host-signal");
+                return Exit::Signal(name);
+            }
             VmEvent::Qmp {
                 command,
                 args,
@@ -154,6 +160,24 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
             }
         }
     }
+}
+
+/// The end the host asked for (`quit`, a signal): stop the vCPUs, make every disk's
+/// buffered bytes stable, say per disk how many bytes could not be and are dropped
+/// (`X_UNFLUSHED_DROPPED`), send `SHUTDOWN`.
+fn settle_and_end(vm: &mut Vm, events: &EventSink, state: RunState, reason: &str) {
+    if state == RunState::Running {
+        vm.pause();
+    }
+    let dropped = vm.settle_disks();
+    // holdfast's exit (Vm::shutdown) settles once more and prints what it drops.
+    for (disk, bytes, why) in &dropped {
+        events.emit(
+            "X_UNFLUSHED_DROPPED",
+            json!({"device": disk, "bytes": bytes, "reason": why}),
+        );
+    }
+    events.emit("SHUTDOWN", json!({"guest": false, "reason": reason}));
 }
 
 fn execute(
@@ -176,15 +200,7 @@ fn execute(
         }
         "cont" => cont(vm, events, state, clock),
         "quit" => {
-            if *state == RunState::Running {
-                vm.pause();
-            }
-            let dropped = vm.settle_disks();
-            for (disk, bytes, why) in &dropped {
-                eprintln!("holdfast: disk {disk}: {bytes} unflushed bytes dropped ({why})");
-                events.emit("X_UNFLUSHED_DROPPED", json!({"device": disk, "bytes": bytes, "reason": why}));
-            }
-            events.emit("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"}));
+            settle_and_end(vm, events, *state, "host-qmp-quit");
             return (Ok(json!({})), true);
         }
         "query-block" => Ok(Value::Array(

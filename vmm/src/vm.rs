@@ -95,6 +95,10 @@ pub enum VmEvent {
         disk: String,
         report: IoErrorReport,
     },
+    /// SIGTERM, SIGINT or SIGHUP reached holdfast: end as `quit` does.
+    HostSignal {
+        signal: i32,
+    },
     /// A QMP command for the run-state owner, with where to send its answer.
     Qmp {
         command: String,
@@ -136,6 +140,8 @@ pub enum Exit {
     Poweroff,
     /// QMP `quit`.
     Quit,
+    /// Ended by SIGTERM, SIGINT or SIGHUP (its name), disks settled as for `quit`.
+    Signal(&'static str),
     Reboot,
     GuestPanic,
     EmulationFailure {

@@ -189,3 +189,26 @@ fn quit_with_bytes_it_cannot_flush_says_how_many() {
         (Some("data"), Some(512))
     );
 }
+
+#[test]
+fn sigterm_while_stopped_on_an_error_settles_and_says_what_it_drops() {
+    let Some(mut r) = start() else { return };
+    r.disk_error();
+    r.tx.send(VmEvent::HostSignal {
+        signal: libc::SIGTERM,
+    })
+    .expect("owner alive");
+    assert_eq!(r.owner.join().expect("owner"), Exit::Signal("SIGTERM"));
+    let mut seen = Vec::new();
+    while let Ok(text) = r.events.try_recv() {
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        seen.push((v["event"].clone(), v["data"].clone()));
+    }
+    let names: Vec<_> = seen.iter().map(|(e, _)| e.as_str().unwrap_or("")).collect();
+    assert_eq!(
+        names,
+        ["BLOCK_IO_ERROR", "STOP", "X_UNFLUSHED_DROPPED", "SHUTDOWN"]
+    );
+    assert_eq!(seen[2].1["bytes"], 512);
+    assert_eq!(seen[3].1, json!({"guest": false, "reason": "host-signal"}));
+}

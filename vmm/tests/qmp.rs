@@ -179,6 +179,45 @@ fn stop_cont_query_and_quit_over_qmp() {
 }
 
 #[test]
+fn sigterm_ends_holdfast_like_quit() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
+            "this test needs /dev/kvm"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let kernel = dir.path().join("counting.elf");
+    std::fs::write(&kernel, common::counting_guest()).expect("guest");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Reap(holdfast(&kernel, &disk, &sock));
+    let mut q = Qmp::connect(&sock);
+    assert_eq!(q.call("query-status", json!({}))["status"], "running");
+    // SAFETY: kill(2) on the child's pid with a valid signal number.
+    let r = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(r, 0);
+    let status = child.0.wait().expect("holdfast exits");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM with nothing to drop exits 0"
+    );
+    let shutdown = loop {
+        let v = q.line();
+        if v["event"] == "SHUTDOWN" {
+            break v;
+        }
+    };
+    assert_eq!(
+        shutdown["data"],
+        json!({"guest": false, "reason": "host-signal"})
+    );
+}
+
+#[test]
 fn a_bad_qmp_path_fails_before_the_guest_starts() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("not-a-socket");
