@@ -49,7 +49,21 @@ pub const COMMANDS: &[&str] = &[
     "query-block",
     "x-query-unflushed",
     "x-block-fault",
+    "x-query-timings",
 ];
+
+/// The latest stop on a host error and the `cont` that resumed from it, for the
+/// outage benchmark (`x-query-timings`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timings {
+    /// From the failing host call's return to every vCPU parked.
+    error_to_stopped: Option<std::time::Duration>,
+    /// From `cont` arriving to the vCPUs released (replay included).
+    cont_to_running: Option<std::time::Duration>,
+    /// That `cont`'s replays: bytes rewritten and time taken, over every disk.
+    replay_bytes: u64,
+    replay: std::time::Duration,
+}
 
 /// QMP's side of the owner: forwards commands and waits for the answer.
 #[derive(Debug)]
@@ -101,6 +115,7 @@ fn block_io_error(events: &EventSink, disk: &str, report: &IoErrorReport) {
 pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
     let mut state = RunState::Running;
     let mut clock: Option<kvm_clock_data> = None;
+    let mut timings = Timings::default();
     let end = |events: &EventSink, guest: bool, reason: &str| {
         events.emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
     };
@@ -126,7 +141,7 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
             VmEvent::VcpuFailed { cpu, message } => {
                 return Exit::Failed(format!("vCPU {cpu}: {message}"))
             }
-            VmEvent::DiskError { disk, report } => {
+            VmEvent::DiskError { disk, report, at } => {
                 eprintln!(
                     "holdfast: disk {disk}: {} (action: {})",
                     report.error,
@@ -136,6 +151,7 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                 if report.action == ErrorAction::Stop {
                     if state == RunState::Running {
                         clock = vm.pause();
+                        timings.error_to_stopped = Some(at.elapsed());
                         events.emit("STOP", Value::Null);
                     }
                     state = RunState::IoError;
@@ -152,7 +168,15 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                 args,
                 reply,
             } => {
-                let (answer, quit) = execute(vm, events, &mut state, &mut clock, &command, &args);
+                let (answer, quit) = execute(
+                    vm,
+                    events,
+                    &mut state,
+                    &mut clock,
+                    &mut timings,
+                    &command,
+                    &args,
+                );
                 let _ = reply.send(answer);
                 if quit {
                     return Exit::Quit;
@@ -185,6 +209,7 @@ fn execute(
     events: &EventSink,
     state: &mut RunState,
     clock: &mut Option<kvm_clock_data>,
+    timings: &mut Timings,
     command: &str,
     args: &Args,
 ) -> (Result<Value, QmpError>, bool) {
@@ -198,7 +223,26 @@ fn execute(
             }
             Ok(json!({}))
         }
-        "cont" => cont(vm, events, state, clock),
+        "cont" => {
+            let started = std::time::Instant::now();
+            let r = cont(vm, events, state, clock);
+            if let Ok(replayed) = &r {
+                if timings.error_to_stopped.is_some() {
+                    timings.cont_to_running = Some(started.elapsed());
+                }
+                if !replayed.is_empty() {
+                    timings.replay_bytes = replayed.iter().map(|r| r.bytes_rewritten).sum();
+                    timings.replay = replayed.iter().map(|r| r.duration).sum();
+                }
+            }
+            r.map(|_| json!({}))
+        }
+        "x-query-timings" => Ok(json!({
+            "error-to-stopped-ns": timings.error_to_stopped.map(|d| d.as_nanos() as u64),
+            "cont-to-running-ns": timings.cont_to_running.map(|d| d.as_nanos() as u64),
+            "replay-bytes": timings.replay_bytes,
+            "replay-ns": timings.replay.as_nanos() as u64,
+        })),
         "quit" => {
             settle_and_end(vm, events, *state, "host-qmp-quit");
             return (Ok(json!({})), true);
@@ -240,23 +284,30 @@ fn execute(
     (r, false)
 }
 
+/// Returns the disks it replayed.
 fn cont(
     vm: &mut Vm,
     events: &EventSink,
     state: &mut RunState,
     clock: &mut Option<kvm_clock_data>,
-) -> Result<Value, QmpError> {
+) -> Result<Vec<crate::vm::Replayed>, QmpError> {
     if *state == RunState::Running {
-        return Ok(json!({}));
+        return Ok(Vec::new());
     }
     match vm.resume(*clock) {
         Ok(replayed) => {
-            for r in replayed {
-                events.emit("X_BLOCK_REPLAY", json!({"device": r.disk, "bytes-rewritten": r.bytes_rewritten, "outcome": "ok"}));
+            for r in &replayed {
+                events.emit(
+                    "X_BLOCK_REPLAY",
+                    json!({
+                        "device": r.disk, "bytes-rewritten": r.bytes_rewritten, "outcome": "ok",
+                        "duration-ns": r.duration.as_nanos() as u64,
+                    }),
+                );
             }
             *state = RunState::Running;
             events.emit("RESUME", Value::Null);
-            Ok(json!({}))
+            Ok(replayed)
         }
         Err(f) => {
             *state = RunState::IoError;

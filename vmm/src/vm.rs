@@ -94,6 +94,8 @@ pub enum VmEvent {
     DiskError {
         disk: String,
         report: IoErrorReport,
+        /// When the failing host call returned.
+        at: std::time::Instant,
     },
     /// SIGTERM, SIGINT or SIGHUP reached holdfast: end as `quit` does.
     HostSignal {
@@ -123,6 +125,8 @@ pub struct DiskInfo {
 pub struct Replayed {
     pub disk: String,
     pub bytes_rewritten: u64,
+    /// How long the replay (rewrite, flush, parked requests) took.
+    pub duration: std::time::Duration,
 }
 
 /// Why `resume` did not resume: the disk whose replay failed.
@@ -425,6 +429,7 @@ impl Vm {
             let mut t = slot.lock();
             let was_stopped = t.device().disk().is_stopped();
             let (device, queues) = t.device_and_queues();
+            let started = std::time::Instant::now();
             match device.resume(&self.mem, &mut queues[0]) {
                 Ok((used, bytes_rewritten)) => {
                     if used > 0 {
@@ -436,6 +441,7 @@ impl Vm {
                         replayed.push(Replayed {
                             disk: slot.id.clone(),
                             bytes_rewritten,
+                            duration: started.elapsed(),
                         });
                     }
                 }
@@ -611,6 +617,7 @@ fn spawn_device_thread(
                                 let _ = events.send(VmEvent::DiskError {
                                     disk: slot.id.clone(),
                                     report,
+                                    at: run.error_at.unwrap_or_else(std::time::Instant::now),
                                 });
                             }
                         }

@@ -127,6 +127,7 @@ impl Running {
             .send(VmEvent::DiskError {
                 disk: "data".into(),
                 report,
+                at: std::time::Instant::now(),
             })
             .expect("owner alive");
     }
@@ -138,6 +139,9 @@ fn host_error_stop_and_cont_send_what_semantics_says() {
     r.disk_error();
     assert_eq!(r.qmp("query-status").expect("status")["status"], "io-error");
     assert_eq!(r.event_names(), ["BLOCK_IO_ERROR", "STOP"]);
+    let timings = r.qmp("x-query-timings").expect("timings");
+    assert!(timings["error-to-stopped-ns"].is_u64(), "{timings}");
+    assert!(timings["cont-to-running-ns"].is_null(), "{timings}");
 
     let err = r.qmp("cont").expect_err("storage still broken");
     assert!(
@@ -154,6 +158,12 @@ fn host_error_stop_and_cont_send_what_semantics_says() {
 
     r.faults.clear_named("outage");
     assert_eq!(r.qmp("cont").expect("storage back"), json!({}));
+    let timings = r.qmp("x-query-timings").expect("timings");
+    assert!(
+        timings["cont-to-running-ns"].as_u64() > Some(0),
+        "{timings}"
+    );
+    assert_eq!(timings["replay-bytes"], 512, "{timings}");
     assert_eq!(r.qmp("query-status").expect("status")["status"], "running");
     assert_eq!(r.event_names(), ["X_BLOCK_REPLAY", "RESUME"]);
     let unflushed = r.qmp("x-query-unflushed").expect("query");

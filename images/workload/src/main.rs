@@ -4,8 +4,9 @@
 //! default) to FILE, `fdatasync`s after each and then prints `ACK <n>`: a record
 //! whose ACK was printed must survive any host outage. `workload verify FILE
 //! [ACKED]` checks every record in FILE and, if ACKED is given, that records
-//! 1..=ACKED are all there and intact. It prints `VERIFIED <n>` or says what is wrong
-//! and exits 1.
+//! 1..=ACKED are all there and intact. It prints `VERIFIED <n>`, or `LOST <k> of
+//! <ACKED> acknowledged records` when acknowledged records are missing or damaged,
+//! or says what else is wrong; and then exits 1.
 //!
 //! `workload time-to MARKER -- CMD ARGS...` runs CMD, passes its output through,
 //! and prints `TIME-TO <ms>` once a line containing MARKER appeared (for boot-time
@@ -14,6 +15,21 @@
 //! `workload qmp SOCKET COMMAND [ARGUMENTS-JSON]` is a minimal QMP client for
 //! scenarios inside the test host: it negotiates, runs one command, prints the
 //! reply line and exits 0 on a `return`, 1 on an `error`.
+//!
+//! `workload relay PORT SOCKET` joins a virtio-serial port to a Unix socket, so a
+//! client outside the test host reaches holdfast's QMP socket inside it: once the
+//! port's host side is connected, it connects to SOCKET and copies bytes both ways
+//! until either side closes.
+//!
+//! `workload burst DEVICE MIB...` (the guest's side of the outage benchmark): for
+//! each size, prints `BURST WRITING <mib>`, waits 3 s (the host arms a flush fault),
+//! writes MIB MiB to DEVICE with O_DIRECT and no flush, prints `BURST WRITTEN <mib>`,
+//! then fdatasyncs (the flush that fails on the host and stops the VM) and prints
+//! `BURST FLUSHED <mib>` once it returned.
+//!
+//! `workload seqwrite FILE MIB` (the benchmark's baseline on the host): overwrites
+//! MIB MiB of FILE (allocated first, untimed) with 1 MiB pwrites and one fdatasync,
+//! and prints `SEQWRITE <mib> <ns>`.
 //!
 //! A record: magic `HFRC`, its number (u64), its length (u32), payload bytes derived
 //! from the number, and an FNV-1a checksum (u64) of everything before it.
@@ -61,6 +77,24 @@ fn write(path: &str, count: u64, size: usize) -> Result<(), String> {
         println!("ACK {n}");
     }
     Ok(())
+}
+
+/// The acknowledged records 1..=`acked` that are not intact in their slots (records
+/// are appended, so record n of size S sits at byte (n-1)*S; S is record 1's size if
+/// it is intact, else the default 4096).
+fn lost(bytes: &[u8], acked: u64) -> Vec<u64> {
+    let size = bytes
+        .get(12..16)
+        .and_then(|b| b.try_into().ok())
+        .map(|b| u32::from_le_bytes(b) as usize)
+        .filter(|&s| s > HEAD + TAIL && bytes.get(..s) == Some(&record(1, s)[..]))
+        .unwrap_or(4096);
+    (1..=acked)
+        .filter(|&n| {
+            let at = (n as usize - 1) * size;
+            bytes.get(at..at + size) != Some(&record(n, size)[..])
+        })
+        .collect()
 }
 
 /// Checks the records in `bytes`; returns how many are intact, in order from 1.
@@ -166,6 +200,134 @@ fn qmp(socket: &str, command: &str, arguments: Option<&str>) -> Result<(), Strin
     }
 }
 
+/// Whether the host side of a virtio-serial port is connected (poll says POLLHUP
+/// while it is not).
+fn host_connected(port: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: port.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n >= 0 && fd.revents & libc::POLLHUP == 0
+}
+
+fn relay(port: &str, socket: &str) -> Result<(), String> {
+    use std::os::unix::net::UnixStream;
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(port)
+        .map_err(|e| format!("cannot open {port}: {e}"))?;
+    while !host_connected(&dev) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    };
+    eprintln!("relay: {port} <-> {socket}");
+    let mut to_socket = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut from_port = dev.try_clone().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        // A read of 0 bytes: the host side went away.
+        let _ = std::io::copy(&mut from_port, &mut to_socket);
+        let _ = to_socket.shutdown(std::net::Shutdown::Both);
+    });
+    let (mut from_socket, mut to_port) = (stream, dev);
+    let _ = std::io::copy(&mut from_socket, &mut to_port);
+    // Either side closed (the other copy ends with the process).
+    eprintln!("relay: {port}: closed");
+    Ok(())
+}
+
+const MIB: usize = 1 << 20;
+
+/// A 1 MiB buffer aligned for O_DIRECT, filled with `byte`.
+struct AlignedMib(*mut u8);
+
+impl AlignedMib {
+    fn layout() -> std::alloc::Layout {
+        // 1 MiB with 4 KiB alignment is always a valid layout.
+        std::alloc::Layout::from_size_align(MIB, 4096).expect("layout")
+    }
+
+    fn new(byte: u8) -> AlignedMib {
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(Self::layout()) };
+        if p.is_null() {
+            std::alloc::handle_alloc_error(Self::layout());
+        }
+        // SAFETY: `p` points to MIB writable bytes just allocated.
+        unsafe { std::ptr::write_bytes(p, byte, MIB) };
+        AlignedMib(p)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `self.0` points to MIB initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.0, MIB) }
+    }
+}
+
+impl Drop for AlignedMib {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.0, Self::layout()) };
+    }
+}
+
+fn burst(device: &str, sizes: &[u64]) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .map_err(|e| format!("cannot open {device}: {e}"))?;
+    for &mib in sizes {
+        println!("BURST WRITING {mib}");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let buf = AlignedMib::new(mib as u8);
+        for i in 0..mib {
+            f.write_all_at(buf.bytes(), i * MIB as u64)
+                .map_err(|e| format!("write of MiB {i}: {e}"))?;
+        }
+        println!("BURST WRITTEN {mib}");
+        f.sync_data()
+            .map_err(|e| format!("fdatasync after {mib} MiB: {e}"))?;
+        println!("BURST FLUSHED {mib}");
+    }
+    Ok(())
+}
+
+fn seqwrite(path: &str, mib: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    let zero = vec![0u8; MIB];
+    for i in 0..mib {
+        f.write_all_at(&zero, i * MIB as u64)
+            .map_err(|e| format!("cannot allocate {path}: {e}"))?;
+    }
+    f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+    let data = vec![0x5au8; MIB];
+    let start = std::time::Instant::now();
+    for i in 0..mib {
+        f.write_all_at(&data, i * MIB as u64)
+            .map_err(|e| format!("write of MiB {i}: {e}"))?;
+    }
+    f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+    println!("SEQWRITE {mib} {}", start.elapsed().as_nanos());
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     let num = |s: &String, what: &str| {
         s.parse::<u64>()
@@ -181,6 +343,17 @@ fn run(args: &[String]) -> Result<(), String> {
             std::fs::File::open(file)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(|e| format!("cannot read {file}: {e}"))?;
+            if let Some(acked) = rest.first() {
+                let acked = num(acked, "ACKED")?;
+                let lost = lost(&bytes, acked);
+                if let Some(first) = lost.first() {
+                    println!("LOST {} of {acked} acknowledged records", lost.len());
+                    return Err(format!(
+                        "{} of {acked} acknowledged records are missing or damaged (the first: record {first})",
+                        lost.len()
+                    ));
+                }
+            }
             let intact = verify(&bytes)?;
             if let Some(acked) = rest.first() {
                 let acked = num(acked, "ACKED")?;
@@ -196,11 +369,21 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, marker, dashes, rest @ ..] if cmd == "time-to" && dashes == "--" => {
             time_to(marker, rest)
         }
+        [cmd, port, socket] if cmd == "relay" => relay(port, socket),
+        [cmd, device, sizes @ ..] if cmd == "burst" && !sizes.is_empty() => {
+            let sizes = sizes
+                .iter()
+                .map(|s| num(s, "MIB"))
+                .collect::<Result<Vec<_>, _>>()?;
+            burst(device, &sizes)
+        }
+        [cmd, file, mib] if cmd == "seqwrite" => seqwrite(file, num(mib, "MIB")?),
         [cmd, socket, command] if cmd == "qmp" => qmp(socket, command, None),
         [cmd, socket, command, arguments] if cmd == "qmp" => qmp(socket, command, Some(arguments)),
         _ => Err(
             "usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED] | \
-                  workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON]"
+                  workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
+                  workload burst DEVICE MIB... | workload seqwrite FILE MIB"
                 .into(),
         ),
     }
@@ -220,6 +403,30 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seqwrite_overwrites_the_file() {
+        let dir = std::env::temp_dir().join(format!("workload-seq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("seq.dat");
+        seqwrite(file.to_str().expect("utf-8"), 2).expect("seqwrite");
+        let bytes = std::fs::read(&file).expect("read");
+        assert_eq!(bytes.len(), 2 * MIB);
+        assert!(bytes.iter().all(|&b| b == 0x5a));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn lost_records_are_counted_in_their_slots() {
+        let mut bytes: Vec<u8> = (1..=6).flat_map(|n| record(n, 4096)).collect();
+        assert_eq!(lost(&bytes, 6), Vec::<u64>::new());
+        bytes[2 * 4096 + 100] ^= 1; // record 3
+        bytes[4 * 4096..5 * 4096].fill(0); // record 5: the page never reached the disk
+        assert_eq!(lost(&bytes, 6), vec![3, 5]);
+        assert_eq!(lost(&bytes, 8), vec![3, 5, 7, 8], "acked past the end");
+        let other: Vec<u8> = (1..=3).flat_map(|n| record(n, 512)).collect();
+        assert_eq!(lost(&other, 3), Vec::<u64>::new(), "size from record 1");
+    }
 
     #[test]
     fn records_verify_and_damage_is_found() {
@@ -258,7 +465,9 @@ mod tests {
         let args = ["verify".to_string(), path.clone(), "7".into()];
         run(&args).expect("verify 7");
         let args = ["verify".to_string(), path, "8".into()];
-        assert!(run(&args).expect_err("8 acked").contains("only 7"));
+        assert!(run(&args)
+            .expect_err("8 acked")
+            .contains("1 of 8 acknowledged records are missing"));
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

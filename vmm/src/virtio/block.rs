@@ -50,6 +50,8 @@ pub struct QueueRun {
     /// A host error happened; under `stop` the disk is now stopped and the VM must
     /// pause (BLOCK_IO_ERROR, then STOP).
     pub error: Option<IoErrorReport>,
+    /// When the failing host call returned (for the error-to-stopped latency).
+    pub error_at: Option<std::time::Instant>,
 }
 
 /// Where a request's answer goes in guest memory.
@@ -201,6 +203,7 @@ impl<B: Backend> BlockDevice<B> {
                     let outcome = self.disk.submit(Request::new(tag, op));
                     if outcome.error.is_some() {
                         run.error = outcome.error;
+                        run.error_at = Some(std::time::Instant::now());
                     }
                     if let Some(c) = outcome.completion {
                         self.complete(mem, queue, c)?;

@@ -1,0 +1,51 @@
+# The outage path's latencies, on a real guest in the test host. The guest writes
+# 1, 16 and 128 MiB to its disk (O_DIRECT, no flush: holdfast buffers all of it),
+# then flushes; a one-shot flush fault armed over QMP makes that host flush fail.
+# Measured by holdfast (x-query-timings): the failing host call's return to every
+# vCPU parked, and `cont` to the vCPUs released (the replay: rewrite and flush of the
+# buffered bytes). The replay's rate is compared with a plain sequential write
+# (1 MiB pwrites + fdatasync, `workload seqwrite`) of the same size on the same host
+# file system, measured in the same run right after it.
+set -u
+NAME=bench-outage
+RECORDS=0
+. "/scenarios/outage.lib"
+SIZES="1 16 128"
+host_setup
+dd if=/dev/zero of="$IMG" bs=1M count=160 2>/dev/null && sync || fail "cannot make the image"
+"$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M \
+    --disk "path=$IMG,id=data,unflushed-limit=256M" --qmp "$SOCK" --serial "file:$CONSOLE" \
+    --cmdline "console=ttyS0 panic=-1 holdfast.workload=burst holdfast.burst=$(echo $SIZES | tr ' ' ,)" &
+pid=$!
+field() { sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p"; }
+# A whole console line (the serial console ends lines with CR LF).
+console_has() { tr -d '\r' < "$CONSOLE" 2>/dev/null | grep -qx "$1"; }
+ms() { awk -v ns="$1" 'BEGIN { printf "%.2f", ns / 1e6 }'; }
+for mib in $SIZES; do
+    wait_for 100 "the guest never started its $mib MiB burst" console_has "BURST WRITING $mib"
+    q x-block-fault '{"device": "data", "arm": {"name": "bench", "op": "flush", "errno": "EIO", "when": "once"}}' \
+        > /dev/null || fail "cannot arm the fault"
+    wait_for 100 "holdfast did not stop on the failed flush after $mib MiB" in_state io-error
+    console_has "BURST WRITTEN $mib" || fail "stopped before the guest wrote its $mib MiB"
+    buffered=$(q x-query-unflushed | field bytes)
+    q cont > /dev/null || fail "cont failed"
+    t=$(q x-query-timings)
+    stop_ns=$(echo "$t" | field error-to-stopped-ns)
+    cont_ns=$(echo "$t" | field cont-to-running-ns)
+    replay_bytes=$(echo "$t" | field replay-bytes)
+    replay_ns=$(echo "$t" | field replay-ns)
+    wait_for 100 "the guest's flush after $mib MiB never returned" console_has "BURST FLUSHED $mib"
+    seq_ns=$("$WORKLOAD" seqwrite "$WORK/host/seq.dat" "$mib" | sed -n 's/^SEQWRITE [0-9]* //p')
+    rm -f "$WORK/host/seq.dat"
+    [ -n "$seq_ns" ] || fail "the sequential write baseline failed"
+    ratio=$(awk -v rb="$replay_bytes" -v rn="$replay_ns" -v sb=$((mib * 1048576)) -v sn="$seq_ns" \
+        'BEGIN { printf "%.2f", (rb / rn) / (sb / sn) }')
+    echo "BENCH outage $mib MiB buffered ($buffered bytes): error -> vCPUs stopped $(ms "$stop_ns") ms;" \
+        "cont -> running $(ms "$cont_ns") ms (replay of $replay_bytes bytes $(ms "$replay_ns") ms);" \
+        "sequential write of $mib MiB $(ms "$seq_ns") ms; replay rate / sequential write rate = $ratio"
+done
+wait_exit
+[ "$status" -eq 0 ] || fail "holdfast exited with $status"
+grep -q "GUEST WORKLOAD OK" "$CONSOLE" || fail "the guest's bursts did not finish"
+host_teardown
+echo "SCENARIO OK bench-outage"

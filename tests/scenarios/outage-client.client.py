@@ -1,0 +1,152 @@
+"""The client side of the outage-client scenario: QEMU's own Python QMP library
+(qemu.qmp from PyPI, its async QMPClient) drives holdfast through a real host
+storage outage. In the nested test host it reaches holdfast's socket over a
+virtio-serial port (QEMU chardev socket outside, `workload relay` inside); on the
+direct path it connects to the socket itself.
+
+Usage: python3 outage-client.client.py QMP CTL_TO_SCENARIO CTL_FROM_SCENARIO
+The control channel (a socket for both directions, or two FIFOs) carries one word a
+line: hello, started, connected, outage, end-outage, ended, done (or `fail WHY`).
+Prints one line per check and exits 1 on the first failure.
+"""
+
+import asyncio
+import os
+import socket
+import stat
+import sys
+import time
+
+from qemu.qmp import ExecuteError, QMPClient
+
+qmp_path, ctl_out_path, ctl_in_path = sys.argv[1:4]
+
+
+def wait_path(path, seconds=120):
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise SystemExit(f"CLIENT FAIL {path} never appeared")
+        time.sleep(0.1)
+
+
+class Ctl:
+    """The control channel to the scenario script."""
+
+    def __init__(self):
+        wait_path(ctl_out_path)
+        if stat.S_ISSOCK(os.stat(ctl_out_path).st_mode):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(ctl_out_path)
+            self.w = s.makefile("w")
+            self.r = s.makefile("r")
+        else:  # FIFOs: open in the order the scenario does
+            self.w = open(ctl_out_path, "w")
+            self.r = open(ctl_in_path, "r")
+
+    def say(self, word):
+        self.w.write(word + "\n")
+        self.w.flush()
+
+    def hear(self):
+        line = self.r.readline()
+        if not line:
+            raise SystemExit("CLIENT FAIL the scenario closed the control channel")
+        return line.strip()
+
+
+ctl = None
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + str(detail) if detail and not ok else ''}", flush=True)
+    if not ok:
+        if ctl:
+            ctl.say(f"fail {name}")
+        raise SystemExit(f"CLIENT FAIL {name}")
+
+
+async def expect(ctl, word):
+    got = await asyncio.to_thread(ctl.hear)
+    check(f"the scenario says {word}", got == word, got)
+
+
+async def next_event(listener, name, seconds):
+    """The next event named `name` (others are printed and skipped)."""
+    deadline = time.time() + seconds
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            check(f"{name} arrives within {seconds} s", False, "timed out")
+        try:
+            event = await asyncio.wait_for(listener.get(), left)
+        except asyncio.TimeoutError:
+            check(f"{name} arrives within {seconds} s", False, "timed out")
+        print(f"     event {event['event']} {event.get('data', {})}", flush=True)
+        if event["event"] == name:
+            return event
+
+
+async def main():
+    global ctl
+    ctl = Ctl()
+    ctl.say("hello")
+    await expect(ctl, "started")
+    wait_path(qmp_path)
+    qmp = QMPClient("holdfast-outage")
+    await asyncio.wait_for(qmp.connect(qmp_path), 60)
+    check("QMPClient negotiates with holdfast", qmp.greeting is not None)
+    with qmp.listener() as listener:
+        status = await qmp.execute("query-status")
+        check("query-status: running before the outage", status.get("status") == "running", status)
+        ctl.say("connected")
+        await expect(ctl, "outage")
+
+        error = await next_event(listener, "BLOCK_IO_ERROR", 120)
+        data = error.get("data", {})
+        check("BLOCK_IO_ERROR names the disk and says stop",
+              data.get("device") == "data" and data.get("action") == "stop" and data.get("nospace") is False,
+              data)
+        check("BLOCK_IO_ERROR gives the host's reason", data.get("reason") == "Input/output error", data)
+        await next_event(listener, "STOP", 10)
+        check("STOP follows BLOCK_IO_ERROR", True)
+        status = await qmp.execute("query-status")
+        check("query-status: io-error", status.get("status") == "io-error", status)
+        block = await qmp.execute("query-block")
+        check("query-block: io-status failed", block[0].get("io-status") == "failed", block)
+        unflushed = await qmp.execute("x-query-unflushed")
+        check("x-query-unflushed: bytes kept", unflushed[0].get("bytes", 0) > 0, unflushed)
+        print(f"     holding {unflushed[0]['bytes']} unflushed bytes, {unflushed[0]['parked']} parked requests",
+              flush=True)
+
+        await asyncio.sleep(3)
+        try:
+            await qmp.execute("cont")
+            check("cont is refused while storage is broken", False, "it succeeded")
+        except ExecuteError as e:
+            desc = str(e)
+            check("cont is refused while storage is broken, naming disk and errno",
+                  "data" in desc and "EIO" in desc, desc)
+        await next_event(listener, "BLOCK_IO_ERROR", 10)
+        check("the refused cont sends BLOCK_IO_ERROR again", True)
+        status = await qmp.execute("query-status")
+        check("query-status: still io-error", status.get("status") == "io-error", status)
+
+        ctl.say("end-outage")
+        await expect(ctl, "ended")
+        reply = await qmp.execute("cont")
+        check("cont after the outage ended succeeds", reply == {}, reply)
+        replay = await next_event(listener, "X_BLOCK_REPLAY", 10)
+        check("X_BLOCK_REPLAY reports the replay",
+              replay["data"].get("outcome") == "ok" and replay["data"].get("bytes-rewritten", 0) > 0,
+              replay["data"])
+        await next_event(listener, "RESUME", 10)
+        check("RESUME follows the replay", True)
+        status = await qmp.execute("query-status")
+        check("query-status: running", status.get("status") == "running", status)
+    await qmp.disconnect()
+    ctl.say("done")
+    print("CLIENT OK", flush=True)
+
+
+asyncio.run(main())

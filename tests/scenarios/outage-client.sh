@@ -1,0 +1,52 @@
+# The real outage driven by a real third-party QMP client: QEMU's Python library
+# (qemu.qmp, async QMPClient) runs outside the test host (outage-client.client.py)
+# and reaches holdfast's socket over a virtio-serial port, bridged here by `workload
+# relay`; a second port is the control channel between that client and this script
+# (on the direct path: the socket itself and two FIFOs). This script makes and ends
+# the outage when the client says; the client checks BLOCK_IO_ERROR then STOP,
+# query-status/query-block/x-query-unflushed, a refused cont while broken, then cont,
+# X_BLOCK_REPLAY and RESUME. Every acknowledged record must be intact afterwards.
+set -u
+NAME=outage-client
+. "$(dirname "$0")/outage.lib"
+port_named() {
+    for d in /sys/class/virtio-ports/*; do
+        [ "$(cat "$d/name" 2>/dev/null)" = "$1" ] && echo "/dev/$(basename "$d")"
+    done
+}
+if [ -n "${CTL_IN:-}" ]; then
+    exec 3< "$CTL_IN" 4> "$CTL_OUT"
+    qmp_port=
+else
+    load_modules client
+    ctl_port=$(port_named holdfast.ctl)
+    qmp_port=$(port_named holdfast.qmp)
+    [ -n "$ctl_port" ] && [ -n "$qmp_port" ] || fail "no virtio-serial ports holdfast.ctl and holdfast.qmp"
+    exec 3<> "$ctl_port" 4>&3
+fi
+say() { echo "$1" >&4; }
+hear() { # the client's next word (a virtio port reads EOF while its host side is away)
+    i=0
+    until read -r word <&3; do sleep 0.2; i=$((i + 1)); [ $i -lt 900 ] || fail "the client said nothing"; done
+    case "$word" in "$1") ;; *) fail "the client said '$word', not '$1'" ;; esac
+}
+hear hello
+host_setup
+copy_image
+start_holdfast
+wait_for 60 "holdfast's QMP socket never appeared" test -S "$SOCK"
+if [ -n "$qmp_port" ]; then "$WORKLOAD" relay "$qmp_port" "$SOCK" & fi
+say started
+hear connected
+wait_for 450 "the guest never acknowledged 30 records" acked_at_least 30
+table error || fail "cannot start the outage"
+echo "OUTAGE started after $(acks) acknowledged records"
+say outage
+hear end-outage
+linear || fail "cannot end the outage"
+echo "OUTAGE ended"
+say ended
+hear done
+holdfast_outage_finish
+host_teardown
+echo "SCENARIO OK $NAME: qemu.qmp's QMPClient saw BLOCK_IO_ERROR and STOP, was refused cont while storage was broken, resumed the guest after the outage; $acked acknowledged records intact after remount"

@@ -1,0 +1,38 @@
+# An ENOSPC outage: the guest's image is a sparse file on a small ext4 host file
+# system, which fills up mid-run; the guest's next writes into the image's holes fail
+# with ENOSPC. holdfast must stop with io-status nospace (BLOCK_IO_ERROR nospace),
+# keep refusing `cont` while the file system is full (a user `stop` in the middle
+# changes nothing), resume once space is freed, and lose no acknowledged record.
+set -u
+NAME=outage-enospc
+RAMDISK_MB=256
+. "$(dirname "$0")/outage.lib"
+host_setup
+# A sparse image: made here, so that only the blocks its file system wrote exist.
+rm -f "$IMG"
+/usr/sbin/mke2fs -q -t ext4 -F -E lazy_itable_init=0,lazy_journal_init=0 "$IMG" 64M || fail "cannot make the image"
+sync
+echo "IMAGE sparse: $(du -k "$IMG" | cut -f1) KiB allocated of 65536 KiB"
+start_holdfast
+wait_for 450 "the guest never acknowledged 30 records" acked_at_least 30
+dd if=/dev/zero of="$WORK/host/filler" bs=1M 2>/dev/null
+sync
+echo "HOST full: $(df -k "$WORK/host" | awk 'NR == 2 { print $4 }') KiB free, after $(acks) acknowledged records"
+wait_for 120 "holdfast did not stop when the host file system filled up" in_state io-error
+echo "ENOSPC holdfast stopped (io-error) after $(acks) acknowledged records"
+q query-block | grep -q '"io-status": *"nospace"' || { q query-block; fail "io-status is not nospace"; }
+q x-query-unflushed
+q stop || fail "stop failed"
+in_state io-error || fail "a user stop changed the run state of a VM stopped on an error"
+sleep 2
+if q cont > "$WORK/cont.out" 2>&1; then cat "$WORK/cont.out"; fail "cont succeeded while the host file system was full"; fi
+cat "$WORK/cont.out"
+grep -q "ENOSPC" "$WORK/cont.out" || fail "the refused cont does not name ENOSPC"
+in_state io-error || fail "not paused after a failed cont"
+rm -f "$WORK/host/filler"
+sync
+echo "ENOSPC space freed: $(df -k "$WORK/host" | awk 'NR == 2 { print $4 }') KiB free"
+q cont || fail "cont failed after space was freed"
+holdfast_outage_finish
+host_teardown
+echo "SCENARIO OK $NAME: stopped with io-status nospace when the host file system filled up, refused cont while full (and after a user stop), resumed after space was freed; $acked acknowledged records intact after remount"
