@@ -11,22 +11,28 @@ NAME=bench-outage
 RECORDS=0
 . "/scenarios/outage.lib"
 SIZES="1 16 128"
+RUNS=3 # per size; medians are reported
+BURSTS=$(for mib in $SIZES; do for r in $(seq $RUNS); do printf '%s,' "$mib"; done; done)
+BURSTS=${BURSTS%,}
 host_setup
 dd if=/dev/zero of="$IMG" bs=1M count=160 2>/dev/null && sync || fail "cannot make the image"
 "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M \
     --disk "path=$IMG,id=data,unflushed-limit=256M" --qmp "$SOCK" --serial "file:$CONSOLE" \
-    --cmdline "console=ttyS0 panic=-1 holdfast.workload=burst holdfast.burst=$(echo $SIZES | tr ' ' ,)" &
+    --cmdline "console=ttyS0 panic=-1 holdfast.workload=burst holdfast.burst=$BURSTS" &
 pid=$!
 field() { sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p"; }
 # A whole console line (the serial console ends lines with CR LF).
-console_has() { tr -d '\r' < "$CONSOLE" 2>/dev/null | grep -qx "$1"; }
+console_has() { [ -f "$CONSOLE" ] && tr -d '\r' < "$CONSOLE" | grep -qx "$1"; }
 ms() { awk -v ns="$1" 'BEGIN { printf "%.2f", ns / 1e6 }'; }
-for mib in $SIZES; do
-    wait_for 100 "the guest never started its $mib MiB burst" console_has "BURST WRITING $mib"
+: > "$WORK/bench.dat"
+k=0
+for mib in $(echo "$BURSTS" | tr , ' '); do
+    k=$((k + 1))
+    wait_for 100 "the guest never started its $mib MiB burst" console_has "BURST WRITING $k $mib"
     q x-block-fault '{"device": "data", "arm": {"name": "bench", "op": "flush", "errno": "EIO", "when": "once"}}' \
         > /dev/null || fail "cannot arm the fault"
     wait_for 100 "holdfast did not stop on the failed flush after $mib MiB" in_state io-error
-    console_has "BURST WRITTEN $mib" || fail "stopped before the guest wrote its $mib MiB"
+    console_has "BURST WRITTEN $k $mib" || fail "stopped before the guest wrote its $mib MiB"
     buffered=$(q x-query-unflushed | field bytes)
     q cont > /dev/null || fail "cont failed"
     t=$(q x-query-timings)
@@ -34,15 +40,24 @@ for mib in $SIZES; do
     cont_ns=$(echo "$t" | field cont-to-running-ns)
     replay_bytes=$(echo "$t" | field replay-bytes)
     replay_ns=$(echo "$t" | field replay-ns)
-    wait_for 100 "the guest's flush after $mib MiB never returned" console_has "BURST FLUSHED $mib"
+    wait_for 100 "the guest's flush after $mib MiB never returned" console_has "BURST FLUSHED $k $mib"
     seq_ns=$("$WORKLOAD" seqwrite "$WORK/host/seq.dat" "$mib" | sed -n 's/^SEQWRITE [0-9]* //p')
     rm -f "$WORK/host/seq.dat"
     [ -n "$seq_ns" ] || fail "the sequential write baseline failed"
+    [ "$buffered" -ge $((mib * 1048576)) ] || fail "only $buffered bytes buffered for a $mib MiB burst"
+    echo "run: $mib MiB buffered ($buffered bytes): error -> stopped $(ms "$stop_ns") ms, cont -> running" \
+        "$(ms "$cont_ns") ms, replay $(ms "$replay_ns") ms, sequential write $(ms "$seq_ns") ms"
+    echo "$mib $stop_ns $cont_ns $replay_bytes $replay_ns $seq_ns" >> "$WORK/bench.dat"
+done
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+for mib in $SIZES; do
+    col() { awk -v m="$mib" -v c="$1" '$1 == m { print $c }' "$WORK/bench.dat" | median; }
+    stop_ns=$(col 2) cont_ns=$(col 3) replay_bytes=$(col 4) replay_ns=$(col 5) seq_ns=$(col 6)
     ratio=$(awk -v rb="$replay_bytes" -v rn="$replay_ns" -v sb=$((mib * 1048576)) -v sn="$seq_ns" \
         'BEGIN { printf "%.2f", (rb / rn) / (sb / sn) }')
-    echo "BENCH outage $mib MiB buffered ($buffered bytes): error -> vCPUs stopped $(ms "$stop_ns") ms;" \
-        "cont -> running $(ms "$cont_ns") ms (replay of $replay_bytes bytes $(ms "$replay_ns") ms);" \
-        "sequential write of $mib MiB $(ms "$seq_ns") ms; replay rate / sequential write rate = $ratio"
+    echo "BENCH outage, $mib MiB buffered (medians of $RUNS): error -> vCPUs stopped $(ms "$stop_ns") ms;" \
+        "cont -> running $(ms "$cont_ns") ms (replay $(ms "$replay_ns") ms); sequential write of $mib MiB" \
+        "$(ms "$seq_ns") ms; replay rate / sequential write rate = $ratio"
 done
 wait_exit
 [ "$status" -eq 0 ] || fail "holdfast exited with $status"

@@ -22,10 +22,10 @@
 //! until either side closes.
 //!
 //! `workload burst DEVICE MIB...` (the guest's side of the outage benchmark): for
-//! each size, prints `BURST WRITING <mib>`, waits 3 s (the host arms a flush fault),
-//! writes MIB MiB to DEVICE with O_DIRECT and no flush, prints `BURST WRITTEN <mib>`,
-//! then fdatasyncs (the flush that fails on the host and stops the VM) and prints
-//! `BURST FLUSHED <mib>` once it returned.
+//! each size (the k-th, from 1), prints `BURST WRITING <k> <mib>`, waits 3 s (the host
+//! arms a flush fault), writes MIB MiB to DEVICE with O_DIRECT and no flush, prints
+//! `BURST WRITTEN <k> <mib>`, then fdatasyncs (the flush that fails on the host and
+//! stops the VM) and prints `BURST FLUSHED <k> <mib>` once it returned.
 //!
 //! `workload seqwrite FILE MIB` (the benchmark's baseline on the host): overwrites
 //! MIB MiB of FILE (allocated first, untimed) with 1 MiB pwrites and one fdatasync,
@@ -287,18 +287,18 @@ fn burst(device: &str, sizes: &[u64]) -> Result<(), String> {
         .custom_flags(libc::O_DIRECT)
         .open(device)
         .map_err(|e| format!("cannot open {device}: {e}"))?;
-    for &mib in sizes {
-        println!("BURST WRITING {mib}");
+    for (k, &mib) in (1..).zip(sizes) {
+        println!("BURST WRITING {k} {mib}");
         std::thread::sleep(std::time::Duration::from_secs(3));
         let buf = AlignedMib::new(mib as u8);
         for i in 0..mib {
             f.write_all_at(buf.bytes(), i * MIB as u64)
                 .map_err(|e| format!("write of MiB {i}: {e}"))?;
         }
-        println!("BURST WRITTEN {mib}");
+        println!("BURST WRITTEN {k} {mib}");
         f.sync_data()
             .map_err(|e| format!("fdatasync after {mib} MiB: {e}"))?;
-        println!("BURST FLUSHED {mib}");
+        println!("BURST FLUSHED {k} {mib}");
     }
     Ok(())
 }
