@@ -1,0 +1,47 @@
+# Ending holdfast while the guest is stopped on a real outage. `quit` over QMP and
+# SIGTERM while storage is still broken must end holdfast with status 1 and say how
+# many unflushed bytes they drop; SIGTERM after the outage ended (the VM still
+# paused) settles the disk: the buffered bytes are written and flushed, holdfast exits
+# 0, and every acknowledged record is intact after a remount.
+set -u
+NAME=outage-quit
+. "$(dirname "$0")/outage.lib"
+host_setup
+stopped_on_outage() { # starts holdfast on a fresh image, breaks storage, waits for the stop
+    copy_image
+    start_holdfast
+    wait_for 450 "the guest never acknowledged 30 records" acked_at_least 30
+    table error || fail "cannot start the outage"
+    wait_for 60 "holdfast did not stop on the outage" in_state io-error
+    echo "OUTAGE holdfast stopped (io-error) after $(acks) acknowledged records"
+}
+drops_bytes() { # holdfast exited 1 and said how many bytes it dropped
+    [ "$status" -eq 1 ] || fail "$1 with unflushable bytes: holdfast exited $status, not 1"
+    grep -q "disk data: [1-9][0-9]* unflushed bytes dropped" "$WORK/vmm.err" \
+        || fail "$1 with unflushable bytes: holdfast did not say how many it dropped"
+}
+
+stopped_on_outage
+q quit || fail "quit failed"
+wait_exit
+drops_bytes "quit"
+linear || fail "cannot end the outage"
+echo "QUIT while broken: exit 1, $(sed -n 's/.*disk data: \([0-9]*\) unflushed bytes dropped.*/\1/p' "$WORK/vmm.err" | head -n 1) bytes dropped, said so"
+
+stopped_on_outage
+kill -TERM "$pid"
+wait_exit
+drops_bytes "SIGTERM"
+linear || fail "cannot end the outage"
+echo "SIGTERM while broken: exit 1, dropped bytes reported"
+
+stopped_on_outage
+linear || fail "cannot end the outage"
+kill -TERM "$pid"
+wait_exit
+[ "$status" -eq 0 ] || fail "SIGTERM after the outage ended: holdfast exited $status, not 0"
+grep -q "ended by SIGTERM" "$WORK/vmm.err" || fail "SIGTERM: holdfast did not say it settled the disks"
+check_records
+[ "$lost" = 0 ] || fail "SIGTERM after the outage ended lost acknowledged records: $lost"
+host_teardown
+echo "SCENARIO OK $NAME: quit and SIGTERM while storage was broken exit 1 and report the bytes they drop; SIGTERM after the outage settled the disk and exited 0, $acked acknowledged records intact after remount"
