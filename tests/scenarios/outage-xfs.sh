@@ -1,16 +1,9 @@
-# The real host storage outage of the outage scenario, with XFS as the
-# host file system: holdfast stops on the dm error table, refuses cont while storage
-# is broken, resumes after it ends, and every acknowledged record is intact after
+# The real host storage outage of the outage scenario with XFS as the host
+# file system: holdfast stops on the dm error table, refuses cont while storage is
+# broken, resumes after it ends, and every acknowledged record is intact after
 # dropping the host page cache and remounting.
 set -u
 NAME=outage-xfs
 HOST_FS=xfs
 . "$(dirname "$0")/outage.lib"
-host_setup
-holdfast_outage_until_refused_cont
-linear || fail "cannot end the outage"
-echo "OUTAGE ended"
-q cont || fail "cont failed after the outage ended"
-holdfast_outage_finish
-host_teardown
-echo "SCENARIO OK $NAME: stopped on the outage, refused cont while broken, resumed; $acked acknowledged records intact after remount (host xfs)"
+host_fs_outage_scenario

@@ -100,14 +100,15 @@ fn holdfast(kernel: &std::path::Path, disk: &std::path::Path, sock: &std::path::
         .expect("start holdfast")
 }
 
-#[test]
-fn stop_cont_query_and_quit_over_qmp() {
+/// holdfast running a tiny counting guest with one disk, and a negotiated QMP
+/// connection to it; `None` where there is no /dev/kvm and the tests may skip.
+fn running_holdfast() -> Option<(tempfile::TempDir, Reap, Qmp)> {
     if !std::path::Path::new("/dev/kvm").exists() {
         assert!(
             std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
             "this test needs /dev/kvm"
         );
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().expect("dir");
     let kernel = dir.path().join("counting.elf");
@@ -115,8 +116,16 @@ fn stop_cont_query_and_quit_over_qmp() {
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
     let sock = dir.path().join("qmp.sock");
-    let mut child = Reap(holdfast(&kernel, &disk, &sock));
-    let mut q = Qmp::connect(&sock);
+    let child = Reap(holdfast(&kernel, &disk, &sock));
+    let q = Qmp::connect(&sock);
+    Some((dir, child, q))
+}
+
+#[test]
+fn stop_cont_query_and_quit_over_qmp() {
+    let Some((_dir, mut child, mut q)) = running_holdfast() else {
+        return;
+    };
 
     assert_eq!(q.call("query-status", json!({}))["status"], "running");
     assert_eq!(q.call("stop", json!({})), json!({}));
@@ -180,21 +189,9 @@ fn stop_cont_query_and_quit_over_qmp() {
 
 #[test]
 fn sigterm_ends_holdfast_like_quit() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        assert!(
-            std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
-            "this test needs /dev/kvm"
-        );
+    let Some((_dir, mut child, mut q)) = running_holdfast() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("dir");
-    let kernel = dir.path().join("counting.elf");
-    std::fs::write(&kernel, common::counting_guest()).expect("guest");
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let sock = dir.path().join("qmp.sock");
-    let mut child = Reap(holdfast(&kernel, &disk, &sock));
-    let mut q = Qmp::connect(&sock);
+    };
     assert_eq!(q.call("query-status", json!({}))["status"], "running");
     // SAFETY: kill(2) on the child's pid with a valid signal number.
     let r = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
