@@ -39,9 +39,10 @@ Options:
   --serial stdio|file:PATH|none
                        where the guest's serial console goes (default: stdio)
   --qmp PATH           a QMP socket (mode 0600) for QEMU's clients: query-status, stop,
-                       cont, quit, query-block, and holdfast's x-query-unflushed and
-                       x-block-fault; events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR,
-                       X_BLOCK_REPLAY. A stale socket at PATH is replaced.
+                       cont, quit, query-block, and holdfast's x-query-unflushed,
+                       x-block-fault and x-query-timings; events STOP, RESUME,
+                       SHUTDOWN, BLOCK_IO_ERROR, X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED.
+                       A stale socket at PATH is replaced.
   -h, --help           this text
 
 Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;
