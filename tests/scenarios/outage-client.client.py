@@ -1,12 +1,15 @@
 """The client side of the outage-client scenario: QEMU's own Python QMP library
-(qemu.qmp from PyPI, its async QMPClient) drives holdfast through a real host
-storage outage. In the nested test host it reaches holdfast's socket over a
+(qemu.qmp from PyPI) drives holdfast through two real host storage outages in one
+guest, the first with its async QMPClient, the second with its legacy
+QEMUMonitorProtocol. In the nested test host it reaches holdfast's socket over a
 virtio-serial port (QEMU chardev socket outside, `workload relay` inside); on the
 direct path it connects to the socket itself.
 
 Usage: python3 outage-client.client.py QMP CTL_TO_SCENARIO CTL_FROM_SCENARIO
 The control channel (a socket for both directions, or two FIFOs) carries one word a
-line: hello, started, connected, outage, end-outage, ended, done (or `fail WHY`).
+line: hello, started, connected, outage, end-outage, ended, async-done, then
+started, connected, outage, end-outage, ended, done for the second outage (or
+`fail WHY`).
 Prints one line per check and exits 1 on the first failure.
 """
 
@@ -18,6 +21,7 @@ import sys
 import time
 
 from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 qmp_path, ctl_out_path, ctl_in_path = sys.argv[1:4]
 
@@ -145,8 +149,58 @@ async def main():
         status = await qmp.execute("query-status")
         check("query-status: running", status.get("status") == "running", status)
     await qmp.disconnect()
+    ctl.say("async-done")
+
+
+def legacy_next_event(qmp, name, seconds):
+    """The next event named `name` through the legacy client (others are skipped)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        event = qmp.pull_event(wait=max(0.1, deadline - time.time()))
+        if event is None:
+            break
+        print(f"     legacy event {event['event']} {event.get('data', {})}", flush=True)
+        if event["event"] == name:
+            return event
+    check(f"legacy: {name} arrives within {seconds} s", False, "timed out")
+
+
+def legacy_phase():
+    """A second outage in the same guest, driven by the legacy QEMUMonitorProtocol."""
+    if ctl.hear() != "started":
+        check("the scenario restarts the bridge", False)
+    qmp = QEMUMonitorProtocol(qmp_path)
+    greeting = qmp.connect(negotiate=True)
+    check("QEMUMonitorProtocol negotiates with holdfast", greeting and "QMP" in greeting, greeting)
+    raw = qmp.cmd_raw("query-status")
+    check("legacy query-status: running", raw.get("return", {}).get("status") == "running", raw)
+    ctl.say("connected")
+    check("the scenario says outage (the second one)", ctl.hear() == "outage")
+    error = legacy_next_event(qmp, "BLOCK_IO_ERROR", 120)
+    check("legacy: BLOCK_IO_ERROR names the disk", error["data"].get("device") == "data", error)
+    legacy_next_event(qmp, "STOP", 10)
+    check("legacy: STOP follows BLOCK_IO_ERROR", True)
+    raw = qmp.cmd_raw("query-status")
+    check("legacy query-status: io-error", raw.get("return", {}).get("status") == "io-error", raw)
+    raw = qmp.cmd_raw("cont")
+    desc = raw.get("error", {}).get("desc", "")
+    check("legacy: cont refused while broken, naming disk and errno", "data" in desc and "EIO" in desc, raw)
+    failed = legacy_next_event(qmp, "X_BLOCK_REPLAY", 10)
+    check("legacy: X_BLOCK_REPLAY says the replay failed", failed["data"].get("outcome") == "failed", failed)
+    legacy_next_event(qmp, "BLOCK_IO_ERROR", 10)
+    check("legacy: the refused cont sends BLOCK_IO_ERROR again", True)
+    ctl.say("end-outage")
+    check("the scenario says ended (the second outage)", ctl.hear() == "ended")
+    raw = qmp.cmd_raw("cont")
+    check("legacy: cont after the outage succeeds", raw.get("return") == {}, raw)
+    replay = legacy_next_event(qmp, "X_BLOCK_REPLAY", 10)
+    check("legacy: X_BLOCK_REPLAY says ok", replay["data"].get("outcome") == "ok", replay)
+    legacy_next_event(qmp, "RESUME", 10)
+    check("legacy: RESUME follows the replay", True)
+    qmp.close()
     ctl.say("done")
-    print("CLIENT OK", flush=True)
 
 
 asyncio.run(main())
+legacy_phase()
+print("CLIENT OK", flush=True)

@@ -1,13 +1,16 @@
-# The real outage driven by a real third-party QMP client: QEMU's Python library
-# (qemu.qmp, async QMPClient) runs outside the test host (outage-client.client.py)
-# and reaches holdfast's socket over a virtio-serial port, bridged here by `workload
-# relay`; a second port is the control channel between that client and this script
-# (on the direct path: the socket itself and two FIFOs). This script makes and ends
-# the outage when the client says; the client checks BLOCK_IO_ERROR then STOP,
-# query-status/query-block/x-query-unflushed, a refused cont while broken, then cont,
-# X_BLOCK_REPLAY and RESUME. Every acknowledged record must be intact afterwards.
+# Real outages driven by a real third-party QMP client: QEMU's Python library
+# qemu.qmp (its async QMPClient for a first outage, its legacy QEMUMonitorProtocol
+# for a second one in the same guest) runs outside the test host
+# (outage-client.client.py) and reaches holdfast's socket over a virtio-serial port,
+# bridged here by `workload relay`; a second port is the control channel between
+# that client and this script (on the direct path: the socket itself and two FIFOs).
+# This script makes and ends each outage when the client says; the client checks
+# BLOCK_IO_ERROR then STOP, query-status/query-block/x-query-unflushed, a refused
+# cont while broken, then cont, X_BLOCK_REPLAY and RESUME. Every acknowledged
+# record must be intact afterwards.
 set -u
 NAME=outage-client
+RECORDS=600 # the guest must still be running for the second outage
 . "$(dirname "$0")/outage.lib"
 port_named() {
     for d in /sys/class/virtio-ports/*; do
@@ -35,18 +38,33 @@ host_setup
 copy_image
 start_holdfast
 wait_for 60 "holdfast's QMP socket never appeared" test -S "$SOCK"
-if [ -n "$qmp_port" ]; then "$WORKLOAD" relay "$qmp_port" "$SOCK" & fi
-say started
-hear connected
-wait_for 450 "the guest never acknowledged 30 records" acked_at_least 30
-table error || fail "cannot start the outage"
-echo "OUTAGE started after $(acks) acknowledged records"
-say outage
-hear end-outage
-linear || fail "cannot end the outage"
-echo "OUTAGE ended"
-say ended
+relay=
+bridge() { # (re)starts the bridge to the QMP port; a relay ends with its connection
+    if [ -n "$qmp_port" ]; then
+        [ -n "$relay" ] && wait_for 30 "the previous relay did not end" relay_gone
+        "$WORKLOAD" relay "$qmp_port" "$SOCK" &
+        relay=$!
+    fi
+}
+relay_gone() { ! kill -0 "$relay" 2>/dev/null; }
+# One outage, driven by the client: it starts once $1 records are acknowledged.
+client_outage() {
+    bridge
+    say started
+    hear connected
+    wait_for 450 "the guest never acknowledged $1 records" acked_at_least "$1"
+    table error || fail "cannot start the outage"
+    echo "OUTAGE started after $(acks) acknowledged records"
+    say outage
+    hear end-outage
+    linear || fail "cannot end the outage"
+    echo "OUTAGE ended"
+    say ended
+}
+client_outage 30
+hear async-done
+client_outage $(($(acks) + 20))
 hear done
 holdfast_outage_finish
 host_teardown
-echo "SCENARIO OK $NAME: qemu.qmp's QMPClient saw BLOCK_IO_ERROR and STOP, was refused cont while storage was broken, resumed the guest after the outage; $acked acknowledged records intact after remount"
+echo "SCENARIO OK $NAME: qemu.qmp's QMPClient and then its legacy QEMUMonitorProtocol each saw BLOCK_IO_ERROR and STOP, were refused cont while storage was broken, resumed the guest after the outage; $acked acknowledged records intact after remount"
