@@ -2,8 +2,6 @@
 //! machines), a guest instruction the emulator cannot do must end holdfast with a
 //! message that says so and points to the nested test host, not a register dump.
 
-use std::process::Command;
-
 mod common;
 
 fn hardware_virtualization() -> bool {
@@ -25,16 +23,7 @@ fn emulation_failure_is_explained() {
     let dir = tempfile::tempdir().expect("dir");
     let kernel = dir.path().join("cmpxchg16b.elf");
     std::fs::write(&kernel, common::elf(&code)).expect("guest");
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--mem",
-            "128M",
-            "--serial",
-            "none",
-        ])
+    let out = common::holdfast_run(&kernel)
         .output()
         .expect("run holdfast");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -14,7 +14,7 @@ use holdfast_block::{
 };
 use holdfast_qmp::{Args, EventSink, QmpError};
 use holdfast_vmm::owner;
-use holdfast_vmm::vm::{DiskSpec, Exit, Vm, VmConfig, VmEvent};
+use holdfast_vmm::vm::{Exit, Vm, VmEvent};
 use serde_json::{json, Value};
 
 mod common;
@@ -48,32 +48,12 @@ struct Running {
 }
 
 fn start() -> Option<Running> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        assert!(
-            std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
-            "this test needs /dev/kvm"
-        );
+    if !common::kvm_available() {
         return None;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let kernel = dir.path().join("counting.elf");
-    std::fs::write(&kernel, common::counting_guest()).expect("guest");
     let (disk, faults) = stopped_disk();
-    let config = VmConfig {
-        kernel,
-        initrd: None,
-        cmdline: "none".into(),
-        cpus: 1,
-        mem: 128 << 20,
-        disks: vec![DiskSpec {
-            id: "data".into(),
-            disk,
-            path: "memory".into(),
-            direct: false,
-            faults: Some(faults.clone()),
-        }],
-        serial: Box::new(std::io::sink()),
-    };
+    let config = common::counting_vm_config(dir.path(), disk, faults.clone());
     let mut vm = Vm::start(config).expect("start");
     let tx = vm.event_sender();
     let sink = EventSink::new();

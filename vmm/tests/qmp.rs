@@ -80,16 +80,7 @@ impl Drop for Reap {
 }
 
 fn holdfast(kernel: &std::path::Path, disk: &std::path::Path, sock: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().expect("utf-8"),
-            "--mem",
-            "128M",
-            "--serial",
-            "none",
-        ])
+    common::holdfast_run(kernel)
         .arg("--disk")
         .arg(format!("path={},id=data", disk.display()))
         .arg("--qmp")
@@ -103,11 +94,7 @@ fn holdfast(kernel: &std::path::Path, disk: &std::path::Path, sock: &std::path::
 /// holdfast running a tiny counting guest with one disk, and a negotiated QMP
 /// connection to it; `None` where there is no /dev/kvm and the tests may skip.
 fn running_holdfast() -> Option<(tempfile::TempDir, Reap, Qmp)> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        assert!(
-            std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
-            "this test needs /dev/kvm"
-        );
+    if !common::kvm_available() {
         return None;
     }
     let dir = tempfile::tempdir().expect("dir");

@@ -11,11 +11,11 @@ use holdfast_block::{
     Backend, Disk, DiskConfig, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend, Request,
     RequestOp, Trigger,
 };
-use holdfast_vmm::vm::{DiskSpec, Vm, VmConfig};
+use holdfast_vmm::vm::Vm;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::{counting_guest, COUNTER};
+use common::{counting_vm_config, kvm_available, COUNTER};
 
 fn counter(vm: &Vm) -> u64 {
     vm.guest_memory()
@@ -29,18 +29,6 @@ fn advances(vm: &Vm, than: u64) -> bool {
         std::thread::sleep(Duration::from_millis(25));
         counter(vm) > than
     })
-}
-
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
-        "/dev/kvm is missing: this test needs KVM (HOLDFAST_SKIP_KVM_TESTS=1 skips it)"
-    );
-    eprintln!("skipped: no /dev/kvm");
-    false
 }
 
 /// A disk stopped on a host flush error, with one request parked.
@@ -60,24 +48,8 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
         return;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let kernel = dir.path().join("counting.elf");
-    std::fs::write(&kernel, counting_guest()).expect("guest");
     let (disk, faults) = stopped_disk();
-    let config = VmConfig {
-        kernel,
-        initrd: None,
-        cmdline: "none".into(),
-        cpus: 1,
-        mem: 128 << 20,
-        disks: vec![DiskSpec {
-            id: "data".into(),
-            disk,
-            path: "memory".into(),
-            direct: false,
-            faults: Some(faults.clone()),
-        }],
-        serial: Box::new(std::io::sink()),
-    };
+    let config = counting_vm_config(dir.path(), disk, faults.clone());
     let mut vm = Vm::start(config).expect("start");
     assert!(advances(&vm, 0), "the guest runs");
 

@@ -41,3 +41,55 @@ pub fn elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(code);
     elf
 }
+
+/// Whether /dev/kvm is here; without it a test may only skip when
+/// HOLDFAST_SKIP_KVM_TESTS is set (so a CI host that lost KVM fails loudly).
+#[allow(dead_code)]
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HOLDFAST_SKIP_KVM_TESTS").is_some(),
+        "/dev/kvm is missing: this test needs KVM (HOLDFAST_SKIP_KVM_TESTS=1 skips it)"
+    );
+    eprintln!("skipped: no /dev/kvm");
+    false
+}
+
+/// A one-vCPU, 128 MiB machine running the counting guest (written into `dir`) with
+/// `disk` as its one disk, id `data`, in memory.
+#[allow(dead_code)]
+pub fn counting_vm_config(
+    dir: &std::path::Path,
+    disk: holdfast_block::Disk<Box<dyn holdfast_block::Backend>>,
+    faults: holdfast_block::FaultHandle,
+) -> holdfast_vmm::vm::VmConfig {
+    let kernel = dir.join("counting.elf");
+    std::fs::write(&kernel, counting_guest()).expect("guest");
+    holdfast_vmm::vm::VmConfig {
+        kernel,
+        initrd: None,
+        cmdline: "none".into(),
+        cpus: 1,
+        mem: 128 << 20,
+        disks: vec![holdfast_vmm::vm::DiskSpec {
+            id: "data".into(),
+            disk,
+            path: "memory".into(),
+            direct: false,
+            faults: Some(faults),
+        }],
+        serial: Box::new(std::io::sink()),
+    }
+}
+
+/// `holdfast run` with `kernel`, 128 MiB and no serial console; add the rest.
+#[allow(dead_code)]
+pub fn holdfast_run(kernel: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    c.args(["run", "--kernel"])
+        .arg(kernel)
+        .args(["--mem", "128M", "--serial", "none"]);
+    c
+}
