@@ -14,6 +14,12 @@
 //! except guest errors (bad range, write to a read-only disk, unsupported op) and
 //! GET_ID, which touch no storage and complete at once.
 //!
+//! A disk can let go of its image and take it back ([`Disk::detach`],
+//! [`Disk::attach`]) when the host file system under it must be unmounted and
+//! repaired: a detached disk is `Stopped`, keeps its buffer and parked requests, and
+//! cannot replay until it is attached again. Its replay then rewrites the whole buffer,
+//! since the repaired file may have lost anything that no host flush had covered.
+//!
 //! The engine is synchronous and has one owner (the device thread). It tells its
 //! owner about host errors through [`Outcome::error`]; pausing the VM and sending
 //! events is the owner's job. The owner must not run vCPUs between a failed
@@ -21,7 +27,7 @@
 
 use std::collections::VecDeque;
 
-use crate::backend::Backend;
+use crate::backend::{AttachError, Backend};
 use crate::buffer::{BufferStats, ExtentData, FlushTicket, UnflushedBuffer};
 use crate::policy::{ErrorAction, ErrorPolicy, IoStatus};
 use crate::request::{Completion, Request, RequestOp, Status};
@@ -122,11 +128,24 @@ pub struct SettleError {
     pub error: HostError,
 }
 
+/// Why [`Disk::detach`] or [`Disk::attach`] refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachmentError {
+    #[error("the disk is already detached from its image")]
+    AlreadyDetached,
+    #[error("the disk is attached to its image (x-block-detach it first)")]
+    NotDetached,
+    #[error(transparent)]
+    Image(#[from] AttachError),
+}
+
 /// What `x-query-unflushed` shows of a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskStatus {
     pub io_status: IoStatus,
     pub stopped: bool,
+    /// The disk let go of its image ([`Disk::detach`]).
+    pub detached: bool,
     pub parked: usize,
     pub buffer: BufferStats,
     pub last_error: Option<HostError>,
@@ -238,6 +257,7 @@ impl<B: Backend> Disk<B> {
         DiskStatus {
             io_status: self.io_status,
             stopped: self.stopped,
+            detached: self.backend.is_detached(),
             parked: self.parked.len(),
             buffer: self.buffer.stats(),
             last_error: self.last_error,
@@ -482,15 +502,50 @@ impl<B: Backend> Disk<B> {
         Ok((bytes, extents))
     }
 
+    pub fn is_detached(&self) -> bool {
+        self.backend.is_detached()
+    }
+
+    /// Lets go of the image (QMP `x-block-detach`): the backend closes every
+    /// descriptor on it. The disk stops: requests park until it is attached and
+    /// replayed; the buffer and the parked requests stay. The owner calls this only
+    /// while no vCPU runs.
+    pub fn detach(&mut self) -> Result<(), AttachmentError> {
+        if self.is_detached() {
+            return Err(AttachmentError::AlreadyDetached);
+        }
+        self.backend.detach()?;
+        self.stopped = true;
+        // The image that comes back may lack whatever no host flush had covered.
+        self.rewrite_before_flush = true;
+        Ok(())
+    }
+
+    /// Takes the image back (QMP `x-block-attach`), at `path` or where it was. The
+    /// disk stays stopped until [`Disk::replay`]. On refusal nothing changed.
+    pub fn attach(&mut self, path: Option<&std::path::Path>) -> Result<(), AttachmentError> {
+        if !self.is_detached() {
+            return Err(AttachmentError::NotDetached);
+        }
+        self.backend.attach(path)?;
+        Ok(())
+    }
+
     /// Resumes a stopped disk (QMP `cont`): rewrites every buffered extent, flushes
     /// (twice with `keep_extra_flush`), then runs the parked requests in order. Only if all of that succeeded are the
     /// parked requests completed, covered extents released and the disk running
     /// again. On failure everything stays as it was and `replay` may be called again.
     ///
-    /// On a running disk this does nothing and returns an empty report.
+    /// On a running disk this does nothing and returns an empty report. A detached
+    /// disk cannot replay: it fails with `ENOMEDIUM` and nothing changes.
     pub fn replay(&mut self) -> Result<ReplayReport, ReplayError> {
         if !self.stopped {
             return Ok(ReplayReport::default());
+        }
+        if self.is_detached() {
+            return Err(ReplayError {
+                error: HostError::new(crate::HostOp::Write, libc::ENOMEDIUM),
+            });
         }
         self.deferred_release = Some(Vec::new());
         let result = self.replay_steps();
@@ -558,6 +613,12 @@ impl<B: Backend> Disk<B> {
             unflushed_bytes: disk.buffer.bytes(),
             error,
         };
+        if self.is_detached() {
+            return Err(fail(
+                self,
+                HostError::new(crate::HostOp::Flush, libc::ENOMEDIUM),
+            ));
+        }
         if self.stopped {
             self.rewrite_before_flush = true;
         }

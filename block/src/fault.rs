@@ -458,6 +458,23 @@ impl<B: Backend> Backend for FaultInjector<B> {
         self.handle.check(HostOp::Discard, Some((offset, len)))?;
         self.inner.discard(offset, len)
     }
+
+    // Rules stay armed across a detach and an attach: they belong to the disk.
+    fn detach(&mut self) -> Result<(), crate::backend::AttachError> {
+        self.inner.detach()
+    }
+
+    fn attach(&mut self, path: Option<&Path>) -> Result<(), crate::backend::AttachError> {
+        self.inner.attach(path)
+    }
+
+    fn is_detached(&self) -> bool {
+        self.inner.is_detached()
+    }
+
+    fn image(&self) -> Option<&Path> {
+        self.inner.image()
+    }
 }
 
 #[cfg(test)]

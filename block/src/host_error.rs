@@ -80,6 +80,7 @@ pub const ERRNO_NAMES: &[(&str, i32)] = &[
     ("ETIMEDOUT", libc::ETIMEDOUT),
     ("ENXIO", libc::ENXIO),
     ("ENODEV", libc::ENODEV),
+    ("ENOMEDIUM", libc::ENOMEDIUM),
     ("EAGAIN", libc::EAGAIN),
     ("EINVAL", libc::EINVAL),
     ("EBADF", libc::EBADF),

@@ -28,10 +28,11 @@ pub mod oracle;
 pub mod policy;
 pub mod request;
 
-pub use backend::{Backend, Capabilities, FileBackend, FileOptions, MemBackend};
+pub use backend::{AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend};
 pub use buffer::{BufferStats, UnflushedBuffer};
 pub use disk::{
-    Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError, ReplayReport, SettleError,
+    AttachmentError, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError,
+    ReplayReport, SettleError,
 };
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
 pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};

@@ -4,6 +4,11 @@
 //! cache and [`Backend::flush`] is `fdatasync`. With [`FileOptions::direct`] the file is
 //! opened `O_DIRECT` and every transfer goes through an aligned bounce buffer, with
 //! read-modify-write at unaligned edges, so callers may still use any offset.
+//!
+//! The backend can let go of its image ([`Backend::detach`]: the descriptor is
+//! closed, so the host file system can be unmounted and repaired) and take it back
+//! ([`Backend::attach`]), at the same path or another, with the same options and
+//! size. While detached every call fails with `ENOMEDIUM`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -44,10 +49,42 @@ pub enum OpenError {
     DirectUnaligned { path: PathBuf, size: u64 },
 }
 
+/// Why an image could not be taken back; the backend is left as it was (detached).
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("this disk's storage is not an image file: it cannot be detached or attached")]
+    Unsupported,
+    #[error("{path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("{path} is a directory, not an image")]
+    Directory { path: PathBuf },
+    #[error("{path} is neither a regular file nor a block device")]
+    NotAnImage { path: PathBuf },
+    #[error("{path} is {size} bytes, but the disk is {expected} bytes")]
+    Size {
+        path: PathBuf,
+        size: u64,
+        expected: u64,
+    },
+    #[error("{path} is read-only (mode {mode:o}), but the disk is writable")]
+    ReadOnly { path: PathBuf, mode: u32 },
+    #[error("cannot look at {path}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Open(#[from] OpenError),
+}
+
 /// A raw image file.
 #[derive(Debug)]
 pub struct FileBackend {
-    file: File,
+    /// `None` while detached.
+    file: Option<File>,
+    path: PathBuf,
+    options: FileOptions,
     size: u64,
     direct: bool,
     regular: bool,
@@ -81,7 +118,9 @@ impl FileBackend {
         }
         let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
         Ok(FileBackend {
-            file,
+            file: Some(file),
+            path: path.to_owned(),
+            options,
             size,
             direct: options.direct,
             regular,
@@ -91,6 +130,62 @@ impl FileBackend {
 
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// The open image, or `ENOMEDIUM` while detached.
+    fn file(&self) -> io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+
+    /// Checks `path` as a replacement for this backend's image, then opens it with
+    /// the original options. Nothing changes on failure.
+    fn reopen(&self, path: &Path) -> Result<FileBackend, AttachError> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(AttachError::Missing {
+                    path: path.to_owned(),
+                })
+            }
+            Err(source) => {
+                return Err(AttachError::Stat {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            return Err(AttachError::Directory {
+                path: path.to_owned(),
+            });
+        }
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(AttachError::NotAnImage {
+                path: path.to_owned(),
+            });
+        }
+        // Root may open a file without write permission for writing; the file's mode
+        // still says it is not meant to be written.
+        let mode = meta.permissions().mode() & 0o7777;
+        if !self.options.read_only && kind.is_file() && mode & 0o222 == 0 {
+            return Err(AttachError::ReadOnly {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let new = FileBackend::open(path, self.options)?;
+        if new.size != self.size {
+            return Err(AttachError::Size {
+                path: path.to_owned(),
+                size: new.size,
+                expected: self.size,
+            });
+        }
+        Ok(new)
     }
 
     /// An aligned window of `len` bytes in the bounce space.
@@ -121,7 +216,7 @@ impl FileBackend {
 
     fn read_direct(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let (start, end) = align_out(offset, buf.len() as u64);
-        let file = self.file.try_clone()?;
+        let file = self.file()?.try_clone()?;
         let window = self.bounce((end - start) as usize);
         Self::read_plain(&file, window, start)?;
         let skip = (offset - start) as usize;
@@ -135,7 +230,7 @@ impl FileBackend {
             return Ok(());
         }
         let (start, end) = align_out(offset, len);
-        let file = self.file.try_clone()?;
+        let file = self.file()?.try_clone()?;
         let window = self.bounce((end - start) as usize);
         // Read-modify-write only the edge blocks the caller does not cover.
         let block = DIRECT_ALIGN as usize;
@@ -155,6 +250,7 @@ impl FileBackend {
     }
 
     fn write_vectored_plain(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let fd = self.file()?.as_raw_fd();
         let mut iovs: Vec<libc::iovec> = bufs
             .iter()
             .filter(|b| !b.is_empty())
@@ -169,14 +265,7 @@ impl FileBackend {
             let batch = &iovs[first..iovs.len().min(first + IOV_MAX)];
             // SAFETY: every iovec points into a live `&[u8]` of `bufs` (or a suffix of
             // one, see below) for its full `iov_len`; pwritev only reads them.
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    batch.as_ptr(),
-                    batch.len() as i32,
-                    at as i64,
-                )
-            };
+            let n = unsafe { libc::pwritev(fd, batch.as_ptr(), batch.len() as i32, at as i64) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -207,8 +296,9 @@ impl FileBackend {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let fd = self.file()?.as_raw_fd();
         // SAFETY: fallocate takes a file descriptor we own and plain integers.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
         if r == 0 {
             Ok(())
         } else {
@@ -249,7 +339,7 @@ impl Backend for FileBackend {
         let r = if self.direct {
             self.read_direct(buf, offset)
         } else {
-            Self::read_plain(&self.file, buf, offset)
+            self.file().and_then(|f| Self::read_plain(f, buf, offset))
         };
         r.map_err(|e| HostError::from_io(HostOp::Read, &e))
     }
@@ -258,7 +348,7 @@ impl Backend for FileBackend {
         let r = if self.direct {
             self.write_direct(&[buf], offset)
         } else {
-            self.file.write_all_at(buf, offset)
+            self.file().and_then(|f| f.write_all_at(buf, offset))
         };
         r.map_err(|e| HostError::from_io(HostOp::Write, &e))
     }
@@ -273,12 +363,13 @@ impl Backend for FileBackend {
     }
 
     fn flush(&mut self) -> Result<(), HostError> {
-        self.file
-            .sync_data()
+        self.file()
+            .and_then(File::sync_data)
             .map_err(|e| HostError::from_io(HostOp::Flush, &e))
     }
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
+        let Some(file) = &self.file else { return };
         if self.direct || !self.regular {
             return;
         }
@@ -286,7 +377,7 @@ impl Backend for FileBackend {
         // A failure here only loses the head start; the flush reports real errors.
         unsafe {
             libc::sync_file_range(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 offset as i64,
                 len as i64,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -327,6 +418,27 @@ impl Backend for FileBackend {
             Err(e) if unsupported(&e) => Ok(()),
             r => r.map_err(|e| HostError::from_io(HostOp::Discard, &e)),
         }
+    }
+
+    fn detach(&mut self) -> Result<(), AttachError> {
+        // The only descriptor on the image: O_DIRECT's duplicates live for one call.
+        self.file = None;
+        self.bounce = Vec::new();
+        Ok(())
+    }
+
+    fn attach(&mut self, path: Option<&Path>) -> Result<(), AttachError> {
+        let path = path.unwrap_or(&self.path).to_owned();
+        *self = self.reopen(&path)?;
+        Ok(())
+    }
+
+    fn is_detached(&self) -> bool {
+        self.file.is_none()
+    }
+
+    fn image(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 }
 

@@ -7,8 +7,10 @@
 mod file;
 mod mem;
 
-pub use file::{FileBackend, FileOptions, OpenError};
+pub use file::{AttachError, FileBackend, FileOptions, OpenError};
 pub use mem::MemBackend;
+
+use std::path::Path;
 
 use crate::{HostError, HostOp};
 
@@ -74,6 +76,30 @@ pub trait Backend: Send {
         let _ = (offset, len);
         Err(HostError::new(HostOp::Discard, libc::EOPNOTSUPP))
     }
+
+    /// Lets go of the host image: closes every descriptor on it, so that its file
+    /// system can be unmounted and repaired. Until [`Backend::attach`] every call
+    /// fails with `ENOMEDIUM`. Backends with no image refuse.
+    fn detach(&mut self) -> Result<(), AttachError> {
+        Err(AttachError::Unsupported)
+    }
+
+    /// Takes the image back, at `path` or (`None`) where it was, with the options it
+    /// was first opened with. Refuses, changing nothing, an image of another size, a
+    /// directory, a missing path, a read-only file for a writable disk.
+    fn attach(&mut self, path: Option<&Path>) -> Result<(), AttachError> {
+        let _ = path;
+        Err(AttachError::Unsupported)
+    }
+
+    fn is_detached(&self) -> bool {
+        false
+    }
+
+    /// Where the image lives on the host, for backends that have one.
+    fn image(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// Writes `len` zero bytes from `offset` in bounded chunks.
@@ -120,5 +146,17 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), HostError> {
         (**self).discard(offset, len)
+    }
+    fn detach(&mut self) -> Result<(), AttachError> {
+        (**self).detach()
+    }
+    fn attach(&mut self, path: Option<&Path>) -> Result<(), AttachError> {
+        (**self).attach(path)
+    }
+    fn is_detached(&self) -> bool {
+        (**self).is_detached()
+    }
+    fn image(&self) -> Option<&Path> {
+        (**self).image()
     }
 }
