@@ -40,9 +40,10 @@ Options:
                        where the guest's serial console goes (default: stdio)
   --qmp PATH           a QMP socket (mode 0600) for QEMU's clients: query-status, stop,
                        cont, quit, query-block, and holdfast's x-query-unflushed,
-                       x-block-fault and x-query-timings; events STOP, RESUME,
-                       SHUTDOWN, BLOCK_IO_ERROR, X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED.
-                       A stale socket at PATH is replaced.
+                       x-block-fault, x-query-timings, x-block-detach and
+                       x-block-attach; events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR,
+                       X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED. A stale socket at PATH is
+                       replaced.
   -h, --help           this text
 
 Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;
@@ -53,6 +54,13 @@ at the end (storage still broken) makes any of the 0 cases 1.
 
 Signals: SIGTERM, SIGINT and SIGHUP end holdfast like QMP quit: the guest is paused, every
 disk's buffered bytes are written and flushed, and what cannot be is reported per disk.
+
+On a host storage error (werror=stop) the guest pauses and every guest write no host flush
+has covered stays in holdfast's memory; `cont` writes it again, flushes, and resumes. When
+the host file system itself went down (ext4 read-only after a journal abort: cont fails
+with EROFS; XFS shut down: EIO after the device is back), `x-block-detach` lets go of the
+image so the file system can be unmounted, repaired and mounted again; `x-block-attach`
+takes it back; `cont` then replays. The contract, step by step: docs/durability.md.
 ";
 
 /// Where the serial console goes.

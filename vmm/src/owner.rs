@@ -10,6 +10,11 @@
 //!   any --poweroff/reboot/panic/quit/SIGTERM--> shutdown
 //! ```
 //!
+//! While paused (either way), `x-block-detach` lets a disk go of its image and
+//! `x-block-attach` takes it back; the run state does not change, but `cont` is
+//! refused, with nothing changed, while any disk is detached. After an attach `cont`
+//! replays that disk like any stopped one.
+//!
 //! Events, in order: a host error sends `BLOCK_IO_ERROR` then (if the VM stops)
 //! `STOP`; a successful `cont` sends `X_BLOCK_REPLAY` per replayed disk, then
 //! `RESUME`; the end sends `SHUTDOWN`.
@@ -21,7 +26,7 @@ use holdfast_qmp::{Args, EventSink, Machine, QmpError};
 use kvm_bindings::kvm_clock_data;
 use serde_json::{json, Value};
 
-use crate::vm::{Exit, Vm, VmEvent};
+use crate::vm::{AttachFailure, Exit, ResumeFailure, Vm, VmEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -50,6 +55,8 @@ pub const COMMANDS: &[&str] = &[
     "x-query-unflushed",
     "x-block-fault",
     "x-query-timings",
+    "x-block-detach",
+    "x-block-attach",
 ];
 
 /// The latest stop on a host error and the `cont` that resumed from it, for the
@@ -251,14 +258,21 @@ fn execute(
             vm.disks()
                 .iter()
                 .map(|d| {
-                    json!({
+                    let mut info = json!({
                         "device": d.id, "qdev": d.id, "locked": false, "removable": false, "type": "unknown",
                         "io-status": d.status.io_status.as_str(),
-                        "inserted": {
+                        "x-detached": d.status.detached,
+                    });
+                    // As QEMU shows a drive with no medium: no "inserted".
+                    if d.status.detached {
+                        info["x-detached-from"] = json!(d.path);
+                    } else {
+                        info["inserted"] = json!({
                             "file": d.path, "node-name": d.id, "drv": "raw", "ro": d.read_only,
                             "cache": {"writeback": d.writeback, "direct": d.direct, "no-flush": false},
-                        },
-                    })
+                        });
+                    }
+                    info
                 })
                 .collect(),
         )),
@@ -271,6 +285,7 @@ fn execute(
                         "device": d.id,
                         "bytes": s.buffer.bytes, "extents": s.buffer.extents, "peak-bytes": s.buffer.peak_bytes,
                         "parked": s.parked, "io-status": s.io_status.as_str(), "internal-flushes": s.internal_flushes,
+                        "detached": s.detached,
                         "last-error": s.last_error.map(|e| json!({
                             "operation": e.op.to_string(), "errno": e.errno_name(), "desc": errno_desc(&e),
                         })),
@@ -279,6 +294,8 @@ fn execute(
                 .collect(),
         )),
         "x-block-fault" => block_fault(vm, args),
+        "x-block-detach" => block_detach(vm, *state, args),
+        "x-block-attach" => block_attach(vm, args),
         other => Err(QmpError::generic(format!("{other} is not handled"))),
     };
     (r, false)
@@ -309,28 +326,95 @@ fn cont(
             events.emit("RESUME", Value::Null);
             Ok(replayed)
         }
-        Err(f) => {
+        // Refused before anything ran: the run state stays as it was.
+        Err(f @ ResumeFailure::Detached { .. }) => Err(QmpError::generic(format!(
+            "{f}; the VM stays paused (see docs/durability.md)"
+        ))),
+        Err(ResumeFailure::Replay { disk, error }) => {
             *state = RunState::IoError;
-            if let Some(error) = f.error {
-                let report = IoErrorReport {
-                    error,
-                    action: ErrorAction::Stop,
-                };
-                events.emit(
-                    "X_BLOCK_REPLAY",
-                    json!({"device": f.disk, "outcome": "failed", "errno": error.errno_name()}),
-                );
-                block_io_error(events, &f.disk, &report);
-                Err(QmpError::generic(format!(
-                    "disk {}: replay failed: {} ({}); the VM stays paused",
-                    f.disk,
-                    error.errno_name(),
-                    errno_desc(&error)
-                )))
-            } else {
-                Err(QmpError::generic(format!("{f}; the VM stays paused")))
-            }
+            let report = IoErrorReport {
+                error,
+                action: ErrorAction::Stop,
+            };
+            events.emit(
+                "X_BLOCK_REPLAY",
+                json!({"device": disk, "outcome": "failed", "errno": error.errno_name()}),
+            );
+            block_io_error(events, &disk, &report);
+            Err(QmpError::generic(format!(
+                "disk {disk}: replay failed: {} ({}); the VM stays paused{}",
+                error.errno_name(),
+                errno_desc(&error),
+                next_step(error.errno),
+            )))
         }
+        Err(f @ ResumeFailure::Queue { .. }) => {
+            *state = RunState::IoError;
+            Err(QmpError::generic(format!("{f}; the VM stays paused")))
+        }
+    }
+}
+
+/// What the operator can do when a replay fails with `errno`, for `cont`'s error.
+fn next_step(errno: i32) -> &'static str {
+    match errno {
+        libc::EROFS => {
+            ". The host file system holding the image has turned read-only (ext4 does when \
+             a journal commit fails) and stays so until it is mounted again: x-block-detach \
+             the disk, unmount the file system, repair it (fsck), mount it, x-block-attach \
+             the disk, then cont. Nothing buffered is lost meanwhile (docs/durability.md)"
+        }
+        libc::EIO => {
+            ". If the storage is back and cont still fails with EIO, the host file system \
+             may have shut down (XFS does when a log write fails): x-block-detach the disk, \
+             unmount, repair and mount the file system, x-block-attach the disk, then cont \
+             (docs/durability.md)"
+        }
+        libc::ENOSPC | libc::EDQUOT => ". Free space on the host file system, then cont",
+        _ => "",
+    }
+}
+
+fn block_detach(vm: &Vm, state: RunState, args: &Args) -> Result<Value, QmpError> {
+    args.only(&["device"])?;
+    let device = args.str("device")?;
+    let Some(disk) = vm.disks().into_iter().find(|d| d.id == device) else {
+        return Err(QmpError::device_not_found(device));
+    };
+    if state == RunState::Running {
+        return Err(QmpError::generic(format!(
+            "disk {device}: the VM is running; a disk can let go of its image only while \
+             the VM is paused (stop, or a pause on an I/O error)"
+        )));
+    }
+    vm.detach_disk(device).map_err(attach_error)?;
+    eprintln!(
+        "holdfast: disk {device}: detached from {}; {} buffered bytes and {} parked requests \
+         kept in memory",
+        disk.path, disk.status.buffer.bytes, disk.status.parked
+    );
+    Ok(json!({}))
+}
+
+fn block_attach(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
+    args.only(&["device", "filename"])?;
+    let device = args.str("device")?;
+    let filename = args.opt_str("filename")?;
+    vm.attach_disk(device, filename.map(std::path::Path::new))
+        .map_err(attach_error)?;
+    if let Some(d) = vm.disks().into_iter().find(|d| d.id == device) {
+        eprintln!(
+            "holdfast: disk {device}: attached to {}; cont replays its {} buffered bytes",
+            d.path, d.status.buffer.bytes
+        );
+    }
+    Ok(json!({}))
+}
+
+fn attach_error(e: AttachFailure) -> QmpError {
+    match e {
+        AttachFailure::NoSuchDisk(d) => QmpError::device_not_found(&d),
+        e @ AttachFailure::Disk { .. } => QmpError::generic(format!("{e}; nothing changed")),
     }
 }
 

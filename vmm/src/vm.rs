@@ -22,7 +22,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use holdfast_block::{Backend, Disk, DiskStatus, FaultHandle, HostError, IoErrorReport};
+use holdfast_block::{
+    AttachmentError, Backend, Disk, DiskStatus, FaultHandle, HostError, IoErrorReport,
+};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -129,13 +131,29 @@ pub struct Replayed {
     pub duration: std::time::Duration,
 }
 
-/// Why `resume` did not resume: the disk whose replay failed.
+/// Why `resume` did not resume, naming the disk. Nothing ran.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("disk {disk}: {message}")]
-pub struct ResumeFailure {
-    pub disk: String,
-    pub error: Option<HostError>,
-    pub message: String,
+pub enum ResumeFailure {
+    /// The disk let go of its image; checked before any disk is replayed.
+    #[error("disk {disk} is detached from its image (x-block-attach it first)")]
+    Detached { disk: String },
+    /// The disk's replay failed: it stays stopped with everything it kept.
+    #[error("disk {disk}: replay failed: {error}")]
+    Replay { disk: String, error: HostError },
+    #[error("disk {disk}: {message}")]
+    Queue { disk: String, message: String },
+}
+
+/// Why `x-block-detach` or `x-block-attach` refused, naming the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachFailure {
+    #[error("no disk {0}")]
+    NoSuchDisk(String),
+    #[error("disk {disk}: {}", error_chain(.error))]
+    Disk {
+        disk: String,
+        error: AttachmentError,
+    },
 }
 
 /// How the machine ended.
@@ -424,6 +442,16 @@ impl Vm {
         &mut self,
         clock: Option<kvm_bindings::kvm_clock_data>,
     ) -> Result<Vec<Replayed>, ResumeFailure> {
+        // A detached disk refuses before anything is replayed, so nothing changes.
+        if let Some(slot) = self
+            .slots
+            .iter()
+            .find(|s| s.lock().device().disk().is_detached())
+        {
+            return Err(ResumeFailure::Detached {
+                disk: slot.id.clone(),
+            });
+        }
         let mut replayed = Vec::new();
         for slot in &self.slots {
             let mut t = slot.lock();
@@ -446,14 +474,16 @@ impl Vm {
                     }
                 }
                 Err(e) => {
-                    let error = match &e {
-                        crate::virtio::block::ResumeError::Replay(r) => Some(r.error),
-                        crate::virtio::block::ResumeError::Queue(_) => None,
-                    };
-                    return Err(ResumeFailure {
-                        disk: slot.id.clone(),
-                        error,
-                        message: error_chain(&e),
+                    let disk = slot.id.clone();
+                    return Err(match e {
+                        crate::virtio::block::ResumeError::Replay(r) => ResumeFailure::Replay {
+                            disk,
+                            error: r.error,
+                        },
+                        e @ crate::virtio::block::ResumeError::Queue(_) => ResumeFailure::Queue {
+                            disk,
+                            message: error_chain(&e),
+                        },
                     });
                 }
             }
@@ -484,7 +514,11 @@ impl Vm {
                 let disk = t.device().disk();
                 DiskInfo {
                     id: slot.id.clone(),
-                    path: slot.path.clone(),
+                    // Where the disk is attached now (x-block-attach may move it).
+                    path: disk
+                        .backend()
+                        .image()
+                        .map_or_else(|| slot.path.clone(), |p| p.display().to_string()),
                     direct: slot.direct,
                     read_only: disk.config().read_only,
                     writeback: disk.config().writeback,
@@ -492,6 +526,46 @@ impl Vm {
                 }
             })
             .collect()
+    }
+
+    fn slot(&self, id: &str) -> Result<&Arc<MmioSlot>, AttachFailure> {
+        self.slots
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| AttachFailure::NoSuchDisk(id.to_owned()))
+    }
+
+    /// Lets a disk go of its image (every descriptor closed), keeping its buffer and
+    /// parked requests; the disk is stopped until attached and replayed. The owner
+    /// calls this only while the vCPUs are paused.
+    pub fn detach_disk(&self, id: &str) -> Result<(), AttachFailure> {
+        let slot = self.slot(id)?;
+        let mut t = slot.lock();
+        t.device_mut()
+            .disk_mut()
+            .detach()
+            .map_err(|error| AttachFailure::Disk {
+                disk: id.to_owned(),
+                error,
+            })
+    }
+
+    /// Opens a detached disk's image again (`path`, or the one it had) with its
+    /// original options. On refusal nothing changed. The next `cont` replays it.
+    pub fn attach_disk(
+        &self,
+        id: &str,
+        path: Option<&std::path::Path>,
+    ) -> Result<(), AttachFailure> {
+        let slot = self.slot(id)?;
+        let mut t = slot.lock();
+        t.device_mut()
+            .disk_mut()
+            .attach(path)
+            .map_err(|error| AttachFailure::Disk {
+                disk: id.to_owned(),
+                error,
+            })
     }
 
     /// The fault-injection handle of a disk, if it has one.
@@ -508,8 +582,15 @@ impl Vm {
     pub fn settle_disks(&self) -> Vec<(String, u64, String)> {
         let mut dropped = Vec::new();
         for slot in &self.slots {
-            if let Err(e) = slot.lock().device_mut().disk_mut().settle() {
-                dropped.push((slot.id.clone(), e.unflushed_bytes, e.error.to_string()));
+            let mut t = slot.lock();
+            let disk = t.device_mut().disk_mut();
+            if let Err(e) = disk.settle() {
+                let why = if disk.is_detached() {
+                    "the disk is detached from its image".to_owned()
+                } else {
+                    e.error.to_string()
+                };
+                dropped.push((slot.id.clone(), e.unflushed_bytes, why));
             }
         }
         dropped

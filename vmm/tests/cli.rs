@@ -56,6 +56,9 @@ fn run_help_documents_every_option() {
         "--qmp",
         "werror=",
         "unflushed-limit=",
+        "x-block-detach",
+        "x-block-attach",
+        "docs/durability.md",
     ] {
         assert!(out.contains(option), "{option} missing from run --help");
     }

@@ -11,7 +11,7 @@ use holdfast_block::{
     Backend, Disk, DiskConfig, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend, Request,
     RequestOp, Trigger,
 };
-use holdfast_vmm::vm::Vm;
+use holdfast_vmm::vm::{ResumeFailure, Vm};
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
@@ -60,8 +60,12 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
 
     // The disk is still broken: resume must fail, name the disk, and run nothing.
     let err = vm.resume(clock).expect_err("replay fails");
-    assert_eq!(err.disk, "data");
-    assert_eq!(err.error.map(|e| e.errno), Some(libc::EIO), "{err}");
+    match &err {
+        ResumeFailure::Replay { disk, error } => {
+            assert_eq!((disk.as_str(), error.errno), ("data", libc::EIO), "{err}")
+        }
+        other => panic!("not a replay failure: {other}"),
+    }
     assert!(
         err.to_string().contains("disk data") && err.to_string().contains("EIO"),
         "{err}"

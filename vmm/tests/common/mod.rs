@@ -65,6 +65,24 @@ pub fn counting_vm_config(
     disk: holdfast_block::Disk<Box<dyn holdfast_block::Backend>>,
     faults: holdfast_block::FaultHandle,
 ) -> holdfast_vmm::vm::VmConfig {
+    counting_vm_with_disks(
+        dir,
+        vec![holdfast_vmm::vm::DiskSpec {
+            id: "data".into(),
+            disk,
+            path: "memory".into(),
+            direct: false,
+            faults: Some(faults),
+        }],
+    )
+}
+
+/// The same machine with the disks given.
+#[allow(dead_code)]
+pub fn counting_vm_with_disks(
+    dir: &std::path::Path,
+    disks: Vec<holdfast_vmm::vm::DiskSpec>,
+) -> holdfast_vmm::vm::VmConfig {
     let kernel = dir.join("counting.elf");
     std::fs::write(&kernel, counting_guest()).expect("guest");
     holdfast_vmm::vm::VmConfig {
@@ -73,13 +91,7 @@ pub fn counting_vm_config(
         cmdline: "none".into(),
         cpus: 1,
         mem: 128 << 20,
-        disks: vec![holdfast_vmm::vm::DiskSpec {
-            id: "data".into(),
-            disk,
-            path: "memory".into(),
-            direct: false,
-            faults: Some(faults),
-        }],
+        disks,
         serial: Box::new(std::io::sink()),
     }
 }
