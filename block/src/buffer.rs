@@ -1,5 +1,5 @@
 //! The unflushed buffer: per disk, the bytes of guest writes that no successful host
-//! flush has covered yet (SEMANTICS.md, "Terms").
+//! flush has covered yet (docs/durability.md, "Words used here").
 //!
 //! An extent map keyed by byte offset. A newer write replaces the overlapping part of
 //! older extents, byte-exact. Every extent carries the sequence number it was handed

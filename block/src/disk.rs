@@ -1,4 +1,4 @@
-//! The disk engine: runs guest [`Request`]s against a [`Backend`] as SEMANTICS.md says.
+//! The disk engine: runs guest [`Request`]s against a [`Backend`] as docs/durability.md says.
 //!
 //! ```text
 //!                 host write/flush error, action stop
@@ -43,7 +43,7 @@ pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 /// Longest serial GET_ID returns (virtio's `VIRTIO_BLK_ID_BYTES`).
 pub const ID_BYTES: usize = 20;
 
-/// How a disk behaves; see SEMANTICS.md for each knob.
+/// How a disk behaves; see docs/durability.md for each knob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Write-back (the guest flushes) or writethrough (every write is flushed).

@@ -4,7 +4,7 @@
 //! successful host flush covers it; when a host write or flush fails, the disk's
 //! [error policy](ErrorPolicy) decides, and under `stop` the request is parked and the
 //! disk stops until [`Disk::replay`] rewrites the buffer, flushes and runs what was
-//! parked. `../shared/SEMANTICS.md` is the contract this crate implements.
+//! parked. `docs/durability.md` is the contract this crate implements.
 //!
 //! Following a failed `fdatasync` by name: [`Request`] -> [`Disk::submit`] ->
 //! [`Backend::flush`] returns a [`HostError`] -> [`ErrorPolicy::action`] -> parked,

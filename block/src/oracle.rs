@@ -1,4 +1,4 @@
-//! A reference model of SEMANTICS.md's invariant, to check a disk from the guest's
+//! A reference model of docs/durability.md's invariant, to check a disk from the guest's
 //! side and the host's.
 //!
 //! The oracle follows what the guest submitted and how each request completed. Write

@@ -1,4 +1,4 @@
-//! Letting go of the image and taking it back (SEMANTICS.md, "When the host file
+//! Letting go of the image and taking it back (docs/durability.md, "When the host file
 //! system itself fails"), on real files: a detached disk holds no descriptor on its
 //! image, keeps its buffer and parked requests, refuses a wrong replacement with
 //! nothing changed, and after an attach replays every buffered byte into the file.

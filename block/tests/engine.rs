@@ -1,4 +1,4 @@
-//! The disk engine against SEMANTICS.md, one edge at a time, on in-memory and
+//! The disk engine against docs/durability.md, one edge at a time, on in-memory and
 //! simulated page-cache hosts with injected faults.
 
 use holdfast_block::*;

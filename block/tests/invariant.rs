@@ -1,6 +1,6 @@
 //! Property tests: random interleavings of guest reads, writes, zeroes and flushes
 //! with host outages, evictions, background write-back and `cont`s, on every host
-//! model, checked against the oracle of SEMANTICS.md's invariant.
+//! model, checked against the oracle of docs/durability.md's invariant.
 
 use std::collections::VecDeque;
 

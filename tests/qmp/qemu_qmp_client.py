@@ -135,9 +135,29 @@ def shell(sock):
         check("holdfast exits 0 after qmp-shell quit", finish(proc) == 0)
 
 
+def shell_detach_attach(sock):
+    """The README's recovery session, typed into qmp-shell (key=value arguments)."""
+    proc = start(sock)
+    try:
+        session = ("stop\nx-block-detach device=data\nquery-block\ncont\n"
+                   "x-block-attach device=data filename=/nonexistent.img\n"
+                   "x-block-attach device=data\ncont\nquery-status\nquit\n")
+        out = subprocess.run(["qmp-shell", sock], input=session, capture_output=True, text=True, timeout=30)
+        text = out.stdout
+        print("     qmp-shell session:\n" + "\n".join("       " + l for l in text.splitlines()[-9:]))
+        check("qmp-shell: x-block-detach", text.count('{"return": {}}') >= 4, text)
+        check("qmp-shell: query-block shows the disk detached", '"x-detached": true' in text, text)
+        check("qmp-shell: cont refused while detached, naming the disk", "disk data is detached" in text, text)
+        check("qmp-shell: x-block-attach refuses a missing file", "/nonexistent.img does not exist" in text, text)
+        check("qmp-shell: cont after x-block-attach runs the guest", '"status": "running"' in text, text)
+    finally:
+        check("holdfast exits 0 after qmp-shell quit (detach session)", finish(proc) == 0)
+
+
 asyncio.run(async_client(os.path.join(work, "async.sock")))
 legacy_client(os.path.join(work, "legacy.sock"))
 shell(os.path.join(work, "shell.sock"))
+shell_detach_attach(os.path.join(work, "detach.sock"))
 passed = sum(results)
 print(f"{passed} passed, {len(results) - passed} failed")
 sys.exit(0 if all(results) else 1)

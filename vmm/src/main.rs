@@ -19,6 +19,9 @@ Commands:
   run        boot a guest (holdfast run --help)
   help       print this text
 
+What holdfast promises a guest's data through host storage outages, and what the
+operator does when the host file system itself goes down: docs/durability.md.
+
 To rerun storage outages against QEMU-like strategies on simulated host file systems:
   cargo run --release -p holdfast-block --example outage-matrix
 

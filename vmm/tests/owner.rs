@@ -1,4 +1,4 @@
-//! The run-state owner's contract with QMP (SEMANTICS.md, "Host errors"): a host
+//! The run-state owner's contract with QMP (docs/durability.md, "When a host write or flush fails"): a host
 //! error under `stop` sends BLOCK_IO_ERROR then STOP and leaves the VM in io-error;
 //! `cont` while storage is broken fails naming the disk and errno, re-sends
 //! BLOCK_IO_ERROR and stays paused; a `cont` that replays sends X_BLOCK_REPLAY then
