@@ -360,9 +360,10 @@ fn next_step(errno: i32) -> &'static str {
     match errno {
         libc::EROFS => {
             ". The host file system holding the image has turned read-only (ext4 does when \
-             a journal commit fails) and stays so until it is mounted again: x-block-detach \
-             the disk, unmount the file system, repair it (fsck), mount it, x-block-attach \
-             the disk, then cont. Nothing buffered is lost meanwhile (docs/durability.md)"
+             a journal commit fails, Btrfs when a transaction commit fails) and stays so \
+             until it is mounted again: x-block-detach the disk, unmount the file system, \
+             repair it (fsck), mount it, x-block-attach the disk, then cont. Nothing \
+             buffered is lost meanwhile (docs/durability.md)"
         }
         libc::EIO => {
             ". If the storage is back and cont still fails with EIO, the host file system \

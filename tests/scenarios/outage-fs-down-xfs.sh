@@ -1,0 +1,17 @@
+# The host file system goes down under the guest: XFS mounted with its defaults,
+# an outage that lasts until XFS shuts itself down on a failed log write (the kernel
+# log must say so, or the scenario fails). After the device is back every cont is
+# refused with EIO and says what to do; the operator detaches, unmounts, mounts
+# (XFS recovers its log) and attaches; cont resumes; every acknowledged record is
+# intact after a remount and the guest's ext4 checks clean.
+set -u
+NAME=outage-fs-down-xfs
+HOST_FS=xfs
+DOWN_ERRNO=EIO
+DOWN_WAIT=150
+. "$(dirname "$0")/outage.lib"
+host_setup
+copy_image
+holdfast_host_fs_down
+host_teardown
+echo "SCENARIO OK $NAME: XFS (defaults) shut down on the outage; cont refused with EIO; detached, remounted, attached; resumed; $acked acknowledged records intact after remount, guest fs clean"
