@@ -8,11 +8,7 @@ NAME=outage-enospc
 RAMDISK_MB=256
 . "$(dirname "$0")/outage.lib"
 host_setup
-# A sparse image: made here, so that only the blocks its file system wrote exist.
-rm -f "$IMG"
-/usr/sbin/mke2fs -q -t ext4 -F -E lazy_itable_init=0,lazy_journal_init=0 "$IMG" 64M || fail "cannot make the image"
-sync
-echo "IMAGE sparse: $(du -k "$IMG" | cut -f1) KiB allocated of 65536 KiB"
+sparse_image
 # Fill the host file system up to 512 KiB before the guest starts (filling it while
 # the guest runs races with the guest's end): about a hundred records fit.
 free=$(df -k "$WORK/host" | awk 'NR == 2 { print $4 }')

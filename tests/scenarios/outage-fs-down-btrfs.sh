@@ -12,8 +12,4 @@ HOST_FS=btrfs
 DOWN_ERRNO=EROFS
 DOWN_WAIT=150
 . "$(dirname "$0")/outage.lib"
-host_setup
-copy_image
-holdfast_host_fs_down
-host_teardown
-echo "SCENARIO OK $NAME: Btrfs (defaults) went read-only on the outage; cont refused with EROFS; detached, remounted, attached; resumed; $acked acknowledged records intact after remount, guest fs clean"
+host_fs_down_scenario

@@ -13,11 +13,7 @@ GUEST_WORKLOAD=sqlite
 RECORDS=400
 . "$(dirname "$0")/outage.lib"
 host_setup
-# A sparse image: made here, so that only the blocks its file system wrote exist.
-rm -f "$IMG"
-/usr/sbin/mke2fs -q -t ext4 -F -E lazy_itable_init=0,lazy_journal_init=0 "$IMG" 64M || fail "cannot make the image"
-sync
-echo "IMAGE sparse: $(du -k "$IMG" | cut -f1) KiB allocated of 65536 KiB"
+sparse_image
 holdfast_host_fs_down
 host_teardown
 echo "SCENARIO OK $NAME: SQLite in the guest; ext4 (defaults) aborted its journal under a sparse image; cont refused with EROFS; detached, repaired, attached; resumed; all $acked committed rows there, integrity_check ok, guest fs clean"

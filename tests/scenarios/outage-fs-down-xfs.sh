@@ -10,8 +10,4 @@ HOST_FS=xfs
 DOWN_ERRNO=EIO
 DOWN_WAIT=150
 . "$(dirname "$0")/outage.lib"
-host_setup
-copy_image
-holdfast_host_fs_down
-host_teardown
-echo "SCENARIO OK $NAME: XFS (defaults) shut down on the outage; cont refused with EIO; detached, remounted, attached; resumed; $acked acknowledged records intact after remount, guest fs clean"
+host_fs_down_scenario

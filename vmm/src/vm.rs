@@ -528,26 +528,28 @@ impl Vm {
             .collect()
     }
 
-    fn slot(&self, id: &str) -> Result<&Arc<MmioSlot>, AttachFailure> {
-        self.slots
+    /// Runs `change` on the disk named `id`, naming the disk in its error.
+    fn change_disk(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Disk<Box<dyn Backend>>) -> Result<(), AttachmentError>,
+    ) -> Result<(), AttachFailure> {
+        let slot = self
+            .slots
             .iter()
             .find(|s| s.id == id)
-            .ok_or_else(|| AttachFailure::NoSuchDisk(id.to_owned()))
+            .ok_or_else(|| AttachFailure::NoSuchDisk(id.to_owned()))?;
+        change(slot.lock().device_mut().disk_mut()).map_err(|error| AttachFailure::Disk {
+            disk: id.to_owned(),
+            error,
+        })
     }
 
     /// Lets a disk go of its image (every descriptor closed), keeping its buffer and
     /// parked requests; the disk is stopped until attached and replayed. The owner
     /// calls this only while the vCPUs are paused.
     pub fn detach_disk(&self, id: &str) -> Result<(), AttachFailure> {
-        let slot = self.slot(id)?;
-        let mut t = slot.lock();
-        t.device_mut()
-            .disk_mut()
-            .detach()
-            .map_err(|error| AttachFailure::Disk {
-                disk: id.to_owned(),
-                error,
-            })
+        self.change_disk(id, |disk| disk.detach())
     }
 
     /// Opens a detached disk's image again (`path`, or the one it had) with its
@@ -557,15 +559,7 @@ impl Vm {
         id: &str,
         path: Option<&std::path::Path>,
     ) -> Result<(), AttachFailure> {
-        let slot = self.slot(id)?;
-        let mut t = slot.lock();
-        t.device_mut()
-            .disk_mut()
-            .attach(path)
-            .map_err(|error| AttachFailure::Disk {
-                disk: id.to_owned(),
-                error,
-            })
+        self.change_disk(id, |disk| disk.attach(path))
     }
 
     /// The fault-injection handle of a disk, if it has one.
