@@ -19,6 +19,7 @@
 //! takes a connection down unless QEMU's would go down too.
 
 pub mod server;
+pub mod stream;
 
 use serde_json::{json, Map, Value};
 

@@ -9,10 +9,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::stream::{Input, Splitter, MAX_MESSAGE};
 use crate::{Args, ErrorClass, EventSink, Machine, QmpError};
 
-/// Longest input line accepted; longer ones get an error and are skipped.
-pub const MAX_LINE: usize = 1 << 20;
+/// Longest input message accepted; longer ones get an error and are skipped.
+pub const MAX_LINE: usize = MAX_MESSAGE;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,91 +94,21 @@ impl Drop for Server {
     }
 }
 
-/// One input message, as the reader task saw it.
-enum Input {
-    Value(Value),
-    Invalid(String),
-    TooLong,
-}
-
-/// Reads the client's JSON stream. QMP is a stream of JSON values, not of lines:
-/// QEMU's own Python client sends compact JSON with no newline. Invalid input is
-/// reported and skipped up to the next newline; a value longer than [`MAX_LINE`]
-/// is reported and skipped up to the next newline.
+/// Reads the client's stream and sends on each message the [`Splitter`] completes.
 async fn read_messages(read: tokio::net::unix::OwnedReadHalf, out: mpsc::Sender<Input>) {
     use tokio::io::AsyncReadExt;
     let mut reader = read;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut skipping = false;
+    let mut splitter = Splitter::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut data = &chunk[..n];
-        if skipping {
-            match data.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    skipping = false;
-                    data = &data[i + 1..];
-                }
-                None => continue,
+        for input in splitter.push(&chunk[..n]) {
+            if out.send(input).await.is_err() {
+                return;
             }
-        }
-        buf.extend_from_slice(data);
-        loop {
-            let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
-            match stream.next() {
-                None => {
-                    buf.clear();
-                    break;
-                }
-                Some(Ok(v)) => {
-                    let used = stream.byte_offset();
-                    buf.drain(..used);
-                    let input = if used > MAX_LINE {
-                        Input::TooLong
-                    } else {
-                        Input::Value(v)
-                    };
-                    if out.send(input).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Err(e)) if e.is_eof() => {
-                    if buf.len() > MAX_LINE {
-                        if out.send(Input::TooLong).await.is_err() {
-                            return;
-                        }
-                        skipping = !drop_through_newline(&mut buf);
-                    }
-                    break;
-                }
-                Some(Err(e)) => {
-                    if out.send(Input::Invalid(e.to_string())).await.is_err() {
-                        return;
-                    }
-                    if !drop_through_newline(&mut buf) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Drops `buf` up to and including its first newline; without one, drops all of
-/// it and returns false.
-fn drop_through_newline(buf: &mut Vec<u8>) -> bool {
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(i) => {
-            buf.drain(..=i);
-            true
-        }
-        None => {
-            buf.clear();
-            false
         }
     }
 }

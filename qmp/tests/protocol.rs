@@ -341,3 +341,25 @@ fn socket_rules() {
     assert!(stale.exists());
     Server::bind(&stale).expect("stale socket replaced");
 }
+
+#[test]
+fn the_rest_of_a_bad_line_is_never_run_even_across_writes() {
+    let h = start();
+    let mut c = Client::negotiated(&h.path);
+    c.send_raw(b"xx");
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_raw(b" {\"execute\":\"x-slow\"}\n");
+    assert!(c.recv()["error"]["desc"]
+        .as_str()
+        .unwrap_or("")
+        .contains("JSON parse error"));
+    assert_eq!(
+        c.call(json!({"execute": "query-status", "id": "next"}))["id"],
+        "next"
+    );
+    assert_eq!(
+        *h.machine.ran.lock().expect("lock"),
+        ["query-status"],
+        "the tail of the bad line ran"
+    );
+}
