@@ -91,6 +91,16 @@ impl Args {
         }
     }
 
+    pub fn opt_bool(&self, name: &str) -> Result<Option<bool>, QmpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(QmpError::generic(format!(
+                "Parameter '{name}' expects boolean"
+            ))),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name)
     }

@@ -48,9 +48,14 @@ impl Server {
             Ok(m) if !m.file_type().is_socket() => {
                 return Err(ServerError::NotASocket(path.to_owned()))
             }
+            // Only a socket nobody listens on is stale; any other failure to
+            // connect (EACCES: someone else's socket) leaves it alone.
             Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
                 Ok(_) => return Err(ServerError::InUse(path.to_owned())),
-                Err(_) => std::fs::remove_file(path).map_err(io)?,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    std::fs::remove_file(path).map_err(io)?
+                }
+                Err(e) => return Err(io(e)),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
@@ -247,8 +252,32 @@ async fn handle(value: Value, negotiated: &mut bool, machine: &Arc<dyn Machine>)
         if let Err(e) = args.only(&["enable"]) {
             return Some(reply_err(id, e));
         }
+        // holdfast offers no capabilities (no 'oob'): enabling one is an error.
+        match args.get("enable") {
+            None => {}
+            Some(Value::Array(caps)) if caps.is_empty() => {}
+            Some(Value::Array(caps)) => {
+                let name = caps[0]
+                    .as_str()
+                    .map_or_else(|| caps[0].to_string(), str::to_owned);
+                let e = QmpError::generic(format!("Capability '{name}' not available"));
+                return Some(reply_err(id, e));
+            }
+            Some(_) => {
+                return Some(reply_err(
+                    id,
+                    QmpError::generic("Parameter 'enable' expects array"),
+                ))
+            }
+        }
         *negotiated = true;
         return Some(reply_ok(id, json!({})));
+    }
+    let own = ["qmp_capabilities", "query-version", "query-commands"];
+    if own.contains(&command.as_str()) {
+        if let Err(e) = args.only(&[]) {
+            return Some(reply_err(id, e));
+        }
     }
     let result = match command.as_str() {
         "qmp_capabilities" => Err(error(
@@ -259,7 +288,7 @@ async fn handle(value: Value, negotiated: &mut bool, machine: &Arc<dyn Machine>)
             json!({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": format!("holdfast {}", env!("CARGO_PKG_VERSION"))}),
         ),
         "query-commands" => {
-            let mut names = vec!["qmp_capabilities", "query-version", "query-commands"];
+            let mut names = own.to_vec();
             names.extend(machine.commands());
             Ok(Value::Array(
                 names.into_iter().map(|n| json!({"name": n})).collect(),

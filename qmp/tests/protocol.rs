@@ -363,3 +363,36 @@ fn the_rest_of_a_bad_line_is_never_run_even_across_writes() {
         "the tail of the bad line ran"
     );
 }
+
+#[test]
+fn the_server_s_own_commands_check_their_arguments() {
+    let h = start();
+    let (mut c, _) = Client::connect(&h.path);
+    let e = c.call(json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}));
+    assert!(
+        e["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("'oob' not available"),
+        "{e}"
+    );
+    let e = c.call(json!({"execute": "qmp_capabilities", "arguments": {"enable": 1}}));
+    assert!(
+        e["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("expects array"),
+        "{e}"
+    );
+    assert_eq!(
+        c.call(json!({"execute": "qmp_capabilities", "arguments": {"enable": []}})),
+        json!({"return": {}})
+    );
+    for command in ["query-version", "query-commands", "qmp_capabilities"] {
+        let e = c.call(json!({"execute": command, "arguments": {"bogus": 1}}));
+        assert_eq!(
+            e["error"]["desc"], "Parameter 'bogus' is unexpected",
+            "{command}"
+        );
+    }
+}

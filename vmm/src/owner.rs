@@ -45,6 +45,16 @@ impl RunState {
     }
 }
 
+/// The arguments each command takes (QEMU refuses any other, naming it).
+fn arguments(command: &str) -> &'static [&'static str] {
+    match command {
+        "x-block-fault" => &["device", "arm", "clear", "clear-all"],
+        "x-block-detach" => &["device"],
+        "x-block-attach" => &["device", "filename"],
+        _ => &[],
+    }
+}
+
 /// The commands the owner answers.
 pub const COMMANDS: &[&str] = &[
     "query-status",
@@ -220,6 +230,9 @@ fn execute(
     command: &str,
     args: &Args,
 ) -> (Result<Value, QmpError>, bool) {
+    if let Err(e) = args.only(arguments(command)) {
+        return (Err(e), false);
+    }
     let r = match command {
         "query-status" => Ok(json!({"status": state.as_str(), "running": *state == RunState::Running, "singlestep": false})),
         "stop" => {
@@ -377,7 +390,6 @@ fn next_step(errno: i32) -> &'static str {
 }
 
 fn block_detach(vm: &Vm, state: RunState, args: &Args) -> Result<Value, QmpError> {
-    args.only(&["device"])?;
     let device = args.str("device")?;
     let Some(disk) = vm.disks().into_iter().find(|d| d.id == device) else {
         return Err(QmpError::device_not_found(device));
@@ -398,7 +410,6 @@ fn block_detach(vm: &Vm, state: RunState, args: &Args) -> Result<Value, QmpError
 }
 
 fn block_attach(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
-    args.only(&["device", "filename"])?;
     let device = args.str("device")?;
     let filename = args.opt_str("filename")?;
     vm.attach_disk(device, filename.map(std::path::Path::new))
@@ -420,7 +431,6 @@ fn attach_error(e: AttachFailure) -> QmpError {
 }
 
 fn block_fault(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
-    args.only(&["device", "arm", "clear", "clear-all"])?;
     let device = args.str("device")?;
     let faults = match vm.disk_faults(device) {
         None => return Err(QmpError::device_not_found(device)),
@@ -439,7 +449,7 @@ fn block_fault(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
     if let Some(name) = args.opt_str("clear")? {
         return Ok(json!({"cleared": faults.clear_named(name)}));
     }
-    if args.get("clear-all") == Some(&Value::Bool(true)) {
+    if args.opt_bool("clear-all")? == Some(true) {
         let n = faults.rules().len();
         faults.clear_all();
         return Ok(json!({"cleared": n}));

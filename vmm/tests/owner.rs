@@ -536,3 +536,29 @@ fn a_disk_detached_after_a_user_stop_is_replayed_on_cont() {
         (&json!(0), &json!(0))
     );
 }
+
+#[test]
+fn every_command_refuses_an_argument_it_does_not_take() {
+    let Some(mut r) = start() else { return };
+    let before = r.qmp("query-status").expect("status");
+    for command in owner::COMMANDS {
+        let e = r
+            .call(command, json!({"bogus": 1}))
+            .expect_err("bogus argument");
+        assert_eq!(e.desc, "Parameter 'bogus' is unexpected", "{command}");
+    }
+    assert_eq!(r.qmp("query-status").expect("status"), before);
+    assert_eq!(
+        r.event_names(),
+        Vec::<String>::new(),
+        "a refused command did something"
+    );
+    let e = r
+        .call(
+            "x-block-fault",
+            json!({"device": "data", "clear-all": "yes"}),
+        )
+        .expect_err("typed");
+    assert_eq!(e.desc, "Parameter 'clear-all' expects boolean");
+    assert_eq!(r.qmp("quit").expect("quit"), json!({}));
+}

@@ -214,3 +214,46 @@ fn a_bad_qmp_path_fails_before_the_guest_starts() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
 }
+
+#[test]
+fn a_socket_it_may_not_connect_to_is_left_alone() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run holdfast as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let sock = dir.path().join("root-only.sock");
+    // A socket of root's, mode 0600, nobody listening: another user gets EACCES.
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let out = {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+        c.args(["run", "--kernel", "/proc/self/exe", "--qmp"])
+            .arg(&sock);
+        // SAFETY: setgid/setuid in the child before exec; no allocation happens.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c.output().expect("run as nobody")
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(
+        sock.exists(),
+        "holdfast deleted a socket it could not connect to"
+    );
+}
