@@ -36,8 +36,8 @@ use crate::HostError;
 /// Default bound of the unflushed buffer, per disk.
 pub const DEFAULT_UNFLUSHED_LIMIT: u64 = 128 << 20;
 
-/// Largest read or write one request may carry; larger ones complete `S_IOERR`
-/// rather than make the VMM allocate what a guest asks.
+/// Largest range one request may cover; larger ones complete `S_IOERR` rather than
+/// make the VMM allocate, or the host zero, what a guest asks.
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 
 /// Longest serial GET_ID returns (virtio's `VIRTIO_BLK_ID_BYTES`).
@@ -361,8 +361,14 @@ impl<B: Backend> Disk<B> {
         }
         if let Some((offset, len)) = op.range() {
             let out_of_range = offset.checked_add(len).is_none_or(|end| end > self.size());
-            let carries_data = matches!(op, RequestOp::Read { .. } | RequestOp::Write { .. });
-            if out_of_range || (carries_data && len > MAX_REQUEST_BYTES) {
+            // Zeroing or discarding nothing is malformed (the host would answer
+            // EINVAL, which must not pass for a host error and stop the disk).
+            let empty = len == 0
+                && matches!(
+                    op,
+                    RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
+                );
+            if out_of_range || empty || len > MAX_REQUEST_BYTES {
                 return Some(Status::IoErr);
             }
         }

@@ -717,3 +717,36 @@ fn replay_on_a_late_reporting_host_is_refused_while_storage_is_broken() {
     assert!((0..2).any(|_| r.disk.replay().is_ok()), "storage is back");
     assert_eq!(r.stable.contents()[0], 1);
 }
+
+#[test]
+fn zeroing_or_discarding_nothing_is_the_guest_s_error() {
+    // A host that can discard, and where fallocate(len = 0) would fail with EINVAL:
+    // it must never be asked.
+    let host = FaultInjector::new(MemBackend::new(SIZE));
+    host.handle().arm(always(FaultOp::Any, libc::EINVAL));
+    let mut disk = Disk::new(host, DiskConfig::default());
+    for op in [
+        RequestOp::WriteZeroes {
+            offset: 4096,
+            len: 0,
+            unmap: false,
+        },
+        RequestOp::Discard {
+            offset: 4096,
+            len: 0,
+        },
+        RequestOp::WriteZeroes {
+            offset: 0,
+            len: disk::MAX_REQUEST_BYTES + 512,
+            unmap: true,
+        },
+    ] {
+        let out = disk.submit(Request::new(1, op.clone()));
+        assert_eq!(
+            out.completion.map(|c| c.status),
+            Some(Status::IoErr),
+            "{op:?}"
+        );
+        assert!(out.error.is_none() && !disk.is_stopped(), "{op:?}");
+    }
+}

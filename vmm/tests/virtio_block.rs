@@ -467,3 +467,102 @@ fn cache_mode_follows_flush_feature_and_wce() {
     dev.write_config(32, &[1]);
     assert!(dev.disk().config().writeback);
 }
+
+fn segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sector.to_le_bytes());
+    s.extend_from_slice(&sectors.to_le_bytes());
+    s.extend_from_slice(&flags.to_le_bytes());
+    s
+}
+
+/// Malformed DISCARD and WRITE_ZEROES requests are the guest's errors: they never
+/// reach the host (here a host that fails every call, as fallocate(len = 0) fails
+/// with EINVAL), so they never stop the disk.
+#[test]
+fn discard_and_write_zeroes_obey_negotiation_and_the_config_space_limits() {
+    let mem = memory();
+    let (mut dev, disk, faults) = device(DiskConfig::default());
+    faults.arm(FaultRule::new(FaultOp::Any, libc::EINVAL, Trigger::Always));
+    let mut d = Driver::new(&mem);
+    let max = (32u32 << 20) / 512;
+    let cases: [(u32, Vec<u8>, u8, &str); 7] = [
+        (
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            segment(8, 0, 0),
+            S_IOERR,
+            "zero sectors",
+        ),
+        (
+            VIRTIO_BLK_T_DISCARD,
+            segment(8, 0, 0),
+            S_IOERR,
+            "zero sectors",
+        ),
+        (
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            segment(0, max + 1, 0),
+            S_IOERR,
+            "past max_write_zeroes_sectors",
+        ),
+        (
+            VIRTIO_BLK_T_DISCARD,
+            segment(0, max + 1, 0),
+            S_IOERR,
+            "past max_discard_sectors",
+        ),
+        (
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            [segment(0, 1, 0), segment(4, 1, 0)].concat(),
+            S_IOERR,
+            "two segments",
+        ),
+        (
+            VIRTIO_BLK_T_DISCARD,
+            segment(u64::MAX / 256, 8, 0),
+            S_IOERR,
+            "sector overflow",
+        ),
+        (
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            segment(DISK_SIZE / 512, 1, 0),
+            S_IOERR,
+            "past the disk's end",
+        ),
+    ];
+    for (slot, (kind, seg, _, _)) in cases.iter().enumerate() {
+        mem.write_slice(seg, Driver::data_addr(slot as u64))
+            .expect("segment");
+        d.request(slot as u64, *kind, 0, Some((seg.len() as u32, false)));
+    }
+    let mut q = d.queue();
+    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    for (slot, (_, _, want, what)) in cases.iter().enumerate() {
+        assert_eq!(d.status(slot as u64), *want, "{what}");
+    }
+    assert_eq!(run.used, cases.len());
+    assert!(
+        run.error.is_none(),
+        "a guest's mistake passed for a host error"
+    );
+    assert!(!dev.disk().is_stopped());
+    assert!(disk.contents().iter().all(|&b| b == 0));
+
+    // A driver that did not negotiate them gets S_UNSUPP, even for good requests.
+    let disk = MemBackend::new(DISK_SIZE);
+    let mut dev = BlockDevice::new(Disk::new(FaultInjector::new(disk), DiskConfig::default()));
+    let plain = dev.features() & !(1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES);
+    dev.ack_features(plain);
+    let mut d = Driver::new(&mem);
+    for (slot, kind) in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES]
+        .into_iter()
+        .enumerate()
+    {
+        mem.write_slice(&segment(0, 1, 0), Driver::data_addr(slot as u64))
+            .expect("segment");
+        d.request(slot as u64, kind, 0, Some((16, false)));
+    }
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!((d.status(0), d.status(1)), (S_UNSUPP, S_UNSUPP));
+}

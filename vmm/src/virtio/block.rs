@@ -34,6 +34,9 @@ pub const CONFIG_SIZE: usize = 60;
 const WCE_OFFSET: usize = 32;
 const HEADER_SIZE: usize = 16;
 const SEGMENT_SIZE: usize = 16;
+/// Longest request in sectors (`max_sectors`, and the discard and write-zeroes
+/// limits of the config space).
+const MAX_SECTORS: u64 = MAX_REQUEST_BYTES / SECTOR_SIZE;
 
 /// Why a queue could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +152,7 @@ impl<B: Backend> BlockDevice<B> {
         put(20, &(SECTOR_SIZE as u32).to_le_bytes());
         put(WCE_OFFSET, &[u8::from(self.wce)]);
         put(34, &1u16.to_le_bytes());
-        let max_sectors = (MAX_REQUEST_BYTES / SECTOR_SIZE) as u32;
+        let max_sectors = MAX_SECTORS as u32;
         put(36, &max_sectors.to_le_bytes());
         put(40, &1u32.to_le_bytes());
         put(44, &1u32.to_le_bytes());
@@ -191,7 +194,7 @@ impl<B: Backend> BlockDevice<B> {
                 break;
             };
             let head = chain.head_index();
-            match parse(mem, chain, head) {
+            match parse(mem, chain, head, self.acked) {
                 Err(rejected) => {
                     self.reject(mem, queue, rejected)?;
                     run.used += 1;
@@ -320,8 +323,14 @@ pub enum ResumeError {
     Queue(#[from] Error),
 }
 
-/// Splits a chain into the request and where its answer goes.
-fn parse<M: GuestMemory, C>(mem: &M, chain: C, head: u16) -> Result<(RequestOp, Inflight), Rejected>
+/// Splits a chain into the request and where its answer goes; `acked` are the
+/// features the driver negotiated.
+fn parse<M: GuestMemory, C>(
+    mem: &M,
+    chain: C,
+    head: u16,
+    acked: u64,
+) -> Result<(RequestOp, Inflight), Rejected>
 where
     C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
 {
@@ -372,7 +381,20 @@ where
             pad_to = VIRTIO_BLK_ID_BYTES as usize;
             RequestOp::GetId
         }
-        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if payload == SEGMENT_SIZE => {
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            // Only what the driver negotiated; the config space says one segment of
+            // at most `MAX_SECTORS` each (max_*_seg, max_*_sectors).
+            let feature = if kind == VIRTIO_BLK_T_DISCARD {
+                VIRTIO_BLK_F_DISCARD
+            } else {
+                VIRTIO_BLK_F_WRITE_ZEROES
+            };
+            if acked & (1 << feature) == 0 {
+                return Err(reject(Status::Unsupp));
+            }
+            if payload != SEGMENT_SIZE || writable_len != 0 {
+                return Err(reject(Status::IoErr));
+            }
             let seg = gather(mem, &readable, HEADER_SIZE, SEGMENT_SIZE)
                 .map_err(|()| reject(Status::IoErr))?;
             let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
@@ -382,6 +404,9 @@ where
             // Reserved flag bits, or unmap on a discard, are not ours to guess.
             if flags & !1 != 0 || (kind == VIRTIO_BLK_T_DISCARD && unmap) {
                 return Err(reject(Status::Unsupp));
+            }
+            if sectors == 0 || u64::from(sectors) > MAX_SECTORS {
+                return Err(reject(Status::IoErr));
             }
             let offset = sector
                 .checked_mul(SECTOR_SIZE)
@@ -393,11 +418,9 @@ where
                 RequestOp::WriteZeroes { offset, len, unmap }
             }
         }
-        VIRTIO_BLK_T_IN
-        | VIRTIO_BLK_T_OUT
-        | VIRTIO_BLK_T_GET_ID
-        | VIRTIO_BLK_T_DISCARD
-        | VIRTIO_BLK_T_WRITE_ZEROES => return Err(reject(Status::IoErr)),
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_GET_ID => {
+            return Err(reject(Status::IoErr))
+        }
         _ => return Err(reject(Status::Unsupp)),
     };
     Ok((
