@@ -42,8 +42,8 @@ Options:
                        cont, quit, query-block, and holdfast's x-query-unflushed,
                        x-block-fault, x-query-timings, x-block-detach and
                        x-block-attach; events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR,
-                       X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED. A stale socket at PATH is
-                       replaced.
+                       X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED, X_DEVICE_NEEDS_RESET (the
+                       guest broke a disk's queue). A stale socket at PATH is replaced.
   -h, --help           this text
 
 Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;

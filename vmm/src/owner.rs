@@ -17,7 +17,8 @@
 //!
 //! Events, in order: a host error sends `BLOCK_IO_ERROR` then (if the VM stops)
 //! `STOP`; a successful `cont` sends `X_BLOCK_REPLAY` per replayed disk, then
-//! `RESUME`; the end sends `SHUTDOWN`.
+//! `RESUME`; the end sends `SHUTDOWN`. A disk whose queue the guest broke sends
+//! `X_DEVICE_NEEDS_RESET` and changes no run state.
 
 use std::sync::mpsc::Sender;
 
@@ -157,6 +158,16 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
             VmEvent::EmulationFailure { cpu } => return Exit::EmulationFailure { cpu },
             VmEvent::VcpuFailed { cpu, message } => {
                 return Exit::Failed(format!("vCPU {cpu}: {message}"))
+            }
+            VmEvent::DeviceNeedsReset { disk, reason } => {
+                eprintln!(
+                    "holdfast: disk {disk}: the guest's queue is broken ({reason}); the device \
+                     needs a reset by the guest's driver, the VM and the other disks go on"
+                );
+                events.emit(
+                    "X_DEVICE_NEEDS_RESET",
+                    json!({"device": disk, "reason": reason}),
+                );
             }
             VmEvent::DiskError { disk, report, at } => {
                 eprintln!(
@@ -360,10 +371,6 @@ fn cont(
                 errno_desc(&error),
                 next_step(error.errno),
             )))
-        }
-        Err(f @ ResumeFailure::Queue { .. }) => {
-            *state = RunState::IoError;
-            Err(QmpError::generic(format!("{f}; the VM stays paused")))
         }
     }
 }

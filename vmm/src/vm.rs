@@ -92,6 +92,13 @@ pub enum VmEvent {
         cpu: u8,
         message: String,
     },
+    /// A disk's queue is broken (the guest's doing): the device set
+    /// DEVICE_NEEDS_RESET and serves nothing until the driver resets it. The VM and
+    /// the other disks go on.
+    DeviceNeedsReset {
+        disk: String,
+        reason: String,
+    },
     /// A disk hit a host error (under `stop` it is now stopped).
     DiskError {
         disk: String,
@@ -140,8 +147,6 @@ pub enum ResumeFailure {
     /// The disk's replay failed: it stays stopped with everything it kept.
     #[error("disk {disk}: replay failed: {error}")]
     Replay { disk: String, error: HostError },
-    #[error("disk {disk}: {message}")]
-    Queue { disk: String, message: String },
 }
 
 /// Why `x-block-detach` or `x-block-attach` refused, naming the disk.
@@ -473,18 +478,23 @@ impl Vm {
                         });
                     }
                 }
-                Err(e) => {
-                    let disk = slot.id.clone();
-                    return Err(match e {
-                        crate::virtio::block::ResumeError::Replay(r) => ResumeFailure::Replay {
-                            disk,
-                            error: r.error,
-                        },
-                        e @ crate::virtio::block::ResumeError::Queue(_) => ResumeFailure::Queue {
-                            disk,
-                            message: error_chain(&e),
-                        },
+                Err(crate::virtio::block::ResumeError::Replay(r)) => {
+                    return Err(ResumeFailure::Replay {
+                        disk: slot.id.clone(),
+                        error: r.error,
                     });
+                }
+                // The replay succeeded; only the guest's queue cannot take the
+                // completions. That is the device's problem, not the VM's.
+                Err(crate::virtio::block::ResumeError::Queue(e)) => {
+                    queue_broken(slot, &mut t, &e, &self.events_tx);
+                    if was_stopped {
+                        replayed.push(Replayed {
+                            disk: slot.id.clone(),
+                            bytes_rewritten: 0,
+                            duration: started.elapsed(),
+                        });
+                    }
                 }
             }
             // Requests the guest queued while the disk was stopped.
@@ -676,36 +686,54 @@ fn spawn_device_thread(
                         continue;
                     };
                     let _ = slot.notify.read();
-                    let mut t = slot.lock();
-                    if t.status() & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK == 0 {
-                        continue;
-                    }
-                    let interrupts = t.interrupt_status();
-                    let (device, queues) = t.device_and_queues();
-                    match device.process_queue(&mem, &mut queues[0]) {
-                        Ok(run) => {
-                            if run.used > 0 {
-                                interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-                                let _ = slot.irq.write(1);
-                            }
-                            if let Some(report) = run.error {
-                                let _ = events.send(VmEvent::DiskError {
-                                    disk: slot.id.clone(),
-                                    report,
-                                    at: run.error_at.unwrap_or_else(std::time::Instant::now),
-                                });
-                            }
-                        }
-                        Err(e) => {
-                            let _ = events.send(VmEvent::VcpuFailed {
-                                cpu: 0,
-                                message: format!("disk {}: {e}", slot.id),
-                            });
-                        }
-                    }
+                    serve(slot, &mem, &events);
                 }
             }
         })
+}
+
+/// Serves one disk's queue (device thread): completions raise a used-buffer
+/// interrupt, a host error goes to the run-state owner, a broken queue makes the
+/// device ask for a reset.
+fn serve(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Sender<VmEvent>) {
+    let mut t = slot.lock();
+    if !t.live() {
+        return;
+    }
+    let interrupts = t.interrupt_status();
+    let (device, queues) = t.device_and_queues();
+    match device.process_queue(mem, &mut queues[0]) {
+        Ok(run) => {
+            if run.used > 0 {
+                interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                let _ = slot.irq.write(1);
+            }
+            if let Some(report) = run.error {
+                let _ = events.send(VmEvent::DiskError {
+                    disk: slot.id.clone(),
+                    report,
+                    at: run.error_at.unwrap_or_else(std::time::Instant::now),
+                });
+            }
+        }
+        Err(e) => queue_broken(slot, &mut t, &e, events),
+    }
+}
+
+/// The guest broke a disk's queue: DEVICE_NEEDS_RESET, a config interrupt, and the
+/// owner is told (stderr and QMP). Nothing else stops.
+fn queue_broken(
+    slot: &MmioSlot,
+    t: &mut BlockTransport,
+    error: &dyn std::error::Error,
+    events: &Sender<VmEvent>,
+) {
+    t.needs_reset();
+    let _ = slot.irq.write(1);
+    let _ = events.send(VmEvent::DeviceNeedsReset {
+        disk: slot.id.clone(),
+        reason: error_chain(error),
+    });
 }
 
 trait RawFdExt {
@@ -715,5 +743,148 @@ trait RawFdExt {
 impl RawFdExt for EventFd {
     fn as_raw_fd_(&self) -> i32 {
         std::os::unix::io::AsRawFd::as_raw_fd(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_block::{DiskConfig, MemBackend};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
+    use virtio_bindings::virtio_config::*;
+    use virtio_bindings::virtio_mmio::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::Bytes;
+
+    fn slot(id: &str) -> MmioSlot {
+        let backend: Box<dyn Backend> = Box::new(MemBackend::new(1 << 20));
+        let device = BlockDevice::new(Disk::new(backend, DiskConfig::default()));
+        MmioSlot {
+            id: id.into(),
+            path: "memory".into(),
+            direct: false,
+            faults: None,
+            base: 0,
+            transport: Mutex::new(MmioTransport::new(device)),
+            notify: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        }
+    }
+
+    /// How the guest broke its queue.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Broken {
+        Not,
+        /// The used ring outside guest memory.
+        UsedRing,
+        /// The available ring outside guest memory.
+        AvailRing,
+        /// An available head index past the queue's size.
+        Head,
+    }
+
+    /// A driver's set-up, register by register, with one FLUSH request made
+    /// available in the device's queue, broken as `broken` says.
+    fn drive(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64, broken: Broken) {
+        let vq = MockSplitQueue::new(mem, 16);
+        mem.write_obj(VIRTIO_BLK_T_FLUSH, GuestAddress(at))
+            .expect("header");
+        let descs = [
+            RawDescriptor::from(Descriptor::new(at, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(Descriptor::new(at + 16, 1, VRING_DESC_F_WRITE as u16, 0)),
+        ];
+        vq.add_desc_chains(&descs, 0).expect("chain");
+        if broken == Broken::Head {
+            vq.avail()
+                .ring()
+                .ref_at(0)
+                .expect("ring")
+                .store(200u16.to_le());
+        }
+        let mut queue = vq.create_queue::<Queue>().expect("queue");
+        match broken {
+            Broken::UsedRing => queue.set_used_ring_address(Some(0xFFFF_0000), Some(0x10)),
+            Broken::AvailRing => queue.set_avail_ring_address(Some(0xFFFF_0000), Some(0x10)),
+            Broken::Not | Broken::Head => {}
+        }
+        let mut t = slot.lock();
+        let w = |t: &mut BlockTransport, reg: u32, v: u32| {
+            t.write(u64::from(reg), &v.to_le_bytes());
+        };
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        w(&mut t, VIRTIO_MMIO_STATUS, s);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
+        w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
+        t.queues_mut()[0] = queue;
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert!(t.live());
+    }
+
+    #[test]
+    fn a_broken_queue_asks_for_a_reset_and_stops_nothing_else() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        for broken in [Broken::UsedRing, Broken::AvailRing, Broken::Head] {
+            let (bad, good) = (slot("bad"), slot("good"));
+            drive(&bad, &mem, 0x20_0000, broken);
+            serve(&bad, &mem, &tx);
+            let t = bad.lock();
+            assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0, "{broken:?}");
+            assert_ne!(
+                t.interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_CONFIG,
+                0
+            );
+            assert!(!t.live());
+            drop(t);
+            assert_eq!(bad.irq.read().ok(), Some(1), "the guest is not told");
+            match rx.try_recv() {
+                Ok(VmEvent::DeviceNeedsReset { disk, reason }) => {
+                    assert_eq!(disk, "bad");
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("not a DeviceNeedsReset: {other:?}"),
+            }
+            // Served again, a device that needs a reset does nothing more.
+            serve(&bad, &mem, &tx);
+            assert!(rx.try_recv().is_err());
+            // Another disk in the same machine completes its I/O.
+            drive(&good, &mem, 0x30_0000, Broken::Not);
+            serve(&good, &mem, &tx);
+            assert!(
+                rx.try_recv().is_err(),
+                "the healthy disk reported something"
+            );
+            let status: u8 = mem.read_obj(GuestAddress(0x30_0000 + 16)).expect("status");
+            assert_eq!(status, 0, "the healthy disk's FLUSH did not complete S_OK");
+            assert_eq!(good.irq.read().ok(), Some(1));
+        }
+    }
+
+    #[test]
+    fn the_driver_resets_a_device_that_needed_it() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        let bad = slot("bad");
+        drive(&bad, &mem, 0x20_0000, Broken::UsedRing);
+        serve(&bad, &mem, &tx);
+        let mut t = bad.lock();
+        // The driver may write the status back without the device's bit.
+        let s = t.status() & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &s.to_le_bytes());
+        assert_ne!(
+            t.status() & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0,
+            "only a reset clears it"
+        );
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
+        assert_eq!(t.status(), 0);
     }
 }

@@ -38,9 +38,11 @@ const SEGMENT_SIZE: usize = 16;
 /// limits of the config space).
 const MAX_SECTORS: u64 = MAX_REQUEST_BYTES / SECTOR_SIZE;
 
-/// Why a queue could not be served.
+/// Why a queue could not be served: the guest broke it; the device needs a reset.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("the queue's descriptor table or rings are not all in guest memory")]
+    NotInMemory,
     #[error("cannot update the used ring")]
     UsedRing(#[source] virtio_queue::Error),
 }
@@ -189,6 +191,9 @@ impl<B: Backend> BlockDevice<B> {
         queue: &mut Queue,
     ) -> Result<QueueRun, Error> {
         let mut run = QueueRun::default();
+        if !queue.is_valid(mem) {
+            return Err(Error::NotInMemory);
+        }
         while !self.disk.is_stopped() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;

@@ -13,6 +13,11 @@
 //!
 //! Queue registers are writable until DRIVER_OK. Interrupt status is shared with the
 //! device thread, which sets bits as it completes requests.
+//!
+//! A device that finds its queue broken (a used ring outside guest memory, a head
+//! index past the queue's size) sets DEVICE_NEEDS_RESET and raises a config
+//! interrupt ([`MmioTransport::needs_reset`], virtio 1.2 section 2.1.2); it serves
+//! nothing more until the driver resets it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -113,6 +118,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.interrupt_status
             .fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);
+    }
+
+    /// The queue can no longer be served: set DEVICE_NEEDS_RESET and raise a
+    /// config interrupt (the caller signals the guest).
+    pub fn needs_reset(&mut self) {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.config_changed();
+    }
+
+    /// Whether the device serves its queues: the driver set DRIVER_OK and the
+    /// device did not ask for a reset since.
+    pub fn live(&self) -> bool {
+        self.has_status(VIRTIO_CONFIG_S_DRIVER_OK) && !self.has_status(VIRTIO_CONFIG_S_NEEDS_RESET)
     }
 
     fn has_status(&self, bit: u32) -> bool {
@@ -245,7 +263,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return Action::Reset;
         }
-        // Bits are only ever added (FAILED aside); anything else is a driver bug we ignore.
+        // Bits are only ever added (FAILED aside); anything else is a driver bug we
+        // ignore. DEVICE_NEEDS_RESET is the device's: the driver need not echo it.
+        let value = value | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
         if value & self.status != self.status {
             return Action::None;
         }
