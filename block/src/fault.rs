@@ -182,6 +182,9 @@ impl FaultRule {
             if r.len == 0 {
                 return Err(bad("range.len", "must be more than 0"));
             }
+            if r.offset.checked_add(r.len).is_none() {
+                return Err(bad("range", "offset + len is past 2^64"));
+            }
             if self.op == FaultOp::Flush {
                 return Err(bad("range", "a flush has no byte range"));
             }
@@ -197,7 +200,8 @@ impl FaultRule {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(r), Some((offset, len))) => {
-                offset < r.offset + r.len && r.offset < offset + len.max(1)
+                offset < r.offset.saturating_add(r.len)
+                    && r.offset < offset.saturating_add(len.max(1))
             }
         }
     }
@@ -610,6 +614,30 @@ mod tests {
         assert!(e.contains("rules[0].when"), "{e}");
         let e = plan_error(r#"{"rules": [ "#);
         assert!(e.contains("not valid JSON") && e.contains("line 1"), "{e}");
+        // An offset and length that overflow (armed over QMP, this panicked the
+        // device thread when a write was checked against it).
+        let e = plan_error(
+            r#"{"rules": [{"op": "write", "errno": "EIO", "range": {"offset": 18446744073709551000, "len": 4096}}]}"#,
+        );
+        assert!(e.contains("rules[0].range") && e.contains("2^64"), "{e}");
+    }
+
+    #[test]
+    fn ranges_at_the_end_of_the_address_space_do_not_overflow() {
+        let (mut f, h) = injector();
+        let mut rule = FaultRule::new(FaultOp::Any, libc::EIO, Trigger::Always);
+        rule.range = Some(ByteRange {
+            offset: u64::MAX - 10,
+            len: 10,
+        });
+        h.arm(rule);
+        // A call near the end must be checked without overflowing either range.
+        assert!(f
+            .handle
+            .check(HostOp::Write, Some((u64::MAX - 5, u64::MAX)))
+            .is_err());
+        assert!(f.handle.check(HostOp::Write, Some((0, 4096))).is_ok());
+        assert!(f.write_at(&[0; 16], 0).is_ok());
     }
 
     #[test]

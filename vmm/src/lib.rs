@@ -16,6 +16,7 @@ pub mod devices;
 pub mod host_signals;
 pub mod layout;
 pub mod owner;
+pub mod panics;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -177,7 +177,12 @@ fn run(opts: RunOpts) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let exit = owner::run(&mut vm, &events);
+    holdfast_vmm::panics::report_panics_to(vm.event_sender());
+    // The owner's own panic: reported by the hook; the disks are settled below.
+    let exit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        owner::run(&mut vm, &events)
+    }))
+    .unwrap_or_else(|_| Exit::Failed("the run-state owner panicked".into()));
     let dropped = vm.shutdown();
     for (disk, bytes, error) in &dropped {
         eprintln!("holdfast: disk {disk}: {bytes} unflushed bytes dropped ({error})");

@@ -7,7 +7,7 @@
 //!      |                 ^  (cont replays stopped disks first; if a replay
 //!      |                 |   fails: BLOCK_IO_ERROR again, cont errors, still paused)
 //!      +--disk error (stop)--> io-error --cont--> running
-//!   any --poweroff/reboot/panic/quit/SIGTERM--> shutdown
+//!   any --poweroff/reboot/panic/quit/SIGTERM/a holdfast thread's panic--> shutdown
 //! ```
 //!
 //! While paused (either way), `x-block-detach` lets a disk go of its image and
@@ -184,6 +184,11 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                     }
                     state = RunState::IoError;
                 }
+            }
+            VmEvent::ThreadPanicked { thread, message } => {
+                eprintln!("holdfast: ending: pausing the guest and settling its disks");
+                settle_and_end(vm, events, state, "host-error");
+                return Exit::Failed(format!("thread {thread} panicked: {message}"));
             }
             VmEvent::HostSignal { signal } => {
                 let name = crate::host_signals::signal_name(signal);

@@ -210,6 +210,18 @@ impl Control {
     }
 }
 
+/// Held by a vCPU thread for its whole life: when the thread ends, however it
+/// ends (a panic too), the vCPU counts as parked for good, so that a pause (or
+/// holdfast's end, which pauses first) never waits for a thread that is gone.
+struct ParkedWhenGone<'a>(&'a Control);
+
+impl Drop for ParkedWhenGone<'_> {
+    fn drop(&mut self) {
+        self.0.lock().1 = true;
+        self.0.changed.notify_all();
+    }
+}
+
 /// A vCPU thread's body.
 pub fn run(
     cpu: u8,
@@ -219,6 +231,7 @@ pub fn run(
     mmio: Arc<MmioBus>,
     events: Sender<VmEvent>,
 ) {
+    let _gone = ParkedWhenGone(&control);
     KVM_RUN.with(|r| r.set(vcpu.get_kvm_run() as *mut kvm_run));
     loop {
         if !control.park(&vcpu) {
@@ -270,4 +283,24 @@ pub fn run(
         }
     }
     KVM_RUN.with(|r| r.set(null_mut()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vcpu_thread_that_died_counts_as_parked() {
+        let control = Control::new();
+        let c = Arc::clone(&control);
+        let died = std::thread::spawn(move || {
+            let _gone = ParkedWhenGone(&c);
+            panic!("a vCPU thread's bug");
+        })
+        .join();
+        assert!(died.is_err());
+        control.set(Want::Pause);
+        // Returns at once instead of waiting forever for a park that cannot come.
+        control.wait_parked();
+    }
 }

@@ -106,6 +106,11 @@ pub enum VmEvent {
         /// When the failing host call returned.
         at: std::time::Instant,
     },
+    /// A holdfast thread panicked (its name, the message): end as `quit` does.
+    ThreadPanicked {
+        thread: String,
+        message: String,
+    },
     /// SIGTERM, SIGINT or SIGHUP reached holdfast: end as `quit` does.
     HostSignal {
         signal: i32,

@@ -562,3 +562,30 @@ fn every_command_refuses_an_argument_it_does_not_take() {
     assert_eq!(e.desc, "Parameter 'clear-all' expects boolean");
     assert_eq!(r.qmp("quit").expect("quit"), json!({}));
 }
+
+#[test]
+fn a_panicking_thread_ends_holdfast_like_quit() {
+    let Some(mut r) = start() else { return };
+    r.tx.send(VmEvent::ThreadPanicked {
+        thread: "devices".into(),
+        message: "attempt to add with overflow".into(),
+    })
+    .expect("owner alive");
+    match r.owner.join().expect("owner") {
+        Exit::Failed(m) => assert!(m.contains("devices") && m.contains("overflow"), "{m}"),
+        other => panic!("not a failure: {other:?}"),
+    }
+    let seen: Vec<Value> = std::iter::from_fn(|| r.events.try_recv().ok())
+        .map(|text| serde_json::from_str::<Value>(&text).expect("JSON"))
+        .collect();
+    let names: Vec<&str> = seen
+        .iter()
+        .map(|v| v["event"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["X_UNFLUSHED_DROPPED", "SHUTDOWN"]);
+    assert_eq!(seen[0]["data"]["bytes"], 512);
+    assert_eq!(
+        seen[1]["data"],
+        json!({"guest": false, "reason": "host-error"})
+    );
+}

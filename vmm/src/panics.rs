@@ -1,0 +1,77 @@
+//! A panic in any holdfast thread is reported and ends holdfast the way `quit`
+//! does, never silently: the hook prints the thread's name and the panic's message
+//! on stderr and tells the run-state owner ([`VmEvent::ThreadPanicked`]), which
+//! pauses the vCPUs, settles every disk (writes and flushes what it can, says how
+//! many bytes it drops) and sends `SHUTDOWN`. A vCPU thread that died counts as
+//! parked, so the pause does not wait for it. A panic in the owner's own thread is
+//! caught around the owner in `main`, whose `Vm::shutdown` settles the disks.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Mutex, OnceLock};
+
+use crate::vm::VmEvent;
+
+static OWNER: OnceLock<Mutex<Sender<VmEvent>>> = OnceLock::new();
+
+/// The panic's message and where it happened.
+fn describe(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    match info.location() {
+        Some(at) => format!("{message} (at {}:{})", at.file(), at.line()),
+        None => message,
+    }
+}
+
+/// Installs the hook; panics from now on go to `owner` (the first call's).
+pub fn report_panics_to(owner: Sender<VmEvent>) {
+    if OWNER.set(Mutex::new(owner)).is_err() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        let message = describe(info);
+        eprintln!("holdfast: thread {thread} panicked: {message}");
+        if let Some(owner) = OWNER.get() {
+            let owner = owner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = owner.send(VmEvent::ThreadPanicked { thread, message });
+        }
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_any_thread_reaches_the_owner_with_its_name() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        report_panics_to(tx);
+        let r = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(|| {
+                let r: Option<u64> = None;
+                r.expect("an overflowing fault rule")
+            })
+            .expect("spawn")
+            .join();
+        assert!(r.is_err());
+        match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(VmEvent::ThreadPanicked { thread, message }) => {
+                assert_eq!(thread, "devices");
+                assert!(message.contains("an overflowing fault rule"), "{message}");
+                assert!(message.contains("panics.rs"), "{message}");
+            }
+            other => panic!("no ThreadPanicked: {other:?}"),
+        }
+    }
+}
