@@ -58,10 +58,7 @@ mod tests {
         report_panics_to(tx);
         let r = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(|| {
-                let r: Option<u64> = None;
-                r.expect("an overflowing fault rule")
-            })
+            .spawn(|| panic!("an overflowing fault rule"))
             .expect("spawn")
             .join();
         assert!(r.is_err());
