@@ -123,12 +123,54 @@ pub trait Machine: Send + Sync + 'static {
 }
 
 /// Sends events to every negotiated client. Cheap to clone.
+///
+/// Each client has a queue of [`EVENT_BACKLOG`] events; a client that falls
+/// further behind (it does not read) is disconnected, with a line on stderr,
+/// rather than silently miss an event the contract says it gets.
 #[derive(Debug, Clone)]
-pub struct EventSink(tokio::sync::broadcast::Sender<String>);
+pub struct EventSink {
+    tx: tokio::sync::broadcast::Sender<String>,
+    clients: std::sync::Arc<Clients>,
+}
+
+/// Events a client may be behind before it is disconnected.
+pub const EVENT_BACKLOG: usize = 1024;
+
+/// What a client's queue carries last: write what you have, then close.
+pub(crate) const END_OF_EVENTS: &str = "";
+
+/// How many client sessions are open.
+#[derive(Debug, Default)]
+struct Clients {
+    open: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Held by a client session while it is open.
+#[derive(Debug)]
+pub(crate) struct ClientSession(std::sync::Arc<Clients>);
+
+impl Drop for ClientSession {
+    fn drop(&mut self) {
+        *self.0.lock() -= 1;
+        self.0.changed.notify_all();
+    }
+}
 
 impl EventSink {
     pub fn new() -> Self {
-        EventSink(tokio::sync::broadcast::channel(1024).0)
+        EventSink {
+            tx: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
+            clients: std::sync::Arc::default(),
+        }
     }
 
     /// Sends `{"event": name, "data": data, "timestamp": now}`; `data` may be null.
@@ -144,12 +186,45 @@ impl EventSink {
             event["data"] = data;
         }
         // No client connected is not an error.
-        let _ = self.0.send(event.to_string());
+        let _ = self.tx.send(event.to_string());
     }
 
     /// A receiver of every event sent from now on (serialized JSON).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.0.subscribe()
+        self.tx.subscribe()
+    }
+
+    /// Ends the stream before holdfast exits: every client writes the replies and
+    /// events it has (a `quit`'s reply, `X_UNFLUSHED_DROPPED`, `SHUTDOWN`) and
+    /// closes. Waits until all did or `within` passed (a client that does not read
+    /// cannot hold holdfast up); returns whether all did.
+    pub fn finish(&self, within: std::time::Duration) -> bool {
+        let _ = self.tx.send(END_OF_EVENTS.to_owned());
+        let deadline = std::time::Instant::now() + within;
+        let mut open = self.clients.lock();
+        while *open > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            open = self
+                .clients
+                .changed
+                .wait_timeout(open, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Opens a client session, unless `max` are open already.
+    pub(crate) fn open_session(&self, max: usize) -> Option<ClientSession> {
+        let mut open = self.clients.lock();
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(ClientSession(std::sync::Arc::clone(&self.clients)))
     }
 }
 

@@ -10,10 +10,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::stream::{Input, Splitter, MAX_MESSAGE};
-use crate::{Args, ErrorClass, EventSink, Machine, QmpError};
+use crate::{Args, ErrorClass, EventSink, Machine, QmpError, END_OF_EVENTS};
 
 /// Longest input message accepted; longer ones get an error and are skipped.
 pub const MAX_LINE: usize = MAX_MESSAGE;
+
+/// Client sessions open at once; one more is told so and closed.
+pub const MAX_CLIENTS: usize = 64;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,13 @@ fn error(class: ErrorClass, desc: impl Into<String>) -> QmpError {
 /// One client's session.
 async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink) {
     let (read, mut write) = stream.into_split();
+    let Some(_session) = events.open_session(MAX_CLIENTS) else {
+        let e = QmpError::generic(format!(
+            "too many QMP clients ({MAX_CLIENTS} are connected)"
+        ));
+        let _ = write_json(&mut write, &reply_err(None, e)).await;
+        return;
+    };
     let (tx, mut lines) = mpsc::channel(16);
     tokio::spawn(read_messages(read, tx));
     let mut subscription = events.subscribe();
@@ -150,27 +160,36 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
                 };
                 if let Some(reply) = reply {
                     // Events the command raised go first, as QEMU sends them.
-                    if negotiated {
-                        while let Ok(text) = subscription.try_recv() {
-                            if write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
-                                return;
-                            }
+                    let mut ending = false;
+                    while let Ok(text) = subscription.try_recv() {
+                        if text == END_OF_EVENTS {
+                            ending = true;
+                            break;
+                        }
+                        if negotiated && write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
+                            return;
                         }
                     }
-                    if write_json(&mut write, &reply).await.is_err() {
+                    if write_json(&mut write, &reply).await.is_err() || ending {
                         return;
                     }
                 }
             }
-            event = subscription.recv(), if negotiated => {
+            event = subscription.recv() => {
                 match event {
+                    Ok(text) if text == END_OF_EVENTS => return,
                     Ok(text) => {
-                        if write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
+                        if negotiated && write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
                             return;
                         }
                     }
-                    // A client too slow for the event rate misses events, as in QEMU.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        eprintln!(
+                            "holdfast: a QMP client fell {n} events behind (it does not read); \
+                             disconnecting it rather than let it miss events"
+                        );
+                        return;
+                    }
                     Err(_) => return,
                 }
             }

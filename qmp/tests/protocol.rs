@@ -396,3 +396,112 @@ fn the_server_s_own_commands_check_their_arguments() {
         );
     }
 }
+
+/// Reads events until the server closes the connection.
+fn events_until_closed(c: &mut Client) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        match c.reader.read_line(&mut line) {
+            Ok(0) => return seen,
+            Ok(_) => seen.push(serde_json::from_str(&line).expect("JSON")),
+            Err(e) => panic!("the server neither wrote nor closed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn finish_hands_every_client_its_last_events_then_closes() {
+    let h = start();
+    let mut a = Client::negotiated(&h.path);
+    let mut b = Client::negotiated(&h.path);
+    h.events.emit(
+        "X_UNFLUSHED_DROPPED",
+        json!({"device": "data", "bytes": 512}),
+    );
+    h.events.emit(
+        "SHUTDOWN",
+        json!({"guest": false, "reason": "host-qmp-quit"}),
+    );
+    assert!(
+        h.events.finish(Duration::from_secs(5)),
+        "a client did not finish"
+    );
+    for c in [&mut a, &mut b] {
+        let names: Vec<Value> = events_until_closed(c)
+            .into_iter()
+            .map(|e| e["event"].clone())
+            .collect();
+        assert_eq!(names, [json!("X_UNFLUSHED_DROPPED"), json!("SHUTDOWN")]);
+    }
+}
+
+#[test]
+fn finish_does_not_wait_forever_for_a_client_that_does_not_read() {
+    let h = start();
+    let _deaf = Client::negotiated(&h.path);
+    let big = "x".repeat(8192);
+    for n in 0..200 {
+        h.events.emit("X_BIG", json!({"n": n, "pad": big}));
+    }
+    assert!(!h.events.finish(Duration::from_millis(300)));
+}
+
+#[test]
+fn a_client_too_far_behind_is_disconnected_not_silently_skipped() {
+    let h = start();
+    let mut slow = Client::negotiated(&h.path);
+    let mut other = Client::negotiated(&h.path);
+    let pad = "x".repeat(1024);
+    let total = holdfast_qmp::EVENT_BACKLOG * 3;
+    for n in 0..total {
+        h.events.emit("X_N", json!({"n": n, "pad": pad}));
+        // The other client keeps up: it reads as the events come.
+        assert_eq!(other.recv()["data"]["n"], n);
+    }
+    // The slow one got a gap-free prefix, then was disconnected.
+    let seen = events_until_closed(&mut slow);
+    assert!(seen.len() < total, "it was not behind at all");
+    for (i, e) in seen.iter().enumerate() {
+        assert_eq!(e["data"]["n"], i, "a silent gap at {i}");
+    }
+    // A client that reads is served on: it gets a reply after all that.
+    let mut fresh = Client::negotiated(&h.path);
+    assert_eq!(
+        fresh.call(json!({"execute": "query-status", "id": 1}))["id"],
+        1
+    );
+}
+
+#[test]
+fn the_number_of_clients_is_bounded() {
+    let h = start();
+    let mut open: Vec<(Client, Value)> = (0..holdfast_qmp::server::MAX_CLIENTS)
+        .map(|_| Client::connect(&h.path))
+        .collect();
+    assert!(open
+        .iter()
+        .all(|(_, greeting)| greeting.get("QMP").is_some()));
+    let (_, refused) = Client::connect(&h.path);
+    assert!(
+        refused["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("too many QMP clients"),
+        "{refused}"
+    );
+    drop(open.pop());
+    // A closed session makes room (the server notices the close).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, greeting) = Client::connect(&h.path);
+        if greeting.get("QMP").is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

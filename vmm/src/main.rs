@@ -183,6 +183,11 @@ fn run(opts: RunOpts) -> ExitCode {
         owner::run(&mut vm, &events)
     }))
     .unwrap_or_else(|_| Exit::Failed("the run-state owner panicked".into()));
+    // Let QMP clients have the last reply and events (a quit's X_UNFLUSHED_DROPPED
+    // and SHUTDOWN) before the process ends; a client that does not read gets 2 s.
+    if opts.qmp.is_some() && !events.finish(std::time::Duration::from_secs(2)) {
+        eprintln!("holdfast: a QMP client did not take its last events within 2 s");
+    }
     let dropped = vm.shutdown();
     for (disk, bytes, error) in &dropped {
         eprintln!("holdfast: disk {disk}: {bytes} unflushed bytes dropped ({error})");

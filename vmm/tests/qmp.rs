@@ -257,3 +257,29 @@ fn a_socket_it_may_not_connect_to_is_left_alone() {
         "holdfast deleted a socket it could not connect to"
     );
 }
+
+#[test]
+fn quit_delivers_its_reply_and_shutdown_before_holdfast_exits() {
+    for _ in 0..3 {
+        let Some((_dir, mut child, mut q)) = running_holdfast() else {
+            return;
+        };
+        let msg = json!({"execute": "quit", "id": "bye"});
+        q.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .expect("send");
+        // Everything holdfast wrote, until it closed the connection.
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            match q.reader.read_line(&mut l) {
+                Ok(0) => break,
+                Ok(_) => lines.push(serde_json::from_str::<Value>(&l).expect("JSON")),
+                Err(e) => panic!("holdfast neither wrote nor closed: {e}"),
+            }
+        }
+        assert!(lines.iter().any(|v| v["id"] == "bye"), "{lines:?}");
+        assert!(lines.iter().any(|v| v["event"] == "SHUTDOWN"), "{lines:?}");
+        assert_eq!(child.0.wait().expect("exit").code(), Some(0));
+    }
+}
