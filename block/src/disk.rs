@@ -170,6 +170,10 @@ enum Parked {
 struct Failed {
     parked: Parked,
     error: HostError,
+    /// A write that found the buffer at its bound and could not make room: unless
+    /// it is parked (`stop`), it completes `S_IOERR` whatever the policy, since its
+    /// bytes are not kept.
+    at_bound: bool,
 }
 
 impl Failed {
@@ -177,6 +181,7 @@ impl Failed {
         Failed {
             parked: Parked::Done(Completion::ok(tag)),
             error,
+            at_bound: false,
         }
     }
 
@@ -184,6 +189,7 @@ impl Failed {
         Failed {
             parked: Parked::Pending(req),
             error,
+            at_bound: false,
         }
     }
 }
@@ -205,6 +211,10 @@ pub struct Disk<B> {
     /// whole replay succeeded.
     deferred_release: Option<Vec<FlushTicket>>,
     internal_flushes: u64,
+    /// A flush to make room failed and none succeeded since: until one does (the
+    /// guest's FLUSH, a replay), writes at the bound fail at once instead of each
+    /// rewriting the whole buffer into a host that is still broken.
+    room_failed: Option<HostError>,
 }
 
 impl<B: Backend> Disk<B> {
@@ -220,6 +230,7 @@ impl<B: Backend> Disk<B> {
             rewrite_before_flush: false,
             deferred_release: None,
             internal_flushes: 0,
+            room_failed: None,
         }
     }
 
@@ -312,6 +323,7 @@ impl<B: Backend> Disk<B> {
         }
         let report = Some(IoErrorReport { error, action });
         let status = match action {
+            ErrorAction::Report | ErrorAction::Ignore if failed.at_bound => Status::IoErr,
             ErrorAction::Stop => {
                 self.stopped = true;
                 self.io_status = IoStatus::of(&error);
@@ -395,20 +407,26 @@ impl<B: Backend> Disk<B> {
                 })
             }
             RequestOp::Write { offset, data } => {
-                // Failed or not, the bytes are the guest's: keep them for replay. If
-                // the room-making flush failed they were not even written, and the
-                // buffer goes past its bound: dropping them would lose them.
-                let written = self
-                    .make_room(data.len() as u64)
-                    .and_then(|()| self.backend.write_at(&data, offset));
+                let len = data.len() as u64;
+                if let Err(e) = self.make_room(len) {
+                    return Err(
+                        self.no_room(Request::new(tag, RequestOp::Write { offset, data }), e)
+                    );
+                }
+                // Failed or not, the bytes are the guest's: keep them for replay.
+                let written = self.backend.write_at(&data, offset);
                 self.buffer.insert(offset, ExtentData::Bytes(data));
                 written.map_err(|e| Failed::covered(tag, e))?;
                 self.finish_write(tag)
             }
             RequestOp::WriteZeroes { offset, len, unmap } => {
-                let written = self
-                    .make_room(0)
-                    .and_then(|()| self.backend.write_zeroes(offset, len, unmap));
+                if let Err(e) = self.make_room(0) {
+                    return Err(self.no_room(
+                        Request::new(tag, RequestOp::WriteZeroes { offset, len, unmap }),
+                        e,
+                    ));
+                }
+                let written = self.backend.write_zeroes(offset, len, unmap);
                 self.buffer.insert(offset, ExtentData::Zeroes(len));
                 written.map_err(|e| Failed::covered(tag, e))?;
                 self.finish_write(tag)
@@ -447,11 +465,41 @@ impl<B: Backend> Disk<B> {
             && !self.buffer.is_empty()
             && self.buffer.bytes().saturating_add(incoming) > self.config.unflushed_limit
         {
+            if let Some(e) = self.room_failed {
+                return Err(e);
+            }
             self.internal_flushes += 1;
-            self.host_flush()?;
+            if let Err(e) = self.host_flush() {
+                self.room_failed = Some(e);
+                return Err(e);
+            }
             tries -= 1;
         }
         Ok(())
+    }
+
+    /// A write that needed room the host could not make. Under `stop` it is parked
+    /// with its bytes (the VM pauses, so the buffer cannot grow on); under any other
+    /// policy it fails without entering the buffer, which so never passes its bound.
+    fn no_room(&mut self, req: Request, error: HostError) -> Failed {
+        if self.config.werror.action(&error) == ErrorAction::Stop {
+            let tag = req.tag;
+            match req.op {
+                RequestOp::Write { offset, data } => {
+                    self.buffer.insert(offset, ExtentData::Bytes(data))
+                }
+                RequestOp::WriteZeroes { offset, len, .. } => {
+                    self.buffer.insert(offset, ExtentData::Zeroes(len))
+                }
+                _ => {}
+            }
+            // The replay's rewrite puts its bytes on the host.
+            return Failed::covered(tag, error);
+        }
+        Failed {
+            at_bound: true,
+            ..Failed::pending(req, error)
+        }
     }
 
     /// One host flush; rewrites the buffer first when an earlier failure may have
@@ -466,6 +514,7 @@ impl<B: Backend> Disk<B> {
             self.rewrite_before_flush = true;
             return Err(e);
         }
+        self.room_failed = None;
         match &mut self.deferred_release {
             Some(tickets) => tickets.push(ticket),
             None => {

@@ -360,6 +360,12 @@ impl FaultHandle {
     }
 
     /// How many calls have been failed so far.
+    /// Bytes written through the injector (calls that reached the backend and
+    /// succeeded), since it was made.
+    pub fn bytes_written(&self) -> u64 {
+        lock(&self.state).bytes_written
+    }
+
     pub fn injected(&self) -> u64 {
         lock(&self.state).injected
     }

@@ -750,3 +750,60 @@ fn zeroing_or_discarding_nothing_is_the_guest_s_error() {
         assert!(out.error.is_none() && !disk.is_stopped(), "{op:?}");
     }
 }
+
+/// The buffer's bound holds under every policy (docs/durability.md, "While nothing
+/// fails", 4): at the bound, when the flush that would make room fails, a write
+/// under `report`, `ignore` or `enospc` (not ENOSPC) completes S_IOERR and is not
+/// kept, and later writes at the bound fail at once instead of each rewriting the
+/// whole buffer into a host that is still broken. The guest's own FLUSH retries.
+#[test]
+fn the_bound_holds_under_every_policy_and_costs_stay_proportional() {
+    const LIMIT: u64 = 64 * 1024;
+    for policy in [
+        ErrorPolicy::Report,
+        ErrorPolicy::Ignore,
+        ErrorPolicy::Enospc,
+    ] {
+        let calls = FaultInjector::new(MemBackend::new(SIZE));
+        let faults = calls.handle();
+        let config = DiskConfig {
+            werror: policy,
+            unflushed_limit: LIMIT,
+            ..Default::default()
+        };
+        let mut disk = Disk::new(calls, config);
+        let outage = faults.arm(always(FaultOp::Flush, EIO));
+        let mut refused = 0;
+        for i in 0..100u64 {
+            let out = disk.submit(write(i, (i % 200) * 4096, 1 + i as u8, 4096));
+            let status = out.completion.expect("never parked").status;
+            assert!(
+                disk.status().buffer.bytes <= LIMIT,
+                "{policy}: write {i} passed the bound"
+            );
+            if i < 16 {
+                assert_eq!(status, Status::Ok, "{policy}: write {i} had room");
+            } else {
+                assert_eq!(status, Status::IoErr, "{policy}: write {i} at the bound");
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 84);
+        assert!(!disk.is_stopped());
+        // One rewrite attempt at most, not one per write at the bound.
+        assert!(
+            faults.bytes_written() <= 2 * LIMIT,
+            "{policy}: {} bytes written for 64 KiB of room",
+            faults.bytes_written()
+        );
+        // The guest's FLUSH, once the host is back, replays and makes room again.
+        faults.clear(outage);
+        assert_eq!(
+            disk.submit(flush(1000)).completion.map(|c| c.status),
+            Some(Status::Ok)
+        );
+        assert_eq!(disk.status().buffer.bytes, 0);
+        let out = disk.submit(write(1001, 0, 9, 4096));
+        assert_eq!(out.completion.map(|c| c.status), Some(Status::Ok));
+    }
+}
