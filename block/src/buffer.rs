@@ -14,6 +14,11 @@
 
 use std::collections::BTreeMap;
 
+/// Longest extent of bytes kept. A longer write is kept as several extents, so that
+/// cutting a small write into an old one copies at most this much, not the rest of
+/// a large extent.
+pub const MAX_EXTENT: u64 = 64 * 1024;
+
 /// The bytes of one extent. Zeroes (from WRITE_ZEROES) take no memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExtentData {
@@ -134,13 +139,19 @@ impl UnflushedBuffer {
         }
         self.carve(offset, offset + len);
         self.last_seq += 1;
-        self.extents.insert(
-            offset,
-            Extent {
-                seq: self.last_seq,
-                data,
-            },
-        );
+        let seq = self.last_seq;
+        match data {
+            ExtentData::Bytes(b) if len > MAX_EXTENT => {
+                for (i, chunk) in b.chunks(MAX_EXTENT as usize).enumerate() {
+                    let data = ExtentData::Bytes(chunk.to_vec());
+                    self.extents
+                        .insert(offset + i as u64 * MAX_EXTENT, Extent { seq, data });
+                }
+            }
+            data => {
+                self.extents.insert(offset, Extent { seq, data });
+            }
+        }
         self.bytes += len;
         self.peak_bytes = self.peak_bytes.max(self.bytes);
     }
@@ -315,6 +326,23 @@ mod tests {
             [0xEE, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 1, 1, 1]
         );
         assert_eq!(b.stats().bytes, 15);
+    }
+
+    #[test]
+    fn a_large_write_is_kept_in_bounded_extents() {
+        let mut b = UnflushedBuffer::new(false);
+        let big: Vec<u8> = (0..(32u32 << 20)).map(|i| (i % 251) as u8).collect();
+        b.insert(4096, ExtentData::Bytes(big.clone()));
+        assert!(b.extents().all(|(_, d)| d.len() <= MAX_EXTENT));
+        assert_eq!(b.stats().bytes, 32 << 20);
+        // A small write into the middle copies at most one extent's worth.
+        b.insert(4096 + (16 << 20) + 100, bytes(&[7; 512]));
+        assert!(b.extents().all(|(_, d)| d.len() <= MAX_EXTENT));
+        let got = read(&b, 4096 + (16 << 20), 1024);
+        assert_eq!(&got[..100], &big[16 << 20..(16 << 20) + 100]);
+        assert!(got[100..612].iter().all(|&x| x == 7));
+        assert_eq!(&got[612..], &big[(16 << 20) + 612..(16 << 20) + 1024]);
+        assert_eq!(b.stats().bytes, 32 << 20);
     }
 
     #[test]

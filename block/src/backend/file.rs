@@ -22,6 +22,20 @@ use crate::{HostError, HostOp};
 /// Alignment used for `O_DIRECT` transfers: safe for 512-byte and 4 KiB devices.
 pub const DIRECT_ALIGN: u64 = 4096;
 
+/// Bounce space kept between `O_DIRECT` calls; a larger call's is freed after it.
+const BOUNCE_KEEP: usize = (1 << 20) + DIRECT_ALIGN as usize;
+
+/// An aligned window of `len` bytes in `bounce`, grown as needed; over-allocated by
+/// `DIRECT_ALIGN` so an aligned window always fits.
+fn aligned_window(bounce: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let need = len + DIRECT_ALIGN as usize;
+    if bounce.len() < need {
+        *bounce = vec![0; need];
+    }
+    let skew = bounce.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    &mut bounce[skew..skew + len]
+}
+
 /// How to open an image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FileOptions {
@@ -134,9 +148,7 @@ impl FileBackend {
 
     /// The open image, or `ENOMEDIUM` while detached.
     fn file(&self) -> io::Result<&File> {
-        self.file
-            .as_ref()
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+        self.file.as_ref().ok_or_else(detached)
     }
 
     /// Checks `path` as a replacement for this backend's image, then opens it with
@@ -188,14 +200,17 @@ impl FileBackend {
         Ok(new)
     }
 
-    /// An aligned window of `len` bytes in the bounce space.
-    fn bounce(&mut self, len: usize) -> &mut [u8] {
-        let need = len + DIRECT_ALIGN as usize;
-        if self.bounce.len() < need {
-            self.bounce = vec![0; need];
+    /// Bytes of bounce space held between calls (for tests and diagnostics).
+    pub fn bounce_bytes(&self) -> usize {
+        self.bounce.capacity()
+    }
+
+    /// Lets go of bounce space past what ordinary requests need, so that one large
+    /// replay does not keep its size in memory for the disk's life.
+    fn trim_bounce(&mut self) {
+        if self.bounce.capacity() > BOUNCE_KEEP {
+            self.bounce = Vec::new();
         }
-        let skew = self.bounce.as_ptr().align_offset(DIRECT_ALIGN as usize);
-        &mut self.bounce[skew..skew + len]
     }
 
     fn read_plain(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -216,11 +231,14 @@ impl FileBackend {
 
     fn read_direct(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let (start, end) = align_out(offset, buf.len() as u64);
-        let file = self.file()?.try_clone()?;
-        let window = self.bounce((end - start) as usize);
-        Self::read_plain(&file, window, start)?;
+        // The image and the bounce space are distinct fields: no dup() of the
+        // descriptor to satisfy the borrow checker.
+        let file = self.file.as_ref().ok_or_else(detached)?;
+        let window = aligned_window(&mut self.bounce, (end - start) as usize);
+        Self::read_plain(file, window, start)?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&window[skip..skip + buf.len()]);
+        self.trim_bounce();
         Ok(())
     }
 
@@ -230,23 +248,25 @@ impl FileBackend {
             return Ok(());
         }
         let (start, end) = align_out(offset, len);
-        let file = self.file()?.try_clone()?;
-        let window = self.bounce((end - start) as usize);
+        let file = self.file.as_ref().ok_or_else(detached)?;
+        let window = aligned_window(&mut self.bounce, (end - start) as usize);
         // Read-modify-write only the edge blocks the caller does not cover.
         let block = DIRECT_ALIGN as usize;
         if offset != start {
-            Self::read_plain(&file, &mut window[..block], start)?;
+            Self::read_plain(file, &mut window[..block], start)?;
         }
         if offset + len != end && (end - start > DIRECT_ALIGN || offset == start) {
             let w = window.len();
-            Self::read_plain(&file, &mut window[w - block..], end - DIRECT_ALIGN)?;
+            Self::read_plain(file, &mut window[w - block..], end - DIRECT_ALIGN)?;
         }
         let mut at = (offset - start) as usize;
         for b in bufs {
             window[at..at + b.len()].copy_from_slice(b);
             at += b.len();
         }
-        file.write_all_at(window, start)
+        let written = file.write_all_at(window, start);
+        self.trim_bounce();
+        written
     }
 
     fn write_vectored_plain(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
@@ -308,6 +328,11 @@ impl FileBackend {
 }
 
 const IOV_MAX: usize = 1024;
+
+/// What every call on a detached image fails with.
+fn detached() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOMEDIUM)
+}
 
 /// The smallest `DIRECT_ALIGN`-aligned range covering `[offset, offset + len)`.
 fn align_out(offset: u64, len: u64) -> (u64, u64) {
@@ -502,6 +527,30 @@ mod tests {
             direct: true,
             read_only: false,
         });
+    }
+
+    #[test]
+    fn a_large_direct_transfer_does_not_keep_its_bounce_space() {
+        let (_dir, path) = image(16 << 20);
+        let mut b = FileBackend::open(
+            &path,
+            FileOptions {
+                direct: true,
+                read_only: false,
+            },
+        )
+        .expect("open");
+        b.write_at(&[5; 4096], 8192).expect("small write");
+        let small = b.bounce_bytes();
+        assert!(small > 0 && small <= BOUNCE_KEEP, "{small}");
+        let big = vec![6u8; 8 << 20];
+        b.write_vectored_at(&[&big[..100], &big[100..]], 1000)
+            .expect("large write");
+        assert!(b.bounce_bytes() <= BOUNCE_KEEP, "{}", b.bounce_bytes());
+        let mut back = vec![0; 8 << 20];
+        b.read_at(&mut back, 1000).expect("large read");
+        assert!(back.iter().all(|&x| x == 6));
+        assert!(b.bounce_bytes() <= BOUNCE_KEEP, "{}", b.bounce_bytes());
     }
 
     #[test]
