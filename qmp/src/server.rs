@@ -156,7 +156,7 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
                 let reply = match line {
                     Input::TooLong => Some(reply_err(None, error(ErrorClass::GenericError, format!("QMP input exceeds {MAX_LINE} bytes")))),
                     Input::Invalid(e) => Some(reply_err(None, QmpError::generic(format!("JSON parse error, {e}")))),
-                    Input::Value(v) => handle(v, &mut negotiated, &machine).await,
+                    Input::Value(v) => respond(v, &mut negotiated, &machine).await,
                 };
                 if let Some(reply) = reply {
                     // Events the command raised go first, as QEMU sends them.
@@ -220,8 +220,13 @@ fn reply_err(id: Option<Value>, e: QmpError) -> Value {
     r
 }
 
-/// One input value in, one reply out.
-async fn handle(value: Value, negotiated: &mut bool, machine: &Arc<dyn Machine>) -> Option<Value> {
+/// One message in, one reply out: what each connection runs for each message its
+/// [`Splitter`] completes (public for the fuzz target, which feeds it hostile input).
+pub async fn respond(
+    value: Value,
+    negotiated: &mut bool,
+    machine: &Arc<dyn Machine>,
+) -> Option<Value> {
     let Value::Object(mut obj) = value else {
         return Some(reply_err(
             None,
