@@ -184,8 +184,8 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        eprintln!(
-                            "holdfast: a QMP client fell {n} events behind (it does not read); \
+                        log::warn!(
+                            "a QMP client fell {n} events behind (it does not read); \
                              disconnecting it rather than let it miss events"
                         );
                         return;

@@ -61,6 +61,9 @@ the host file system itself went down (ext4 read-only after a journal abort: con
 with EROFS; XFS shut down: EIO after the device is back), `x-block-detach` lets go of the
 image so the file system can be unmounted, repaired and mounted again; `x-block-attach`
 takes it back; `cont` then replays. The contract, step by step: docs/durability.md.
+
+Log: what happens while the guest runs goes to stderr, one timestamped line each with its
+level, naming the disk it is about. RUST_LOG filters it (default: info; e.g. RUST_LOG=warn).
 ";
 
 /// Where the serial console goes.

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod devices;
 pub mod host_signals;
 pub mod layout;
+pub mod logging;
 pub mod owner;
 pub mod panics;
 pub mod vcpu;

@@ -67,14 +67,15 @@ fn hardware_virtualization() -> bool {
 }
 
 fn run(opts: RunOpts) -> ExitCode {
+    holdfast_vmm::logging::init();
     // Before any thread starts, so that every thread inherits the mask.
     if let Err(e) = host_signals::block_termination_signals() {
         eprintln!("holdfast run: cannot block SIGTERM/SIGINT/SIGHUP: {e}");
         return ExitCode::from(1);
     }
     if !hardware_virtualization() {
-        eprintln!(
-            "holdfast: warning: this host's CPUs show no VT-x/AMD-V (no vmx or svm flag in /proc/cpuinfo): \
+        log::warn!(
+            "this host's CPUs show no VT-x/AMD-V (no vmx or svm flag in /proc/cpuinfo): \
              its KVM emulates guest kernel code about 1000x slower, and a stock kernel crawls and then stops \
              with an emulation failure. Run the guest in the nested test host instead (tests/e2e)."
         );
@@ -186,40 +187,38 @@ fn run(opts: RunOpts) -> ExitCode {
     // Let QMP clients have the last reply and events (a quit's X_UNFLUSHED_DROPPED
     // and SHUTDOWN) before the process ends; a client that does not read gets 2 s.
     if opts.qmp.is_some() && !events.finish(std::time::Duration::from_secs(2)) {
-        eprintln!("holdfast: a QMP client did not take its last events within 2 s");
+        log::warn!("a QMP client did not take its last events within 2 s");
     }
     let dropped = vm.shutdown();
     for (disk, bytes, error) in &dropped {
-        eprintln!("holdfast: disk {disk}: {bytes} unflushed bytes dropped ({error})");
+        log::error!("disk {disk}: {bytes} unflushed bytes dropped ({error})");
     }
     match exit {
         Exit::Poweroff | Exit::Quit if dropped.is_empty() => ExitCode::SUCCESS,
         Exit::Reboot if dropped.is_empty() => {
-            eprintln!("holdfast: the guest rebooted; holdfast exits instead of resetting it");
+            log::info!("the guest rebooted; holdfast exits instead of resetting it");
             ExitCode::SUCCESS
         }
         Exit::Signal(name) if dropped.is_empty() => {
-            eprintln!(
-                "holdfast: ended by {name}; every disk's buffered bytes are on stable storage"
-            );
+            log::info!("ended by {name}; every disk's buffered bytes are on stable storage");
             ExitCode::SUCCESS
         }
         Exit::Poweroff | Exit::Reboot | Exit::Quit | Exit::Signal(_) => ExitCode::from(1),
         Exit::GuestPanic => {
-            eprintln!("holdfast: the guest panicked");
+            log::error!("the guest panicked");
             ExitCode::from(3)
         }
         Exit::EmulationFailure { cpu } => {
-            eprintln!(
-                "holdfast: vCPU {cpu} stopped: this host's KVM could not run the guest's kernel code \
+            log::error!(
+                "vCPU {cpu} stopped: this host's KVM could not run the guest's kernel code \
                  (KVM internal error: emulation failure). On hosts whose /dev/kvm emulates guest \
                  kernel code instead of running it (no VT-x/AMD-V, e.g. kvm_pvm), run holdfast inside \
-                 the nested test host instead: tests/testhost (see ../shared/TESTHOST.md)."
+                 the nested test host instead: tests/testhost (README.md)."
             );
             ExitCode::from(4)
         }
         Exit::Failed(message) => {
-            eprintln!("holdfast: {message}");
+            log::error!("{message}");
             ExitCode::from(1)
         }
     }

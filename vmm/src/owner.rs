@@ -160,8 +160,8 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                 return Exit::Failed(format!("vCPU {cpu}: {message}"))
             }
             VmEvent::DeviceNeedsReset { disk, reason } => {
-                eprintln!(
-                    "holdfast: disk {disk}: the guest's queue is broken ({reason}); the device \
+                log::error!(
+                    "disk {disk}: the guest's queue is broken ({reason}); the device \
                      needs a reset by the guest's driver, the VM and the other disks go on"
                 );
                 events.emit(
@@ -170,8 +170,8 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                 );
             }
             VmEvent::DiskError { disk, report, at } => {
-                eprintln!(
-                    "holdfast: disk {disk}: {} (action: {})",
+                log::warn!(
+                    "disk {disk}: {} (action: {})",
                     report.error,
                     report.action.as_str()
                 );
@@ -186,13 +186,13 @@ pub fn run(vm: &mut Vm, events: &EventSink) -> Exit {
                 }
             }
             VmEvent::ThreadPanicked { thread, message } => {
-                eprintln!("holdfast: ending: pausing the guest and settling its disks");
+                log::error!("ending: pausing the guest and settling its disks");
                 settle_and_end(vm, events, state, "host-error");
                 return Exit::Failed(format!("thread {thread} panicked: {message}"));
             }
             VmEvent::HostSignal { signal } => {
                 let name = crate::host_signals::signal_name(signal);
-                eprintln!("holdfast: {name}: pausing the guest and settling its disks");
+                log::info!("{name}: pausing the guest and settling its disks");
                 settle_and_end(vm, events, state, "host-signal");
                 return Exit::Signal(name);
             }
@@ -413,10 +413,12 @@ fn block_detach(vm: &Vm, state: RunState, args: &Args) -> Result<Value, QmpError
         )));
     }
     vm.detach_disk(device).map_err(attach_error)?;
-    eprintln!(
-        "holdfast: disk {device}: detached from {}; {} buffered bytes and {} parked requests \
+    log::info!(
+        "disk {device}: detached from {}; {} buffered bytes and {} parked requests \
          kept in memory",
-        disk.path, disk.status.buffer.bytes, disk.status.parked
+        disk.path,
+        disk.status.buffer.bytes,
+        disk.status.parked
     );
     Ok(json!({}))
 }
@@ -427,9 +429,10 @@ fn block_attach(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
     vm.attach_disk(device, filename.map(std::path::Path::new))
         .map_err(attach_error)?;
     if let Some(d) = vm.disks().into_iter().find(|d| d.id == device) {
-        eprintln!(
-            "holdfast: disk {device}: attached to {}; cont replays its {} buffered bytes",
-            d.path, d.status.buffer.bytes
+        log::info!(
+            "disk {device}: attached to {}; cont replays its {} buffered bytes",
+            d.path,
+            d.status.buffer.bytes
         );
     }
     Ok(json!({}))

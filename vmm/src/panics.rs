@@ -38,7 +38,7 @@ pub fn report_panics_to(owner: Sender<VmEvent>) {
             .unwrap_or("unnamed")
             .to_owned();
         let message = describe(info);
-        eprintln!("holdfast: thread {thread} panicked: {message}");
+        log::error!("thread {thread} panicked: {message}");
         if let Some(owner) = OWNER.get() {
             let owner = owner
                 .lock()

@@ -701,6 +701,7 @@ fn spawn_device_thread(
 /// interrupt, a host error goes to the run-state owner, a broken queue makes the
 /// device ask for a reset.
 fn serve(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Sender<VmEvent>) {
+    let _serving = crate::logging::ServingDisk::new(&slot.id);
     let mut t = slot.lock();
     if !t.live() {
         return;

@@ -283,3 +283,62 @@ fn quit_delivers_its_reply_and_shutdown_before_holdfast_exits() {
         assert_eq!(child.0.wait().expect("exit").code(), Some(0));
     }
 }
+
+/// holdfast's stderr while it runs: timestamped, levelled lines through the log
+/// facade, naming the disk; RUST_LOG filters them.
+#[test]
+fn runtime_messages_are_timestamped_log_lines_that_rust_log_filters() {
+    if !common::kvm_available() {
+        return;
+    }
+    for (filter, want_detach_line) in [(None, true), (Some("warn"), false)] {
+        let dir = tempfile::tempdir().expect("dir");
+        let kernel = dir.path().join("counting.elf");
+        std::fs::write(&kernel, common::counting_guest()).expect("guest");
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+        let sock = dir.path().join("qmp.sock");
+        let mut cmd = common::holdfast_run(&kernel);
+        cmd.arg("--disk")
+            .arg(format!("path={},id=data", disk.display()))
+            .arg("--qmp")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG");
+        if let Some(f) = filter {
+            cmd.env("RUST_LOG", f);
+        }
+        let child = cmd.spawn().expect("start holdfast");
+        let mut q = Qmp::connect(&sock);
+        q.call("stop", json!({}));
+        assert_eq!(
+            q.call("x-block-detach", json!({"device": "data"})),
+            json!({})
+        );
+        q.call("quit", json!({}));
+        let out = child.wait_with_output().expect("exit");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let detach = stderr.lines().find(|l| l.contains("data: detached from"));
+        assert_eq!(
+            detach.is_some(),
+            want_detach_line,
+            "RUST_LOG={filter:?}: {stderr}"
+        );
+        if let Some(line) = detach {
+            // 2026-11-25T15:31:02.123Z INFO  holdfast: disk data: detached from ...
+            let (ts, rest) = line.split_once(' ').expect("a timestamp");
+            assert!(
+                ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T'),
+                "{line}"
+            );
+            assert!(
+                rest.starts_with("INFO  holdfast: disk data: detached from"),
+                "{line}"
+            );
+        }
+        // Nothing was buffered: quitting with the image detached drops nothing.
+        assert!(!stderr.contains("dropped"), "{stderr}");
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    }
+}

@@ -1,11 +1,14 @@
 //! The virtio-blk request path over hostile guest memory: memory contents,
 //! descriptor table, rings, queue size and negotiated features all come from the
-//! input, through virtio-queue's real `Queue` on a `GuestMemoryMmap`. Nothing may
-//! panic, and a guest's mistakes never pass for host errors (the host here cannot
-//! fail unless the input armed a fault).
+//! input, through virtio-queue's real `Queue` on a `GuestMemoryMmap`, over the real
+//! file backend (an in-memory file: the kernel's own answers, such as fallocate's
+//! EINVAL for a zero length). Nothing may panic, and a guest's mistakes never pass
+//! for host errors (the host here cannot fail unless the input armed a fault).
 #![no_main]
 
-use holdfast_block::{Disk, DiskConfig, FaultInjector, FaultOp, FaultRule, MemBackend, Trigger};
+use holdfast_block::{
+    Disk, DiskConfig, FaultInjector, FaultOp, FaultRule, FileBackend, FileOptions, Trigger,
+};
 use holdfast_vmm::virtio::block::BlockDevice;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -13,6 +16,19 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM: usize = 64 << 10;
+
+thread_local! {
+    /// A 1 MiB in-memory file, reopened by path for every input.
+    static IMAGE: std::path::PathBuf = {
+        // SAFETY: memfd_create reads a NUL-terminated name; the fd stays open for
+        // the process's life, so its /proc path stays valid.
+        let fd = unsafe { libc::memfd_create(c"holdfast-fuzz".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: ftruncate on the fd just created.
+        assert_eq!(unsafe { libc::ftruncate(fd, 1 << 20) }, 0);
+        std::path::PathBuf::from(format!("/proc/self/fd/{fd}"))
+    };
+}
 
 /// An address mostly inside guest memory, sometimes just past it or anywhere.
 fn address(u: &mut Unstructured) -> Result<u64> {
@@ -62,10 +78,6 @@ fn run(u: &mut Unstructured) -> Result<()> {
     }
     dev.reset();
     Ok(())
-}
-
-fn libc_eio() -> i32 {
-    5
 }
 
 fuzz_target!(|data: &[u8]| {
