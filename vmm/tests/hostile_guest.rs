@@ -288,7 +288,7 @@ fn start() -> Option<(Guest, Owner, tempfile::TempDir)> {
     // Map the MMIO hole so that the guest can reach the devices.
     for i in 0..512u64 {
         mem.write_obj(
-            0xc000_0000 + (i << 21) | 0x83,
+            (0xc000_0000 + (i << 21)) | 0x83,
             GuestAddress(MMIO_PD + i * 8),
         )
         .expect("pd");
