@@ -16,7 +16,7 @@ use crate::{Args, ErrorClass, EventSink, Machine, QmpError, END_OF_EVENTS};
 pub const MAX_LINE: usize = MAX_MESSAGE;
 
 /// Client sessions open at once; one more is told so and closed.
-pub const MAX_CLIENTS: usize = 64;
+pub const MAX_CLIENTS: usize = 128;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]

@@ -505,3 +505,74 @@ fn the_number_of_clients_is_bounded() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Hostile clients beside 100 well-behaved ones: one that never reads, one that
+/// trickles a 1 MiB string byte by byte, one sending invalid UTF-8, one nesting
+/// past 128 levels, one that disconnects in the middle of a command. The others
+/// get every event and their answers within a second.
+#[test]
+fn hostile_clients_do_not_stop_the_server_from_serving_the_others() {
+    let h = start();
+    let mut good: Vec<Client> = (0..100).map(|_| Client::negotiated(&h.path)).collect();
+    let _deaf = Client::negotiated(&h.path);
+    let path = h.path.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut c = Client::negotiated(&path);
+        c.send_raw(b"{\"execute\": \"query-status\", \"id\": \"");
+        for _ in 0..(1 << 20) / 4096 {
+            for _ in 0..4096 {
+                c.send_raw(b"x");
+            }
+        }
+        c.send_raw(b"\"}\n");
+        // Its answer, after the events sent meanwhile.
+        loop {
+            let v = c.recv();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    });
+    let mut utf8 = Client::negotiated(&h.path);
+    utf8.send_raw(b"{\"execute\": \"\xff\xfe\xc3\"}\n");
+    assert!(utf8.recv()["error"].is_object());
+    let mut deep = Client::negotiated(&h.path);
+    deep.send_raw(format!("{}{}\n", "[".repeat(200), "]".repeat(200)).as_bytes());
+    assert!(deep.recv()["error"]["desc"]
+        .as_str()
+        .unwrap_or("")
+        .contains("JSON parse error"));
+    let mut quitter = Client::negotiated(&h.path);
+    quitter.send_raw(b"{\"execute\": \"x-slow\"}\n");
+    drop(quitter);
+
+    let mut slowest = Duration::ZERO;
+    for round in 0..5 {
+        h.events.emit("X_ROUND", json!({"round": round}));
+        for (i, c) in good.iter_mut().enumerate() {
+            assert_eq!(
+                c.recv()["data"]["round"],
+                round,
+                "client {i} missed an event"
+            );
+        }
+        for c in good.iter_mut().step_by(10) {
+            let asked = std::time::Instant::now();
+            let reply = c.call(json!({"execute": "query-status", "id": round}));
+            slowest = slowest.max(asked.elapsed());
+            assert_eq!(reply["id"], round);
+        }
+    }
+    println!("slowest answer beside the hostile clients: {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+    let long = trickler.join().expect("trickler");
+    assert_eq!(
+        long["id"].as_str().map(str::len),
+        None,
+        "over 1 MiB: {long}"
+    );
+    assert!(long["error"]["desc"]
+        .as_str()
+        .unwrap_or("")
+        .contains("exceeds"));
+}
