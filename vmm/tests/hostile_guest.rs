@@ -6,15 +6,12 @@
 //! guest's own mistakes, and a second, well-behaved disk in the same VM completes a
 //! write and a flush.
 
-use std::sync::mpsc::{channel, Sender};
 use std::time::{Duration, Instant};
 
 use holdfast_block::{Backend, Disk, DiskConfig, FaultInjector, MemBackend};
-use holdfast_qmp::{Args, EventSink, QmpError};
 use holdfast_vmm::layout::VIRTIO_MMIO_BASE;
-use holdfast_vmm::owner;
-use holdfast_vmm::vm::{DiskSpec, Exit, Vm, VmEvent};
-use serde_json::{json, Value};
+use holdfast_vmm::vm::{DiskSpec, Exit, Vm};
+use serde_json::json;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
@@ -235,34 +232,6 @@ fn wait_used(g: &Guest, r: Rings, want: u16) {
     }
 }
 
-struct Owner {
-    tx: Sender<VmEvent>,
-    events: tokio::sync::broadcast::Receiver<String>,
-    owner: std::thread::JoinHandle<Exit>,
-}
-
-impl Owner {
-    fn qmp(&self, command: &str) -> Result<Value, QmpError> {
-        let (reply, answer) = channel();
-        self.tx
-            .send(VmEvent::Qmp {
-                command: command.into(),
-                args: Args::default(),
-                reply,
-            })
-            .expect("owner alive");
-        answer
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the owner answers")
-    }
-
-    fn events(&mut self) -> Vec<Value> {
-        std::iter::from_fn(|| self.events.try_recv().ok())
-            .map(|t| serde_json::from_str(&t).expect("JSON"))
-            .collect()
-    }
-}
-
 fn disk(id: &str) -> DiskSpec {
     let backend: Box<dyn Backend> = Box::new(FaultInjector::new(MemBackend::new(1 << 20)));
     DiskSpec {
@@ -274,7 +243,7 @@ fn disk(id: &str) -> DiskSpec {
     }
 }
 
-fn start() -> Option<(Guest, Owner, tempfile::TempDir)> {
+fn start() -> Option<(Guest, common::OwnerThread, tempfile::TempDir)> {
     if !common::kvm_available() {
         return None;
     }
@@ -283,7 +252,7 @@ fn start() -> Option<(Guest, Owner, tempfile::TempDir)> {
     let kernel = dir.path().join("mailbox.elf");
     std::fs::write(&kernel, mailbox_guest()).expect("guest");
     config.kernel = kernel;
-    let mut vm = Vm::start(config).expect("start");
+    let vm = Vm::start(config).expect("start");
     let mem = vm.guest_memory().clone();
     // Map the MMIO hole so that the guest can reach the devices.
     for i in 0..512u64 {
@@ -295,15 +264,7 @@ fn start() -> Option<(Guest, Owner, tempfile::TempDir)> {
     }
     mem.write_obj(MMIO_PD | 0x03, GuestAddress(PDPT + 3 * 8))
         .expect("pdpt");
-    let tx = vm.event_sender();
-    let sink = EventSink::new();
-    let events = sink.subscribe();
-    let owner = std::thread::spawn(move || {
-        let exit = owner::run(&mut vm, &sink);
-        vm.shutdown();
-        exit
-    });
-    Some((Guest { mem, seq: 0 }, Owner { tx, events, owner }, dir))
+    Some((Guest { mem, seq: 0 }, common::OwnerThread::start(vm), dir))
 }
 
 /// The good disk writes a block and flushes it, both S_OK.
@@ -467,5 +428,5 @@ fn malformed_requests_hurt_neither_the_vm_nor_the_other_disk() {
         "a guest's mistake passed for a host error"
     );
     assert_eq!(o.qmp("quit").expect("quit"), json!({}));
-    assert_eq!(o.owner.join().expect("owner"), Exit::Quit);
+    assert_eq!(o.join(), Exit::Quit);
 }

@@ -8,15 +8,11 @@
 //! an attach. Driven with the events the device thread sends, on a real VM running a
 //! tiny guest.
 
-use std::sync::mpsc::channel;
-use std::time::Duration;
-
 use holdfast_block::{
     Backend, Disk, DiskConfig, ErrorAction, FaultHandle, FaultInjector, FaultOp, FaultRule,
     FileBackend, FileOptions, HostError, HostOp, IoErrorReport, MemBackend, Request, RequestOp,
     Trigger,
 };
-use holdfast_qmp::{Args, EventSink, QmpError};
 use holdfast_vmm::owner;
 use holdfast_vmm::vm::{DiskSpec, Exit, Vm, VmEvent};
 use serde_json::{json, Value};
@@ -44,11 +40,22 @@ fn stopped_disk() -> (Disk<Box<dyn Backend>>, FaultHandle) {
 }
 
 struct Running {
-    tx: std::sync::mpsc::Sender<VmEvent>,
-    events: tokio::sync::broadcast::Receiver<String>,
-    owner: std::thread::JoinHandle<Exit>,
+    o: common::OwnerThread,
     faults: FaultHandle,
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Running {
+    type Target = common::OwnerThread;
+    fn deref(&self) -> &common::OwnerThread {
+        &self.o
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut common::OwnerThread {
+        &mut self.o
+    }
 }
 
 fn start() -> Option<Running> {
@@ -66,56 +73,14 @@ fn start_vm(
     faults: FaultHandle,
     dir: tempfile::TempDir,
 ) -> Running {
-    let mut vm = Vm::start(config).expect("start");
-    let tx = vm.event_sender();
-    let sink = EventSink::new();
-    let events = sink.subscribe();
-    let owner = std::thread::spawn(move || {
-        let exit = owner::run(&mut vm, &sink);
-        vm.shutdown();
-        exit
-    });
     Running {
-        tx,
-        events,
-        owner,
+        o: common::OwnerThread::start(Vm::start(config).expect("start")),
         faults,
         _dir: dir,
     }
 }
 
 impl Running {
-    fn qmp(&self, command: &str) -> Result<Value, QmpError> {
-        self.call(command, json!({}))
-    }
-
-    fn call(&self, command: &str, args: Value) -> Result<Value, QmpError> {
-        let Value::Object(args) = args else {
-            panic!("arguments are an object")
-        };
-        let (reply, answer) = channel();
-        self.tx
-            .send(VmEvent::Qmp {
-                command: command.into(),
-                args: Args(args),
-                reply,
-            })
-            .expect("owner alive");
-        answer
-            .recv_timeout(Duration::from_secs(20))
-            .expect("an answer")
-    }
-
-    /// The names of the events sent so far, in order.
-    fn event_names(&mut self) -> Vec<String> {
-        let mut names = Vec::new();
-        while let Ok(text) = self.events.try_recv() {
-            let v: Value = serde_json::from_str(&text).expect("JSON");
-            names.push(v["event"].as_str().unwrap_or("").to_owned());
-        }
-        names
-    }
-
     /// What the device thread sends when the guest's flush hits the host error.
     fn disk_error(&self) {
         self.disk_error_on("data", libc::EIO);
@@ -180,7 +145,7 @@ fn host_error_stop_and_cont_send_what_semantics_says() {
 
     assert_eq!(r.qmp("quit").expect("quit"), json!({}));
     assert_eq!(r.event_names(), ["SHUTDOWN"]);
-    assert_eq!(r.owner.join().expect("owner"), Exit::Quit);
+    assert_eq!(r.join(), Exit::Quit);
 }
 
 #[test]
@@ -188,7 +153,7 @@ fn quit_with_bytes_it_cannot_flush_says_how_many() {
     let Some(mut r) = start() else { return };
     r.disk_error();
     assert_eq!(r.qmp("quit").expect("quit"), json!({}));
-    assert_eq!(r.owner.join().expect("owner"), Exit::Quit);
+    assert_eq!(r.join(), Exit::Quit);
     let mut dropped = None;
     while let Ok(text) = r.events.try_recv() {
         let v: Value = serde_json::from_str(&text).expect("JSON");
@@ -211,7 +176,7 @@ fn sigterm_while_stopped_on_an_error_settles_and_says_what_it_drops() {
         signal: libc::SIGTERM,
     })
     .expect("owner alive");
-    assert_eq!(r.owner.join().expect("owner"), Exit::Signal("SIGTERM"));
+    assert_eq!(r.join(), Exit::Signal("SIGTERM"));
     let mut seen = Vec::new();
     while let Ok(text) = r.events.try_recv() {
         let v: Value = serde_json::from_str(&text).expect("JSON");
@@ -486,7 +451,7 @@ fn the_host_file_system_down_detach_repair_attach_cont() {
     let on_disk = std::fs::read(&t.b).expect("b");
     assert!(on_disk[8192..8704].iter().all(|&b| b == 0xB));
     assert_eq!(t.r.qmp("quit").expect("quit"), json!({}));
-    assert_eq!(t.r.owner.join().expect("owner"), Exit::Quit);
+    assert_eq!(t.r.join(), Exit::Quit);
 }
 
 #[test]
@@ -496,7 +461,7 @@ fn quit_while_detached_says_what_it_drops() {
     t.r.call("x-block-detach", json!({"device": "a"}))
         .expect("detach");
     assert_eq!(t.r.qmp("quit").expect("quit"), json!({}));
-    assert_eq!(t.r.owner.join().expect("owner"), Exit::Quit);
+    assert_eq!(t.r.join(), Exit::Quit);
     let dropped: Vec<Value> = std::iter::from_fn(|| t.r.events.try_recv().ok())
         .map(|text| serde_json::from_str::<Value>(&text).expect("JSON"))
         .filter(|v| v["event"] == "X_UNFLUSHED_DROPPED")
@@ -571,7 +536,7 @@ fn a_panicking_thread_ends_holdfast_like_quit() {
         message: "attempt to add with overflow".into(),
     })
     .expect("owner alive");
-    match r.owner.join().expect("owner") {
+    match r.join() {
         Exit::Failed(m) => assert!(m.contains("devices") && m.contains("overflow"), "{m}"),
         other => panic!("not a failure: {other:?}"),
     }

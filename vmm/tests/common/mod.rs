@@ -105,3 +105,80 @@ pub fn holdfast_run(kernel: &std::path::Path) -> std::process::Command {
         .args(["--mem", "128M", "--serial", "none"]);
     c
 }
+
+/// The run-state owner running a started machine in its own thread, driven as the
+/// QMP bridge drives it, with every event it sends kept.
+#[allow(dead_code)]
+pub struct OwnerThread {
+    pub tx: std::sync::mpsc::Sender<holdfast_vmm::vm::VmEvent>,
+    pub events: tokio::sync::broadcast::Receiver<String>,
+    owner: Option<std::thread::JoinHandle<holdfast_vmm::vm::Exit>>,
+}
+
+#[allow(dead_code)]
+impl OwnerThread {
+    pub fn start(mut vm: holdfast_vmm::vm::Vm) -> Self {
+        let tx = vm.event_sender();
+        let sink = holdfast_qmp::EventSink::new();
+        let events = sink.subscribe();
+        let owner = std::thread::spawn(move || {
+            let exit = holdfast_vmm::owner::run(&mut vm, &sink);
+            vm.shutdown();
+            exit
+        });
+        OwnerThread {
+            tx,
+            events,
+            owner: Some(owner),
+        }
+    }
+
+    pub fn qmp(&self, command: &str) -> Result<serde_json::Value, holdfast_qmp::QmpError> {
+        self.call(command, serde_json::json!({}))
+    }
+
+    pub fn call(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, holdfast_qmp::QmpError> {
+        let serde_json::Value::Object(args) = args else {
+            panic!("arguments are an object")
+        };
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx
+            .send(holdfast_vmm::vm::VmEvent::Qmp {
+                command: command.into(),
+                args: holdfast_qmp::Args(args),
+                reply,
+            })
+            .expect("owner alive");
+        answer
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the owner answers")
+    }
+
+    /// The events sent since the last look, in order.
+    pub fn events(&mut self) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| self.events.try_recv().ok())
+            .map(|t| serde_json::from_str(&t).expect("JSON"))
+            .collect()
+    }
+
+    /// The names of the events sent since the last look, in order.
+    pub fn event_names(&mut self) -> Vec<String> {
+        self.events()
+            .iter()
+            .map(|v| v["event"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// How the owner ended (once; the events it sent stay readable).
+    pub fn join(&mut self) -> holdfast_vmm::vm::Exit {
+        self.owner
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("the owner thread")
+    }
+}
