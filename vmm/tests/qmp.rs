@@ -259,28 +259,42 @@ fn a_socket_it_may_not_connect_to_is_left_alone() {
 }
 
 #[test]
-fn quit_delivers_its_reply_and_shutdown_before_holdfast_exits() {
+fn quit_delivers_its_reply_and_shutdown_to_every_client_before_holdfast_exits() {
     for _ in 0..3 {
-        let Some((_dir, mut child, mut q)) = running_holdfast() else {
+        let Some((dir, mut child, mut q)) = running_holdfast() else {
             return;
         };
+        // Many clients: the QMP thread has the last events to write to each.
+        let mut others: Vec<Qmp> = (0..40)
+            .map(|_| Qmp::connect(&dir.path().join("qmp.sock")))
+            .collect();
         let msg = json!({"execute": "quit", "id": "bye"});
         q.writer
             .write_all(format!("{msg}\n").as_bytes())
             .expect("send");
-        // Everything holdfast wrote, until it closed the connection.
-        let mut lines = Vec::new();
-        loop {
-            let mut l = String::new();
-            match q.reader.read_line(&mut l) {
-                Ok(0) => break,
-                Ok(_) => lines.push(serde_json::from_str::<Value>(&l).expect("JSON")),
-                Err(e) => panic!("holdfast neither wrote nor closed: {e}"),
-            }
-        }
+        let mut lines = until_closed(&mut q);
         assert!(lines.iter().any(|v| v["id"] == "bye"), "{lines:?}");
-        assert!(lines.iter().any(|v| v["event"] == "SHUTDOWN"), "{lines:?}");
+        for (i, o) in others.iter_mut().enumerate() {
+            lines = until_closed(o);
+            assert!(
+                lines.iter().any(|v| v["event"] == "SHUTDOWN"),
+                "client {i} missed SHUTDOWN: {lines:?}"
+            );
+        }
         assert_eq!(child.0.wait().expect("exit").code(), Some(0));
+    }
+}
+
+/// Everything holdfast wrote to a client, until it closed the connection.
+fn until_closed(q: &mut Qmp) -> Vec<Value> {
+    let mut lines = std::mem::take(&mut q.events);
+    loop {
+        let mut l = String::new();
+        match q.reader.read_line(&mut l) {
+            Ok(0) => return lines,
+            Ok(_) => lines.push(serde_json::from_str::<Value>(&l).expect("JSON")),
+            Err(e) => panic!("holdfast neither wrote nor closed: {e}"),
+        }
     }
 }
 
