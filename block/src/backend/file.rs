@@ -553,6 +553,44 @@ mod tests {
         assert!(b.bounce_bytes() <= BOUNCE_KEEP, "{}", b.bounce_bytes());
     }
 
+    /// O_DIRECT requests do not dup() the image's descriptor (each used to): the
+    /// round trip above, run again under strace, makes no F_DUPFD or dup call.
+    #[test]
+    fn direct_requests_do_not_duplicate_the_descriptor() {
+        if std::env::var_os("HOLDFAST_UNDER_STRACE").is_some() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let trace = dir.path().join("trace");
+        let exe = std::env::current_exe().expect("test binary");
+        let out = match std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=dup,dup2,dup3,fcntl", "-o"])
+            .arg(&trace)
+            .arg(&exe)
+            .args(["--exact", "backend::file::tests::direct_round_trip"])
+            .env("HOLDFAST_UNDER_STRACE", "1")
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("skipped: cannot run strace ({e})");
+                return;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let calls = std::fs::read_to_string(&trace).expect("trace");
+        let dups: Vec<&str> = calls
+            .lines()
+            .filter(|l| l.contains("F_DUPFD") || l.contains("dup("))
+            .collect();
+        assert!(dups.is_empty(), "{dups:#?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    }
+
     #[test]
     fn reads_past_end_are_zero() {
         let (_dir, path) = image(8192);
