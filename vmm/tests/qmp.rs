@@ -356,3 +356,34 @@ fn runtime_messages_are_timestamped_log_lines_that_rust_log_filters() {
         assert_eq!(out.status.code(), Some(0), "{stderr}");
     }
 }
+
+/// A client that is slow to read when holdfast quits still gets SHUTDOWN: holdfast
+/// waits (up to 2 s) for the QMP thread to hand every client its last events,
+/// instead of exiting while a write to the slow client is blocked.
+#[test]
+fn a_slow_reader_gets_shutdown_too() {
+    let Some((dir, mut child, mut driver)) = running_holdfast() else {
+        return;
+    };
+    let mut slow = Qmp::connect(&dir.path().join("qmp.sock"));
+    // About 500 small events: more than its socket holds, fewer than the backlog
+    // past which a client is disconnected.
+    for _ in 0..250 {
+        driver.call("stop", json!({}));
+        driver.call("cont", json!({}));
+    }
+    let msg = json!({"execute": "quit", "id": "bye"});
+    driver
+        .writer
+        .write_all(format!("{msg}\n").as_bytes())
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = until_closed(&mut slow);
+    assert!(lines.len() > 500, "{} lines", lines.len());
+    assert_eq!(
+        lines.last().map(|v| v["event"].clone()),
+        Some(json!("SHUTDOWN")),
+        "the slow client's last line"
+    );
+    assert_eq!(child.0.wait().expect("exit").code(), Some(0));
+}
