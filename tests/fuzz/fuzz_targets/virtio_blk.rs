@@ -54,11 +54,14 @@ fn run(u: &mut Unstructured) -> Result<()> {
     let fill = u.bytes(u.len().min(MEM))?;
     mem.write_slice(fill, GuestAddress(0)).expect("fill");
 
-    let injector = FaultInjector::new(MemBackend::new(1 << 20));
+    let file = IMAGE
+        .with(|path| FileBackend::open(path, FileOptions::default()))
+        .expect("the in-memory image");
+    let injector = FaultInjector::new(file);
     if broken_host {
         injector
             .handle()
-            .arm(FaultRule::new(FaultOp::Any, libc_eio(), Trigger::Always));
+            .arm(FaultRule::new(FaultOp::Any, libc::EIO, Trigger::Always));
     }
     let mut dev = BlockDevice::new(Disk::new(injector, DiskConfig::default()));
     dev.ack_features(features & dev.features());
