@@ -44,6 +44,8 @@ Options:
                        x-block-attach; events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR,
                        X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED, X_DEVICE_NEEDS_RESET (the
                        guest broke a disk's queue). A stale socket at PATH is replaced.
+                       At most 128 clients at once; a client more than 1024 events
+                       behind (it does not read) is disconnected, with a log line.
   -h, --help           this text
 
 Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;
