@@ -131,7 +131,7 @@ fn error(class: ErrorClass, desc: impl Into<String>) -> QmpError {
 /// One client's session.
 async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink) {
     let (read, mut write) = stream.into_split();
-    let Some(_session) = events.open_session(MAX_CLIENTS) else {
+    let Some(session) = events.open_session(MAX_CLIENTS) else {
         let e = QmpError::generic(format!(
             "too many QMP clients ({MAX_CLIENTS} are connected)"
         ));
@@ -148,6 +148,10 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
     if write_json(&mut write, &greeting).await.is_err() {
         return;
     }
+    // Held until this client has written every event up to the end of the stream
+    // (EventSink::finish); the connection itself stays open, as QEMU's does, until
+    // the process ends.
+    let mut session = Some(session);
     let mut negotiated = false;
     loop {
         tokio::select! {
@@ -170,14 +174,17 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
                             return;
                         }
                     }
-                    if write_json(&mut write, &reply).await.is_err() || ending {
+                    if write_json(&mut write, &reply).await.is_err() {
                         return;
+                    }
+                    if ending {
+                        session = None;
                     }
                 }
             }
-            event = subscription.recv() => {
+            event = subscription.recv(), if session.is_some() => {
                 match event {
-                    Ok(text) if text == END_OF_EVENTS => return,
+                    Ok(text) if text == END_OF_EVENTS => session = None,
                     Ok(text) => {
                         if negotiated && write.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
                             return;
