@@ -79,16 +79,21 @@ impl Drop for Reap {
     }
 }
 
-fn holdfast(kernel: &std::path::Path, disk: &std::path::Path, sock: &std::path::Path) -> Child {
-    common::holdfast_run(kernel)
-        .arg("--disk")
+/// A tiny counting guest's files in `dir`, and `holdfast run` for it with one disk
+/// (id `data`) and a QMP socket (`dir/qmp.sock`); stdout and stderr discarded.
+fn holdfast(dir: &std::path::Path) -> Command {
+    let kernel = dir.join("counting.elf");
+    std::fs::write(&kernel, common::counting_guest()).expect("guest");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let mut c = common::holdfast_run(&kernel);
+    c.arg("--disk")
         .arg(format!("path={},id=data", disk.display()))
         .arg("--qmp")
-        .arg(sock)
+        .arg(dir.join("qmp.sock"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start holdfast")
+        .stderr(Stdio::null());
+    c
 }
 
 /// holdfast running a tiny counting guest with one disk, and a negotiated QMP
@@ -98,13 +103,8 @@ fn running_holdfast() -> Option<(tempfile::TempDir, Reap, Qmp)> {
         return None;
     }
     let dir = tempfile::tempdir().expect("dir");
-    let kernel = dir.path().join("counting.elf");
-    std::fs::write(&kernel, common::counting_guest()).expect("guest");
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let sock = dir.path().join("qmp.sock");
-    let child = Reap(holdfast(&kernel, &disk, &sock));
-    let q = Qmp::connect(&sock);
+    let child = Reap(holdfast(dir.path()).spawn().expect("start holdfast"));
+    let q = Qmp::connect(&dir.path().join("qmp.sock"));
     Some((dir, child, q))
 }
 
@@ -307,19 +307,9 @@ fn runtime_messages_are_timestamped_log_lines_that_rust_log_filters() {
     }
     for (filter, want_detach_line) in [(None, true), (Some("warn"), false)] {
         let dir = tempfile::tempdir().expect("dir");
-        let kernel = dir.path().join("counting.elf");
-        std::fs::write(&kernel, common::counting_guest()).expect("guest");
-        let disk = dir.path().join("disk.img");
-        std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
         let sock = dir.path().join("qmp.sock");
-        let mut cmd = common::holdfast_run(&kernel);
-        cmd.arg("--disk")
-            .arg(format!("path={},id=data", disk.display()))
-            .arg("--qmp")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG");
+        let mut cmd = holdfast(dir.path());
+        cmd.stderr(Stdio::piped()).env_remove("RUST_LOG");
         if let Some(f) = filter {
             cmd.env("RUST_LOG", f);
         }
