@@ -12,9 +12,6 @@ use tokio::sync::mpsc;
 use crate::stream::{Input, Splitter, MAX_MESSAGE};
 use crate::{Args, ErrorClass, EventSink, Machine, QmpError, END_OF_EVENTS};
 
-/// Longest input message accepted; longer ones get an error and are skipped.
-pub const MAX_LINE: usize = MAX_MESSAGE;
-
 /// Client sessions open at once; one more is told so and closed.
 pub const MAX_CLIENTS: usize = 128;
 
@@ -158,7 +155,7 @@ async fn client(stream: UnixStream, machine: Arc<dyn Machine>, events: EventSink
             line = lines.recv() => {
                 let Some(line) = line else { return };
                 let reply = match line {
-                    Input::TooLong => Some(reply_err(None, error(ErrorClass::GenericError, format!("QMP input exceeds {MAX_LINE} bytes")))),
+                    Input::TooLong => Some(reply_err(None, error(ErrorClass::GenericError, format!("QMP input exceeds {MAX_MESSAGE} bytes")))),
                     Input::Invalid(e) => Some(reply_err(None, QmpError::generic(format!("JSON parse error, {e}")))),
                     Input::Value(v) => respond(v, &mut negotiated, &machine).await,
                 };
