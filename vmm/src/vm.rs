@@ -468,39 +468,29 @@ impl Vm {
             let was_stopped = t.device().disk().is_stopped();
             let (device, queues) = t.device_and_queues();
             let started = std::time::Instant::now();
-            match device.resume(&self.mem, &mut queues[0]) {
-                Ok((used, bytes_rewritten)) => {
-                    if used > 0 {
-                        t.interrupt_status()
-                            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-                        let _ = slot.irq.write(1);
-                    }
-                    if was_stopped {
-                        replayed.push(Replayed {
-                            disk: slot.id.clone(),
-                            bytes_rewritten,
-                            duration: started.elapsed(),
-                        });
-                    }
-                }
-                Err(crate::virtio::block::ResumeError::Replay(r)) => {
-                    return Err(ResumeFailure::Replay {
+            let resumed =
+                device
+                    .resume(&self.mem, &mut queues[0])
+                    .map_err(|r| ResumeFailure::Replay {
                         disk: slot.id.clone(),
                         error: r.error,
-                    });
-                }
-                // The replay succeeded; only the guest's queue cannot take the
-                // completions. That is the device's problem, not the VM's.
-                Err(crate::virtio::block::ResumeError::Queue(e)) => {
-                    queue_broken(slot, &mut t, &e, &self.events_tx);
-                    if was_stopped {
-                        replayed.push(Replayed {
-                            disk: slot.id.clone(),
-                            bytes_rewritten: 0,
-                            duration: started.elapsed(),
-                        });
-                    }
-                }
+                    })?;
+            if resumed.used > 0 {
+                t.interrupt_status()
+                    .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                let _ = slot.irq.write(1);
+            }
+            // The bytes are on the host; only the guest's queue cannot take the
+            // completions. That is the device's problem, not the VM's.
+            if let Some(e) = &resumed.broken_queue {
+                queue_broken(slot, &mut t, e, &self.events_tx);
+            }
+            if was_stopped {
+                replayed.push(Replayed {
+                    disk: slot.id.clone(),
+                    bytes_rewritten: resumed.bytes_rewritten,
+                    duration: started.elapsed(),
+                });
             }
             // Requests the guest queued while the disk was stopped.
             let _ = slot.notify.write(1);

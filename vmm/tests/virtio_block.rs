@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 4 << 20;
@@ -375,7 +375,7 @@ fn host_error_stops_taking_requests_until_resume() {
     assert!(dev.resume(&mem, &mut q).is_err());
     assert_eq!(d.used().len(), 1);
     faults.clear(outage);
-    assert_eq!(dev.resume(&mem, &mut q).expect("resume").0, 1);
+    assert_eq!(dev.resume(&mem, &mut q).expect("resume").used, 1);
     assert_eq!(d.status(1), S_OK);
     let run = dev.process_queue(&mem, &mut q).expect("queue");
     assert_eq!(run.used, 1);
@@ -402,7 +402,7 @@ fn reset_while_parked_keeps_completed_writes() {
     assert_eq!(dev.disk().status().buffer.bytes, 512);
     faults.clear(outage);
     assert_eq!(
-        dev.resume(&mem, &mut q).expect("resume").0,
+        dev.resume(&mem, &mut q).expect("resume").used,
         0,
         "nobody waits for the dropped flush"
     );
@@ -565,4 +565,30 @@ fn discard_and_write_zeroes_obey_negotiation_and_the_config_space_limits() {
     let mut q = d.queue();
     dev.process_queue(&mem, &mut q).expect("queue");
     assert_eq!((d.status(0), d.status(1)), (S_UNSUPP, S_UNSUPP));
+}
+
+/// A replay that succeeded is a successful resume even when the guest broke its
+/// queue meanwhile: the bytes are on the host, the rewrite is reported, and the
+/// broken queue is the device's to report (it needs a reset).
+#[test]
+fn a_broken_used_ring_does_not_undo_a_successful_replay() {
+    let mem = memory();
+    let (mut dev, disk, faults) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    mem.write_slice(&[7; 512], Driver::data_addr(0))
+        .expect("data");
+    d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+    let outage = faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
+    d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert!(dev.disk().is_stopped());
+    faults.clear(outage);
+    q.set_used_ring_address(Some(0xFFFF_0000), Some(0x10));
+    let resumed = dev.resume(&mem, &mut q).expect("the replay succeeded");
+    assert_eq!(resumed.bytes_rewritten, 512);
+    assert_eq!(resumed.used, 0);
+    assert!(resumed.broken_queue.is_some());
+    assert!(!dev.disk().is_stopped());
+    assert_eq!(&disk.contents()[..512], &[7u8; 512][..]);
 }

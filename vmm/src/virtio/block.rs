@@ -224,19 +224,28 @@ impl<B: Backend> BlockDevice<B> {
     }
 
     /// `cont`: replays the stopped disk and completes what was parked. On failure
-    /// nothing is completed and the device stays stopped. Returns (used entries
-    /// added, bytes rewritten).
+    /// nothing is completed and the device stays stopped. A successful replay whose
+    /// completions the guest's queue cannot take is still a successful replay: the
+    /// broken queue is reported in [`Resumed::broken_queue`].
     pub fn resume<M: GuestMemory>(
         &mut self,
         mem: &M,
         queue: &mut Queue,
-    ) -> Result<(usize, u64), ResumeError> {
+    ) -> Result<Resumed, ReplayError> {
         let report = self.disk.replay()?;
-        let n = report.completions.len();
+        let mut resumed = Resumed {
+            used: 0,
+            bytes_rewritten: report.bytes_rewritten,
+            broken_queue: None,
+        };
         for c in report.completions {
-            self.complete(mem, queue, c)?;
+            if let Err(e) = self.complete(mem, queue, c) {
+                resumed.broken_queue = Some(e);
+                break;
+            }
+            resumed.used += 1;
         }
-        Ok((n, report.bytes_rewritten))
+        Ok(resumed)
     }
 
     /// The driver reset the device: in-flight requests will never be answered. The
@@ -319,13 +328,14 @@ impl<B: Backend> VirtioDevice for BlockDevice<B> {
     }
 }
 
-/// Why `cont` could not resume the device.
-#[derive(Debug, thiserror::Error)]
-pub enum ResumeError {
-    #[error(transparent)]
-    Replay(#[from] ReplayError),
-    #[error(transparent)]
-    Queue(#[from] Error),
+/// What [`BlockDevice::resume`] did after a successful replay.
+#[derive(Debug)]
+pub struct Resumed {
+    /// Used-ring entries added: the guest needs an interrupt if this is not 0.
+    pub used: usize,
+    pub bytes_rewritten: u64,
+    /// The guest's queue could not take the completions: the device needs a reset.
+    pub broken_queue: Option<Error>,
 }
 
 /// Splits a chain into the request and where its answer goes; `acked` are the
