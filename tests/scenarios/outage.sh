@@ -24,7 +24,7 @@ holdfast_outage_until_refused_cont
 # dm-delay, and the outage strikes again (below the delay) 1 s into the replay.
 end_outage
 load_modules dm
-table "delay /dev/mapper/hfinner 0 3000" || fail "cannot load the delay table"
+table "delay /dev/mapper/$DM_INNER 0 3000" || fail "cannot load the delay table"
 echo "OUTAGE device slowed down; cont, and the outage comes back during the replay"
 q cont > "$WORK/cont.out" 2>&1 &
 cont=$!

@@ -16,6 +16,7 @@ status=$?
 grep -q "GUEST WORKLOAD OK" "$WORK/console.log" || fail "the guest's workload did not finish"
 acked=$(grep -c "^ACK " "$WORK/console.log")
 [ "$acked" -eq "$N" ] || fail "$acked of $N records acknowledged"
+echo "dropping the host's page cache (echo 3 > /proc/sys/vm/drop_caches)"
 sync
 echo 3 > /proc/sys/vm/drop_caches
 mkdir -p "$WORK/mnt"
