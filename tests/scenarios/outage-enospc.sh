@@ -11,10 +11,11 @@ host_setup
 sparse_image
 # Fill the host file system up to 512 KiB before the guest starts (filling it while
 # the guest runs races with the guest's end): about a hundred records fit.
-free=$(df -k "$WORK/host" | awk 'NR == 2 { print $4 }')
+free=$(df -Pk "$WORK/host" | awk 'NR == 2 { print $4 }')
+case "$free" in '' | *[!0-9]*) fail "cannot read the host file system's free space (df said: $(df -Pk "$WORK/host" | tr '\n' ' '))" ;; esac
 dd if=/dev/zero of="$WORK/host/filler" bs=64k count=$(((free - 512) / 64)) 2>/dev/null
 sync
-echo "HOST nearly full: $(df -k "$WORK/host" | awk 'NR == 2 { print $4 }') KiB free"
+echo "HOST nearly full: $(df -Pk "$WORK/host" | awk 'NR == 2 { print $4 }') KiB free"
 start_holdfast
 wait_for 100 "holdfast did not stop when the host file system filled up" in_state io-error
 [ "$(acks)" -ge 1 ] || fail "the host file system filled up before the guest acknowledged a record"
@@ -30,7 +31,7 @@ grep -q "ENOSPC" "$WORK/cont.out" || fail "the refused cont does not name ENOSPC
 in_state io-error || fail "not paused after a failed cont"
 rm -f "$WORK/host/filler"
 sync
-echo "ENOSPC space freed: $(df -k "$WORK/host" | awk 'NR == 2 { print $4 }') KiB free"
+echo "ENOSPC space freed: $(df -Pk "$WORK/host" | awk 'NR == 2 { print $4 }') KiB free"
 q cont || fail "cont failed after space was freed"
 holdfast_outage_finish
 host_teardown
