@@ -2,7 +2,7 @@
 //! in the same run, on a real file in the target directory. Engine and baseline runs
 //! alternate and the median of each is kept, so a noisy neighbour hurts both.
 //!
-//! Run: `cargo bench -p holdfast-block` (`HOLDFAST_BENCH_MIB=N` sets the replay and
+//! Run: `cargo bench -p holdfast-block --features sim` (`HOLDFAST_BENCH_MIB=N` sets the replay and
 //! memory size, 64 by default).
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use holdfast_block::matrix::Rng;
+use holdfast_block::sim::matrix::Rng;
 use holdfast_block::*;
 
 /// Counts live heap bytes, to weigh the unflushed buffer.
@@ -301,7 +301,9 @@ fn main() {
         return;
     }
     if !std::env::args().any(|a| a == "--bench") {
-        println!("holdfast-block benchmarks: run with `cargo bench -p holdfast-block`");
+        println!(
+            "holdfast-block benchmarks: run with `cargo bench -p holdfast-block --features sim`"
+        );
         return;
     }
     let mib: u64 = std::env::var("HOLDFAST_BENCH_MIB")

@@ -2,13 +2,13 @@
 //! file systems, under storage outages. Exits non-zero if holdfast lost an acked
 //! byte, returned a stale read, or failed to resume once an outage ended.
 //!
-//! Run: `cargo run --release -p holdfast-block --example outage-matrix [-- --help]`
+//! Run: `cargo run --release -p holdfast-block --features sim --example outage-matrix [-- --help]`
 
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use holdfast_block::matrix::{self, Outage, Strategy};
-use holdfast_block::HostModel;
+use holdfast_block::sim::matrix::{self, Outage, Strategy};
+use holdfast_block::sim::HostModel;
 
 const HELP: &str = "\
 outage-matrix: rerun host storage outages against holdfast and QEMU-like strategies

@@ -11,22 +11,22 @@
 //! [`IoStatus`] set, [`Outcome::error`] tells the owner (who pauses the VM and sends
 //! `BLOCK_IO_ERROR`) -> on `cont`, [`Disk::replay`] -> [`ReplayReport`].
 //!
-//! Nothing here knows about KVM or virtio transports. For tests and outage studies
-//! there are an in-memory backend, a fault-injecting wrapper ([`fault`]), simulated
-//! host page caches with the failure behaviour of real file systems ([`hostcache`]),
-//! an oracle for the durability invariant ([`oracle`]) and the outage matrix that
-//! compares holdfast with QEMU-like strategies ([`matrix`]).
+//! Nothing here knows about KVM or virtio transports. For tests there are an in-memory
+//! backend and a fault-injecting wrapper ([`fault`], also behind QMP's
+//! `x-block-fault`). With the cargo feature `sim`, [`sim`] adds what tests and
+//! `holdfast lab` need and the engine does not: simulated host page caches with the
+//! failure behaviour of real file systems, an oracle for the durability invariant and
+//! the outage matrix that compares holdfast with QEMU-like strategies.
 
 pub mod backend;
 pub mod buffer;
 pub mod disk;
 pub mod fault;
 mod host_error;
-pub mod hostcache;
-pub mod matrix;
-pub mod oracle;
 pub mod policy;
 pub mod request;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 pub use backend::{AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend};
 pub use buffer::{BufferStats, UnflushedBuffer};
@@ -36,7 +36,6 @@ pub use disk::{
 };
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
 pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};
-pub use hostcache::{HostCache, HostModel, SimulatedHost};
 pub use policy::{ErrorAction, ErrorPolicy, IoStatus};
 pub use request::{Completion, Request, RequestOp, Status};
 

@@ -1,6 +1,7 @@
 //! The disk engine against docs/durability.md, one edge at a time, on in-memory and
 //! simulated page-cache hosts with injected faults.
 
+use holdfast_block::sim::*;
 use holdfast_block::*;
 
 const EIO: i32 = libc::EIO;

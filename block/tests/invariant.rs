@@ -4,7 +4,8 @@
 
 use std::collections::VecDeque;
 
-use holdfast_block::oracle::{FlushTicket, Oracle, ReadTicket, WriteId, SECTOR};
+use holdfast_block::sim::oracle::{FlushTicket, Oracle, ReadTicket, WriteId, SECTOR};
+use holdfast_block::sim::*;
 use holdfast_block::*;
 use proptest::prelude::*;
 

@@ -1,8 +1,8 @@
 //! The outage matrix must show holdfast keeping every acked byte, and must be able to
 //! show loss: the QEMU-like peers lose data where real hosts make them.
 
-use holdfast_block::matrix::{run_all, run_cell, Outage, Strategy};
-use holdfast_block::HostModel;
+use holdfast_block::sim::matrix::{run_all, run_cell, Outage, Strategy};
+use holdfast_block::sim::HostModel;
 
 #[test]
 fn holdfast_loses_nothing_and_always_resumes() {

@@ -19,12 +19,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use super::hostcache::SimulatedHost;
+use super::hostcache::{HostCache, HostModel};
+use super::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
 use crate::backend::Backend;
 use crate::disk::{Disk, DiskConfig};
 use crate::fault::{FaultHandle, FaultInjector, FaultOp, FaultRule, Trigger};
-use crate::hostcache::SimulatedHost;
-use crate::hostcache::{HostCache, HostModel};
-use crate::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
 use crate::request::{Completion, Request, RequestOp, Status};
 use crate::{HostError, HostOp, MemBackend};
 
@@ -494,7 +494,7 @@ pub fn run_cell(strategy: Strategy, host: HostModel, outage: Outage) -> CellResu
         host,
         outage,
         acked_writes: cell.oracle.acked_writes(),
-        acked_bytes_lost: lost.len() as u64 * crate::oracle::SECTOR,
+        acked_bytes_lost: lost.len() as u64 * super::oracle::SECTOR,
         resumed,
         stale_reads: cell.stale_reads,
         failed_conts: cell.failed_conts,
