@@ -22,6 +22,7 @@ use std::fmt;
 use super::hostcache::SimulatedHost;
 use super::hostcache::{HostCache, HostModel};
 use super::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
+use super::timeline::{HostState, Timeline, VmState};
 use crate::backend::Backend;
 use crate::disk::{Disk, DiskConfig};
 use crate::fault::{FaultHandle, FaultInjector, FaultOp, FaultRule, Trigger};
@@ -32,6 +33,7 @@ const DISK_SIZE: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const ROUNDS: usize = 10;
 const WRITES_PER_ROUND: usize = 8;
+/// The outage starts at the start of round 5 (0-based 4).
 const OUTAGE_ROUND: usize = 4;
 /// `cont`s the operator tries after the outage has ended before giving up.
 const CONT_TRIES: usize = 3;
@@ -42,9 +44,14 @@ pub enum Strategy {
     Holdfast,
     RetryFlush,
     Sticky,
+    /// Deliberately broken, for tests of whoever judges the results: holdfast's engine
+    /// behind a device that completes every FLUSH at once without a host flush. It
+    /// claims holdfast's guarantee and loses data in any outage that meets a flush.
+    XLyingFlush,
 }
 
 impl Strategy {
+    /// The strategies the matrix compares (not the deliberately broken one).
     pub const ALL: [Strategy; 3] = [Strategy::Holdfast, Strategy::RetryFlush, Strategy::Sticky];
 
     pub fn as_str(self) -> &'static str {
@@ -52,7 +59,14 @@ impl Strategy {
             Strategy::Holdfast => "holdfast",
             Strategy::RetryFlush => "retry-flush",
             Strategy::Sticky => "sticky",
+            Strategy::XLyingFlush => "x-lying-flush",
         }
+    }
+
+    /// Whether the strategy claims holdfast's guarantee (no acknowledged unit lost),
+    /// so that a loss is a failure rather than a finding.
+    pub fn promises_no_loss(self) -> bool {
+        matches!(self, Strategy::Holdfast | Strategy::XLyingFlush)
     }
 }
 
@@ -61,6 +75,7 @@ impl std::str::FromStr for Strategy {
     fn from_str(s: &str) -> Result<Self, String> {
         Strategy::ALL
             .into_iter()
+            .chain([Strategy::XLyingFlush])
             .find(|x| x.as_str() == s)
             .ok_or_else(|| {
                 format!("unknown strategy `{s}` (expected holdfast, retry-flush or sticky)")
@@ -153,6 +168,10 @@ impl fmt::Display for Outage {
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CellResult {
+    /// The acked writes any of whose bytes are missing from the stable disk.
+    pub acked_writes_lost: usize,
+    /// Requests the guest saw fail (an error status instead of a pause).
+    pub failed_requests: usize,
     pub strategy: Strategy,
     pub host: HostModel,
     pub outage: Outage,
@@ -184,6 +203,22 @@ impl Device for Disk<Host> {
 
     fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
         self.replay().map(|r| r.completions).map_err(|e| e.error)
+    }
+}
+
+/// [`Strategy::XLyingFlush`]: the engine, with FLUSH answered before it reaches it.
+struct LyingFlush(Disk<Host>);
+
+impl Device for LyingFlush {
+    fn submit(&mut self, req: Request) -> Option<Completion> {
+        if req.op == RequestOp::Flush {
+            return Some(Completion::ok(req.tag));
+        }
+        self.0.submit(req).completion
+    }
+
+    fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
+        self.0.replay().map(|r| r.completions).map_err(|e| e.error)
     }
 }
 
@@ -283,9 +318,97 @@ enum Waiting {
     Read(ReadTicket),
 }
 
+/// When the outage starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At the start of this round (1 is the first; the guest prints `round N`).
+    Round(usize),
+    /// At the first request at or after this many milliseconds of virtual time.
+    AtMs(u64),
+}
+
+/// One run of the synthetic guest workload: rounds of 4 KiB writes to random blocks,
+/// each round ended by a FLUSH, every write read back; on one simulated host, one
+/// strategy, one outage. Time is virtual: each request takes `request_ms`, each of the
+/// operator's steps `cont_after_ms`, so a run is the same on every machine.
+///
+/// The operator, when the device stops: the host evicts its clean pages, a `cont` is
+/// tried while storage is still broken, the outage ends, and `cont` is tried up to
+/// `cont_tries` times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synthetic {
+    pub strategy: Strategy,
+    pub host: HostModel,
+    pub outage: Outage,
+    pub rounds: usize,
+    pub writes_per_round: usize,
+    pub disk_size: u64,
+    pub start: Start,
+    pub cont_tries: usize,
+    pub seed: u64,
+    pub request_ms: u64,
+    pub cont_after_ms: u64,
+}
+
+impl Synthetic {
+    /// A cell of the outage matrix: 10 rounds of 8 writes on 1 MiB, the outage in
+    /// round 5, 3 `cont` tries, the same workload for every strategy on a host and
+    /// outage.
+    pub fn cell(strategy: Strategy, host: HostModel, outage: Outage) -> Self {
+        Synthetic {
+            strategy,
+            host,
+            outage,
+            rounds: ROUNDS,
+            writes_per_round: WRITES_PER_ROUND,
+            disk_size: DISK_SIZE,
+            start: Start::Round(OUTAGE_ROUND + 1),
+            cont_tries: CONT_TRIES,
+            seed: 0x5EED ^ ((host as u64) << 8) ^ (outage as u64),
+            request_ms: 20,
+            cont_after_ms: 1000,
+        }
+    }
+
+    /// Runs it.
+    pub fn run(&self) -> SyntheticRun {
+        let mut cell = Cell::new(self);
+        let resumed = cell.workload();
+        cell.end_outage();
+        cell.cache.evict();
+        cell.timeline.end = cell.now;
+        let lost = cell.oracle.check_stable(&cell.stable.contents());
+        let mut lost_writes: Vec<WriteId> = lost.iter().map(|m| m.expected).collect();
+        lost_writes.sort_unstable();
+        lost_writes.dedup();
+        SyntheticRun {
+            result: CellResult {
+                strategy: self.strategy,
+                host: self.host,
+                outage: self.outage,
+                acked_writes: cell.oracle.acked_writes(),
+                acked_bytes_lost: lost.len() as u64 * super::oracle::SECTOR,
+                acked_writes_lost: lost_writes.len(),
+                failed_requests: cell.failed_requests,
+                resumed,
+                stale_reads: cell.stale_reads,
+                failed_conts: cell.failed_conts,
+            },
+            timeline: cell.timeline,
+        }
+    }
+}
+
+/// What a [`Synthetic`] run found, and its timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntheticRun {
+    pub result: CellResult,
+    pub timeline: Timeline,
+}
+
 struct Cell {
     device: Box<dyn Device>,
-    outage: Outage,
+    spec: Synthetic,
     calls: FaultHandle,
     writeback: FaultHandle,
     cache: HostCache<FaultInjector<MemBackend>>,
@@ -294,30 +417,39 @@ struct Cell {
     next_tag: u64,
     stale_reads: usize,
     failed_conts: usize,
+    failed_requests: usize,
     /// Times the device stopped.
     outages: usize,
+    /// The round the outage started in (1-based), once it has.
+    outage_round: Option<usize>,
+    round: usize,
+    /// Virtual milliseconds since the start.
+    now: u64,
+    timeline: Timeline,
 }
 
 impl Cell {
-    fn new(strategy: Strategy, host: HostModel, outage: Outage) -> Self {
+    fn new(spec: &Synthetic) -> Self {
         let SimulatedHost {
             host: front,
             calls,
             writeback,
             cache,
             stable,
-        } = SimulatedHost::new(host, DISK_SIZE);
-        let device: Box<dyn Device> = match strategy {
-            Strategy::Holdfast => {
-                let config = DiskConfig {
-                    keep_extra_flush: host.reports_late(),
-                    ..Default::default()
-                };
-                Box::new(Disk::new(front, config))
-            }
+        } = SimulatedHost::new(spec.host, spec.disk_size);
+        let engine = |front| {
+            let config = DiskConfig {
+                keep_extra_flush: spec.host.reports_late(),
+                ..Default::default()
+            };
+            Disk::new(front, config)
+        };
+        let device: Box<dyn Device> = match spec.strategy {
+            Strategy::Holdfast => Box::new(engine(front)),
+            Strategy::XLyingFlush => Box::new(LyingFlush(engine(front))),
             Strategy::RetryFlush | Strategy::Sticky => Box::new(QemuLike {
                 host: front,
-                sticky: strategy == Strategy::Sticky,
+                sticky: spec.strategy == Strategy::Sticky,
                 poisoned: false,
                 stopped: false,
                 parked: VecDeque::new(),
@@ -326,22 +458,27 @@ impl Cell {
         };
         Cell {
             device,
-            outage,
+            spec: spec.clone(),
             calls,
             writeback,
             cache,
             stable,
-            oracle: Oracle::new(DISK_SIZE),
+            oracle: Oracle::new(spec.disk_size),
             next_tag: 0,
             stale_reads: 0,
             failed_conts: 0,
+            failed_requests: 0,
             outages: 0,
+            outage_round: None,
+            round: 0,
+            now: 0,
+            timeline: Timeline::default(),
         }
     }
 
-    fn start_outage(&self) {
+    fn start_outage(&mut self) {
         let rule = |errno| FaultRule::new(FaultOp::Write, errno, Trigger::Always).named("outage");
-        match self.outage {
+        match self.spec.outage {
             Outage::WriteEio => self.calls.arm(rule(libc::EIO)),
             Outage::WriteEnospc => self.calls.arm(rule(libc::ENOSPC)),
             Outage::FlushEio | Outage::WritebackEio | Outage::RepeatDuringReplay => {
@@ -349,18 +486,39 @@ impl Cell {
             }
             Outage::FlushEnospc => self.writeback.arm(rule(libc::ENOSPC)),
         };
+        self.outage_round = Some(self.round);
+        self.timeline.host(self.now, HostState::Broken);
     }
 
-    fn end_outage(&self) {
+    fn end_outage(&mut self) {
         self.calls.clear_named("outage");
         self.writeback.clear_named("outage");
+        self.timeline.host(self.now, HostState::Ok);
+    }
+
+    /// Starts the outage if its time has come.
+    fn maybe_start_outage(&mut self) {
+        let due = match self.spec.start {
+            Start::Round(r) => self.round >= r,
+            Start::AtMs(t) => self.now >= t,
+        };
+        if due && self.outage_round.is_none() {
+            self.start_outage();
+        }
     }
 
     fn cont(&mut self) -> Option<Vec<Completion>> {
+        self.now += self.spec.cont_after_ms;
+        self.timeline.event(self.now, "cont");
         match self.device.cont() {
-            Ok(done) => Some(done),
+            Ok(done) => {
+                self.timeline.event(self.now, "RESUME");
+                self.timeline.vm(self.now, VmState::Running);
+                Some(done)
+            }
             Err(_) => {
                 self.failed_conts += 1;
+                self.timeline.event(self.now, "cont failed");
                 None
             }
         }
@@ -371,6 +529,9 @@ impl Cell {
     /// Returns the completions of a successful `cont`, or `None` if the device could
     /// not be resumed.
     fn operate(&mut self) -> Option<Vec<Completion>> {
+        self.timeline.event(self.now, "BLOCK_IO_ERROR");
+        self.timeline.event(self.now, "STOP");
+        self.timeline.vm(self.now, VmState::IoError);
         // The guest is paused; the host reclaims memory.
         self.cache.evict();
         // Too early: storage is still broken. A correct device refuses to resume.
@@ -381,10 +542,11 @@ impl Cell {
         if early.is_some() {
             return early;
         }
-        if first_outage && self.outage == Outage::RepeatDuringReplay {
+        if first_outage && self.spec.outage == Outage::RepeatDuringReplay {
             let again = FaultRule::new(FaultOp::Write, libc::EIO, Trigger::AfterBytes(BLOCK))
                 .named("outage");
             self.writeback.arm(again);
+            self.timeline.host(self.now, HostState::Broken);
             let done = self.cont();
             self.end_outage();
             if done.is_some() {
@@ -392,12 +554,14 @@ impl Cell {
             }
             self.cache.evict();
         }
-        (0..CONT_TRIES).find_map(|_| self.cont())
+        (0..self.spec.cont_tries).find_map(|_| self.cont())
     }
 
     /// Submits one request and waits for it (and whatever was parked before it).
     /// Returns false if the device stopped and could not be resumed.
     fn run(&mut self, op: RequestOp, waiting: Waiting) -> bool {
+        self.maybe_start_outage();
+        self.now += self.spec.request_ms;
         self.next_tag += 1;
         let tag = self.next_tag;
         let completions = match self.device.submit(Request::new(tag, op)) {
@@ -410,9 +574,19 @@ impl Cell {
         let mine = completions.into_iter().find(|c| c.tag == tag);
         let Some(c) = mine else { return false };
         let ok = c.status == Status::Ok;
+        if !ok {
+            self.failed_requests += 1;
+        }
         match waiting {
             Waiting::Write(id) => self.oracle.completed(id, ok),
-            Waiting::Flush(t) => self.oracle.flush_completed(t, ok),
+            Waiting::Flush(t) => {
+                let before = self.oracle.acked_writes();
+                self.oracle.flush_completed(t, ok);
+                let acked = self.oracle.acked_writes() - before;
+                self.timeline
+                    .acks
+                    .extend(std::iter::repeat_n(self.now, acked));
+            }
             Waiting::Read(t) => {
                 if ok && !self.oracle.check_read(&t, &c.data).is_empty() {
                     self.stale_reads += 1;
@@ -450,21 +624,20 @@ impl Cell {
     }
 
     /// The guest's workload; false if the device never resumed.
-    fn workload(&mut self, seed: u64) -> bool {
-        let mut rng = Rng(seed | 1);
-        for round in 0..ROUNDS {
-            if round == OUTAGE_ROUND {
-                self.start_outage();
-            }
-            let blocks: Vec<u64> = (0..WRITES_PER_ROUND)
-                .map(|_| rng.next_u64() % (DISK_SIZE / BLOCK))
+    fn workload(&mut self) -> bool {
+        let mut rng = Rng(self.spec.seed | 1);
+        let blocks_on_disk = self.spec.disk_size / BLOCK;
+        for round in 1..=self.spec.rounds {
+            self.round = round;
+            let blocks: Vec<u64> = (0..self.spec.writes_per_round)
+                .map(|_| rng.next_u64() % blocks_on_disk)
                 .collect();
             for &b in &blocks {
                 if !self.write(b) {
                     return false;
                 }
             }
-            if round == OUTAGE_ROUND && self.outage == Outage::WritebackEio {
+            if self.outage_round == Some(round) && self.spec.outage == Outage::WritebackEio {
                 self.cache.background_writeback();
             }
             if !self.flush() {
@@ -482,23 +655,7 @@ impl Cell {
 
 /// Runs one cell of the matrix.
 pub fn run_cell(strategy: Strategy, host: HostModel, outage: Outage) -> CellResult {
-    let mut cell = Cell::new(strategy, host, outage);
-    // The same workload for every strategy on a host and outage.
-    let seed = 0x5EED ^ ((host as u64) << 8) ^ (outage as u64);
-    let resumed = cell.workload(seed);
-    cell.end_outage();
-    cell.cache.evict();
-    let lost = cell.oracle.check_stable(&cell.stable.contents());
-    CellResult {
-        strategy,
-        host,
-        outage,
-        acked_writes: cell.oracle.acked_writes(),
-        acked_bytes_lost: lost.len() as u64 * super::oracle::SECTOR,
-        resumed,
-        stale_reads: cell.stale_reads,
-        failed_conts: cell.failed_conts,
-    }
+    Synthetic::cell(strategy, host, outage).run().result
 }
 
 /// Every cell: strategies x host models x outage patterns.

@@ -8,5 +8,6 @@
 pub mod hostcache;
 pub mod matrix;
 pub mod oracle;
+pub mod timeline;
 
 pub use hostcache::{HostCache, HostModel, SimulatedHost};
