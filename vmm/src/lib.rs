@@ -14,6 +14,7 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod host_signals;
+pub mod lab;
 pub mod layout;
 pub mod logging;
 pub mod owner;

@@ -17,6 +17,8 @@ Usage: holdfast <command> [options]
 
 Commands:
   run        boot a guest (holdfast run --help)
+  lab        rerun storage outages from a scenario file and report what the guest
+             kept, against QEMU-like strategies (holdfast lab --help)
   help       print this text
 
 What holdfast promises a guest's data through host storage outages, and what the
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some("lab") => holdfast_vmm::lab::main(&args[1..]),
         Some(other) => {
             eprintln!("holdfast: unknown command `{other}` (see `holdfast --help`)");
             ExitCode::from(2)

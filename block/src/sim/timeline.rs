@@ -85,18 +85,15 @@ impl Default for Timeline {
 }
 
 impl Timeline {
-    /// Records a host state change (nothing if it is the current state).
+    /// Records a host state change (nothing if it is the current state; a state that
+    /// lasted no time is replaced).
     pub fn host(&mut self, at: u64, state: HostState) {
-        if self.host.last().map(|&(_, s)| s) != Some(state) {
-            self.host.push((at, state));
-        }
+        change(&mut self.host, at, state);
     }
 
-    /// Records a VM state change (nothing if it is the current state).
+    /// Records a VM state change, as [`Timeline::host`].
     pub fn vm(&mut self, at: u64, state: VmState) {
-        if self.vm.last().map(|&(_, s)| s) != Some(state) {
-            self.vm.push((at, state));
-        }
+        change(&mut self.vm, at, state);
     }
 
     pub fn event(&mut self, at: u64, name: impl Into<String>) {
@@ -115,6 +112,15 @@ impl Timeline {
     }
 }
 
+fn change<S: PartialEq>(states: &mut Vec<(u64, S)>, at: u64, state: S) {
+    if states.len() > 1 && states.last().is_some_and(|&(t, _)| t == at) {
+        states.pop();
+    }
+    if states.last().map(|(_, s)| s) != Some(&state) {
+        states.push((at, state));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +132,8 @@ mod tests {
         t.host(20, HostState::Broken);
         t.vm(30, VmState::IoError);
         t.vm(31, VmState::IoError);
+        t.host(40, HostState::Ok);
+        t.host(40, HostState::Broken);
         t.acks = vec![5, 999, 1000, 2500];
         t.end = 2600;
         assert_eq!(t.host, vec![(0, HostState::Ok), (20, HostState::Broken)]);

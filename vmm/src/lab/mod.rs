@@ -1,0 +1,307 @@
+//! `holdfast lab`: rerun storage outages from a scenario file and report what the
+//! guest's applications kept.
+//!
+//! A scenario ([`scenario`]) names a guest, how it reports progress, the outages,
+//! the operator, the verification, the hosts and the strategies to compare; the lab
+//! checks all of it before anything runs, runs every host x strategy x outage, and
+//! writes a results folder ([`report`]): a Markdown table, a JSON record of every
+//! run, an SVG timeline per run ([`svg`]). The synthetic guest ([`synthetic`]) is the
+//! outage matrix's workload in virtual time.
+
+pub mod report;
+pub mod scenario;
+pub mod svg;
+pub mod synthetic;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use report::RunRecord;
+use scenario::{Guest, Plan};
+
+pub const HELP: &str = "\
+holdfast lab: rerun host storage outages from a scenario file, against holdfast and
+QEMU-like strategies, and report what the guest kept.
+
+Usage: holdfast lab [options] SCENARIO.json
+
+Options:
+  --out DIR    the results folder (default: holdfast-lab/NAME-YYYYMMDD-HHMMSS in the
+               current directory); it must not exist yet
+  --check      check the scenario file and list the runs; run nothing
+  -h, --help   print this text, with the scenario file's format
+
+The first line printed names the results folder. It gets results.md (a table: one row
+per host x strategy x outage: resumed, app-visible errors, acknowledged units, lost,
+corrupt, the verification's verdict), results.json (every run, with its timeline) and
+one SVG timeline per run (acknowledged units per second; the host's storage state
+ok/broken/hung/down; the VM's state running/paused/io-error; QMP events and the
+operator's commands as markers). A progress line per run goes to standard error.
+
+Exit status: 0 when every run of a strategy that promises to lose nothing (holdfast)
+kept every acknowledged unit, intact, and its verification passed; 1 if one did not
+(the runs that broke the promise are named); 2 when the scenario file is wrong
+(before anything runs; the message names the field) or the results cannot be written.
+Other strategies' losses are findings, not failures.
+";
+
+/// The scenario file's format (printed after [`HELP`]).
+pub const FORMAT_HELP: &str = r#"
+Scenario files (JSON; unknown keys are errors; relative paths are relative to the
+file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/lab/.
+
+  name        letters, digits, - _ . (names the results folder)
+  seed        a number (default 1): the same scenario and seed give the same fault
+              timing on a simulated host
+  guest       either {"synthetic": {...}}: the outage matrix's workload, in virtual
+                time, on a simulated disk:
+                  rounds (10), writes_per_round (8): 4 KiB writes to random blocks,
+                  a FLUSH per round, every write read back; disk_size ("1M");
+                  request_time ("20ms", virtual); it prints `round N` as round N starts
+              or a Linux guest:
+                kernel (required), initrd, cmdline, memory ("512M"), cpus (1),
+                disks: [{"id": "data", "image": "data.img"}, ...]
+  progress    (Linux guests) how the guest reports on its serial console:
+                ready: a text; the line containing it says the workload runs
+                ack: a prefix; each line starting with it acknowledges one unit, the
+                     first word after the prefix being its key
+  outages     a list; each one is a separate run per host and strategy:
+                kind: flush-eio | write-eio | write-enospc | flush-enospc | hang |
+                      fs-down (Linux guests); writeback-eio | repeat-in-replay
+                      (synthetic guest)
+                when: {"at": "5s"} after the ready marker, or
+                      {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
+                      marker that contains TEXT (synthetic guest: "round N")
+                lasts: how long the storage stays broken (Linux guests; the synthetic
+                       guest's outage ends once the operator's first cont is refused)
+                disk: which guest disk (default: the first)
+  operator    cont_after (2s; synthetic 1s): when the VM has paused, the operator
+              waits this long before each `cont`; tries (3): `cont`s after the outage
+              ended before giving up; detach (false): detach the image during the
+              outage and attach it again before `cont` (host file system down)
+  verify      (Linux guests) what survived, after the run:
+                {"boot": {"cmdline": ..., "ok": TEXT, "have": PREFIX}}: boot the guest
+                  again on the same disk with this command line; it prints TEXT if its
+                  check passed and PREFIX KEY for every unit it finds
+                {"host": {"command": [PROGRAM, ARGS...], "have": PREFIX}}: run on the
+                  host with the disk images' paths appended; exit 0 means the check
+                  passed; it prints PREFIX KEY for every unit it finds
+              (the synthetic guest is checked by its oracle, with no verify)
+  hosts       a list of simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd:
+              the engine's simulated page cache with that file system's behaviour after
+              a failed write-back, between the disk and the image) and real
+  strategies  a list of holdfast | retry-flush (QEMU's werror=stop: re-issue only the
+              parked requests) | sticky (QEMU's default file backend: every flush fails
+              after the first failure) | qemu | qemu-cache-none (QEMU 10 itself, real
+              host only) | x-lying-flush (deliberately broken: FLUSH completes without
+              reaching the host; it claims holdfast's promise, for testing the lab)
+  timeout     longest one run may take (default 10m)
+
+Example (the outage matrix's cells for two hosts):
+  {"name": "matrix", "seed": 24301, "guest": {"synthetic": {}},
+   "outages": [{"kind": "flush-eio", "when": {"line": "round 5"}}],
+   "hosts": ["simulated:xfs", "simulated:freebsd"],
+   "strategies": ["holdfast", "retry-flush", "sticky"]}
+"#;
+
+struct Args {
+    scenario: PathBuf,
+    out: Option<PathBuf>,
+    check_only: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
+    let mut scenario = None;
+    let mut out = None;
+    let mut check_only = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--check" => check_only = true,
+            "--out" => {
+                out = Some(PathBuf::from(
+                    it.next().ok_or("--out needs a folder")?.as_str(),
+                ))
+            }
+            s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
+            s => {
+                if scenario.replace(PathBuf::from(s)).is_some() {
+                    return Err("one scenario file at a time".into());
+                }
+            }
+        }
+    }
+    let scenario = scenario.ok_or("which scenario file?")?;
+    Ok(Some(Args {
+        scenario,
+        out,
+        check_only,
+    }))
+}
+
+/// `holdfast lab ARGS`.
+pub fn main(args: &[String]) -> ExitCode {
+    let args = match parse_args(args) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{HELP}{FORMAT_HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("holdfast lab: {e} (see holdfast lab --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let plan = match scenario::load(&args.scenario) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("holdfast lab: {}: {e}", args.scenario.display());
+            return ExitCode::from(2);
+        }
+    };
+    let runs = plan.hosts.len() * plan.strategies.len() * plan.outages.len();
+    if args.check_only {
+        println!(
+            "{}: ok, {runs} runs ({} hosts x {} strategies x {} outages)",
+            args.scenario.display(),
+            plan.hosts.len(),
+            plan.strategies.len(),
+            plan.outages.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let out = args.out.unwrap_or_else(|| default_out(&plan.name));
+    if out.exists() {
+        eprintln!(
+            "holdfast lab: {} exists already; name a new folder with --out",
+            out.display()
+        );
+        return ExitCode::from(2);
+    }
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("holdfast lab: cannot create {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    println!("holdfast lab: results in {}", out.display());
+    let records = match run_all(&plan) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("holdfast lab: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = write_results(&out, &plan, &records) {
+        eprintln!("holdfast lab: writing {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    print!("\n{}", report::markdown(&plan, &records));
+    let broken: Vec<&RunRecord> = records.iter().filter(|r| r.broke_promise()).collect();
+    if broken.is_empty() {
+        println!(
+            "\nEvery run of a strategy that promises to lose nothing kept every acknowledged unit."
+        );
+        ExitCode::SUCCESS
+    } else {
+        for r in &broken {
+            eprintln!(
+                "holdfast lab: {} on {} ({}) promised to lose nothing: {} lost, {} corrupt, {}",
+                r.strategy,
+                r.host,
+                r.outage.as_str(),
+                r.lost,
+                r.corrupt,
+                r.verdict
+            );
+        }
+        ExitCode::FAILURE
+    }
+}
+
+/// `holdfast-lab/NAME-YYYYMMDD-HHMMSS` (UTC).
+fn default_out(name: &str) -> PathBuf {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, secs) = ((now / 86_400) as i64, now % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("holdfast-lab").join(format!(
+        "{name}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    ))
+}
+
+/// Every host x strategy x outage, with a progress line per run.
+pub fn run_all(plan: &Plan) -> Result<Vec<RunRecord>, String> {
+    let total = plan.hosts.len() * plan.strategies.len() * plan.outages.len();
+    let mut records = Vec::with_capacity(total);
+    for &host in &plan.hosts {
+        for &strategy in &plan.strategies {
+            for index in 0..plan.outages.len() {
+                let kind = plan.outages[index].kind.as_str();
+                eprint!(
+                    "lab: [{}/{total}] {host} {strategy} {kind} ... ",
+                    records.len() + 1
+                );
+                let record = match &plan.guest {
+                    Guest::Synthetic(g) => synthetic::run(plan, g, host, strategy, index)
+                        .ok_or_else(|| {
+                            format!("the synthetic guest cannot run {host} {strategy} {kind}")
+                        })?,
+                    Guest::Linux(_) => {
+                        eprintln!();
+                        return Err(
+                            "Linux guests are not runnable by this holdfast yet: only the synthetic guest is"
+                                .into(),
+                        );
+                    }
+                };
+                eprintln!(
+                    "{}, {} acked, {} lost, {} corrupt, {}",
+                    if record.resumed {
+                        "resumed"
+                    } else {
+                        "never resumed"
+                    },
+                    record.acked,
+                    record.lost,
+                    record.corrupt,
+                    record.verdict
+                );
+                records.push(record);
+            }
+        }
+    }
+    Ok(records)
+}
+
+fn write_results(out: &Path, plan: &Plan, records: &[RunRecord]) -> std::io::Result<()> {
+    std::fs::write(out.join("results.md"), report::markdown(plan, records))?;
+    let json = serde_json::to_string_pretty(&report::json(plan, records))
+        .map_err(std::io::Error::other)?;
+    std::fs::write(out.join("results.json"), json + "\n")?;
+    for r in records {
+        let title = format!(
+            "{}: {} on {}, {} (outage {})",
+            plan.name,
+            r.strategy,
+            r.host,
+            r.outage.as_str(),
+            r.outage_index + 1
+        );
+        std::fs::write(out.join(&r.svg), svg::timeline(&title, &r.timeline))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,815 @@
+//! Scenario files: the JSON a user writes ([`ScenarioFile`], parsed strictly: unknown
+//! keys and wrong types are errors naming the field) and the [`Plan`] checked from it
+//! before anything boots. `holdfast lab --help` documents the format
+//! ([`super::FORMAT_HELP`]); images/lab/ has examples.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use holdfast_block::sim::matrix::{Outage, Strategy};
+use holdfast_block::sim::HostModel;
+use serde::Deserialize;
+
+use crate::cli::parse_size;
+
+/// A scenario or plan error: the field it is about (`outages[1].when.at`), and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+// ---- The file, as written -------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    pub name: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub guest: GuestFile,
+    pub progress: Option<ProgressFile>,
+    pub outages: Vec<OutageFile>,
+    #[serde(default)]
+    pub operator: OperatorFile,
+    pub verify: Option<VerifyFile>,
+    pub hosts: Vec<String>,
+    pub strategies: Vec<String>,
+    /// Longest one run may take (a real guest's boot, workload, outage and check).
+    pub timeout: Option<String>,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestFile {
+    pub synthetic: Option<SyntheticFile>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub memory: Option<String>,
+    pub cpus: Option<u8>,
+    #[serde(default)]
+    pub disks: Vec<DiskFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticFile {
+    pub rounds: Option<usize>,
+    pub writes_per_round: Option<usize>,
+    pub disk_size: Option<String>,
+    pub request_time: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskFile {
+    pub id: String,
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressFile {
+    pub ready: String,
+    pub ack: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutageFile {
+    pub kind: String,
+    pub when: WhenFile,
+    pub lasts: Option<String>,
+    pub disk: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhenFile {
+    pub at: Option<String>,
+    pub line: Option<String>,
+    pub nth: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorFile {
+    pub cont_after: Option<String>,
+    pub tries: Option<usize>,
+    #[serde(default)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyFile {
+    pub boot: Option<VerifyBootFile>,
+    pub host: Option<VerifyHostFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBootFile {
+    pub cmdline: String,
+    pub ok: String,
+    pub have: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyHostFile {
+    pub command: Vec<String>,
+    pub have: String,
+}
+
+// ---- The plan, checked ----------------------------------------------------------
+
+/// A checked scenario: every path exists, every name is known, every combination
+/// can run here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub seed: u64,
+    pub guest: Guest,
+    pub progress: Option<Progress>,
+    pub outages: Vec<OutagePlan>,
+    pub operator: Operator,
+    pub verify: Verify,
+    pub hosts: Vec<Host>,
+    pub strategies: Vec<LabStrategy>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Guest {
+    Synthetic(SyntheticGuest),
+    Linux(LinuxGuest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntheticGuest {
+    pub rounds: usize,
+    pub writes_per_round: usize,
+    pub disk_size: u64,
+    pub request_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinuxGuest {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub cpus: u8,
+    pub disks: Vec<(String, PathBuf)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub ready: String,
+    pub ack: String,
+}
+
+/// What breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutageKind {
+    FlushEio,
+    WriteEio,
+    WriteEnospc,
+    FlushEnospc,
+    WritebackEio,
+    RepeatInReplay,
+    Hang,
+    FsDown,
+}
+
+impl OutageKind {
+    const ALL: [OutageKind; 8] = [
+        OutageKind::FlushEio,
+        OutageKind::WriteEio,
+        OutageKind::WriteEnospc,
+        OutageKind::FlushEnospc,
+        OutageKind::WritebackEio,
+        OutageKind::RepeatInReplay,
+        OutageKind::Hang,
+        OutageKind::FsDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutageKind::FlushEio => "flush-eio",
+            OutageKind::WriteEio => "write-eio",
+            OutageKind::WriteEnospc => "write-enospc",
+            OutageKind::FlushEnospc => "flush-enospc",
+            OutageKind::WritebackEio => "writeback-eio",
+            OutageKind::RepeatInReplay => "repeat-in-replay",
+            OutageKind::Hang => "hang",
+            OutageKind::FsDown => "fs-down",
+        }
+    }
+
+    /// The synthetic workload's outage of this kind, if it has one.
+    pub fn synthetic(self) -> Option<Outage> {
+        Some(match self {
+            OutageKind::FlushEio => Outage::FlushEio,
+            OutageKind::WriteEio => Outage::WriteEio,
+            OutageKind::WriteEnospc => Outage::WriteEnospc,
+            OutageKind::FlushEnospc => Outage::FlushEnospc,
+            OutageKind::WritebackEio => Outage::WritebackEio,
+            OutageKind::RepeatInReplay => Outage::RepeatDuringReplay,
+            OutageKind::Hang | OutageKind::FsDown => return None,
+        })
+    }
+}
+
+/// When an outage starts, counted from the guest's ready marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum When {
+    At(Duration),
+    /// The `nth` console line (from 1) after the ready marker that contains `text`.
+    Line {
+        text: String,
+        nth: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutagePlan {
+    pub kind: OutageKind,
+    pub when: When,
+    /// How long the storage stays broken; `None`: until the operator's first `cont`
+    /// has been refused (the synthetic guest's rule).
+    pub lasts: Option<Duration>,
+    pub disk: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub cont_after: Duration,
+    pub tries: usize,
+    pub detach: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// The synthetic guest's oracle.
+    Oracle,
+    Boot(VerifyBootFile),
+    Host {
+        command: Vec<String>,
+        have: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Host {
+    Simulated(HostModel),
+    Real,
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Simulated(m) => write!(f, "simulated:{m}"),
+            Host::Real => f.write_str("real"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LabStrategy {
+    /// Run by holdfast's engine or its QEMU-like models.
+    Engine(Strategy),
+    /// QEMU 10 itself, `werror=stop`, default cache or `cache=none`.
+    Qemu { cache_none: bool },
+}
+
+impl LabStrategy {
+    pub fn promises_no_loss(self) -> bool {
+        matches!(self, LabStrategy::Engine(s) if s.promises_no_loss())
+    }
+}
+
+impl std::fmt::Display for LabStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabStrategy::Engine(s) => write!(f, "{s}"),
+            LabStrategy::Qemu { cache_none: false } => f.write_str("qemu"),
+            LabStrategy::Qemu { cache_none: true } => f.write_str("qemu-cache-none"),
+        }
+    }
+}
+
+/// `500ms`, `5s`, `2m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit_ms) = if let Some(d) = s.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = s.strip_suffix('s') {
+        (d, 1000)
+    } else if let Some(d) = s.strip_suffix('m') {
+        (d, 60_000)
+    } else {
+        (s, 1000)
+    };
+    if digits.starts_with('-') {
+        return Err(format!("`{s}` is negative"));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (like 500ms, 5s or 2m)"))?;
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+/// Parses and checks a scenario file; relative paths in it are relative to its
+/// folder.
+pub fn load(path: &Path) -> Result<Plan, FieldError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FieldError {
+        field: String::new(),
+        message: format!("{}: {e}", path.display()),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let file = parse(&text)?;
+    check(file, base)
+}
+
+/// Parses the JSON strictly; errors name the field.
+pub fn parse(text: &str) -> Result<ScenarioFile, FieldError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("not valid JSON: {inner}")
+        } else {
+            inner.to_string()
+        };
+        FieldError {
+            field: if field == "." { String::new() } else { field },
+            message,
+        }
+    })
+}
+
+fn existing_file(field: &str, base: &Path, p: &Path) -> Result<PathBuf, FieldError> {
+    let full = base.join(p);
+    match std::fs::metadata(&full) {
+        Ok(m) if m.is_file() => Ok(full),
+        Ok(_) => err(field, format!("{} is not a file", full.display())),
+        Err(e) => err(field, format!("{}: {e}", full.display())),
+    }
+}
+
+fn duration(field: &str, s: &str) -> Result<Duration, FieldError> {
+    parse_duration(s).or_else(|m| err(field, m))
+}
+
+/// Whether `program` can be run: a path to an executable file, or a name on PATH.
+fn runnable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        return executable(Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| executable(&d.join(program))))
+        .unwrap_or(false)
+}
+
+/// Checks everything that can be checked before a guest boots.
+pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
+    if f.name.trim().is_empty()
+        || !f
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return err(
+            "name",
+            format!(
+                "`{}`: use letters, digits, `-`, `_` or `.` (it names the results folder)",
+                f.name
+            ),
+        );
+    }
+    let guest = check_guest(&f.guest, base)?;
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+
+    let progress = match (&f.progress, synthetic) {
+        (Some(_), true) => {
+            return err(
+                "progress",
+                "the synthetic guest reports its own progress (`ready`, `round N`, acks by its flushes); remove this",
+            )
+        }
+        (None, false) => return err("progress", "missing: say how the guest reports progress (`ready` and `ack`)"),
+        (None, true) => None,
+        (Some(p), false) => {
+            if p.ready.is_empty() {
+                return err("progress.ready", "empty: the line the guest prints when its workload is ready");
+            }
+            if p.ack.is_empty() {
+                return err("progress.ack", "empty: the prefix of the line the guest prints per acknowledged unit");
+            }
+            Some(Progress {
+                ready: p.ready.clone(),
+                ack: p.ack.clone(),
+            })
+        }
+    };
+
+    if f.outages.is_empty() {
+        return err("outages", "empty: name at least one outage");
+    }
+    let disk_ids: Vec<&str> = match &f.guest.disks[..] {
+        [] => Vec::new(),
+        disks => disks.iter().map(|d| d.id.as_str()).collect(),
+    };
+    let mut outages = Vec::new();
+    for (i, o) in f.outages.iter().enumerate() {
+        let at = |k: &str| format!("outages[{i}].{k}");
+        let kind = OutageKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == o.kind)
+            .ok_or_else(|| FieldError {
+                field: at("kind"),
+                message: format!(
+                    "unknown outage `{}` (expected one of {})",
+                    o.kind,
+                    OutageKind::ALL.map(OutageKind::as_str).join(", ")
+                ),
+            })?;
+        if synthetic && kind.synthetic().is_none() {
+            return err(at("kind"), format!("`{}` needs a real guest; the synthetic guest's outages are flush-eio, write-eio, write-enospc, flush-enospc, writeback-eio and repeat-in-replay", o.kind));
+        }
+        if !synthetic && matches!(kind, OutageKind::WritebackEio | OutageKind::RepeatInReplay) {
+            return err(
+                at("kind"),
+                format!("`{}` is the synthetic guest's only", o.kind),
+            );
+        }
+        let when = match (&o.when.at, &o.when.line) {
+            (Some(_), Some(_)) => return err(at("when"), "give `at` or `line`, not both"),
+            (None, None) => {
+                return err(
+                    at("when"),
+                    "give `at` (a time after the ready marker) or `line` (a console line after it)",
+                )
+            }
+            (Some(t), None) => {
+                if o.when.nth.is_some() {
+                    return err(at("when.nth"), "goes with `line`, not `at`");
+                }
+                if t.trim_start().starts_with('-') {
+                    return err(at("when.at"), format!("`{t}` is before the guest is ready (times count from its ready marker)"));
+                }
+                When::At(duration(&at("when.at"), t)?)
+            }
+            (None, Some(text)) => {
+                if text.is_empty() {
+                    return err(at("when.line"), "empty");
+                }
+                if let Some(p) = &progress {
+                    if p.ready.contains(text.as_str()) {
+                        return err(at("when.line"), format!("`{text}` matches the ready marker `{}`: that is before the guest is ready (lines count after it)", p.ready));
+                    }
+                }
+                if synthetic && !text.starts_with("round ") {
+                    return err(
+                        at("when.line"),
+                        format!("the synthetic guest prints only `round N` lines, never `{text}`"),
+                    );
+                }
+                let nth = o.when.nth.unwrap_or(1);
+                if nth == 0 {
+                    return err(at("when.nth"), "counts from 1");
+                }
+                if synthetic && nth != 1 {
+                    return err(
+                        at("when.nth"),
+                        "the synthetic guest prints each `round N` once",
+                    );
+                }
+                When::Line {
+                    text: text.clone(),
+                    nth,
+                }
+            }
+        };
+        if let (true, When::Line { text, .. }) = (synthetic, &when) {
+            let n: usize = text["round ".len()..].trim().parse().or_else(|_| {
+                err(
+                    at("when.line"),
+                    format!("`{text}`: the synthetic guest's lines are `round N`"),
+                )
+            })?;
+            let rounds = match &guest {
+                Guest::Synthetic(s) => s.rounds,
+                Guest::Linux(_) => unreachable!("synthetic"),
+            };
+            if n == 0 || n > rounds {
+                return err(
+                    at("when.line"),
+                    format!("`{text}`: the guest runs rounds 1 to {rounds}"),
+                );
+            }
+        }
+        let lasts = match &o.lasts {
+            None if synthetic => None,
+            None => return err(at("lasts"), "missing: how long the storage stays broken (like 10s)"),
+            Some(_) if synthetic => return err(at("lasts"), "the synthetic guest's outage ends after the operator's first `cont` is refused; remove this"),
+            Some(l) => Some(duration(&at("lasts"), l)?),
+        };
+        let disk = match &o.disk {
+            None => None,
+            Some(_) if synthetic => {
+                return err(at("disk"), "the synthetic guest has one disk; remove this")
+            }
+            Some(d) if !disk_ids.contains(&d.as_str()) => {
+                return err(
+                    at("disk"),
+                    format!("no disk `{d}` in guest.disks ({})", disk_ids.join(", ")),
+                )
+            }
+            Some(d) => Some(d.clone()),
+        };
+        outages.push(OutagePlan {
+            kind,
+            when,
+            lasts,
+            disk,
+        });
+    }
+
+    let operator = Operator {
+        cont_after: match &f.operator.cont_after {
+            Some(s) => duration("operator.cont_after", s)?,
+            None => Duration::from_secs(if synthetic { 1 } else { 2 }),
+        },
+        tries: match f.operator.tries {
+            Some(0) => return err("operator.tries", "at least 1"),
+            Some(n) => n,
+            None => 3,
+        },
+        detach: f.operator.detach,
+    };
+    if synthetic && operator.detach {
+        return err(
+            "operator.detach",
+            "the synthetic guest's host file system never goes down",
+        );
+    }
+
+    let verify = match (&f.verify, synthetic) {
+        (None, true) => Verify::Oracle,
+        (Some(_), true) => {
+            return err(
+                "verify",
+                "the synthetic guest is checked by its oracle; remove this",
+            )
+        }
+        (None, false) => return err(
+            "verify",
+            "missing: a second boot (`boot`) or a host command (`host`) that says what survived",
+        ),
+        (Some(v), false) => match (&v.boot, &v.host) {
+            (Some(_), Some(_)) => return err("verify", "give `boot` or `host`, not both"),
+            (None, None) => return err("verify", "give `boot` or `host`"),
+            (Some(b), None) => {
+                if b.ok.is_empty() || b.have.is_empty() {
+                    return err("verify.boot", "`ok` and `have` must not be empty");
+                }
+                Verify::Boot(b.clone())
+            }
+            (None, Some(h)) => {
+                let Some(program) = h.command.first() else {
+                    return err("verify.host.command", "empty");
+                };
+                let program = if program.contains('/') {
+                    base.join(program).to_string_lossy().into_owned()
+                } else {
+                    program.clone()
+                };
+                if !runnable(&program) {
+                    return err(
+                        "verify.host.command",
+                        format!("`{program}` is not an executable file or a command on PATH"),
+                    );
+                }
+                if h.have.is_empty() {
+                    return err("verify.host.have", "empty");
+                }
+                let mut command = h.command.clone();
+                command[0] = program;
+                Verify::Host {
+                    command,
+                    have: h.have.clone(),
+                }
+            }
+        },
+    };
+
+    if f.hosts.is_empty() {
+        return err(
+            "hosts",
+            "empty: name at least one (simulated:MODEL or real)",
+        );
+    }
+    let mut hosts = Vec::new();
+    for (i, h) in f.hosts.iter().enumerate() {
+        let field = format!("hosts[{i}]");
+        let host = if h == "real" {
+            Host::Real
+        } else if let Some(model) = h.strip_prefix("simulated:") {
+            Host::Simulated(model.parse().or_else(|m| err(&field, m))?)
+        } else {
+            return err(&field, format!("`{h}`: expected simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd) or real"));
+        };
+        if synthetic && host == Host::Real {
+            return err(&field, "the synthetic guest runs on simulated hosts only");
+        }
+        if hosts.contains(&host) {
+            return err(&field, format!("`{h}` twice"));
+        }
+        hosts.push(host);
+    }
+
+    if f.strategies.is_empty() {
+        return err(
+            "strategies",
+            "empty: name at least one (holdfast, retry-flush, sticky, qemu, qemu-cache-none)",
+        );
+    }
+    let mut strategies = Vec::new();
+    for (i, s) in f.strategies.iter().enumerate() {
+        let field = format!("strategies[{i}]");
+        let strategy = match s.as_str() {
+            "qemu" => LabStrategy::Qemu { cache_none: false },
+            "qemu-cache-none" => LabStrategy::Qemu { cache_none: true },
+            other => LabStrategy::Engine(other.parse().or_else(|_| {
+                err(&field, format!("unknown strategy `{other}` (expected holdfast, retry-flush, sticky, qemu or qemu-cache-none)"))
+            })?),
+        };
+        if let LabStrategy::Qemu { .. } = strategy {
+            if synthetic {
+                return err(&field, "QEMU runs real guests only");
+            }
+            if !hosts.contains(&Host::Real) {
+                return err(
+                    &field,
+                    "QEMU runs on the `real` host only: add `real` to hosts",
+                );
+            }
+            if !runnable("qemu-system-x86_64") {
+                return err(&field, "qemu-system-x86_64 is not installed here");
+            }
+        }
+        if strategies.contains(&strategy) {
+            return err(&field, format!("`{s}` twice"));
+        }
+        strategies.push(strategy);
+    }
+
+    let timeout = match &f.timeout {
+        Some(t) => duration("timeout", t)?,
+        None => Duration::from_secs(600),
+    };
+    Ok(Plan {
+        name: f.name,
+        seed: f.seed,
+        guest,
+        progress,
+        outages,
+        operator,
+        verify,
+        hosts,
+        strategies,
+        timeout,
+    })
+}
+
+fn check_guest(g: &GuestFile, base: &Path) -> Result<Guest, FieldError> {
+    if let Some(s) = &g.synthetic {
+        for (set, key) in [
+            (g.kernel.is_some(), "kernel"),
+            (g.initrd.is_some(), "initrd"),
+            (g.cmdline.is_some(), "cmdline"),
+            (g.memory.is_some(), "memory"),
+            (g.cpus.is_some(), "cpus"),
+            (!g.disks.is_empty(), "disks"),
+        ] {
+            if set {
+                return err(
+                    format!("guest.{key}"),
+                    "not with `synthetic` (the built-in workload is not a VM)",
+                );
+            }
+        }
+        let disk_size = match &s.disk_size {
+            Some(v) => parse_size(v).or_else(|m| err("guest.synthetic.disk_size", m))?,
+            None => 1 << 20,
+        };
+        if disk_size < 64 << 10 || disk_size % 4096 != 0 || disk_size > 1 << 30 {
+            return err("guest.synthetic.disk_size", "64K to 1G, a multiple of 4K");
+        }
+        let rounds = s.rounds.unwrap_or(10);
+        let writes_per_round = s.writes_per_round.unwrap_or(8);
+        if rounds == 0 || rounds > 100_000 {
+            return err("guest.synthetic.rounds", "1 to 100000");
+        }
+        if writes_per_round == 0 || writes_per_round > 10_000 {
+            return err("guest.synthetic.writes_per_round", "1 to 10000");
+        }
+        let request_ms = match &s.request_time {
+            Some(t) => duration("guest.synthetic.request_time", t)?.as_millis() as u64,
+            None => 20,
+        };
+        return Ok(Guest::Synthetic(SyntheticGuest {
+            rounds,
+            writes_per_round,
+            disk_size,
+            request_ms,
+        }));
+    }
+    let Some(kernel) = &g.kernel else {
+        return err(
+            "guest.kernel",
+            "missing: the guest's kernel (or `synthetic` for the built-in workload)",
+        );
+    };
+    let kernel = existing_file("guest.kernel", base, kernel)?;
+    let initrd = match &g.initrd {
+        Some(p) => Some(existing_file("guest.initrd", base, p)?),
+        None => None,
+    };
+    let memory = match &g.memory {
+        Some(m) => parse_size(m).or_else(|e| err("guest.memory", e))?,
+        None => 512 << 20,
+    };
+    if memory < 64 << 20 {
+        return err("guest.memory", "at least 64M");
+    }
+    let cpus = g.cpus.unwrap_or(1);
+    if cpus == 0 || cpus > 254 {
+        return err("guest.cpus", "1 to 254");
+    }
+    if g.disks.is_empty() {
+        return err(
+            "guest.disks",
+            "empty: the guest needs the disk the outage hits",
+        );
+    }
+    let mut disks: Vec<(String, PathBuf)> = Vec::new();
+    for (i, d) in g.disks.iter().enumerate() {
+        if d.id.is_empty() || d.id.contains([',', '=']) {
+            return err(
+                format!("guest.disks[{i}].id"),
+                format!("`{}`: not empty, no `,` or `=`", d.id),
+            );
+        }
+        if disks.iter().any(|(id, _)| *id == d.id) {
+            return err(format!("guest.disks[{i}].id"), format!("`{}` twice", d.id));
+        }
+        let image = existing_file(&format!("guest.disks[{i}].image"), base, &d.image)?;
+        disks.push((d.id.clone(), image));
+    }
+    Ok(Guest::Linux(LinuxGuest {
+        kernel,
+        initrd,
+        cmdline: g
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| "console=ttyS0 panic=-1".into()),
+        memory,
+        cpus,
+        disks,
+    }))
+}

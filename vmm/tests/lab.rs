@@ -1,0 +1,353 @@
+//! `holdfast lab` as a user meets it: scenario files checked before anything runs,
+//! the shipped synthetic scenario reproducing the outage matrix, results folders,
+//! and a failing exit when a strategy that promises to lose nothing loses.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn holdfast(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args)
+        .output()
+        .expect("run holdfast");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// Writes `json` as a scenario file in `dir` (with a kernel and a disk beside it).
+fn scenario(dir: &Path, json: &str) -> PathBuf {
+    std::fs::write(dir.join("vmlinuz"), b"not really a kernel").expect("kernel");
+    std::fs::write(dir.join("data.img"), vec![0u8; 4096]).expect("disk");
+    let path = dir.join("scenario.json");
+    std::fs::write(&path, json).expect("scenario");
+    path
+}
+
+/// A Linux-guest scenario that passes every check; `edit` changes it.
+fn linux(edit: impl FnOnce(&mut Value)) -> String {
+    let mut v: Value = serde_json::from_str(
+        r#"{
+        "name": "sqlite",
+        "guest": {"kernel": "vmlinuz", "cmdline": "console=ttyS0", "disks": [{"id": "data", "image": "data.img"}]},
+        "progress": {"ready": "WORKLOAD READY", "ack": "ACK "},
+        "outages": [{"kind": "flush-eio", "when": {"at": "3s"}, "lasts": "10s"}],
+        "verify": {"host": {"command": ["sh", "-c", "true"], "have": "HAVE "}},
+        "hosts": ["simulated:xfs"],
+        "strategies": ["holdfast", "retry-flush"]
+    }"#,
+    )
+    .expect("json");
+    edit(&mut v);
+    v.to_string()
+}
+
+fn synthetic(strategies: &[&str], outages: &str) -> String {
+    format!(
+        r#"{{"name": "small", "seed": 7, "guest": {{"synthetic": {{"rounds": 6}}}},
+            "outages": {outages},
+            "hosts": ["simulated:ext4-ordered", "simulated:freebsd"],
+            "strategies": {}}}"#,
+        serde_json::to_string(strategies).expect("json")
+    )
+}
+
+/// Runs `holdfast lab --check` and the lab itself on a bad scenario: both must fail
+/// with exit 2 naming `field`, and the lab must not create its results folder.
+fn refused(json: &str, field: &str, words: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = scenario(dir.path(), json);
+    let p = path.to_str().expect("utf-8");
+    let (code, _, err) = holdfast(&["lab", "--check", p]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{field}: ")) && err.contains(words),
+        "want `{field}: ...{words}...`, got: {err}"
+    );
+    let out = dir.path().join("out");
+    let (code, stdout, _) = holdfast(&["lab", "--out", out.to_str().expect("utf-8"), p]);
+    assert_eq!(code, 2);
+    assert!(!out.exists() && stdout.is_empty(), "nothing runs: {stdout}");
+}
+
+#[test]
+fn a_good_linux_scenario_passes_the_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = scenario(dir.path(), &linux(|_| {}));
+    let (code, out, err) = holdfast(&["lab", "--check", path.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok, 2 runs"), "{out}");
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_named() {
+    refused(
+        &linux(|v| v["guest"]["kernal"] = "vmlinuz".into()),
+        "guest.kernal",
+        "unknown field `kernal`",
+    );
+    refused(
+        &linux(|v| v["guest"]["cpus"] = "two".into()),
+        "guest.cpus",
+        "invalid type",
+    );
+    refused(
+        &linux(|v| v["outages"][0]["when"]["nth"] = (-1).into()),
+        "outages[0].when.nth",
+        "invalid value",
+    );
+    refused("{\"name\": ", "", "not valid JSON");
+}
+
+#[test]
+fn a_missing_kernel_is_named() {
+    refused(
+        &linux(|v| {
+            v["guest"].as_object_mut().expect("guest").remove("kernel");
+        }),
+        "guest.kernel",
+        "missing",
+    );
+    refused(
+        &linux(|v| v["guest"]["kernel"] = "nowhere/vmlinuz".into()),
+        "guest.kernel",
+        "No such file",
+    );
+}
+
+#[test]
+fn an_outage_before_the_guest_is_ready_is_refused() {
+    refused(
+        &linux(|v| v["outages"][0]["when"] = serde_json::json!({"at": "-5s"})),
+        "outages[0].when.at",
+        "before the guest is ready",
+    );
+    refused(
+        &linux(|v| v["outages"][0]["when"] = serde_json::json!({"line": "READY"})),
+        "outages[0].when.line",
+        "before the guest is ready",
+    );
+    refused(
+        &synthetic(
+            &["holdfast"],
+            r#"[{"kind": "flush-eio", "when": {"line": "round 0"}}]"#,
+        ),
+        "outages[0].when.line",
+        "rounds 1 to 6",
+    );
+}
+
+#[test]
+fn an_impossible_verification_is_refused() {
+    refused(
+        &linux(|v| {
+            v["verify"]["host"]["command"] = serde_json::json!(["no-such-checker-xyz", "--all"])
+        }),
+        "verify.host.command",
+        "not an executable file or a command on PATH",
+    );
+    refused(
+        &linux(|v| v["verify"]["host"]["command"] = serde_json::json!([])),
+        "verify.host.command",
+        "empty",
+    );
+    refused(
+        &linux(|v| {
+            v.as_object_mut().expect("scenario").remove("verify");
+        }),
+        "verify",
+        "missing",
+    );
+}
+
+#[test]
+fn names_and_combinations_are_checked() {
+    refused(
+        &linux(|v| v["hosts"][0] = "simulated:zfs".into()),
+        "hosts[0]",
+        "zfs",
+    );
+    refused(
+        &linux(|v| v["strategies"][1] = "qemu".into()),
+        "strategies[1]",
+        "real",
+    );
+    refused(
+        &linux(|v| v["outages"][0]["kind"] = "meteor".into()),
+        "outages[0].kind",
+        "meteor",
+    );
+    refused(
+        &linux(|v| v["outages"][0]["disk"] = "root".into()),
+        "outages[0].disk",
+        "no disk `root`",
+    );
+    refused(
+        &synthetic(&["holdfast"], r#"[{"kind": "hang", "when": {"at": "1s"}}]"#),
+        "outages[0].kind",
+        "needs a real guest",
+    );
+}
+
+fn run_lab(dir: &Path, json: &str) -> (i32, String, String, PathBuf) {
+    let path = scenario(dir, json);
+    let out = dir.join("results");
+    let (code, stdout, stderr) = holdfast(&[
+        "lab",
+        "--out",
+        out.to_str().expect("utf-8"),
+        path.to_str().expect("utf-8"),
+    ]);
+    (code, stdout, stderr, out)
+}
+
+#[test]
+fn the_shipped_matrix_scenario_reproduces_the_outage_matrix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = std::fs::read_to_string(repo().join("images/lab/matrix.json")).expect("shipped");
+    let (code, stdout, stderr, out) = run_lab(dir.path(), &json);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout.lines().next(),
+        Some(format!("holdfast lab: results in {}", out.display()).as_str())
+    );
+    assert_eq!(
+        stderr.matches("lab: [").count(),
+        90,
+        "a progress line per run"
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("json"))
+            .expect("parse");
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 90);
+    // The same cells as holdfast_block::sim::matrix, read the same way.
+    use holdfast_block::sim::matrix::{run_cell, Outage, Strategy};
+    for r in runs {
+        let strategy: Strategy = r["strategy"]
+            .as_str()
+            .expect("s")
+            .parse()
+            .expect("strategy");
+        let host = r["host"]
+            .as_str()
+            .expect("h")
+            .trim_start_matches("simulated:");
+        let outage: Outage = r["outage"].as_str().expect("o").parse().expect("outage");
+        let cell = run_cell(strategy, host.parse().expect("model"), outage);
+        assert_eq!(r["acked"], cell.acked_writes, "{r}");
+        assert_eq!(r["lost"], cell.acked_writes_lost, "{r}");
+        assert_eq!(r["resumed"], cell.resumed, "{r}");
+        assert_eq!(r["corrupt"], cell.stale_reads, "{r}");
+        let svg = out.join(r["timeline_svg"].as_str().expect("svg"));
+        assert!(std::fs::read_to_string(svg)
+            .expect("svg")
+            .starts_with("<svg "));
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).expect("md");
+    assert_eq!(
+        md.lines().filter(|l| l.starts_with("| simulated:")).count(),
+        90
+    );
+    // retry-flush loses on Linux-like hosts; holdfast nowhere.
+    assert!(runs
+        .iter()
+        .any(|r| r["strategy"] == "retry-flush" && r["lost"].as_u64() > Some(0)));
+    assert!(runs
+        .iter()
+        .filter(|r| r["strategy"] == "holdfast")
+        .all(|r| r["lost"] == 0));
+}
+
+#[test]
+fn a_strategy_that_promises_no_loss_and_loses_fails_the_lab() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = synthetic(
+        &["holdfast", "x-lying-flush"],
+        r#"[{"kind": "flush-eio", "when": {"line": "round 3"}}]"#,
+    );
+    let (code, stdout, stderr, out) = run_lab(dir.path(), &json);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(
+            "x-lying-flush on simulated:ext4-ordered (flush-eio) promised to lose nothing"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("holdfast on"),
+        "holdfast kept everything: {stderr}"
+    );
+    // The results are written all the same.
+    let md = std::fs::read_to_string(out.join("results.md")).expect("md");
+    assert!(
+        md.contains("| simulated:ext4-ordered | x-lying-flush | flush-eio |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn the_same_scenario_and_seed_give_the_same_runs() {
+    let json = synthetic(
+        &["holdfast", "retry-flush"],
+        r#"[{"kind": "flush-eio", "when": {"at": "700ms"}}, {"kind": "writeback-eio", "when": {"line": "round 2"}}]"#,
+    );
+    let results = |dir: &Path, json: &str| {
+        let (code, _, err, out) = run_lab(dir, json);
+        assert_eq!(code, 0, "{err}");
+        std::fs::read_to_string(out.join("results.json")).expect("json")
+    };
+    let (a, b, c) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+        tempfile::tempdir().expect("c"),
+    );
+    let first = results(a.path(), &json);
+    assert_eq!(first, results(b.path(), &json));
+    let reseeded = json.replace("\"seed\": 7", "\"seed\": 8");
+    assert_ne!(first, results(c.path(), &reseeded), "the seed matters");
+}
+
+#[test]
+fn an_existing_results_folder_is_not_overwritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("results")).expect("mkdir");
+    let (code, _, err, _) = run_lab(
+        dir.path(),
+        &synthetic(
+            &["holdfast"],
+            r#"[{"kind": "flush-eio", "when": {"line": "round 2"}}]"#,
+        ),
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("exists already"), "{err}");
+}
+
+#[test]
+fn help_documents_the_format() {
+    let (code, out, _) = holdfast(&["lab", "--help"]);
+    assert_eq!(code, 0);
+    for key in [
+        "progress",
+        "outages",
+        "operator",
+        "verify",
+        "hosts",
+        "strategies",
+        "seed",
+        "simulated:MODEL",
+    ] {
+        assert!(out.contains(key), "{key} in {out}");
+    }
+}
