@@ -57,6 +57,10 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// What GET_ID returns (at most 20 bytes are used).
     pub serial: String,
+    /// (feature `sim`) Behave like another device after a host error, for
+    /// `holdfast lab`'s comparisons; `None` is holdfast.
+    #[cfg(feature = "sim")]
+    pub imitate: Option<crate::sim::Imitate>,
 }
 
 impl Default for DiskConfig {
@@ -69,6 +73,8 @@ impl Default for DiskConfig {
             keep_extra_flush: false,
             read_only: false,
             serial: String::new(),
+            #[cfg(feature = "sim")]
+            imitate: None,
         }
     }
 }
@@ -215,6 +221,9 @@ pub struct Disk<B> {
     /// guest's FLUSH, a replay), writes at the bound fail at once instead of each
     /// rewriting the whole buffer into a host that is still broken.
     room_failed: Option<HostError>,
+    /// (feature `sim`, imitating `Sticky`) a flush failed: every later one fails.
+    #[cfg(feature = "sim")]
+    flush_poisoned: bool,
 }
 
 impl<B: Backend> Disk<B> {
@@ -231,6 +240,8 @@ impl<B: Backend> Disk<B> {
             deferred_release: None,
             internal_flushes: 0,
             room_failed: None,
+            #[cfg(feature = "sim")]
+            flush_poisoned: false,
         }
     }
 
@@ -389,6 +400,47 @@ impl<B: Backend> Disk<B> {
 
     /// Runs one request on the host. A failure hands the request back with its error.
     fn execute(&mut self, req: Request) -> Result<Completion, Failed> {
+        #[cfg(feature = "sim")]
+        if let Some(imitate) = self.config.imitate {
+            let req = match self.execute_imitated(imitate, req) {
+                Ok(done) => return done,
+                Err(req) => req,
+            };
+            return self.execute_own(req);
+        }
+        self.execute_own(req)
+    }
+
+    /// (feature `sim`) The requests an imitated device runs its own way: `Ok` with
+    /// the result, or `Err` handing the request back to holdfast's way.
+    #[cfg(feature = "sim")]
+    fn execute_imitated(
+        &mut self,
+        imitate: crate::sim::Imitate,
+        req: Request,
+    ) -> Result<Result<Completion, Failed>, Request> {
+        let tag = req.tag;
+        let result = match (&req.op, imitate.bufferless()) {
+            (RequestOp::Flush, _) if imitate == crate::sim::Imitate::LyingFlush => Ok(()),
+            (RequestOp::Flush, true) if self.flush_poisoned => {
+                Err(HostError::new(crate::HostOp::Flush, libc::EIO))
+            }
+            (RequestOp::Flush, true) => self.backend.flush().inspect_err(|_| {
+                self.flush_poisoned = imitate == crate::sim::Imitate::Sticky;
+            }),
+            (RequestOp::Write { offset, data }, true) => self.backend.write_at(data, *offset),
+            (RequestOp::WriteZeroes { offset, len, unmap }, true) => {
+                self.backend.write_zeroes(*offset, *len, *unmap)
+            }
+            _ => return Err(req),
+        };
+        // A failed request is parked as it is: `cont` issues it again.
+        Ok(result
+            .map(|()| Completion::ok(tag))
+            .map_err(|e| Failed::pending(req, e)))
+    }
+
+    fn execute_own(&mut self, req: Request) -> Result<Completion, Failed> {
         let tag = req.tag;
         match req.op {
             RequestOp::Read { offset, len } => {
@@ -623,9 +675,20 @@ impl<B: Backend> Disk<B> {
     }
 
     fn replay_steps(&mut self) -> Result<ReplayReport, HostError> {
-        let (bytes_rewritten, extents_rewritten) = self.rewrite_buffer()?;
-        self.host_flush()?;
-        if self.config.keep_extra_flush {
+        #[cfg(feature = "sim")]
+        let imitated = self.config.imitate.is_some_and(|i| i.bufferless());
+        #[cfg(not(feature = "sim"))]
+        let imitated = false;
+        let (bytes_rewritten, extents_rewritten) = if imitated {
+            // QEMU's `cont`: the parked requests only.
+            (0, 0)
+        } else {
+            self.rewrite_buffer()?
+        };
+        if !imitated {
+            self.host_flush()?;
+        }
+        if self.config.keep_extra_flush && !imitated {
             // A host that reports errors one flush late would let the first flush
             // succeed while storage is still broken; the second tells the truth
             // before the guest runs again.

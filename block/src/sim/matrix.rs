@@ -8,26 +8,26 @@
 //! again. At the end it evicts the host cache and checks the stable disk with the
 //! [`Oracle`].
 //!
-//! Device strategies:
-//! - `holdfast`: the [`Disk`] engine (replay from the unflushed buffer; the extra
-//!   flush on hosts that report late);
-//! - `retry-flush`: on `cont`, re-issue only the parked requests, as QEMU's
-//!   `werror=stop` does, without its sticky flag;
+//! Device strategies, all on the [`Disk`] engine (the others through
+//! [`DiskConfig::imitate`], as `holdfast lab` runs them in real guests):
+//! - `holdfast`: replay from the unflushed buffer; the extra flush on hosts that
+//!   report late;
+//! - `retry-flush`: no buffer; on `cont`, re-issue only the parked requests, as
+//!   QEMU's `werror=stop` does, without its sticky flag;
 //! - `sticky`: QEMU's default file backend: after a failed flush every later flush
 //!   fails (`page_cache_inconsistent`), so the VM cannot resume.
 
-use std::collections::VecDeque;
 use std::fmt;
 
 use super::hostcache::SimulatedHost;
 use super::hostcache::{HostCache, HostModel};
+use super::imitate::Imitate;
 use super::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
 use super::timeline::{HostState, Timeline, VmState};
-use crate::backend::Backend;
 use crate::disk::{Disk, DiskConfig};
 use crate::fault::{FaultHandle, FaultInjector, FaultOp, FaultRule, Trigger};
 use crate::request::{Completion, Request, RequestOp, Status};
-use crate::{HostError, HostOp, MemBackend};
+use crate::MemBackend;
 
 const DISK_SIZE: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -60,6 +60,16 @@ impl Strategy {
             Strategy::RetryFlush => "retry-flush",
             Strategy::Sticky => "sticky",
             Strategy::XLyingFlush => "x-lying-flush",
+        }
+    }
+
+    /// How the engine imitates this strategy (`None`: it is holdfast).
+    pub fn imitate(self) -> Option<Imitate> {
+        match self {
+            Strategy::Holdfast => None,
+            Strategy::RetryFlush => Some(Imitate::RetryFlush),
+            Strategy::Sticky => Some(Imitate::Sticky),
+            Strategy::XLyingFlush => Some(Imitate::LyingFlush),
         }
     }
 
@@ -189,114 +199,6 @@ pub struct CellResult {
 
 type Host = FaultInjector<HostCache<FaultInjector<MemBackend>>>;
 
-/// What the operator drives: a device that can stop on a host error and be resumed.
-trait Device {
-    /// `None`: parked, the device is stopped.
-    fn submit(&mut self, req: Request) -> Option<Completion>;
-    fn cont(&mut self) -> Result<Vec<Completion>, HostError>;
-}
-
-impl Device for Disk<Host> {
-    fn submit(&mut self, req: Request) -> Option<Completion> {
-        Disk::submit(self, req).completion
-    }
-
-    fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
-        self.replay().map(|r| r.completions).map_err(|e| e.error)
-    }
-}
-
-/// [`Strategy::XLyingFlush`]: the engine, with FLUSH answered before it reaches it.
-struct LyingFlush(Disk<Host>);
-
-impl Device for LyingFlush {
-    fn submit(&mut self, req: Request) -> Option<Completion> {
-        if req.op == RequestOp::Flush {
-            return Some(Completion::ok(req.tag));
-        }
-        self.0.submit(req).completion
-    }
-
-    fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
-        self.0.replay().map(|r| r.completions).map_err(|e| e.error)
-    }
-}
-
-/// QEMU's `werror=stop` model: no buffer of its own; on `cont` the parked requests
-/// run again as they are. With `sticky`, a failed flush poisons every later flush.
-struct QemuLike {
-    host: Host,
-    sticky: bool,
-    poisoned: bool,
-    stopped: bool,
-    parked: VecDeque<Request>,
-    done: Vec<Completion>,
-}
-
-impl QemuLike {
-    fn run(&mut self, req: &Request) -> Result<Completion, HostError> {
-        let tag = req.tag;
-        match &req.op {
-            RequestOp::Read { offset, len } => {
-                let mut data = vec![0; *len as usize];
-                self.host.read_at(&mut data, *offset)?;
-                Ok(Completion {
-                    tag,
-                    status: Status::Ok,
-                    data,
-                })
-            }
-            RequestOp::Write { offset, data } => self
-                .host
-                .write_at(data, *offset)
-                .map(|()| Completion::ok(tag)),
-            RequestOp::Flush => {
-                if self.poisoned {
-                    return Err(HostError::new(HostOp::Flush, libc::EIO));
-                }
-                let r = self.host.flush();
-                if r.is_err() && self.sticky {
-                    self.poisoned = true;
-                }
-                r.map(|()| Completion::ok(tag))
-            }
-            _ => Ok(Completion::with_status(tag, Status::Unsupp)),
-        }
-    }
-}
-
-impl Device for QemuLike {
-    fn submit(&mut self, req: Request) -> Option<Completion> {
-        if self.stopped {
-            self.parked.push_back(req);
-            return None;
-        }
-        match self.run(&req) {
-            Ok(c) => Some(c),
-            Err(_) => {
-                self.stopped = true;
-                self.parked.push_back(req);
-                None
-            }
-        }
-    }
-
-    fn cont(&mut self) -> Result<Vec<Completion>, HostError> {
-        while let Some(req) = self.parked.pop_front() {
-            match self.run(&req) {
-                // What ran stays completed, as in QEMU, even if a later one fails.
-                Ok(c) => self.done.push(c),
-                Err(e) => {
-                    self.parked.push_front(req);
-                    return Err(e);
-                }
-            }
-        }
-        self.stopped = false;
-        Ok(std::mem::take(&mut self.done))
-    }
-}
-
 /// A deterministic pseudo-random sequence (xorshift64*), for workloads that must be
 /// the same in every run. The seed must not be 0.
 #[derive(Debug, Clone)]
@@ -407,7 +309,7 @@ pub struct SyntheticRun {
 }
 
 struct Cell {
-    device: Box<dyn Device>,
+    device: Disk<Host>,
     spec: Synthetic,
     calls: FaultHandle,
     writeback: FaultHandle,
@@ -437,25 +339,12 @@ impl Cell {
             cache,
             stable,
         } = SimulatedHost::new(spec.host, spec.disk_size);
-        let engine = |front| {
-            let config = DiskConfig {
-                keep_extra_flush: spec.host.reports_late(),
-                ..Default::default()
-            };
-            Disk::new(front, config)
+        let config = DiskConfig {
+            keep_extra_flush: spec.strategy == Strategy::Holdfast && spec.host.reports_late(),
+            imitate: spec.strategy.imitate(),
+            ..Default::default()
         };
-        let device: Box<dyn Device> = match spec.strategy {
-            Strategy::Holdfast => Box::new(engine(front)),
-            Strategy::XLyingFlush => Box::new(LyingFlush(engine(front))),
-            Strategy::RetryFlush | Strategy::Sticky => Box::new(QemuLike {
-                host: front,
-                sticky: spec.strategy == Strategy::Sticky,
-                poisoned: false,
-                stopped: false,
-                parked: VecDeque::new(),
-                done: Vec::new(),
-            }),
-        };
+        let device = Disk::new(front, config);
         Cell {
             device,
             spec: spec.clone(),
@@ -510,8 +399,9 @@ impl Cell {
     fn cont(&mut self) -> Option<Vec<Completion>> {
         self.now += self.spec.cont_after_ms;
         self.timeline.event(self.now, "cont");
-        match self.device.cont() {
-            Ok(done) => {
+        match self.device.replay() {
+            Ok(report) => {
+                let done = report.completions;
                 self.timeline.event(self.now, "RESUME");
                 self.timeline.vm(self.now, VmState::Running);
                 Some(done)
@@ -564,7 +454,7 @@ impl Cell {
         self.now += self.spec.request_ms;
         self.next_tag += 1;
         let tag = self.next_tag;
-        let completions = match self.device.submit(Request::new(tag, op)) {
+        let completions = match self.device.submit(Request::new(tag, op)).completion {
             Some(c) => vec![c],
             None => match self.operate() {
                 Some(done) => done,

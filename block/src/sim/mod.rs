@@ -6,8 +6,10 @@
 //! `holdfast lab` (vmm/src/lab) uses all three; the engine uses none of them.
 
 pub mod hostcache;
+pub mod imitate;
 pub mod matrix;
 pub mod oracle;
 pub mod timeline;
 
 pub use hostcache::{HostCache, HostModel, SimulatedHost};
+pub use imitate::Imitate;
