@@ -15,7 +15,9 @@
 //! | `freebsd`      | stays dirty (a retry writes it)  | this fsync               |
 //!
 //! A clean page keeps serving reads until [`HostCache::evict`] drops it (memory
-//! pressure, `echo 3 > drop_caches`); after that the disk's content shows. Write-back
+//! pressure, `echo 3 > drop_caches`); after that the disk's content shows. Only pages
+//! whose content differs from the disk's are kept (dirty ones, and clean ones whose
+//! write-back failed): the others would read the same from the disk. Write-back
 //! outside an fsync ([`HostCache::background_writeback`]) records its error for the
 //! next fsync, as Linux's errseq does.
 
@@ -123,7 +125,12 @@ impl<D: Backend> CacheState<D> {
         for index in dirty {
             let page = self.pages.get_mut(&index).expect("listed above");
             match self.disk.write_at(&page.data, index * PAGE) {
-                Ok(()) => page.dirty = false,
+                // The disk holds what the page holds: reads may as well go there, and
+                // the cache keeps only what differs (dirty pages, failed clean ones),
+                // so that it stays small over a large image.
+                Ok(()) => {
+                    self.pages.remove(&index);
+                }
                 Err(e) => {
                     first_error.get_or_insert(HostError::new(HostOp::Flush, e.errno));
                     match self.model {
@@ -214,6 +221,11 @@ impl<D: Backend> HostCache<D> {
         lock(&self.state).pages.values().filter(|p| p.dirty).count()
     }
 
+    /// Pages held in memory (dirty, or clean with content the disk lacks).
+    pub fn cached_pages(&self) -> usize {
+        lock(&self.state).pages.len()
+    }
+
     /// The kernel's flusher thread: write-back with nobody waiting. An error is kept
     /// for the next fsync (FreeBSD keeps the pages dirty instead and reports nothing).
     pub fn background_writeback(&self) {
@@ -240,10 +252,15 @@ impl<D: Backend> Backend for HostCache<D> {
         let mut s = lock(&self.state);
         let end = (offset + buf.len() as u64).min(self.size);
         for (index, within, at, n) in pages(offset, end) {
-            let page = s
-                .page(index, false)
-                .map_err(|e| HostError::new(HostOp::Read, e.errno))?;
-            buf[at..at + n].copy_from_slice(&page.data[within..within + n]);
+            let part = &mut buf[at..at + n];
+            match s.pages.get(&index) {
+                Some(page) => part.copy_from_slice(&page.data[within..within + n]),
+                // Not cached: the disk's bytes are the page's.
+                None => s
+                    .disk
+                    .read_at(part, index * PAGE + within as u64)
+                    .map_err(|e| HostError::new(HostOp::Read, e.errno))?,
+            }
         }
         buf[(end.max(offset) - offset) as usize..].fill(0);
         Ok(())
@@ -382,6 +399,30 @@ mod tests {
                 "{model}: (1st err, 2nd err, cached, after evict, stable)"
             );
         }
+    }
+
+    #[test]
+    fn the_cache_holds_only_what_differs_from_the_disk() {
+        let (mut c, _, faults) = cache(HostModel::Xfs);
+        let mut b = [0u8; 4096];
+        c.read_at(&mut b, 0).expect("read");
+        assert_eq!(c.cached_pages(), 0, "reads do not fill the cache");
+        c.write_at(&[1; 8192], 0).expect("write");
+        assert_eq!(c.cached_pages(), 2);
+        c.flush().expect("fsync");
+        assert_eq!(c.cached_pages(), 0, "written back: the disk has it");
+        c.write_at(&[2; 4096], 0).expect("write");
+        let id = outage(&faults);
+        c.flush().expect_err("fsync fails");
+        faults.clear(id);
+        assert_eq!(
+            (c.cached_pages(), c.dirty_pages()),
+            (1, 0),
+            "failed page: clean, kept"
+        );
+        assert_eq!(read(&mut c, 0), 2);
+        c.evict();
+        assert_eq!((c.cached_pages(), read(&mut c, 0)), (0, 1));
     }
 
     #[test]
