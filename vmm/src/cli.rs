@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use holdfast_block::sim::matrix::Strategy;
+use holdfast_block::sim::HostModel;
 use holdfast_block::{DiskConfig, ErrorPolicy};
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -36,6 +38,18 @@ Options:
                          unflushed-limit=SIZE  bound of the unflushed buffer; past it
                                                holdfast flushes on its own (default: 128M)
                          serial=STR            what the guest reads as the disk's ID
+                         x-host=simulated:MODEL  (holdfast lab) a simulated host page
+                                               cache with the failure behaviour of
+                                               MODEL: ext4-ordered, xfs, ext4-data,
+                                               btrfs or freebsd; x-block-fault's
+                                               layer=writeback breaks its write-back
+                         x-strategy=holdfast|retry-flush|sticky|x-lying-flush
+                                               (holdfast lab) what the disk does after
+                                               a host error: holdfast (default), or an
+                                               imitation of QEMU's werror=stop
+                                               (retry-flush), of its default file
+                                               backend (sticky), or a deliberately
+                                               broken holdfast (x-lying-flush)
   --serial stdio|file:PATH|none
                        where the guest's serial console goes (default: stdio)
   --qmp PATH           a QMP socket (mode 0600) for QEMU's clients: query-status, stop,
@@ -83,6 +97,8 @@ pub struct DiskOpt {
     pub path: PathBuf,
     pub direct: bool,
     pub config: DiskConfig,
+    /// `x-host=simulated:MODEL`: a simulated host page cache over the image.
+    pub simulated: Option<HostModel>,
 }
 
 /// A parsed `holdfast run`.
@@ -227,6 +243,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     let mut id = format!("disk{index}");
     let mut direct = false;
     let mut config = DiskConfig::default();
+    let mut simulated = None;
     for part in spec.split(',') {
         let (key, v) = part
             .split_once('=')
@@ -258,6 +275,16 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
                     parse_size(v).map_err(|e| format!("unflushed-limit: {e}"))?
             }
             "serial" => config.serial = v.into(),
+            "x-host" => {
+                let model = v.strip_prefix("simulated:").ok_or(format!(
+                    "x-host: `{v}` is not simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd)"
+                ))?;
+                simulated = Some(model.parse().map_err(|e| format!("x-host: {e}"))?);
+            }
+            "x-strategy" => {
+                let s: Strategy = v.parse().map_err(|e| format!("x-strategy: {e}"))?;
+                config.imitate = s.imitate();
+            }
             _ => return Err(format!("unknown key `{key}`")),
         }
     }
@@ -265,11 +292,15 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     if config.serial.is_empty() {
         config.serial = id.clone();
     }
+    if simulated.is_some() && direct {
+        return Err("x-host=simulated:... has its own page cache: not with cache=none".into());
+    }
     Ok(DiskOpt {
         id,
         path,
         direct,
         config,
+        simulated,
     })
 }
 

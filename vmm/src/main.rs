@@ -2,12 +2,13 @@
 
 use std::process::ExitCode;
 
+use holdfast_block::sim::HostCache;
 use holdfast_block::{Backend, Disk, FaultInjector, FileBackend, FileOptions};
 use holdfast_qmp::{EventSink, Machine, Server};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
 use holdfast_vmm::host_signals;
 use holdfast_vmm::owner::{self, QmpBridge};
-use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, Vm, VmConfig};
+use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, SimulatedHost, Vm, VmConfig};
 
 const HELP: &str = "\
 holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host storage
@@ -104,15 +105,39 @@ fn run(opts: RunOpts) -> ExitCode {
             Ok(f) => {
                 // Every disk has a fault-injection point (x-block-fault); with no rule
                 // armed it costs one uncontended lock per host call.
-                let injector = FaultInjector::new(f);
-                let faults = Some(injector.handle());
-                let backend: Box<dyn Backend> = Box::new(injector);
+                let (backend, faults, simulated) = match d.simulated {
+                    None => {
+                        let injector = FaultInjector::new(f);
+                        let faults = injector.handle();
+                        (Box::new(injector) as Box<dyn Backend>, faults, None)
+                    }
+                    Some(model) => {
+                        // engine -> calls -> page cache -> write-back -> image
+                        let below = FaultInjector::new(f);
+                        let writeback = below.handle();
+                        let cache = HostCache::new(model, below);
+                        let evicting = cache.clone();
+                        let injector = FaultInjector::new(cache);
+                        let faults = injector.handle();
+                        let simulated = SimulatedHost {
+                            model,
+                            writeback,
+                            evict: std::sync::Arc::new(move || evicting.evict()),
+                        };
+                        (
+                            Box::new(injector) as Box<dyn Backend>,
+                            faults,
+                            Some(simulated),
+                        )
+                    }
+                };
                 disks.push(DiskSpec {
                     id: d.id.clone(),
                     disk: Disk::new(backend, d.config.clone()),
                     path: d.path.display().to_string(),
                     direct: d.direct,
-                    faults,
+                    faults: Some(faults),
+                    simulated,
                 });
             }
             Err(e) => {

@@ -49,7 +49,7 @@ impl RunState {
 /// The arguments each command takes (QEMU refuses any other, naming it).
 fn arguments(command: &str) -> &'static [&'static str] {
     match command {
-        "x-block-fault" => &["device", "arm", "clear", "clear-all"],
+        "x-block-fault" => &["device", "layer", "arm", "clear", "clear-all", "evict"],
         "x-block-detach" => &["device"],
         "x-block-attach" => &["device", "filename"],
         _ => &[],
@@ -447,7 +447,27 @@ fn attach_error(e: AttachFailure) -> QmpError {
 
 fn block_fault(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
     let device = args.str("device")?;
-    let faults = match vm.disk_faults(device) {
+    let simulated = || match vm.disk_simulated(device) {
+        None => Err(QmpError::device_not_found(device)),
+        Some(None) => Err(QmpError::generic(format!(
+            "disk {device} has no simulated host (x-host=simulated:MODEL)"
+        ))),
+        Some(Some(s)) => Ok(s),
+    };
+    if args.opt_bool("evict")? == Some(true) {
+        (simulated()?.evict)();
+        return Ok(json!({}));
+    }
+    let faults = match args.opt_str("layer")? {
+        None | Some("calls") => vm.disk_faults(device),
+        Some("writeback") => Some(Some(simulated()?.writeback)),
+        Some(other) => {
+            return Err(QmpError::generic(format!(
+                "layer: `{other}` is not calls or writeback"
+            )))
+        }
+    };
+    let faults = match faults {
         None => return Err(QmpError::device_not_found(device)),
         Some(None) => {
             return Err(QmpError::generic(format!(
@@ -470,6 +490,6 @@ fn block_fault(vm: &Vm, args: &Args) -> Result<Value, QmpError> {
         return Ok(json!({"cleared": n}));
     }
     Err(QmpError::generic(
-        "x-block-fault needs one of 'arm', 'clear' or 'clear-all': true",
+        "x-block-fault needs one of 'arm', 'clear', 'clear-all': true or 'evict': true",
     ))
 }

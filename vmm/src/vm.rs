@@ -71,6 +71,24 @@ pub struct DiskSpec {
     pub direct: bool,
     /// The fault-injection point in front of the image (`x-block-fault`).
     pub faults: Option<FaultHandle>,
+    /// (`x-host=simulated:MODEL`) the simulated page cache between the engine and
+    /// the image.
+    pub simulated: Option<SimulatedHost>,
+}
+
+/// A disk's simulated host page cache (`holdfast lab`): where `x-block-fault` breaks
+/// its write-back to the image, and how it drops its clean pages.
+#[derive(Clone)]
+pub struct SimulatedHost {
+    pub model: holdfast_block::sim::HostModel,
+    pub writeback: FaultHandle,
+    pub evict: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for SimulatedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SimulatedHost({})", self.model)
+    }
 }
 
 impl std::fmt::Debug for DiskSpec {
@@ -208,6 +226,7 @@ struct MmioSlot {
     path: String,
     direct: bool,
     faults: Option<FaultHandle>,
+    simulated: Option<SimulatedHost>,
     base: u64,
     transport: Mutex<BlockTransport>,
     notify: EventFd,
@@ -350,6 +369,7 @@ impl Vm {
                 path: spec.path,
                 direct: spec.direct,
                 faults: spec.faults,
+                simulated: spec.simulated,
                 base,
                 transport: Mutex::new(transport),
                 notify,
@@ -567,6 +587,15 @@ impl Vm {
         self.change_disk(id, |disk| disk.attach(path))
     }
 
+    /// The simulated host of a disk: `None` if there is no such disk, `Some(None)`
+    /// if it has none.
+    pub fn disk_simulated(&self, id: &str) -> Option<Option<SimulatedHost>> {
+        self.slots
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.simulated.clone())
+    }
+
     /// The fault-injection handle of a disk, if it has one.
     pub fn disk_faults(&self, id: &str) -> Option<Option<FaultHandle>> {
         self.slots
@@ -763,6 +792,7 @@ mod tests {
             path: "memory".into(),
             direct: false,
             faults: None,
+            simulated: None,
             base: 0,
             transport: Mutex::new(MmioTransport::new(device)),
             notify: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),

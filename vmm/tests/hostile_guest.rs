@@ -240,6 +240,7 @@ fn disk(id: &str) -> DiskSpec {
         path: "memory".into(),
         direct: false,
         faults: None,
+        simulated: None,
     }
 }
 

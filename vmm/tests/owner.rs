@@ -218,6 +218,7 @@ fn spec(id: &str, path: &std::path::Path) -> (DiskSpec, FaultHandle) {
         path: path.display().to_string(),
         direct: false,
         faults: Some(faults.clone()),
+        simulated: None,
     };
     (spec, faults)
 }

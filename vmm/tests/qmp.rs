@@ -377,3 +377,58 @@ fn a_slow_reader_gets_shutdown_too() {
     );
     assert_eq!(child.0.wait().expect("exit").code(), Some(0));
 }
+
+/// `holdfast lab`'s hooks: a disk over a simulated host page cache, whose write-back
+/// x-block-fault breaks (`layer: writeback`) and whose clean pages it evicts.
+#[test]
+fn a_simulated_host_disk_takes_writeback_faults_and_evictions() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let sim = dir.path().join("sim.img");
+    std::fs::write(&sim, vec![0u8; 1 << 20]).expect("disk");
+    let mut c = holdfast(dir.path());
+    c.arg("--disk").arg(format!(
+        "path={},id=sim,x-host=simulated:xfs,x-strategy=retry-flush",
+        sim.display()
+    ));
+    let _child = Reap(c.spawn().expect("start holdfast"));
+    let mut q = Qmp::connect(&dir.path().join("qmp.sock"));
+    let armed = q.call(
+        "x-block-fault",
+        json!({"device": "sim", "layer": "writeback", "arm": {"name": "outage", "op": "write", "errno": "EIO"}}),
+    );
+    assert!(armed["id"].is_u64(), "{armed}");
+    assert_eq!(
+        q.call(
+            "x-block-fault",
+            json!({"device": "sim", "layer": "writeback", "clear": "outage"})
+        ),
+        json!({"cleared": 1})
+    );
+    assert_eq!(
+        q.call("x-block-fault", json!({"device": "sim", "evict": true})),
+        json!({})
+    );
+    let plain = q.call("x-block-fault", json!({"device": "data", "evict": true}));
+    assert!(
+        plain["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no simulated host"),
+        "{plain}"
+    );
+    let bad = q.call(
+        "x-block-fault",
+        json!({"device": "sim", "layer": "disk", "clear-all": true}),
+    );
+    assert!(
+        bad["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .contains("layer"),
+        "{bad}"
+    );
+    assert_eq!(q.call("quit", json!({})), json!({}));
+}

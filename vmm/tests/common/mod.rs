@@ -73,6 +73,7 @@ pub fn counting_vm_config(
             path: "memory".into(),
             direct: false,
             faults: Some(faults),
+            simulated: None,
         }],
     )
 }
