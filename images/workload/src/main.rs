@@ -8,6 +8,10 @@
 //! <ACKED> acknowledged records` when acknowledged records are missing or damaged,
 //! or says what else is wrong; and then exits 1.
 //!
+//! `workload list FILE` (a check for `holdfast lab`): prints `HAVE <n>` for every
+//! record slot of FILE that holds record n intact, `CORRUPT <n>` for one that holds
+//! something else that is not zeroes, then `RECORDS <slots>`.
+//!
 //! `workload time-to MARKER -- CMD ARGS...` runs CMD, passes its output through,
 //! and prints `TIME-TO <ms>` once a line containing MARKER appeared (for boot-time
 //! benchmarks of VMMs whose guest prints MARKER on the serial console).
@@ -84,18 +88,41 @@ fn write(path: &str, count: u64, size: usize) -> Result<(), String> {
 /// are appended, so record n of size S sits at byte (n-1)*S; S is record 1's size if
 /// it is intact, else the default 4096).
 fn lost(bytes: &[u8], acked: u64) -> Vec<u64> {
-    let size = bytes
-        .get(12..16)
-        .and_then(|b| b.try_into().ok())
-        .map(|b| u32::from_le_bytes(b) as usize)
-        .filter(|&s| s > HEAD + TAIL && bytes.get(..s) == Some(&record(1, s)[..]))
-        .unwrap_or(4096);
+    let size = record_size(bytes);
     (1..=acked)
         .filter(|&n| {
             let at = (n as usize - 1) * size;
             bytes.get(at..at + size) != Some(&record(n, size)[..])
         })
         .collect()
+}
+
+/// The record size of the file: record 1's, if it is intact, else the default 4096.
+fn record_size(bytes: &[u8]) -> usize {
+    bytes
+        .get(12..16)
+        .and_then(|b| b.try_into().ok())
+        .map(|b| u32::from_le_bytes(b) as usize)
+        .filter(|&s| s > HEAD + TAIL && bytes.get(..s) == Some(&record(1, s)[..]))
+        .unwrap_or(4096)
+}
+
+/// `workload list`: every slot's verdict, a line each.
+fn list(bytes: &[u8]) -> Vec<String> {
+    let size = record_size(bytes);
+    let slots = bytes.len().div_ceil(size);
+    let mut lines = Vec::new();
+    for i in 0..slots {
+        let n = i as u64 + 1;
+        let slot = &bytes[i * size..((i + 1) * size).min(bytes.len())];
+        if slot == &record(n, size)[..] {
+            lines.push(format!("HAVE {n}"));
+        } else if slot.iter().any(|&b| b != 0) {
+            lines.push(format!("CORRUPT {n}"));
+        }
+    }
+    lines.push(format!("RECORDS {slots}"));
+    lines
 }
 
 /// Checks the records in `bytes`; returns how many are intact, in order from 1.
@@ -353,6 +380,16 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, file, count, size] if cmd == "write" => {
             write(file, num(count, "COUNT")?, num(size, "SIZE")? as usize)
         }
+        [cmd, file] if cmd == "list" => {
+            let mut bytes = Vec::new();
+            std::fs::File::open(file)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(|e| format!("cannot read {file}: {e}"))?;
+            for line in list(&bytes) {
+                println!("{line}");
+            }
+            Ok(())
+        }
         [cmd, file, rest @ ..] if cmd == "verify" && rest.len() <= 1 => {
             let mut bytes = Vec::new();
             std::fs::File::open(file)
@@ -396,7 +433,7 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, socket, command] if cmd == "qmp" => qmp(socket, command, None),
         [cmd, socket, command, arguments] if cmd == "qmp" => qmp(socket, command, Some(arguments)),
         _ => Err(
-            "usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED] | \
+            "usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED] | workload list FILE | \
                   workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
                   workload burst DEVICE MIB... | workload seqwrite FILE MIB"
                 .into(),
@@ -442,6 +479,15 @@ mod tests {
         assert_eq!(lost(&bytes, 8), vec![3, 5, 7, 8], "acked past the end");
         let other: Vec<u8> = (1..=3).flat_map(|n| record(n, 512)).collect();
         assert_eq!(lost(&other, 3), Vec::<u64>::new(), "size from record 1");
+    }
+
+    #[test]
+    fn list_names_every_slot() {
+        let mut bytes: Vec<u8> = (1..=4).flat_map(|n| record(n, 4096)).collect();
+        bytes[4096 + 7] ^= 1; // record 2 damaged
+        bytes[2 * 4096..3 * 4096].fill(0); // record 3 never reached the disk
+        assert_eq!(list(&bytes), ["HAVE 1", "CORRUPT 2", "HAVE 4", "RECORDS 4"]);
+        assert_eq!(list(&[]), ["RECORDS 0"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! run, an SVG timeline per run ([`svg`]). The synthetic guest ([`synthetic`]) is the
 //! outage matrix's workload in virtual time.
 
+pub mod guest;
 pub mod report;
 pub mod scenario;
 pub mod svg;
@@ -65,10 +66,14 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                 ready: a text; the line containing it says the workload runs
                 ack: a prefix; each line starting with it acknowledges one unit, the
                      first word after the prefix being its key
+                error: a prefix (optional); each line starting with it is an error
+                     the application saw (the table's app-visible errors)
   outages     a list; each one is a separate run per host and strategy:
-                kind: flush-eio | write-eio | write-enospc | flush-enospc | hang |
-                      fs-down (Linux guests); writeback-eio | repeat-in-replay
-                      (synthetic guest)
+                kind: flush-eio (the host's write-back fails, fdatasync reports it)
+                      | write-eio | write-enospc (pwrite fails) | flush-enospc;
+                      synthetic guest also: writeback-eio | repeat-in-replay.
+                      hang and fs-down are refused for now: they need a hang-timeout
+                      and the `real` host, which this holdfast does not have yet
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N")
@@ -81,21 +86,31 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
               outage and attach it again before `cont` (host file system down)
   verify      (Linux guests) what survived, after the run:
                 {"boot": {"cmdline": ..., "ok": TEXT, "have": PREFIX}}: boot the guest
-                  again on the same disk with this command line; it prints TEXT if its
-                  check passed and PREFIX KEY for every unit it finds
+                  again on the same disk with this command line (holdfast's own disk,
+                  no simulated cache: what reached the image, as after a host reboot);
+                  it prints TEXT if its check passed and PREFIX KEY for every unit it
+                  finds; "corrupt": PREFIX (optional) for every unit found damaged
                 {"host": {"command": [PROGRAM, ARGS...], "have": PREFIX}}: run on the
                   host with the disk images' paths appended; exit 0 means the check
-                  passed; it prints PREFIX KEY for every unit it finds
+                  passed; PREFIX KEY for every unit it finds; "corrupt" as above
+              An acknowledged unit the check does not find is lost.
               (the synthetic guest is checked by its oracle, with no verify)
   hosts       a list of simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd:
               the engine's simulated page cache with that file system's behaviour after
-              a failed write-back, between the disk and the image) and real
+              a failed write-back, between the disk and the image; while the VM is
+              paused the operator's host evicts its clean pages). `real` (the image
+              where it is, outages through device-mapper) is refused for now
   strategies  a list of holdfast | retry-flush (QEMU's werror=stop: re-issue only the
               parked requests) | sticky (QEMU's default file backend: every flush fails
               after the first failure) | qemu | qemu-cache-none (QEMU 10 itself, real
               host only) | x-lying-flush (deliberately broken: FLUSH completes without
-              reaching the host; it claims holdfast's promise, for testing the lab)
+              reaching the host; it claims holdfast's promise, for testing the lab).
+              qemu and qemu-cache-none need the `real` host
   timeout     longest one run may take (default 10m)
+
+Each Linux-guest run has a folder, runs/HOST_STRATEGY_N-OUTAGE/, with the consoles
+and holdfast's logs of both boots; the disk images are kept there only when the run
+lost or damaged something, or its check failed.
 
 Example (the outage matrix's cells for two hosts):
   {"name": "matrix", "seed": 24301, "guest": {"synthetic": {}},
@@ -184,7 +199,7 @@ pub fn main(args: &[String]) -> ExitCode {
         return ExitCode::from(2);
     }
     println!("holdfast lab: results in {}", out.display());
-    let records = match run_all(&plan) {
+    let records = match run_all(&plan, &out) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("holdfast lab: {e}");
@@ -244,7 +259,7 @@ fn default_out(name: &str) -> PathBuf {
 }
 
 /// Every host x strategy x outage, with a progress line per run.
-pub fn run_all(plan: &Plan) -> Result<Vec<RunRecord>, String> {
+pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
     let total = plan.hosts.len() * plan.strategies.len() * plan.outages.len();
     let mut records = Vec::with_capacity(total);
     for &host in &plan.hosts {
@@ -260,13 +275,8 @@ pub fn run_all(plan: &Plan) -> Result<Vec<RunRecord>, String> {
                         .ok_or_else(|| {
                             format!("the synthetic guest cannot run {host} {strategy} {kind}")
                         })?,
-                    Guest::Linux(_) => {
-                        eprintln!();
-                        return Err(
-                            "Linux guests are not runnable by this holdfast yet: only the synthetic guest is"
-                                .into(),
-                        );
-                    }
+                    Guest::Linux(g) => guest::run(plan, g, host, strategy, index, out)
+                        .inspect_err(|_| eprintln!())?,
                 };
                 eprintln!(
                     "{}, {} acked, {} lost, {} corrupt, {}",

@@ -94,6 +94,7 @@ pub struct DiskFile {
 pub struct ProgressFile {
     pub ready: String,
     pub ack: String,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +136,7 @@ pub struct VerifyBootFile {
     pub cmdline: String,
     pub ok: String,
     pub have: String,
+    pub corrupt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +144,7 @@ pub struct VerifyBootFile {
 pub struct VerifyHostFile {
     pub command: Vec<String>,
     pub have: String,
+    pub corrupt: Option<String>,
 }
 
 // ---- The plan, checked ----------------------------------------------------------
@@ -190,6 +193,8 @@ pub struct LinuxGuest {
 pub struct Progress {
     pub ready: String,
     pub ack: String,
+    /// The prefix of lines that report an error the application saw.
+    pub error: Option<String>,
 }
 
 /// What breaks.
@@ -280,6 +285,7 @@ pub enum Verify {
     Host {
         command: Vec<String>,
         have: String,
+        corrupt: Option<String>,
     },
 }
 
@@ -442,6 +448,7 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             Some(Progress {
                 ready: p.ready.clone(),
                 ack: p.ack.clone(),
+                error: p.error.clone().filter(|e| !e.is_empty()),
             })
         }
     };
@@ -475,6 +482,12 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                 at("kind"),
                 format!("`{}` is the synthetic guest's only", o.kind),
             );
+        }
+        if kind == OutageKind::Hang {
+            return err(at("kind"), "`hang` needs holdfast to notice hung storage (a hang-timeout), which it does not have yet");
+        }
+        if kind == OutageKind::FsDown {
+            return err(at("kind"), "`fs-down` needs the `real` host (a host file system to take down), which the lab does not drive yet");
         }
         let when = match (&o.when.at, &o.when.line) {
             (Some(_), Some(_)) => return err(at("when"), "give `at` or `line`, not both"),
@@ -632,6 +645,7 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                 Verify::Host {
                     command,
                     have: h.have.clone(),
+                    corrupt: h.corrupt.clone(),
                 }
             }
         },
@@ -655,6 +669,9 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         };
         if synthetic && host == Host::Real {
             return err(&field, "the synthetic guest runs on simulated hosts only");
+        }
+        if host == Host::Real {
+            return err(&field, "`real` (the image where it is, outages through device-mapper) is not built yet: use simulated:MODEL");
         }
         if hosts.contains(&host) {
             return err(&field, format!("`{h}` twice"));

@@ -1,0 +1,657 @@
+//! Runs of a Linux guest: `holdfast run` as a child process, driven over QMP the way
+//! an operator drives it, its serial console read line by line.
+//!
+//! One run: copy the scenario's disk images into the run's folder; boot holdfast with
+//! every disk on the run's host (`x-host=simulated:MODEL`) and strategy
+//! (`x-strategy=NAME`); wait for the ready marker; count acknowledged units; start
+//! the outage when its time or line comes (`x-block-fault`), end it after `lasts`;
+//! when the VM stops, evict the host's clean pages (memory pressure) and `cont` every
+//! `cont_after` until it resumes or `tries` `cont`s after the outage ended failed;
+//! let the guest finish; then verify: boot the guest again on the same images (the
+//! simulated cache is gone with the first process, as after a host reboot) or run
+//! the host command, and compare what it finds with what was acknowledged.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use holdfast_block::sim::timeline::{HostState, Timeline, VmState};
+use serde_json::{json, Value};
+
+use super::report::RunRecord;
+use super::scenario::{
+    Host, LabStrategy, LinuxGuest, OutageKind, OutagePlan, Plan, Progress, Verify, When,
+};
+
+/// What the run's threads report, in arrival order.
+enum Msg {
+    Line(String),
+    Event(String),
+    ConsoleClosed,
+}
+
+/// A QMP connection: commands and their replies here, events to the run's channel.
+struct Qmp {
+    stream: UnixStream,
+    replies: Receiver<Value>,
+}
+
+impl Qmp {
+    /// Connects (the socket appears once holdfast started), negotiates, and passes
+    /// every event on to `events`.
+    fn connect(path: &Path, events: Sender<Msg>, child: &mut Child) -> Result<Qmp, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("holdfast exited ({status}) before its QMP socket"));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!("QMP socket {}: {e}", path.display()));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let reader = stream.try_clone().map_err(|e| format!("QMP: {e}"))?;
+        let (reply_tx, replies) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(name) = v["event"].as_str() {
+                    let _ = events.send(Msg::Event(name.to_string()));
+                } else if v.get("QMP").is_none() && reply_tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut q = Qmp { stream, replies };
+        q.call("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    /// Sends a command; `Ok` with its return value, `Err` with the error's text.
+    fn call(&mut self, command: &str, args: Value) -> Result<Value, String> {
+        let line = json!({"execute": command, "arguments": args}).to_string() + "\n";
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("QMP {command}: {e}"))?;
+        let reply = self
+            .replies
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| format!("QMP {command}: no answer in 30 s"))?;
+        match reply.get("return") {
+            Some(v) => Ok(v.clone()),
+            None => Err(reply["error"]["desc"]
+                .as_str()
+                .unwrap_or("an error without a description")
+                .to_string()),
+        }
+    }
+}
+
+/// Kills the child if the run ends early.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn holdfast_exe() -> Result<PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("cannot find the holdfast binary: {e}"))
+}
+
+/// Copies `from` to `to`, leaving zeroed MiBs as holes (images are mostly empty).
+fn copy_image(from: &Path, to: &Path) -> Result<(), String> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let fail = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    let mut src = std::fs::File::open(from).map_err(|e| fail(from, e))?;
+    let dst = std::fs::File::create(to).map_err(|e| fail(to, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match src.read(&mut buf[n..]).map_err(|e| fail(from, e))? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], at).map_err(|e| fail(to, e))?;
+        }
+        at += n as u64;
+    }
+    dst.set_len(at).map_err(|e| fail(to, e))?;
+    dst.sync_all().map_err(|e| fail(to, e))
+}
+
+/// `holdfast run` for the guest with these disks and command line.
+fn holdfast_command(
+    guest: &LinuxGuest,
+    cmdline: &str,
+    disks: &[(String, PathBuf)],
+    disk_options: &str,
+    dir: &Path,
+    log_name: &str,
+) -> Result<Command, String> {
+    let mut c = Command::new(holdfast_exe()?);
+    c.arg("run")
+        .arg("--kernel")
+        .arg(&guest.kernel)
+        .arg("--cmdline")
+        .arg(cmdline)
+        .arg("--mem")
+        .arg(format!("{}K", guest.memory >> 10))
+        .arg("--cpus")
+        .arg(guest.cpus.to_string())
+        .arg("--serial")
+        .arg("stdio");
+    if let Some(initrd) = &guest.initrd {
+        c.arg("--initrd").arg(initrd);
+    }
+    for (id, path) in disks {
+        c.arg("--disk")
+            .arg(format!("path={},id={id}{disk_options}", path.display()));
+    }
+    let log = std::fs::File::create(dir.join(log_name)).map_err(|e| format!("{log_name}: {e}"))?;
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    Ok(c)
+}
+
+/// Reads the child's console into `tx` (and into `log`), line by line.
+fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), String> {
+    let out = child.stdout.take().ok_or("no console pipe")?;
+    let mut file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(out);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = file.write_all(&raw);
+                    let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+                    if tx.send(Msg::Line(line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Msg::ConsoleClosed);
+    });
+    Ok(())
+}
+
+/// The `x-block-fault` rules that start an outage: (layer, op, errno).
+fn outage_rules(
+    kind: OutageKind,
+) -> Result<Vec<(&'static str, &'static str, &'static str)>, String> {
+    Ok(match kind {
+        // Write-back of the host's cache fails: the next fdatasync reports it.
+        OutageKind::FlushEio => vec![("writeback", "write", "EIO")],
+        OutageKind::FlushEnospc => vec![("writeback", "write", "ENOSPC")],
+        OutageKind::WriteEio => vec![("calls", "write", "EIO")],
+        OutageKind::WriteEnospc => vec![("calls", "write", "ENOSPC")],
+        other => {
+            return Err(format!(
+                "outage `{}` cannot run on a simulated host",
+                other.as_str()
+            ))
+        }
+    })
+}
+
+/// What the workload run saw.
+#[derive(Default)]
+struct Seen {
+    acked: Vec<String>,
+    app_errors: usize,
+    paused: usize,
+    resumed_after_pause: bool,
+    outage_started: bool,
+    gave_up: bool,
+    timed_out: bool,
+    exit: Option<std::process::ExitStatus>,
+}
+
+/// Runs the workload part: boot, outage, operator, until the guest ends.
+#[allow(clippy::too_many_arguments)]
+fn workload(
+    plan: &Plan,
+    guest: &LinuxGuest,
+    progress: &Progress,
+    outage: &OutagePlan,
+    disks: &[(String, PathBuf)],
+    disk_options: &str,
+    dir: &Path,
+    timeline: &mut Timeline,
+) -> Result<Seen, String> {
+    let mut command = holdfast_command(
+        guest,
+        &guest.cmdline,
+        disks,
+        disk_options,
+        dir,
+        "holdfast.log",
+    )?;
+    let sock = dir.join("qmp.sock");
+    command.arg("--qmp").arg(&sock);
+    let mut child = Reap(command.spawn().map_err(|e| format!("holdfast run: {e}"))?);
+    let start = Instant::now();
+    let ms = |at: Instant| at.duration_since(start).as_millis() as u64;
+    let (tx, rx) = mpsc::channel();
+    read_console(&mut child.0, tx.clone(), dir.join("console.log"))?;
+    let mut qmp = Qmp::connect(&sock, tx, &mut child.0)?;
+    let target = outage.disk.clone().unwrap_or_else(|| disks[0].0.clone());
+
+    let mut seen = Seen::default();
+    let mut ready: Option<Instant> = None;
+    let mut matches = 0u32;
+    let mut outage_since: Option<Instant> = None;
+    let mut outage_over = false;
+    let mut stopped_since: Option<Instant> = None;
+    let mut last_step: Option<Instant> = None;
+    let mut tries_after = 0usize;
+    let mut console_open = true;
+    loop {
+        let now = Instant::now();
+        if now.duration_since(start) > plan.timeout {
+            seen.timed_out = true;
+            timeline.event(ms(now), "timed out");
+            break;
+        }
+        // Start the outage when its time has come.
+        let due = match (&outage.when, ready) {
+            (When::At(d), Some(r)) => now.duration_since(r) >= *d,
+            (When::Line { nth, .. }, Some(_)) => matches >= *nth,
+            _ => false,
+        };
+        if due && outage_since.is_none() && !outage_over {
+            for (layer, op, errno) in outage_rules(outage.kind)? {
+                qmp.call(
+                    "x-block-fault",
+                    json!({"device": target, "layer": layer,
+                           "arm": {"name": "lab-outage", "op": op, "errno": errno}}),
+                )?;
+            }
+            outage_since = Some(now);
+            seen.outage_started = true;
+            timeline.host(ms(now), HostState::Broken);
+            timeline.event(ms(now), format!("outage: {}", outage.kind.as_str()));
+        }
+        if let (Some(since), Some(lasts)) = (outage_since, outage.lasts) {
+            if now.duration_since(since) >= lasts {
+                for layer in ["calls", "writeback"] {
+                    qmp.call(
+                        "x-block-fault",
+                        json!({"device": target, "layer": layer, "clear": "lab-outage"}),
+                    )?;
+                }
+                outage_since = None;
+                outage_over = true;
+                timeline.host(ms(now), HostState::Ok);
+                timeline.event(ms(now), "outage over");
+            }
+        }
+        // The operator: while stopped, a `cont` every cont_after.
+        if let Some(since) = stopped_since {
+            let from = last_step.unwrap_or(since);
+            if now.duration_since(from) >= plan.operator.cont_after && !seen.gave_up {
+                last_step = Some(now);
+                if disk_options.contains("x-host=simulated:") {
+                    // The guest is paused; the host reclaims memory.
+                    for (id, _) in disks {
+                        qmp.call("x-block-fault", json!({"device": id, "evict": true}))?;
+                    }
+                }
+                timeline.event(ms(now), "cont");
+                match qmp.call("cont", json!({})) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        timeline.event(ms(now), "cont failed");
+                        log::debug!("lab: cont refused: {e}");
+                        if outage_over {
+                            tries_after += 1;
+                            if tries_after >= plan.operator.tries {
+                                seen.gave_up = true;
+                                timeline.event(ms(now), "quit");
+                                let _ = qmp.call("quit", json!({}));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !console_open {
+            match child.0.try_wait() {
+                Ok(Some(status)) => {
+                    seen.exit = Some(status);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("holdfast run: {e}")),
+            }
+        }
+        let msg = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                console_open = false;
+                continue;
+            }
+        };
+        let at = Instant::now();
+        match msg {
+            Msg::Line(line) => {
+                if ready.is_none() {
+                    if line.contains(&progress.ready) {
+                        ready = Some(at);
+                        timeline.event(ms(at), "ready");
+                    }
+                    continue;
+                }
+                if let Some(rest) = line.strip_prefix(progress.ack.as_str()) {
+                    let key = rest.split_whitespace().next().unwrap_or("").to_string();
+                    seen.acked.push(key);
+                    timeline.acks.push(ms(at));
+                }
+                if let Some(e) = &progress.error {
+                    if line.starts_with(e.as_str()) {
+                        seen.app_errors += 1;
+                    }
+                }
+                if let When::Line { text, .. } = &outage.when {
+                    if line.contains(text.as_str()) {
+                        matches += 1;
+                    }
+                }
+            }
+            Msg::Event(name) => {
+                timeline.event(ms(at), name.clone());
+                match name.as_str() {
+                    "STOP" => {
+                        let io_error = timeline
+                            .events
+                            .iter()
+                            .rev()
+                            .nth(1)
+                            .is_some_and(|(_, e)| e == "BLOCK_IO_ERROR");
+                        timeline.vm(
+                            ms(at),
+                            if io_error {
+                                VmState::IoError
+                            } else {
+                                VmState::Paused
+                            },
+                        );
+                        seen.paused += 1;
+                        stopped_since = Some(at);
+                        last_step = None;
+                    }
+                    "RESUME" => {
+                        timeline.vm(ms(at), VmState::Running);
+                        if seen.paused > 0 {
+                            seen.resumed_after_pause = true;
+                        }
+                        stopped_since = None;
+                    }
+                    _ => {}
+                }
+            }
+            Msg::ConsoleClosed => console_open = false,
+        }
+    }
+    timeline.end = ms(Instant::now());
+    if outage_since.is_some() {
+        timeline.host(timeline.end, HostState::Ok);
+    }
+    Ok(seen)
+}
+
+/// What the verification found: the units present, the check's verdict.
+struct Found {
+    have: BTreeSet<String>,
+    corrupt: usize,
+    passed: bool,
+    verdict: String,
+}
+
+fn keys(text: &str, prefix: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn verify(
+    plan: &Plan,
+    guest: &LinuxGuest,
+    disks: &[(String, PathBuf)],
+    dir: &Path,
+) -> Result<Found, String> {
+    match &plan.verify {
+        Verify::Boot(b) => {
+            let mut command =
+                holdfast_command(guest, &b.cmdline, disks, "", dir, "verify-holdfast.log")?;
+            let mut child = Reap(
+                command
+                    .spawn()
+                    .map_err(|e| format!("holdfast run (verify): {e}"))?,
+            );
+            let (tx, rx) = mpsc::channel();
+            read_console(&mut child.0, tx, dir.join("verify-console.log"))?;
+            let deadline = Instant::now() + plan.timeout;
+            let mut text = String::new();
+            loop {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Msg::Line(l)) => {
+                        text.push_str(&l);
+                        text.push('\n');
+                    }
+                    Ok(Msg::ConsoleClosed) | Err(RecvTimeoutError::Disconnected) => break,
+                    Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => {}
+                }
+                if Instant::now() > deadline {
+                    return Ok(Found {
+                        have: keys(&text, &b.have),
+                        corrupt: 0,
+                        passed: false,
+                        verdict: "the check boot timed out".into(),
+                    });
+                }
+            }
+            let _ = child.0.wait();
+            let passed = text.lines().any(|l| l.contains(&b.ok));
+            Ok(Found {
+                have: keys(&text, &b.have),
+                corrupt: b
+                    .corrupt
+                    .as_deref()
+                    .map(|c| keys(&text, c).len())
+                    .unwrap_or(0),
+                passed,
+                verdict: if passed {
+                    "check ok".into()
+                } else {
+                    format!("check failed (no `{}`)", b.ok)
+                },
+            })
+        }
+        Verify::Host {
+            command,
+            have,
+            corrupt,
+        } => {
+            let out = Command::new(&command[0])
+                .args(&command[1..])
+                .args(disks.iter().map(|(_, p)| p))
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("{}: {e}", command[0]))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let _ = std::fs::write(dir.join("verify.out"), out.stdout.as_slice());
+            let passed = out.status.success();
+            Ok(Found {
+                have: keys(&text, have),
+                corrupt: corrupt
+                    .as_deref()
+                    .map(|c| keys(&text, c).len())
+                    .unwrap_or(0),
+                passed,
+                verdict: if passed {
+                    "check ok".into()
+                } else {
+                    format!("check failed ({})", out.status)
+                },
+            })
+        }
+        Verify::Oracle => Err("the synthetic guest's oracle cannot check a Linux guest".into()),
+    }
+}
+
+/// Runs one host x strategy x outage with a Linux guest; its files go to
+/// `out/runs/SLUG/`.
+pub fn run(
+    plan: &Plan,
+    guest: &LinuxGuest,
+    host: Host,
+    strategy: LabStrategy,
+    index: usize,
+    out: &Path,
+) -> Result<RunRecord, String> {
+    let outage = &plan.outages[index];
+    let progress = plan
+        .progress
+        .as_ref()
+        .ok_or("a Linux guest needs `progress`")?;
+    let (Host::Simulated(model), LabStrategy::Engine(engine)) = (host, strategy) else {
+        return Err(format!("{host} with {strategy} cannot run here yet: only simulated hosts with holdfast's own strategies"));
+    };
+    let mut record = RunRecord {
+        host,
+        strategy,
+        outage: outage.kind,
+        outage_index: index,
+        resumed: false,
+        app_errors: 0,
+        acked: 0,
+        lost: 0,
+        corrupt: 0,
+        verdict: String::new(),
+        verified: false,
+        svg: String::new(),
+        timeline: Timeline::default(),
+    };
+    record.svg = format!("{}.svg", record.slug());
+    let dir = out.join("runs").join(record.slug());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut disks = Vec::new();
+    for (id, image) in &guest.disks {
+        let copy = dir.join(format!("{id}.img"));
+        copy_image(image, &copy)?;
+        disks.push((id.clone(), copy));
+    }
+    let options = format!(",x-host=simulated:{model},x-strategy={engine}");
+    let mut timeline = Timeline::default();
+    let seen = workload(
+        plan,
+        guest,
+        progress,
+        outage,
+        &disks,
+        &options,
+        &dir,
+        &mut timeline,
+    )?;
+    let found = verify(plan, guest, &disks, &dir)?;
+    let acked: BTreeSet<&String> = seen.acked.iter().collect();
+    record.acked = acked.len();
+    record.lost = acked.iter().filter(|k| !found.have.contains(**k)).count();
+    record.corrupt = found.corrupt;
+    record.app_errors = seen.app_errors;
+    let finished = seen.exit.is_some_and(|s| s.success()) && !seen.gave_up && !seen.timed_out;
+    record.resumed = finished && (seen.paused == 0 || seen.resumed_after_pause);
+    record.verified = found.passed && seen.outage_started;
+    record.verdict = if !seen.outage_started {
+        "outage never started".into()
+    } else {
+        found.verdict
+    };
+    if seen.timed_out {
+        record.verdict.push_str("; timed out");
+    }
+    record.timeline = timeline;
+    // The images are the largest part of a run; keep them only where something was lost.
+    if record.lost == 0 && record.corrupt == 0 && record.verified {
+        for (_, p) in &disks {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_the_first_word_after_the_prefix() {
+        let text = "HAVE 1\nHAVE 2 extra\nxHAVE 3\nHAVE\nCORRUPT 4\nHAVE 2\n";
+        let want: BTreeSet<String> = ["1", "2"].map(String::from).into();
+        assert_eq!(keys(text, "HAVE "), want);
+        assert_eq!(keys(text, "CORRUPT ").len(), 1);
+    }
+
+    #[test]
+    fn every_outage_a_simulated_host_can_have_has_rules() {
+        assert_eq!(
+            outage_rules(OutageKind::FlushEio),
+            Ok(vec![("writeback", "write", "EIO")])
+        );
+        assert_eq!(
+            outage_rules(OutageKind::WriteEnospc),
+            Ok(vec![("calls", "write", "ENOSPC")])
+        );
+        assert!(outage_rules(OutageKind::FsDown).is_err());
+    }
+
+    #[test]
+    fn image_copies_are_exact_and_sparse() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
+        let mut bytes = vec![0u8; 5 << 20];
+        bytes[3] = 1;
+        bytes[(4 << 20) + 17] = 2;
+        bytes.push(9); // a partial last MiB
+        std::fs::write(&from, &bytes).expect("write");
+        copy_image(&from, &to).expect("copy");
+        assert_eq!(std::fs::read(&to).expect("read"), bytes);
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&to).expect("meta").blocks();
+        assert!(
+            blocks * 512 < 3 << 20,
+            "zeroed MiBs are holes: {blocks} blocks"
+        );
+    }
+}
