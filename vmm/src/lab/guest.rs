@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use holdfast_block::sim::timeline::{HostState, Timeline, VmState};
 use serde_json::{json, Value};
 
+use super::realhost::RealHost;
 use super::report::RunRecord;
 use super::scenario::{
     Host, LabStrategy, LinuxGuest, OutageKind, OutagePlan, Plan, Progress, Verify, When,
@@ -177,6 +178,110 @@ fn holdfast_command(
     Ok(c)
 }
 
+/// The VMM a run boots the guest under.
+#[derive(Debug, Clone)]
+enum Vmm {
+    /// `holdfast run` with these extra `--disk` options.
+    Holdfast(String),
+    /// QEMU 10 as Debian ships it: `werror=stop,rerror=stop`, its default cache or
+    /// `cache=none`, virtio-blk on virtio-mmio (microvm with ACPI, as holdfast's guest
+    /// expects its disks).
+    Qemu { cache_none: bool },
+}
+
+fn qemu_command(
+    guest: &LinuxGuest,
+    disks: &[(String, PathBuf)],
+    cache_none: bool,
+    sock: &Path,
+    dir: &Path,
+) -> Result<Command, String> {
+    // QEMU: the one on PATH, or $QEMU (and $QEMU_DATA for its firmware, -L), as the
+    // nested test host bundles it.
+    let mut c = Command::new(std::env::var_os("QEMU").unwrap_or("qemu-system-x86_64".into()));
+    if let Some(data) = std::env::var_os("QEMU_DATA") {
+        c.arg("-L").arg(data);
+    }
+    c.args(["-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host"])
+        .arg("-m")
+        .arg(format!("{}M", guest.memory >> 20))
+        .arg("-smp")
+        .arg(guest.cpus.to_string())
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&guest.kernel)
+        .arg("-append")
+        .arg(&guest.cmdline)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    if let Some(initrd) = &guest.initrd {
+        c.arg("-initrd").arg(initrd);
+    }
+    let cache = if cache_none { ",cache=none" } else { "" };
+    for (id, path) in disks {
+        c.arg("-drive")
+            .arg(format!(
+                "file={},if=none,id={id},format=raw,werror=stop,rerror=stop{cache}",
+                path.display()
+            ))
+            .arg("-device")
+            .arg(format!("virtio-blk-device,drive={id}"));
+    }
+    let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| format!("qemu.log: {e}"))?;
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    Ok(c)
+}
+
+/// How a run breaks and mends the host storage.
+enum Breaker<'a> {
+    /// Fault rules over QMP (`x-block-fault`) on the simulated host of this disk.
+    Simulated { target: String },
+    /// The real host's dm device.
+    Real(&'a RealHost),
+}
+
+impl Breaker<'_> {
+    fn start(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), String> {
+        match self {
+            Breaker::Simulated { target } => {
+                for (layer, op, errno) in outage_rules(kind)? {
+                    qmp.call(
+                        "x-block-fault",
+                        json!({"device": target, "layer": layer,
+                               "arm": {"name": "lab-outage", "op": op, "errno": errno}}),
+                    )?;
+                }
+                Ok(())
+            }
+            // Every I/O of the host device fails: write-back, and so fdatasync.
+            Breaker::Real(host) => host.break_device(),
+        }
+    }
+
+    fn end(&self, qmp: &mut Qmp) -> Result<(), String> {
+        match self {
+            Breaker::Simulated { target } => {
+                for layer in ["calls", "writeback"] {
+                    qmp.call(
+                        "x-block-fault",
+                        json!({"device": target, "layer": layer, "clear": "lab-outage"}),
+                    )?;
+                }
+                Ok(())
+            }
+            Breaker::Real(host) => host.repair_device(),
+        }
+    }
+}
+
 /// Reads the child's console into `tx` (and into `log`), line by line.
 fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), String> {
     let out = child.stdout.take().ok_or("no console pipe")?;
@@ -242,27 +347,28 @@ fn workload(
     progress: &Progress,
     outage: &OutagePlan,
     disks: &[(String, PathBuf)],
-    disk_options: &str,
+    vmm: &Vmm,
+    breaker: &Breaker,
     dir: &Path,
     timeline: &mut Timeline,
 ) -> Result<Seen, String> {
-    let mut command = holdfast_command(
-        guest,
-        &guest.cmdline,
-        disks,
-        disk_options,
-        dir,
-        "holdfast.log",
-    )?;
     let sock = dir.join("qmp.sock");
-    command.arg("--qmp").arg(&sock);
-    let mut child = Reap(command.spawn().map_err(|e| format!("holdfast run: {e}"))?);
+    let _ = std::fs::remove_file(&sock);
+    let mut command = match vmm {
+        Vmm::Holdfast(options) => {
+            let mut c =
+                holdfast_command(guest, &guest.cmdline, disks, options, dir, "holdfast.log")?;
+            c.arg("--qmp").arg(&sock);
+            c
+        }
+        Vmm::Qemu { cache_none } => qemu_command(guest, disks, *cache_none, &sock, dir)?,
+    };
+    let mut child = Reap(command.spawn().map_err(|e| format!("{vmm:?}: {e}"))?);
     let start = Instant::now();
     let ms = |at: Instant| at.duration_since(start).as_millis() as u64;
     let (tx, rx) = mpsc::channel();
     read_console(&mut child.0, tx.clone(), dir.join("console.log"))?;
     let mut qmp = Qmp::connect(&sock, tx, &mut child.0)?;
-    let target = outage.disk.clone().unwrap_or_else(|| disks[0].0.clone());
 
     let mut seen = Seen::default();
     let mut ready: Option<Instant> = None;
@@ -287,13 +393,7 @@ fn workload(
             _ => false,
         };
         if due && outage_since.is_none() && !outage_over {
-            for (layer, op, errno) in outage_rules(outage.kind)? {
-                qmp.call(
-                    "x-block-fault",
-                    json!({"device": target, "layer": layer,
-                           "arm": {"name": "lab-outage", "op": op, "errno": errno}}),
-                )?;
-            }
+            breaker.start(&mut qmp, outage.kind)?;
             outage_since = Some(now);
             seen.outage_started = true;
             timeline.host(ms(now), HostState::Broken);
@@ -301,12 +401,7 @@ fn workload(
         }
         if let (Some(since), Some(lasts)) = (outage_since, outage.lasts) {
             if now.duration_since(since) >= lasts {
-                for layer in ["calls", "writeback"] {
-                    qmp.call(
-                        "x-block-fault",
-                        json!({"device": target, "layer": layer, "clear": "lab-outage"}),
-                    )?;
-                }
+                breaker.end(&mut qmp)?;
                 outage_since = None;
                 outage_over = true;
                 timeline.host(ms(now), HostState::Ok);
@@ -318,7 +413,17 @@ fn workload(
             let from = last_step.unwrap_or(since);
             if now.duration_since(from) >= plan.operator.cont_after && !seen.gave_up {
                 last_step = Some(now);
-                if disk_options.contains("x-host=simulated:") {
+                if outage_over && tries_after >= plan.operator.tries {
+                    // Every `cont` since the outage ended failed, or stopped again.
+                    seen.gave_up = true;
+                    timeline.event(ms(now), "quit");
+                    let _ = qmp.call("quit", json!({}));
+                    continue;
+                }
+                if outage_over {
+                    tries_after += 1;
+                }
+                if matches!(breaker, Breaker::Simulated { .. }) {
                     // The guest is paused; the host reclaims memory.
                     for (id, _) in disks {
                         qmp.call("x-block-fault", json!({"device": id, "evict": true}))?;
@@ -330,14 +435,6 @@ fn workload(
                     Err(e) => {
                         timeline.event(ms(now), "cont failed");
                         log::debug!("lab: cont refused: {e}");
-                        if outage_over {
-                            tries_after += 1;
-                            if tries_after >= plan.operator.tries {
-                                seen.gave_up = true;
-                                timeline.event(ms(now), "quit");
-                                let _ = qmp.call("quit", json!({}));
-                            }
-                        }
                     }
                 }
             }
@@ -545,9 +642,6 @@ pub fn run(
         .progress
         .as_ref()
         .ok_or("a Linux guest needs `progress`")?;
-    let (Host::Simulated(model), LabStrategy::Engine(engine)) = (host, strategy) else {
-        return Err(format!("{host} with {strategy} cannot run here yet: only simulated hosts with holdfast's own strategies"));
-    };
     let mut record = RunRecord {
         host,
         strategy,
@@ -566,13 +660,48 @@ pub fn run(
     record.svg = format!("{}.svg", record.slug());
     let dir = out.join("runs").join(record.slug());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // The real host: a file system of its own for the run's images.
+    let mut real = match host {
+        Host::Real => {
+            let images: u64 = guest
+                .disks
+                .iter()
+                .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            Some(RealHost::set_up(
+                &dir,
+                images + images / 4 + (256 << 20),
+                &index.to_string(),
+            )?)
+        }
+        Host::Simulated(_) => None,
+    };
+    let images_dir = real
+        .as_ref()
+        .map(|r| r.mount_point().to_path_buf())
+        .unwrap_or(dir.clone());
     let mut disks = Vec::new();
     for (id, image) in &guest.disks {
-        let copy = dir.join(format!("{id}.img"));
+        let copy = images_dir.join(format!("{id}.img"));
         copy_image(image, &copy)?;
         disks.push((id.clone(), copy));
     }
-    let options = format!(",x-host=simulated:{model},x-strategy={engine}");
+    let vmm = match (host, strategy) {
+        (Host::Simulated(model), LabStrategy::Engine(s)) => {
+            Vmm::Holdfast(format!(",x-host=simulated:{model},x-strategy={s}"))
+        }
+        (Host::Real, LabStrategy::Engine(s)) => Vmm::Holdfast(format!(",x-strategy={s}")),
+        (Host::Real, LabStrategy::Qemu { cache_none }) => Vmm::Qemu { cache_none },
+        (Host::Simulated(_), LabStrategy::Qemu { .. }) => {
+            return Err(format!("{strategy} runs on the real host only"))
+        }
+    };
+    let breaker = match &real {
+        Some(r) => Breaker::Real(r),
+        None => Breaker::Simulated {
+            target: outage.disk.clone().unwrap_or_else(|| disks[0].0.clone()),
+        },
+    };
     let mut timeline = Timeline::default();
     let seen = workload(
         plan,
@@ -580,10 +709,22 @@ pub fn run(
         progress,
         outage,
         &disks,
-        &options,
+        &vmm,
+        &breaker,
         &dir,
         &mut timeline,
-    )?;
+    );
+    // Whatever happened, the host storage works again before anything else.
+    if let Some(r) = &real {
+        let _ = r.repair_device();
+    }
+    let seen = seen?;
+    let mut host_note = String::new();
+    if let Some(r) = &mut real {
+        // Unmount (the host's page cache goes), repair if it went down, mount again:
+        // the check reads what reached the device.
+        host_note = r.remount()?;
+    }
     let found = verify(plan, guest, &disks, &dir)?;
     let acked: BTreeSet<&String> = seen.acked.iter().collect();
     record.acked = acked.len();
@@ -600,6 +741,9 @@ pub fn run(
     };
     if seen.timed_out {
         record.verdict.push_str("; timed out");
+    }
+    if !host_note.is_empty() {
+        record.verdict = format!("{}; {host_note}", record.verdict);
     }
     record.timeline = timeline;
     // The images are the largest part of a run; keep them only where something was lost.

@@ -9,6 +9,7 @@
 //! outage matrix's workload in virtual time.
 
 pub mod guest;
+pub mod realhost;
 pub mod report;
 pub mod scenario;
 pub mod svg;
@@ -71,6 +72,8 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
   outages     a list; each one is a separate run per host and strategy:
                 kind: flush-eio (the host's write-back fails, fdatasync reports it)
                       | write-eio | write-enospc (pwrite fails) | flush-enospc;
+                      on the real host flush-eio and write-eio are both the host
+                      device failing every I/O (a dm table swapped for `error`);
                       synthetic guest also: writeback-eio | repeat-in-replay.
                       hang and fs-down are refused for now: they need a hang-timeout
                       and the `real` host, which this holdfast does not have yet
@@ -98,14 +101,21 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
   hosts       a list of simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd:
               the engine's simulated page cache with that file system's behaviour after
               a failed write-back, between the disk and the image; while the VM is
-              paused the operator's host evicts its clean pages). `real` (the image
-              where it is, outages through device-mapper) is refused for now
+              paused the operator's host evicts its clean pages) and real: needs
+              root; per run the lab makes a sparse file in the run's folder, a loop
+              device over it, a dm device over that and ext4 on it with its default
+              options, mounted in the run's folder, and says so; the images are
+              copied there; an outage swaps the dm table for `error`; after the run
+              the file system is unmounted (its page cache goes), repaired with
+              e2fsck if it went down, and mounted again for the check; at the end
+              everything it made is removed
   strategies  a list of holdfast | retry-flush (QEMU's werror=stop: re-issue only the
               parked requests) | sticky (QEMU's default file backend: every flush fails
               after the first failure) | qemu | qemu-cache-none (QEMU 10 itself, real
               host only) | x-lying-flush (deliberately broken: FLUSH completes without
               reaching the host; it claims holdfast's promise, for testing the lab).
-              qemu and qemu-cache-none need the `real` host
+              qemu and qemu-cache-none run on the `real` host only (QEMU 10:
+              -M microvm,acpi=on, virtio-blk-device, werror=stop,rerror=stop)
   timeout     longest one run may take (default 10m)
 
 Each Linux-guest run has a folder, runs/HOST_STRATEGY_N-OUTAGE/, with the consoles
@@ -175,10 +185,10 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runs = plan.hosts.len() * plan.strategies.len() * plan.outages.len();
+    let runs = combinations(&plan).len() * plan.outages.len();
     if args.check_only {
         println!(
-            "{}: ok, {runs} runs ({} hosts x {} strategies x {} outages)",
+            "{}: ok, {runs} runs ({} hosts x {} strategies x {} outages, QEMU on the real host only)",
             args.scenario.display(),
             plan.hosts.len(),
             plan.strategies.len(),
@@ -258,19 +268,33 @@ fn default_out(name: &str) -> PathBuf {
     ))
 }
 
-/// Every host x strategy x outage, with a progress line per run.
-pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
-    let total = plan.hosts.len() * plan.strategies.len() * plan.outages.len();
-    let mut records = Vec::with_capacity(total);
+/// The host x strategy pairs that run: QEMU itself only on the real host.
+fn combinations(plan: &Plan) -> Vec<(scenario::Host, scenario::LabStrategy)> {
+    let mut pairs = Vec::new();
     for &host in &plan.hosts {
         for &strategy in &plan.strategies {
-            for index in 0..plan.outages.len() {
-                let kind = plan.outages[index].kind.as_str();
-                eprint!(
-                    "lab: [{}/{total}] {host} {strategy} {kind} ... ",
-                    records.len() + 1
-                );
-                let record = match &plan.guest {
+            let qemu = matches!(strategy, scenario::LabStrategy::Qemu { .. });
+            if !qemu || host == scenario::Host::Real {
+                pairs.push((host, strategy));
+            }
+        }
+    }
+    pairs
+}
+
+/// Every host x strategy x outage, with a progress line per run.
+pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
+    let total = combinations(plan).len() * plan.outages.len();
+    let mut records = Vec::with_capacity(total);
+    for (host, strategy) in combinations(plan) {
+        for index in 0..plan.outages.len() {
+            let kind = plan.outages[index].kind.as_str();
+            eprint!(
+                "lab: [{}/{total}] {host} {strategy} {kind} ... ",
+                records.len() + 1
+            );
+            let record =
+                match &plan.guest {
                     Guest::Synthetic(g) => synthetic::run(plan, g, host, strategy, index)
                         .ok_or_else(|| {
                             format!("the synthetic guest cannot run {host} {strategy} {kind}")
@@ -278,20 +302,19 @@ pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
                     Guest::Linux(g) => guest::run(plan, g, host, strategy, index, out)
                         .inspect_err(|_| eprintln!())?,
                 };
-                eprintln!(
-                    "{}, {} acked, {} lost, {} corrupt, {}",
-                    if record.resumed {
-                        "resumed"
-                    } else {
-                        "never resumed"
-                    },
-                    record.acked,
-                    record.lost,
-                    record.corrupt,
-                    record.verdict
-                );
-                records.push(record);
-            }
+            eprintln!(
+                "{}, {} acked, {} lost, {} corrupt, {}",
+                if record.resumed {
+                    "resumed"
+                } else {
+                    "never resumed"
+                },
+                record.acked,
+                record.lost,
+                record.corrupt,
+                record.verdict
+            );
+            records.push(record);
         }
     }
     Ok(records)

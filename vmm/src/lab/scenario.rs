@@ -487,7 +487,7 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             return err(at("kind"), "`hang` needs holdfast to notice hung storage (a hang-timeout), which it does not have yet");
         }
         if kind == OutageKind::FsDown {
-            return err(at("kind"), "`fs-down` needs the `real` host (a host file system to take down), which the lab does not drive yet");
+            return err(at("kind"), "`fs-down` (the host file system goes down and the operator repairs it) is not built yet");
         }
         let when = match (&o.when.at, &o.when.line) {
             (Some(_), Some(_)) => return err(at("when"), "give `at` or `line`, not both"),
@@ -671,7 +671,17 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             return err(&field, "the synthetic guest runs on simulated hosts only");
         }
         if host == Host::Real {
-            return err(&field, "`real` (the image where it is, outages through device-mapper) is not built yet: use simulated:MODEL");
+            if let Err(why) = super::realhost::preflight() {
+                return err(&field, format!("`real` {why}"));
+            }
+            for (i, o) in outages.iter().enumerate() {
+                if !matches!(o.kind, OutageKind::FlushEio | OutageKind::WriteEio) {
+                    return err(
+                        format!("outages[{i}].kind"),
+                        format!("`{}` on the `real` host is not built yet (flush-eio and write-eio are: the host device fails)", o.kind.as_str()),
+                    );
+                }
+            }
         }
         if hosts.contains(&host) {
             return err(&field, format!("`{h}` twice"));
@@ -705,8 +715,9 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                     "QEMU runs on the `real` host only: add `real` to hosts",
                 );
             }
-            if !runnable("qemu-system-x86_64") {
-                return err(&field, "qemu-system-x86_64 is not installed here");
+            let qemu = std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+            if !runnable(&qemu) {
+                return err(&field, format!("{qemu} is not installed here"));
             }
         }
         if strategies.contains(&strategy) {

@@ -1,0 +1,319 @@
+//! The `real` host: the run's images on a real host file system (ext4, made with its
+//! defaults) on a device-mapper device over a loop device over a sparse file in the
+//! run's folder, so that an outage is a dm table swap to `error` and the host's own
+//! kernel decides what its page cache and file system do. Needs root. Everything it
+//! makes it names when it makes it, and removes when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `LOOP_CTL_GET_FREE`, `LOOP_SET_FD`, `LOOP_CLR_FD` (linux/loop.h).
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .env("DM_DISABLE_UDEV", "1")
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {} {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Whether this process may make loop and dm devices (root), and the tools exist.
+pub fn preflight() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "needs root (it makes a loop device, a device-mapper device and a mount)".into(),
+        );
+    }
+    for tool in ["dmsetup", "mke2fs", "mount", "umount"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            return Err(format!("needs `{tool}`, which is not installed here"));
+        }
+    }
+    if run("dmsetup", &["version"]).is_err() {
+        return Err(
+            "needs the kernel's device-mapper (dmsetup version fails: modprobe dm-mod)".into(),
+        );
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Err("needs loop devices (/dev/loop-control is missing: modprobe loop)".into());
+    }
+    Ok(())
+}
+
+/// A host file system for one run. Dropping it unmounts and removes what it made.
+#[derive(Debug)]
+pub struct RealHost {
+    backing: PathBuf,
+    loop_dev: Option<String>,
+    dm_name: Option<String>,
+    sectors: u64,
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl RealHost {
+    /// Makes a `size`-byte ext4 host in `dir` and mounts it at `dir/host`.
+    pub fn set_up(dir: &Path, size: u64, tag: &str) -> Result<RealHost, String> {
+        let backing = dir.join("host-device.img");
+        // Read and write: the loop device does both through this descriptor.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&backing)
+            .map_err(|e| format!("{}: {e}", backing.display()))?;
+        f.set_len(size)
+            .map_err(|e| format!("{}: {e}", backing.display()))?;
+        let mut host = RealHost {
+            backing,
+            loop_dev: None,
+            dm_name: None,
+            sectors: size / 512,
+            mnt: dir.join("host"),
+            mounted: false,
+        };
+        host.loop_dev = Some(attach_loop(&f)?);
+        let loop_dev = host.loop_dev.clone().unwrap_or_default();
+        let name = format!("holdfast-lab-{}-{tag}", std::process::id());
+        run(
+            "dmsetup",
+            &[
+                "create",
+                &name,
+                "--table",
+                &format!("0 {} linear {loop_dev} 0", host.sectors),
+            ],
+        )?;
+        host.dm_name = Some(name.clone());
+        let dev = format!("/dev/mapper/{name}");
+        run("mke2fs", &["-q", "-t", "ext4", "-F", &dev])?;
+        std::fs::create_dir_all(&host.mnt).map_err(|e| format!("{}: {e}", host.mnt.display()))?;
+        run("mount", &["-t", "ext4", &dev, &host.mnt.to_string_lossy()])?;
+        host.mounted = true;
+        eprintln!(
+            "lab: real host: ext4 (default options) on dm {name} over {loop_dev} over {}, mounted at {}",
+            host.backing.display(),
+            host.mnt.display()
+        );
+        Ok(host)
+    }
+
+    pub fn mount_point(&self) -> &Path {
+        &self.mnt
+    }
+
+    fn swap(&self, table: &str) -> Result<(), String> {
+        let name = self.dm_name.as_deref().ok_or("no dm device")?;
+        run("dmsetup", &["suspend", "--nolockfs", name])?;
+        let loaded = run(
+            "dmsetup",
+            &[
+                "load",
+                name,
+                "--table",
+                &format!("0 {} {table}", self.sectors),
+            ],
+        );
+        run("dmsetup", &["resume", name])?;
+        loaded.map(|_| ())
+    }
+
+    /// Every I/O to the host device fails (EIO) from now on.
+    pub fn break_device(&self) -> Result<(), String> {
+        self.swap("error")
+    }
+
+    /// The device works again.
+    pub fn repair_device(&self) -> Result<(), String> {
+        let loop_dev = self.loop_dev.as_deref().ok_or("no loop device")?;
+        self.swap(&format!("linear {loop_dev} 0"))
+    }
+
+    /// Whether the host file system refuses writes (ext4 aborted its journal and went
+    /// read-only) although its device may work again.
+    pub fn fs_down(&self) -> bool {
+        let probe = self.mnt.join(".lab-probe");
+        let ok = std::fs::write(&probe, b"probe").is_ok() && std::fs::remove_file(&probe).is_ok();
+        !ok
+    }
+
+    /// Unmounts (dropping its page cache), repairs with e2fsck if it went down, and
+    /// mounts again: what the operator does after an outage, and what makes the
+    /// check read what reached the device.
+    pub fn remount(&mut self) -> Result<String, String> {
+        let down = self.fs_down();
+        self.unmount()?;
+        let dev = format!(
+            "/dev/mapper/{}",
+            self.dm_name.as_deref().ok_or("no dm device")?
+        );
+        let mut said = String::new();
+        if down {
+            // e2fsck exits 1 when it corrected errors.
+            let out = Command::new("e2fsck")
+                .args(["-fy", &dev])
+                .output()
+                .map_err(|e| format!("e2fsck: {e}"))?;
+            said = format!(
+                "host ext4 went down; e2fsck -fy exited {}",
+                out.status.code().unwrap_or(-1)
+            );
+            if out.status.code().is_some_and(|c| c > 2) {
+                return Err(said);
+            }
+        }
+        run("mount", &["-t", "ext4", &dev, &self.mnt.to_string_lossy()])?;
+        self.mounted = true;
+        Ok(said)
+    }
+
+    fn unmount(&mut self) -> Result<(), String> {
+        if !self.mounted {
+            return Ok(());
+        }
+        let m = self.mnt.to_string_lossy().into_owned();
+        // A VMM that just exited can hold an image for a moment longer.
+        for _ in 0..20 {
+            if run("umount", &[&m]).is_ok() {
+                self.mounted = false;
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        run("umount", &[&m]).map(|_| self.mounted = false)
+    }
+}
+
+impl Drop for RealHost {
+    fn drop(&mut self) {
+        if self.unmount().is_err() {
+            let _ = run("umount", &["-l", &self.mnt.to_string_lossy()]);
+        }
+        if let Some(name) = self.dm_name.take() {
+            if let Err(e) = run("dmsetup", &["remove", &name]) {
+                eprintln!("lab: could not remove dm device {name}: {e}");
+            }
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            if let Err(e) = detach_loop(&dev) {
+                eprintln!("lab: could not detach {dev}: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+fn attach_loop(file: &std::fs::File) -> Result<String, String> {
+    use std::os::fd::AsRawFd;
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(|e| format!("/dev/loop-control: {e}"))?;
+    // The free device may be taken by someone else between the two calls: try again.
+    for _ in 0..10 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(format!(
+                "LOOP_CTL_GET_FREE: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let dev = format!("/dev/loop{n}");
+        let Ok(lo) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+        else {
+            continue;
+        };
+        // SAFETY: LOOP_SET_FD takes the backing file's descriptor, valid here.
+        let r = unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_SET_FD, file.as_raw_fd()) };
+        if r == 0 {
+            return Ok(dev);
+        }
+    }
+    Err("no free loop device".into())
+}
+
+fn detach_loop(dev: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let lo = std::fs::File::open(dev).map_err(|e| format!("{dev}: {e}"))?;
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    let r = unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CLR_FD, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole life of a real host, on this machine (root only: it says why it
+    /// skips otherwise): made, broken (fdatasync fails), repaired, remounted, and
+    /// gone without a trace when dropped.
+    #[test]
+    fn a_real_host_breaks_mends_and_leaves_nothing() {
+        if let Err(why) = preflight() {
+            eprintln!("skipped: the real host {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let mut host = RealHost::set_up(dir.path(), 64 << 20, "test").expect("set up");
+        let name = host.dm_name.clone().expect("dm name");
+        let loop_dev = host.loop_dev.clone().expect("loop");
+        let file = host.mount_point().join("f");
+        std::fs::write(&file, b"before").expect("write");
+        host.break_device().expect("break");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        use std::io::Write;
+        (&f).write_all(&[7u8; 8192])
+            .expect("a write lands in the page cache");
+        assert!(
+            f.sync_data().is_err(),
+            "fdatasync must fail while the device fails"
+        );
+        drop(f);
+        host.repair_device().expect("repair");
+        host.remount().expect("remount");
+        assert!(!host.fs_down(), "mounted again, it takes writes");
+        drop(host);
+        let dm = run("dmsetup", &["ls"]).unwrap_or_default();
+        assert!(!dm.contains(&name), "dm device {name} left: {dm}");
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+        assert!(
+            !mounts.contains(&dir.path().to_string_lossy().into_owned()),
+            "{mounts}"
+        );
+        let backing = std::fs::read_to_string(format!(
+            "/sys/block/{}/loop/backing_file",
+            loop_dev.trim_start_matches("/dev/")
+        ));
+        assert!(backing.is_err(), "{loop_dev} still attached: {backing:?}");
+    }
+}
