@@ -351,3 +351,53 @@ fn help_documents_the_format() {
         assert!(out.contains(key), "{key} in {out}");
     }
 }
+
+#[test]
+fn every_shipped_scenario_parses() {
+    let dir = repo().join("images/lab");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("images/lab") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            if let Err(e) = holdfast_vmm::lab::scenario::parse(&text) {
+                panic!("{}: {e}", path.display());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "matrix, sqlite, postgresql, redis: {n}");
+}
+
+#[test]
+fn host_and_strategy_options_pick_runs_from_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = scenario(dir.path(), &linux(|_| {}));
+    let p = path.to_str().expect("utf-8");
+    let (code, out, err) = holdfast(&["lab", "--check", "--strategy", "retry-flush", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok, 1 runs"), "{out}");
+    let (code, _, err) = holdfast(&["lab", "--check", "--host", "real", p]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("hosts: --host: `real` is not one of the scenario's"),
+        "{err}"
+    );
+    // A host the user leaves out is not checked: its needs (root, QEMU) do not matter.
+    let with_real = linux(|v| {
+        v["hosts"] = serde_json::json!(["simulated:xfs", "real"]);
+        v["strategies"] = serde_json::json!(["holdfast", "qemu"]);
+    });
+    let path = scenario(dir.path(), &with_real);
+    let (code, out, err) = holdfast(&[
+        "lab",
+        "--check",
+        "--host",
+        "simulated:xfs",
+        "--strategy",
+        "holdfast",
+        path.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok, 1 runs"), "{out}");
+}

@@ -31,6 +31,9 @@ Options:
   --out DIR    the results folder (default: holdfast-lab/NAME-YYYYMMDD-HHMMSS in the
                current directory); it must not exist yet
   --check      check the scenario file and list the runs; run nothing
+  --host H     run only this host of the scenario's (repeatable; the others are not
+               checked either: a user without root can run the simulated ones)
+  --strategy S run only this strategy of the scenario's (repeatable)
   -h, --help   print this text, with the scenario file's format
 
 The first line printed names the results folder. It gets results.md (a table: one row
@@ -133,17 +136,25 @@ struct Args {
     scenario: PathBuf,
     out: Option<PathBuf>,
     check_only: bool,
+    hosts: Vec<String>,
+    strategies: Vec<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
     let mut scenario = None;
     let mut out = None;
     let mut check_only = false;
+    let mut hosts = Vec::new();
+    let mut strategies = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "-h" | "--help" => return Ok(None),
             "--check" => check_only = true,
+            "--host" => hosts.push(it.next().ok_or("--host needs a host")?.clone()),
+            "--strategy" => {
+                strategies.push(it.next().ok_or("--strategy needs a strategy")?.clone())
+            }
             "--out" => {
                 out = Some(PathBuf::from(
                     it.next().ok_or("--out needs a folder")?.as_str(),
@@ -162,6 +173,8 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
         scenario,
         out,
         check_only,
+        hosts,
+        strategies,
     }))
 }
 
@@ -178,7 +191,7 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let plan = match scenario::load(&args.scenario) {
+    let plan = match scenario::load_only(&args.scenario, &args.hosts, &args.strategies) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("holdfast lab: {}: {e}", args.scenario.display());

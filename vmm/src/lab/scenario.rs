@@ -354,12 +354,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses and checks a scenario file; relative paths in it are relative to its
 /// folder.
 pub fn load(path: &Path) -> Result<Plan, FieldError> {
+    load_only(path, &[], &[])
+}
+
+/// As [`load`], keeping only the named hosts and strategies (all if none is named);
+/// naming one the file does not list is an error.
+pub fn load_only(path: &Path, hosts: &[String], strategies: &[String]) -> Result<Plan, FieldError> {
     let text = std::fs::read_to_string(path).map_err(|e| FieldError {
         field: String::new(),
         message: format!("{}: {e}", path.display()),
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let file = parse(&text)?;
+    let mut file = parse(&text)?;
+    for (wanted, listed, what) in [
+        (hosts, &mut file.hosts, "hosts"),
+        (strategies, &mut file.strategies, "strategies"),
+    ] {
+        if wanted.is_empty() {
+            continue;
+        }
+        if let Some(w) = wanted.iter().find(|w| !listed.contains(w)) {
+            return err(
+                what,
+                format!(
+                    "--{}: `{w}` is not one of the scenario's ({})",
+                    &what[..what.len() - 1].replace("strategie", "strategy"),
+                    listed.join(", ")
+                ),
+            );
+        }
+        listed.retain(|l| wanted.contains(l));
+    }
     check(file, base)
 }
 
