@@ -334,6 +334,8 @@ struct Seen {
     paused: usize,
     resumed_after_pause: bool,
     outage_started: bool,
+    fs_went_down: bool,
+    repaired: bool,
     gave_up: bool,
     timed_out: bool,
     exit: Option<std::process::ExitStatus>,
@@ -399,6 +401,23 @@ fn workload(
             timeline.host(ms(now), HostState::Broken);
             timeline.event(ms(now), format!("outage: {}", outage.kind.as_str()));
         }
+        // fs-down: the outage lasts until the host file system went down (the kernel
+        // says so), at most `lasts`; a host that never went down fails the run.
+        if let (Some(since), OutageKind::FsDown, Breaker::Real(host)) =
+            (outage_since, outage.kind, breaker)
+        {
+            let said = host.down_messages();
+            if !said.is_empty() && !seen.fs_went_down {
+                seen.fs_went_down = true;
+                timeline.event(ms(now), "host fs down");
+                timeline.host(ms(now), HostState::Down);
+                eprintln!("lab: host file system down: {}", said.join("; "));
+                breaker.end(&mut qmp)?;
+                outage_since = None;
+                outage_over = true;
+            }
+            let _ = since;
+        }
         if let (Some(since), Some(lasts)) = (outage_since, outage.lasts) {
             if now.duration_since(since) >= lasts {
                 breaker.end(&mut qmp)?;
@@ -422,6 +441,26 @@ fn workload(
                 }
                 if outage_over {
                     tries_after += 1;
+                }
+                if let (true, true, false, Breaker::Real(host), Vmm::Holdfast(_)) =
+                    (seen.fs_went_down, outage_over, seen.repaired, breaker, vmm)
+                {
+                    if plan.operator.detach {
+                        // The operator's steps (docs/durability.md): detach, unmount,
+                        // repair, mount, attach; then cont.
+                        for (id, _) in disks {
+                            qmp.call("x-block-detach", json!({"device": id}))?;
+                        }
+                        timeline.event(ms(now), "detach");
+                        let said = host.remount()?;
+                        timeline.event(ms(Instant::now()), format!("repaired: {said}"));
+                        for (id, path) in disks {
+                            qmp.call("x-block-attach", json!({"device": id, "filename": path}))?;
+                        }
+                        timeline.event(ms(Instant::now()), "attach");
+                        timeline.host(ms(Instant::now()), HostState::Ok);
+                        seen.repaired = true;
+                    }
                 }
                 if matches!(breaker, Breaker::Simulated { .. }) {
                     // The guest is paused; the host reclaims memory.
@@ -661,7 +700,7 @@ pub fn run(
     let dir = out.join("runs").join(record.slug());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // The real host: a file system of its own for the run's images.
-    let mut real = match host {
+    let real = match host {
         Host::Real => {
             let images: u64 = guest
                 .disks
@@ -720,7 +759,7 @@ pub fn run(
     }
     let seen = seen?;
     let mut host_note = String::new();
-    if let Some(r) = &mut real {
+    if let Some(r) = &real {
         // Unmount (the host's page cache goes), repair if it went down, mount again:
         // the check reads what reached the device.
         host_note = r.remount()?;
@@ -734,8 +773,12 @@ pub fn run(
     let finished = seen.exit.is_some_and(|s| s.success()) && !seen.gave_up && !seen.timed_out;
     record.resumed = finished && (seen.paused == 0 || seen.resumed_after_pause);
     record.verified = found.passed && seen.outage_started;
+    let fs_down_missing = outage.kind == OutageKind::FsDown && !seen.fs_went_down;
+    record.verified = record.verified && !fs_down_missing;
     record.verdict = if !seen.outage_started {
         "outage never started".into()
+    } else if fs_down_missing {
+        format!("the host file system never went down; {}", found.verdict)
     } else {
         found.verdict
     };

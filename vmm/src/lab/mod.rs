@@ -78,8 +78,13 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       on the real host flush-eio and write-eio are both the host
                       device failing every I/O (a dm table swapped for `error`);
                       synthetic guest also: writeback-eio | repeat-in-replay.
-                      hang and fs-down are refused for now: they need a hang-timeout
-                      and the `real` host, which this holdfast does not have yet
+                      | fs-down (real host only: the device fails until the kernel
+                      says the host file system went down, at most `lasts`; then
+                      the device works again but the file system stays down; with
+                      operator.detach the operator detaches the disks, unmounts,
+                      e2fscks, mounts and attaches them before `cont`; a run whose
+                      file system never went down fails).
+                      hang is refused for now: it needs a hang-timeout
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N")

@@ -60,12 +60,14 @@ pub fn preflight() -> Result<(), String> {
 /// A host file system for one run. Dropping it unmounts and removes what it made.
 #[derive(Debug)]
 pub struct RealHost {
+    /// Kernel log lines seen before the host was made (`dmesg`): later ones are its.
+    klog_mark: usize,
     backing: PathBuf,
     loop_dev: Option<String>,
     dm_name: Option<String>,
     sectors: u64,
     mnt: PathBuf,
-    mounted: bool,
+    mounted: std::cell::Cell<bool>,
 }
 
 impl RealHost {
@@ -83,12 +85,13 @@ impl RealHost {
         f.set_len(size)
             .map_err(|e| format!("{}: {e}", backing.display()))?;
         let mut host = RealHost {
+            klog_mark: kernel_log().lines().count(),
             backing,
             loop_dev: None,
             dm_name: None,
             sectors: size / 512,
             mnt: dir.join("host"),
-            mounted: false,
+            mounted: std::cell::Cell::new(false),
         };
         host.loop_dev = Some(attach_loop(&f)?);
         let loop_dev = host.loop_dev.clone().unwrap_or_default();
@@ -107,7 +110,7 @@ impl RealHost {
         run("mke2fs", &["-q", "-t", "ext4", "-F", &dev])?;
         std::fs::create_dir_all(&host.mnt).map_err(|e| format!("{}: {e}", host.mnt.display()))?;
         run("mount", &["-t", "ext4", &dev, &host.mnt.to_string_lossy()])?;
-        host.mounted = true;
+        host.mounted.set(true);
         eprintln!(
             "lab: real host: ext4 (default options) on dm {name} over {loop_dev} over {}, mounted at {}",
             host.backing.display(),
@@ -147,6 +150,26 @@ impl RealHost {
         self.swap(&format!("linear {loop_dev} 0"))
     }
 
+    /// What the kernel said since the host was made about its file system going down
+    /// (ext4's journal abort, its remount read-only).
+    pub fn down_messages(&self) -> Vec<String> {
+        kernel_log()
+            .lines()
+            .skip(self.klog_mark)
+            .filter(|l| {
+                [
+                    "Aborting journal",
+                    "Remounting filesystem read-only",
+                    "shut down",
+                    "forced readonly",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Whether the host file system refuses writes (ext4 aborted its journal and went
     /// read-only) although its device may work again.
     pub fn fs_down(&self) -> bool {
@@ -158,7 +181,7 @@ impl RealHost {
     /// Unmounts (dropping its page cache), repairs with e2fsck if it went down, and
     /// mounts again: what the operator does after an outage, and what makes the
     /// check read what reached the device.
-    pub fn remount(&mut self) -> Result<String, String> {
+    pub fn remount(&self) -> Result<String, String> {
         let down = self.fs_down();
         self.unmount()?;
         let dev = format!(
@@ -181,24 +204,24 @@ impl RealHost {
             }
         }
         run("mount", &["-t", "ext4", &dev, &self.mnt.to_string_lossy()])?;
-        self.mounted = true;
+        self.mounted.set(true);
         Ok(said)
     }
 
-    fn unmount(&mut self) -> Result<(), String> {
-        if !self.mounted {
+    fn unmount(&self) -> Result<(), String> {
+        if !self.mounted.get() {
             return Ok(());
         }
         let m = self.mnt.to_string_lossy().into_owned();
         // A VMM that just exited can hold an image for a moment longer.
         for _ in 0..20 {
             if run("umount", &[&m]).is_ok() {
-                self.mounted = false;
+                self.mounted.set(false);
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
-        run("umount", &[&m]).map(|_| self.mounted = false)
+        run("umount", &[&m]).map(|_| self.mounted.set(false))
     }
 }
 
@@ -219,6 +242,11 @@ impl Drop for RealHost {
         }
         let _ = std::fs::remove_file(&self.backing);
     }
+}
+
+/// The kernel's log as `dmesg` prints it (empty if it cannot be read).
+fn kernel_log() -> String {
+    run("dmesg", &[]).unwrap_or_default()
 }
 
 fn attach_loop(file: &std::fs::File) -> Result<String, String> {
@@ -281,7 +309,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().expect("dir");
-        let mut host = RealHost::set_up(dir.path(), 64 << 20, "test").expect("set up");
+        let host = RealHost::set_up(dir.path(), 64 << 20, "test").expect("set up");
         let name = host.dm_name.clone().expect("dm name");
         let loop_dev = host.loop_dev.clone().expect("loop");
         let file = host.mount_point().join("f");

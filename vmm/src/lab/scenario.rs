@@ -511,8 +511,11 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         if kind == OutageKind::Hang {
             return err(at("kind"), "`hang` needs holdfast to notice hung storage (a hang-timeout), which it does not have yet");
         }
-        if kind == OutageKind::FsDown {
-            return err(at("kind"), "`fs-down` (the host file system goes down and the operator repairs it) is not built yet");
+        if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
+            return err(
+                at("kind"),
+                "`fs-down` needs a host file system to take down: hosts must be [\"real\"] only",
+            );
         }
         let when = match (&o.when.at, &o.when.line) {
             (Some(_), Some(_)) => return err(at("when"), "give `at` or `line`, not both"),
@@ -700,10 +703,13 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                 return err(&field, format!("`real` {why}"));
             }
             for (i, o) in outages.iter().enumerate() {
-                if !matches!(o.kind, OutageKind::FlushEio | OutageKind::WriteEio) {
+                if !matches!(
+                    o.kind,
+                    OutageKind::FlushEio | OutageKind::WriteEio | OutageKind::FsDown
+                ) {
                     return err(
                         format!("outages[{i}].kind"),
-                        format!("`{}` on the `real` host is not built yet (flush-eio and write-eio are: the host device fails)", o.kind.as_str()),
+                        format!("`{}` on the `real` host is not built yet (flush-eio, write-eio and fs-down are: the host device fails)", o.kind.as_str()),
                     );
                 }
             }
