@@ -401,3 +401,39 @@ fn host_and_strategy_options_pick_runs_from_the_file() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok, 1 runs"), "{out}");
 }
+
+#[test]
+fn the_seed_picks_the_line_the_outage_meets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |seed: u64| {
+        let json = linux(|v| {
+            v["seed"] = seed.into();
+            v["outages"][0]["when"] = serde_json::json!({"line": "ACK", "nth_between": [10, 90]});
+        });
+        let path = scenario(dir.path(), &json);
+        let (code, out, err) = holdfast(&["lab", "--check", path.to_str().expect("utf-8")]);
+        assert_eq!(code, 0, "{err}");
+        let line = out
+            .lines()
+            .find(|l| l.contains("outage 1:"))
+            .expect("outage line")
+            .to_string();
+        let nth: u32 = line
+            .split("at the ")
+            .nth(1)
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse().ok())
+            .expect("nth");
+        assert!((10..=90).contains(&nth), "{line}");
+        nth
+    };
+    assert_eq!(check(5), check(5), "same seed, same line");
+    assert!((1..20).any(|s| check(s) != check(5)), "the seed matters");
+    refused(
+        &linux(|v| {
+            v["outages"][0]["when"] = serde_json::json!({"line": "ACK", "nth_between": [0, 9]})
+        }),
+        "outages[0].when.nth_between",
+        "counting from 1",
+    );
+}

@@ -399,7 +399,11 @@ fn workload(
             outage_since = Some(now);
             seen.outage_started = true;
             timeline.host(ms(now), HostState::Broken);
-            timeline.event(ms(now), format!("outage: {}", outage.kind.as_str()));
+            let at = match &outage.when {
+                When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
+                When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
+            };
+            timeline.event(ms(now), format!("outage: {}{at}", outage.kind.as_str()));
         }
         // fs-down: the outage lasts until the host file system went down (the kernel
         // says so), at most `lasts`; a host that never went down fails the run.

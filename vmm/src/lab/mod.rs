@@ -87,7 +87,11 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       hang is refused for now: it needs a hang-timeout
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
-                      marker that contains TEXT (synthetic guest: "round N")
+                      marker that contains TEXT (synthetic guest: "round N"), or
+                      {"line": "TEXT", "nth_between": [10, 90]}: one of those, picked
+                      by the seed (the same for every host and strategy).
+                      Line triggers meet the guest at the same point on every rerun;
+                      `at` depends on how fast the guest runs
                 lasts: how long the storage stays broken (Linux guests; the synthetic
                        guest's outage ends once the operator's first cont is refused)
                 disk: which guest disk (default: the first)
@@ -212,6 +216,15 @@ pub fn main(args: &[String]) -> ExitCode {
             plan.strategies.len(),
             plan.outages.len()
         );
+        for (i, o) in plan.outages.iter().enumerate() {
+            let when = match &o.when {
+                scenario::When::At(d) => format!("{} s after the ready marker", d.as_secs_f64()),
+                scenario::When::Line { text, nth } => {
+                    format!("at the {nth}. line with `{text}` after the ready marker")
+                }
+            };
+            println!("  outage {}: {} {when}", i + 1, o.kind.as_str());
+        }
         return ExitCode::SUCCESS;
     }
     let out = args.out.unwrap_or_else(|| default_out(&plan.name));

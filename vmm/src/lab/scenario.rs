@@ -112,6 +112,7 @@ pub struct WhenFile {
     pub at: Option<String>,
     pub line: Option<String>,
     pub nth: Option<u32>,
+    pub nth_between: Option<[u32; 2]>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +329,14 @@ impl std::fmt::Display for LabStrategy {
     }
 }
 
+/// A seed's well-mixed number (splitmix64's finaliser).
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// `500ms`, `5s`, `2m`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -526,7 +535,7 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                 )
             }
             (Some(t), None) => {
-                if o.when.nth.is_some() {
+                if o.when.nth.is_some() || o.when.nth_between.is_some() {
                     return err(at("when.nth"), "goes with `line`, not `at`");
                 }
                 if t.trim_start().starts_with('-') {
@@ -549,10 +558,22 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                         format!("the synthetic guest prints only `round N` lines, never `{text}`"),
                     );
                 }
-                let nth = o.when.nth.unwrap_or(1);
-                if nth == 0 {
-                    return err(at("when.nth"), "counts from 1");
-                }
+                let nth = match (o.when.nth, o.when.nth_between) {
+                    (Some(_), Some(_)) => {
+                        return err(at("when"), "give `nth` or `nth_between`, not both")
+                    }
+                    (Some(0), None) => return err(at("when.nth"), "counts from 1"),
+                    (Some(n), None) => n,
+                    (None, None) => 1,
+                    (None, Some([lo, hi])) if lo == 0 || hi < lo => {
+                        return err(at("when.nth_between"), "[first, last], counting from 1")
+                    }
+                    // Chosen by the seed: the same scenario and seed meet the fault at
+                    // the same line, on every host and for every strategy.
+                    (None, Some([lo, hi])) => {
+                        lo + (mix(f.seed ^ (i as u64 + 1)) % u64::from(hi - lo + 1)) as u32
+                    }
+                };
                 if synthetic && nth != 1 {
                     return err(
                         at("when.nth"),
