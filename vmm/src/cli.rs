@@ -38,6 +38,11 @@ Options:
                          unflushed-limit=SIZE  bound of the unflushed buffer; past it
                                                holdfast flushes on its own (default: 128M)
                          serial=STR            what the guest reads as the disk's ID
+                         extra-flush=on|off    keep buffered writes one extra
+                                               successful flush, and flush twice on
+                                               replay: for hosts that report a failed
+                                               write-back one flush late (ext4
+                                               data=journal) (default: off)
                          x-host=simulated:MODEL  (holdfast lab) a simulated host page
                                                cache with the failure behaviour of
                                                MODEL: ext4-ordered, xfs, ext4-data,
@@ -275,6 +280,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
                     parse_size(v).map_err(|e| format!("unflushed-limit: {e}"))?
             }
             "serial" => config.serial = v.into(),
+            "extra-flush" => config.keep_extra_flush = on_off(key, v)?,
             "x-host" => {
                 let model = v.strip_prefix("simulated:").ok_or(format!(
                     "x-host: `{v}` is not simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd)"
@@ -334,7 +340,7 @@ mod tests {
     fn a_full_command_line() {
         let (_d, f) = file();
         let disk =
-            format!("path={f},id=data,cache=none,werror=enospc,rerror=report,unflushed-limit=16M");
+            format!("path={f},id=data,cache=none,werror=enospc,rerror=report,unflushed-limit=16M,extra-flush=on");
         let o = parse_run(&args(&[
             "--kernel",
             &f,
@@ -362,9 +368,32 @@ mod tests {
         assert!(o.disks[0].direct && o.disks[0].config.writeback);
         assert_eq!(o.disks[0].config.werror, ErrorPolicy::Enospc);
         assert_eq!(o.disks[0].config.unflushed_limit, 16 << 20);
+        assert!(o.disks[0].config.keep_extra_flush);
         assert_eq!(o.disks[1].id, "disk1");
+        assert!(!o.disks[1].config.keep_extra_flush);
         assert!(o.disks[1].config.read_only);
         assert_eq!(o.serial, SerialOut::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn lab_disk_options() {
+        let (_d, f) = file();
+        let d = parse_disk(
+            &format!("path={f},x-host=simulated:ext4-data,x-strategy=sticky"),
+            0,
+        )
+        .expect("valid");
+        assert_eq!(d.simulated, Some(HostModel::Ext4Data));
+        assert_eq!(d.config.imitate, Some(holdfast_block::sim::Imitate::Sticky));
+        for (spec, want) in [
+            ("x-host=xfs", "simulated:MODEL"),
+            ("x-host=simulated:zfs", "zfs"),
+            ("x-strategy=qemu", "x-strategy"),
+            ("x-host=simulated:xfs,cache=none", "not with cache=none"),
+        ] {
+            let e = parse_disk(&format!("path={f},{spec}"), 0).expect_err(spec);
+            assert!(e.contains(want), "{spec}: {e}");
+        }
     }
 
     #[test]

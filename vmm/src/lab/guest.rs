@@ -731,7 +731,14 @@ pub fn run(
     }
     let vmm = match (host, strategy) {
         (Host::Simulated(model), LabStrategy::Engine(s)) => {
-            Vmm::Holdfast(format!(",x-host=simulated:{model},x-strategy={s}"))
+            // holdfast as its operator would set it up on such a host (the matrix does
+            // the same): an extra flush where the host reports failures late.
+            let extra = if model.reports_late() && s.imitate().is_none() {
+                ",extra-flush=on"
+            } else {
+                ""
+            };
+            Vmm::Holdfast(format!(",x-host=simulated:{model},x-strategy={s}{extra}"))
         }
         (Host::Real, LabStrategy::Engine(s)) => Vmm::Holdfast(format!(",x-strategy={s}")),
         (Host::Real, LabStrategy::Qemu { cache_none }) => Vmm::Qemu { cache_none },
