@@ -704,7 +704,7 @@ pub fn run(
     let dir = out.join("runs").join(record.slug());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // The real host: a file system of its own for the run's images.
-    let real = match host {
+    let mut real = match host {
         Host::Real => {
             let images: u64 = guest
                 .disks
@@ -805,6 +805,8 @@ pub fn run(
         for (_, p) in &disks {
             let _ = std::fs::remove_file(p);
         }
+    } else if let Some(r) = &mut real {
+        r.keep();
     }
     Ok(record)
 }

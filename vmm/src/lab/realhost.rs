@@ -68,6 +68,8 @@ pub struct RealHost {
     sectors: u64,
     mnt: PathBuf,
     mounted: std::cell::Cell<bool>,
+    /// Keep the backing file when dropped (a run that lost something).
+    keep: bool,
 }
 
 impl RealHost {
@@ -92,6 +94,7 @@ impl RealHost {
             sectors: size / 512,
             mnt: dir.join("host"),
             mounted: std::cell::Cell::new(false),
+            keep: false,
         };
         host.loop_dev = Some(attach_loop(&f)?);
         let loop_dev = host.loop_dev.clone().unwrap_or_default();
@@ -117,6 +120,11 @@ impl RealHost {
             host.mnt.display()
         );
         Ok(host)
+    }
+
+    /// Keeps the backing file (the host file system with the images) when dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     pub fn mount_point(&self) -> &Path {
@@ -240,7 +248,14 @@ impl Drop for RealHost {
                 eprintln!("lab: could not detach {dev}: {e}");
             }
         }
-        let _ = std::fs::remove_file(&self.backing);
+        if self.keep {
+            eprintln!(
+                "lab: kept the host device's contents (ext4 with the images) in {}",
+                self.backing.display()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.backing);
+        }
     }
 }
 
