@@ -1,17 +1,9 @@
 //! The `holdfast` command line as a user meets it.
 
-use std::process::Command;
+mod common;
 
 fn holdfast(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(args)
-        .output()
-        .expect("run holdfast");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::holdfast_output(args)
 }
 
 #[test]

@@ -576,6 +576,29 @@ struct Found {
     verdict: String,
 }
 
+impl Found {
+    /// What a check printed: `have` and `corrupt` lines, and whether it passed (`why`
+    /// says how it failed).
+    fn from_output(
+        text: &str,
+        have: &str,
+        corrupt: Option<&str>,
+        passed: bool,
+        why: String,
+    ) -> Found {
+        Found {
+            have: keys(text, have),
+            corrupt: corrupt.map(|c| keys(text, c).len()).unwrap_or(0),
+            passed,
+            verdict: if passed {
+                "check ok".into()
+            } else {
+                format!("check failed ({why})")
+            },
+        }
+    }
+}
+
 fn keys(text: &str, prefix: &str) -> BTreeSet<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix(prefix))
@@ -623,20 +646,14 @@ fn verify(
             }
             let _ = child.0.wait();
             let passed = text.lines().any(|l| l.contains(&b.ok));
-            Ok(Found {
-                have: keys(&text, &b.have),
-                corrupt: b
-                    .corrupt
-                    .as_deref()
-                    .map(|c| keys(&text, c).len())
-                    .unwrap_or(0),
+            let why = format!("no `{}`", b.ok);
+            Ok(Found::from_output(
+                &text,
+                &b.have,
+                b.corrupt.as_deref(),
                 passed,
-                verdict: if passed {
-                    "check ok".into()
-                } else {
-                    format!("check failed (no `{}`)", b.ok)
-                },
-            })
+                why,
+            ))
         }
         Verify::Host {
             command,
@@ -652,19 +669,14 @@ fn verify(
             let text = String::from_utf8_lossy(&out.stdout);
             let _ = std::fs::write(dir.join("verify.out"), out.stdout.as_slice());
             let passed = out.status.success();
-            Ok(Found {
-                have: keys(&text, have),
-                corrupt: corrupt
-                    .as_deref()
-                    .map(|c| keys(&text, c).len())
-                    .unwrap_or(0),
+            let why = out.status.to_string();
+            Ok(Found::from_output(
+                &text,
+                have,
+                corrupt.as_deref(),
                 passed,
-                verdict: if passed {
-                    "check ok".into()
-                } else {
-                    format!("check failed ({})", out.status)
-                },
-            })
+                why,
+            ))
         }
         Verify::Oracle => Err("the synthetic guest's oracle cannot check a Linux guest".into()),
     }

@@ -183,3 +183,17 @@ impl OwnerThread {
             .expect("the owner thread")
     }
 }
+
+/// Runs the `holdfast` binary with `args`: (exit status, stdout, stderr).
+#[allow(dead_code)]
+pub fn holdfast_output(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args)
+        .output()
+        .expect("run holdfast");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
