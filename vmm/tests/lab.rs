@@ -187,6 +187,11 @@ fn names_and_combinations_are_checked() {
         "no disk `root`",
     );
     refused(
+        &linux(|v| v["outages"][0]["kind"] = "hang".into()),
+        "outages[0].kind",
+        "real host only",
+    );
+    refused(
         &synthetic(&["holdfast"], r#"[{"kind": "hang", "when": {"at": "1s"}}]"#),
         "outages[0].kind",
         "needs a real guest",

@@ -261,12 +261,13 @@ impl Breaker<'_> {
                 }
                 Ok(())
             }
+            Breaker::Real(host) if kind == OutageKind::Hang => host.hang_device(),
             // Every I/O of the host device fails: write-back, and so fdatasync.
             Breaker::Real(host) => host.break_device(),
         }
     }
 
-    fn end(&self, qmp: &mut Qmp) -> Result<(), String> {
+    fn end(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), String> {
         match self {
             Breaker::Simulated { target } => {
                 for layer in ["calls", "writeback"] {
@@ -277,6 +278,7 @@ impl Breaker<'_> {
                 }
                 Ok(())
             }
+            Breaker::Real(host) if kind == OutageKind::Hang => host.resume_device(),
             Breaker::Real(host) => host.repair_device(),
         }
     }
@@ -398,7 +400,12 @@ fn workload(
             breaker.start(&mut qmp, outage.kind)?;
             outage_since = Some(now);
             seen.outage_started = true;
-            timeline.host(ms(now), HostState::Broken);
+            let state = if outage.kind == OutageKind::Hang {
+                HostState::Hung
+            } else {
+                HostState::Broken
+            };
+            timeline.host(ms(now), state);
             let at = match &outage.when {
                 When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
                 When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
@@ -416,7 +423,7 @@ fn workload(
                 timeline.event(ms(now), "host fs down");
                 timeline.host(ms(now), HostState::Down);
                 eprintln!("lab: host file system down: {}", said.join("; "));
-                breaker.end(&mut qmp)?;
+                breaker.end(&mut qmp, outage.kind)?;
                 outage_since = None;
                 outage_over = true;
             }
@@ -424,7 +431,7 @@ fn workload(
         }
         if let (Some(since), Some(lasts)) = (outage_since, outage.lasts) {
             if now.duration_since(since) >= lasts {
-                breaker.end(&mut qmp)?;
+                breaker.end(&mut qmp, outage.kind)?;
                 outage_since = None;
                 outage_over = true;
                 timeline.host(ms(now), HostState::Ok);
@@ -778,6 +785,7 @@ pub fn run(
     );
     // Whatever happened, the host storage works again before anything else.
     if let Some(r) = &real {
+        let _ = r.resume_device();
         let _ = r.repair_device();
     }
     let seen = seen?;

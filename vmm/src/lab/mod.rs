@@ -84,7 +84,9 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       operator.detach the operator detaches the disks, unmounts,
                       e2fscks, mounts and attaches them before `cont`; a run whose
                       file system never went down fails).
-                      hang is refused for now: it needs a hang-timeout
+                      | hang (real host only: every I/O of the host device waits, a
+                      dm device suspended with --noflush, for `lasts`; holdfast has
+                      no hang-timeout yet, so the guest waits with it)
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N"), or

@@ -152,6 +152,20 @@ impl RealHost {
         self.swap("error")
     }
 
+    /// Every I/O to the host device waits from now on (a suspended dm table with
+    /// `--noflush`: what a hard NFS mount or a lost iSCSI path does), until
+    /// [`RealHost::resume_device`].
+    pub fn hang_device(&self) -> Result<(), String> {
+        let name = self.dm_name.as_deref().ok_or("no dm device")?;
+        run("dmsetup", &["suspend", "--noflush", "--nolockfs", name]).map(|_| ())
+    }
+
+    /// I/O flows again after [`RealHost::hang_device`].
+    pub fn resume_device(&self) -> Result<(), String> {
+        let name = self.dm_name.as_deref().ok_or("no dm device")?;
+        run("dmsetup", &["resume", name]).map(|_| ())
+    }
+
     /// The device works again.
     pub fn repair_device(&self) -> Result<(), String> {
         let loop_dev = self.loop_dev.as_deref().ok_or("no loop device")?;

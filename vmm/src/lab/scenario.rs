@@ -517,8 +517,8 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
                 format!("`{}` is the synthetic guest's only", o.kind),
             );
         }
-        if kind == OutageKind::Hang {
-            return err(at("kind"), "`hang` needs holdfast to notice hung storage (a hang-timeout), which it does not have yet");
+        if kind == OutageKind::Hang && f.hosts.iter().any(|h| h != "real") {
+            return err(at("kind"), "`hang` is built for the real host only (a suspended dm device): hosts must be [\"real\"]");
         }
         if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
             return err(
@@ -726,11 +726,14 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             for (i, o) in outages.iter().enumerate() {
                 if !matches!(
                     o.kind,
-                    OutageKind::FlushEio | OutageKind::WriteEio | OutageKind::FsDown
+                    OutageKind::FlushEio
+                        | OutageKind::WriteEio
+                        | OutageKind::FsDown
+                        | OutageKind::Hang
                 ) {
                     return err(
                         format!("outages[{i}].kind"),
-                        format!("`{}` on the `real` host is not built yet (flush-eio, write-eio and fs-down are: the host device fails)", o.kind.as_str()),
+                        format!("`{}` on the `real` host is not built yet (flush-eio, write-eio, fs-down and hang are)", o.kind.as_str()),
                     );
                 }
             }
