@@ -328,6 +328,14 @@ fn outage_rules(
     })
 }
 
+/// Records an event in the timeline and says it on stderr (progress while a run
+/// lasts; a test host's watchdog counts silence).
+fn note(timeline: &mut Timeline, at: u64, what: impl Into<String>) {
+    let what = what.into();
+    eprintln!("lab:   {:>6.1} s  {what}", at as f64 / 1000.0);
+    timeline.event(at, what);
+}
+
 /// What the workload run saw.
 #[derive(Default)]
 struct Seen {
@@ -383,11 +391,20 @@ fn workload(
     let mut last_step: Option<Instant> = None;
     let mut tries_after = 0usize;
     let mut console_open = true;
+    let mut heartbeat = start;
     loop {
         let now = Instant::now();
+        if now.duration_since(heartbeat) >= Duration::from_secs(30) {
+            heartbeat = now;
+            eprintln!(
+                "lab:   {:>6.1} s  {} acknowledged so far",
+                now.duration_since(start).as_secs_f64(),
+                seen.acked.len()
+            );
+        }
         if now.duration_since(start) > plan.timeout {
             seen.timed_out = true;
-            timeline.event(ms(now), "timed out");
+            note(timeline, ms(now), "timed out");
             break;
         }
         // Start the outage when its time has come.
@@ -410,7 +427,11 @@ fn workload(
                 When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
                 When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
             };
-            timeline.event(ms(now), format!("outage: {}{at}", outage.kind.as_str()));
+            note(
+                timeline,
+                ms(now),
+                format!("outage: {}{at}", outage.kind.as_str()),
+            );
         }
         // fs-down: the outage lasts until the host file system went down (the kernel
         // says so), at most `lasts`; a host that never went down fails the run.
@@ -420,7 +441,7 @@ fn workload(
             let said = host.down_messages();
             if !said.is_empty() && !seen.fs_went_down {
                 seen.fs_went_down = true;
-                timeline.event(ms(now), "host fs down");
+                note(timeline, ms(now), "host fs down");
                 timeline.host(ms(now), HostState::Down);
                 eprintln!("lab: host file system down: {}", said.join("; "));
                 breaker.end(&mut qmp, outage.kind)?;
@@ -435,7 +456,7 @@ fn workload(
                 outage_since = None;
                 outage_over = true;
                 timeline.host(ms(now), HostState::Ok);
-                timeline.event(ms(now), "outage over");
+                note(timeline, ms(now), "outage over");
             }
         }
         // The operator: while stopped, a `cont` every cont_after.
@@ -446,7 +467,7 @@ fn workload(
                 if outage_over && tries_after >= plan.operator.tries {
                     // Every `cont` since the outage ended failed, or stopped again.
                     seen.gave_up = true;
-                    timeline.event(ms(now), "quit");
+                    note(timeline, ms(now), "quit");
                     let _ = qmp.call("quit", json!({}));
                     continue;
                 }
@@ -462,13 +483,13 @@ fn workload(
                         for (id, _) in disks {
                             qmp.call("x-block-detach", json!({"device": id}))?;
                         }
-                        timeline.event(ms(now), "detach");
+                        note(timeline, ms(now), "detach");
                         let said = host.remount()?;
-                        timeline.event(ms(Instant::now()), format!("repaired: {said}"));
+                        note(timeline, ms(Instant::now()), format!("repaired: {said}"));
                         for (id, path) in disks {
                             qmp.call("x-block-attach", json!({"device": id, "filename": path}))?;
                         }
-                        timeline.event(ms(Instant::now()), "attach");
+                        note(timeline, ms(Instant::now()), "attach");
                         timeline.host(ms(Instant::now()), HostState::Ok);
                         seen.repaired = true;
                     }
@@ -479,11 +500,11 @@ fn workload(
                         qmp.call("x-block-fault", json!({"device": id, "evict": true}))?;
                     }
                 }
-                timeline.event(ms(now), "cont");
+                note(timeline, ms(now), "cont");
                 match qmp.call("cont", json!({})) {
                     Ok(_) => {}
                     Err(e) => {
-                        timeline.event(ms(now), "cont failed");
+                        note(timeline, ms(now), "cont failed");
                         log::debug!("lab: cont refused: {e}");
                     }
                 }
@@ -513,7 +534,7 @@ fn workload(
                 if ready.is_none() {
                     if line.contains(&progress.ready) {
                         ready = Some(at);
-                        timeline.event(ms(at), "ready");
+                        note(timeline, ms(at), "ready");
                     }
                     continue;
                 }
@@ -534,7 +555,7 @@ fn workload(
                 }
             }
             Msg::Event(name) => {
-                timeline.event(ms(at), name.clone());
+                note(timeline, ms(at), name.clone());
                 match name.as_str() {
                     "STOP" => {
                         let io_error = timeline

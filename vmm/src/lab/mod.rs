@@ -322,19 +322,25 @@ pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
     for (host, strategy) in combinations(plan) {
         for index in 0..plan.outages.len() {
             let kind = plan.outages[index].kind.as_str();
-            eprint!(
-                "lab: [{}/{total}] {host} {strategy} {kind} ... ",
-                records.len() + 1
-            );
-            let record =
-                match &plan.guest {
-                    Guest::Synthetic(g) => synthetic::run(plan, g, host, strategy, index)
-                        .ok_or_else(|| {
-                            format!("the synthetic guest cannot run {host} {strategy} {kind}")
-                        })?,
-                    Guest::Linux(g) => guest::run(plan, g, host, strategy, index, out)
-                        .inspect_err(|_| eprintln!())?,
-                };
+            let n = records.len() + 1;
+            // A Linux guest's run says what happens while it lasts (a line each); a
+            // synthetic one takes no time.
+            match &plan.guest {
+                Guest::Synthetic(_) => eprint!("lab: [{n}/{total}] {host} {strategy} {kind} ... "),
+                Guest::Linux(_) => eprintln!("lab: [{n}/{total}] {host} {strategy} {kind}"),
+            }
+            let record = match &plan.guest {
+                Guest::Synthetic(g) => {
+                    synthetic::run(plan, g, host, strategy, index).ok_or_else(|| {
+                        format!("the synthetic guest cannot run {host} {strategy} {kind}")
+                    })?
+                }
+                Guest::Linux(g) => {
+                    let r = guest::run(plan, g, host, strategy, index, out)?;
+                    eprint!("lab: [{n}/{total}] ");
+                    r
+                }
+            };
             eprintln!(
                 "{}, {} acked, {} lost, {} corrupt, {}",
                 if record.resumed {
