@@ -433,29 +433,35 @@ fn workload(
                 format!("outage: {}{at}", outage.kind.as_str()),
             );
         }
-        // fs-down: the outage lasts until the host file system went down (the kernel
-        // says so), at most `lasts`; a host that never went down fails the run.
-        if let (Some(since), OutageKind::FsDown, Breaker::Real(host)) =
-            (outage_since, outage.kind, breaker)
-        {
+        // The real host's file system can go down in any outage that meets its
+        // journal (ext4 aborts it at its next commit). fs-down: the outage lasts until
+        // it does (the kernel says so), at most `lasts`; a run where it never does
+        // fails. Once down, the operator's recovery (with `detach`) runs below.
+        if let (false, Breaker::Real(host)) = (seen.fs_went_down, breaker) {
             let said = host.down_messages();
-            if !said.is_empty() && !seen.fs_went_down {
+            if !said.is_empty() {
                 seen.fs_went_down = true;
                 note(timeline, ms(now), "host fs down");
-                timeline.host(ms(now), HostState::Down);
                 eprintln!("lab: host file system down: {}", said.join("; "));
-                breaker.end(&mut qmp, outage.kind)?;
-                outage_since = None;
-                outage_over = true;
+                if outage.kind == OutageKind::FsDown && outage_since.is_some() {
+                    breaker.end(&mut qmp, outage.kind)?;
+                    outage_since = None;
+                    outage_over = true;
+                }
             }
-            let _ = since;
+        }
+        if seen.fs_went_down && !seen.repaired {
+            // Down, and it stays so when the device works again.
+            timeline.host(ms(now), HostState::Down);
         }
         if let (Some(since), Some(lasts)) = (outage_since, outage.lasts) {
             if now.duration_since(since) >= lasts {
                 breaker.end(&mut qmp, outage.kind)?;
                 outage_since = None;
                 outage_over = true;
-                timeline.host(ms(now), HostState::Ok);
+                if !seen.fs_went_down {
+                    timeline.host(ms(now), HostState::Ok);
+                }
                 note(timeline, ms(now), "outage over");
             }
         }
