@@ -242,15 +242,19 @@ pub fn main(args: &[String]) -> ExitCode {
         return ExitCode::from(2);
     }
     println!("holdfast lab: results in {}", out.display());
-    let records = match run_all(&plan, &out) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("holdfast lab: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // A run that could not run (the machine's fault: a full disk, a VMM that did
+    // not start) ends the lab; what ran before it is written all the same.
+    let (records, failure) = run_all(&plan, &out);
     if let Err(e) = write_results(&out, &plan, &records) {
         eprintln!("holdfast lab: writing {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    if let Some(e) = failure {
+        eprintln!(
+            "holdfast lab: {e} (stopped after {} of the runs; their results are in {})",
+            records.len(),
+            out.display()
+        );
         return ExitCode::from(2);
     }
     print!("\n{}", report::markdown(&plan, &records));
@@ -315,10 +319,16 @@ fn combinations(plan: &Plan) -> Vec<(scenario::Host, scenario::LabStrategy)> {
     pairs
 }
 
-/// Every host x strategy x outage, with a progress line per run.
-pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
+/// Every host x strategy x outage, with a progress line per run; stops at the first
+/// run that cannot run, returning what ran and why it stopped.
+pub fn run_all(plan: &Plan, out: &Path) -> (Vec<RunRecord>, Option<String>) {
+    let mut records = Vec::new();
+    let failure = run_into(plan, out, &mut records).err();
+    (records, failure)
+}
+
+fn run_into(plan: &Plan, out: &Path, records: &mut Vec<RunRecord>) -> Result<(), String> {
     let total = combinations(plan).len() * plan.outages.len();
-    let mut records = Vec::with_capacity(total);
     for (host, strategy) in combinations(plan) {
         for index in 0..plan.outages.len() {
             let kind = plan.outages[index].kind.as_str();
@@ -356,7 +366,7 @@ pub fn run_all(plan: &Plan, out: &Path) -> Result<Vec<RunRecord>, String> {
             records.push(record);
         }
     }
-    Ok(records)
+    Ok(())
 }
 
 fn write_results(out: &Path, plan: &Plan, records: &[RunRecord]) -> std::io::Result<()> {
