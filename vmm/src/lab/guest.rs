@@ -658,7 +658,9 @@ fn verify(
             );
             let (tx, rx) = mpsc::channel();
             read_console(&mut child.0, tx, dir.join("verify-console.log"))?;
-            let deadline = Instant::now() + plan.timeout;
+            let started = Instant::now();
+            let deadline = started + plan.timeout;
+            let mut heartbeat = started;
             let mut text = String::new();
             loop {
                 match rx.recv_timeout(Duration::from_millis(200)) {
@@ -668,6 +670,14 @@ fn verify(
                     }
                     Ok(Msg::ConsoleClosed) | Err(RecvTimeoutError::Disconnected) => break,
                     Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => {}
+                }
+                if heartbeat.elapsed() >= Duration::from_secs(30) {
+                    heartbeat = Instant::now();
+                    eprintln!(
+                        "lab:   the check boot has run {:.0} s, {} lines so far",
+                        started.elapsed().as_secs_f64(),
+                        text.lines().count()
+                    );
                 }
                 if Instant::now() > deadline {
                     return Ok(Found {
@@ -772,6 +782,7 @@ pub fn run(
     let mut disks = Vec::new();
     for (id, image) in &guest.disks {
         let copy = images_dir.join(format!("{id}.img"));
+        eprintln!("lab:   copying {} to {}", image.display(), copy.display());
         copy_image(image, &copy)?;
         disks.push((id.clone(), copy));
     }
@@ -820,8 +831,12 @@ pub fn run(
     if let Some(r) = &real {
         // Unmount (the host's page cache goes), repair if it went down, mount again:
         // the check reads what reached the device.
+        eprintln!(
+            "lab:   unmounting the host file system (its page cache goes) and mounting it again"
+        );
         host_note = r.remount()?;
     }
+    eprintln!("lab:   checking what survived");
     let found = verify(plan, guest, &disks, &dir)?;
     let acked: BTreeSet<&String> = seen.acked.iter().collect();
     record.acked = acked.len();
