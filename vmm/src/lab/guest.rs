@@ -662,24 +662,42 @@ fn verify(
             let deadline = started + plan.timeout;
             let mut heartbeat = started;
             let mut text = String::new();
+            let mut console_open = true;
+            // Until the check's holdfast has exited (never a blocking wait: the lab
+            // keeps saying how long it has waited, and gives up at the deadline).
             loop {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Msg::Line(l)) => {
-                        text.push_str(&l);
-                        text.push('\n');
+                if console_open {
+                    match rx.recv_timeout(Duration::from_millis(200)) {
+                        Ok(Msg::Line(l)) => {
+                            text.push_str(&l);
+                            text.push('\n');
+                        }
+                        Ok(Msg::ConsoleClosed) | Err(RecvTimeoutError::Disconnected) => {
+                            console_open = false
+                        }
+                        Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => {}
                     }
-                    Ok(Msg::ConsoleClosed) | Err(RecvTimeoutError::Disconnected) => break,
-                    Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => {}
+                } else {
+                    match child.0.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+                    }
                 }
                 if heartbeat.elapsed() >= Duration::from_secs(30) {
                     heartbeat = Instant::now();
                     eprintln!(
-                        "lab:   the check boot has run {:.0} s, {} lines so far",
+                        "lab:   the check boot has run {:.0} s, {} lines so far{}",
                         started.elapsed().as_secs_f64(),
-                        text.lines().count()
+                        text.lines().count(),
+                        if console_open {
+                            ""
+                        } else {
+                            "; its console closed, holdfast has not exited yet"
+                        }
                     );
                 }
                 if Instant::now() > deadline {
+                    // Reap kills it when `child` goes.
                     return Ok(Found {
                         have: keys(&text, &b.have),
                         corrupt: 0,
@@ -688,7 +706,6 @@ fn verify(
                     });
                 }
             }
-            let _ = child.0.wait();
             let passed = text.lines().any(|l| l.contains(&b.ok));
             let why = format!("no `{}`", b.ok);
             Ok(Found::from_output(
