@@ -861,7 +861,9 @@ pub fn run(
     record.corrupt = found.corrupt;
     record.app_errors = seen.app_errors;
     let finished = seen.exit.is_some_and(|s| s.success()) && !seen.gave_up && !seen.timed_out;
-    record.resumed = finished && (seen.paused == 0 || seen.resumed_after_pause);
+    // No outage, nothing to resume from: the row must not say it resumed.
+    record.resumed =
+        seen.outage_started && finished && (seen.paused == 0 || seen.resumed_after_pause);
     record.verified = found.passed && seen.outage_started;
     let fs_down_missing = outage.kind == OutageKind::FsDown && !seen.fs_went_down;
     record.verified = record.verified && !fs_down_missing;
