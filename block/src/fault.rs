@@ -18,10 +18,14 @@
 //! bytes have been written through the injector since the rule was armed, until
 //! cleared). `op` is `read`, `write` (also write-zeroes and discard), `flush` or `any`.
 //! A failing call does not reach the wrapped backend.
+//!
+//! Instead of an errno a rule can say `"hang": true` (with `when` `"always"`): a
+//! matching call then waits, as on a hard NFS mount or a suspended device-mapper
+//! table, until the rule is cleared, and then goes on to the wrapped backend.
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Deserialize;
 
@@ -121,7 +125,12 @@ pub struct FaultRule {
     pub op: FaultOp,
     #[serde(default)]
     pub range: Option<ByteRange>,
-    pub errno: Errno,
+    /// The error a matching call fails with; `None` for a hang.
+    #[serde(default)]
+    pub errno: Option<Errno>,
+    /// A matching call waits until the rule is cleared instead of failing.
+    #[serde(default)]
+    pub hang: bool,
     #[serde(default)]
     pub when: Trigger,
 }
@@ -132,8 +141,21 @@ impl FaultRule {
             name: None,
             op,
             range: None,
-            errno: Errno(errno),
+            errno: Some(Errno(errno)),
+            hang: false,
             when,
+        }
+    }
+
+    /// Matching calls wait until the rule is cleared.
+    pub fn hang(op: FaultOp) -> Self {
+        FaultRule {
+            name: None,
+            op,
+            range: None,
+            errno: None,
+            hang: true,
+            when: Trigger::Always,
         }
     }
 
@@ -174,6 +196,27 @@ impl FaultRule {
                 return Err(bad(
                     "when.after_bytes",
                     "counts bytes written, so it cannot apply to reads",
+                ))
+            }
+            _ => {}
+        }
+        match (self.errno, self.hang) {
+            (Some(_), true) => {
+                return Err(bad(
+                    "hang",
+                    "a rule either fails calls (errno) or hangs them, not both",
+                ))
+            }
+            (None, false) => {
+                return Err(bad(
+                    "errno",
+                    "missing: give the errno a matching call fails with, or \"hang\": true",
+                ))
+            }
+            (None, true) if self.when != Trigger::Always => {
+                return Err(bad(
+                    "when",
+                    "a hang lasts until the rule is cleared: `when` must be \"always\"",
                 ))
             }
             _ => {}
@@ -273,12 +316,22 @@ struct FaultState {
     next_id: u64,
     bytes_written: u64,
     injected: u64,
+    /// Calls waiting on a hang rule.
+    hanging: usize,
+}
+
+/// What a rule does to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Fail(i32),
+    /// Wait until the rule with this id is cleared.
+    Hang(u64),
 }
 
 impl FaultState {
-    /// Whether a call fails, and with which errno. Every matching rule counts the
-    /// call; the first that fires decides.
-    fn check(&mut self, op: HostOp, range: Option<(u64, u64)>) -> Option<i32> {
+    /// Whether a call fails or hangs. Every matching rule counts the call; the first
+    /// that fires decides.
+    fn check(&mut self, op: HostOp, range: Option<(u64, u64)>) -> Option<Action> {
         let mut fired = None;
         let written = self.bytes_written;
         self.rules.retain_mut(|armed| {
@@ -293,7 +346,10 @@ impl FaultState {
                 Trigger::AfterBytes(n) => (written - armed.bytes_at_arm >= n, false),
             };
             if fires && fired.is_none() {
-                fired = Some(armed.rule.errno.0);
+                fired = Some(match armed.rule.errno {
+                    Some(errno) => Action::Fail(errno.0),
+                    None => Action::Hang(armed.id),
+                });
             }
             !retire
         });
@@ -308,6 +364,8 @@ impl FaultState {
 #[derive(Debug, Clone, Default)]
 pub struct FaultHandle {
     state: Arc<Mutex<FaultState>>,
+    /// Wakes calls waiting on a hang rule when rules are cleared.
+    cleared: Arc<Condvar>,
 }
 
 impl FaultHandle {
@@ -335,6 +393,7 @@ impl FaultHandle {
         let mut s = lock(&self.state);
         let before = s.rules.len();
         s.rules.retain(|r| r.id != id);
+        self.cleared.notify_all();
         s.rules.len() != before
     }
 
@@ -343,11 +402,18 @@ impl FaultHandle {
         let mut s = lock(&self.state);
         let before = s.rules.len();
         s.rules.retain(|r| r.rule.name.as_deref() != Some(name));
+        self.cleared.notify_all();
         before - s.rules.len()
     }
 
     pub fn clear_all(&self) {
         lock(&self.state).rules.clear();
+        self.cleared.notify_all();
+    }
+
+    /// How many calls wait on a hang rule now.
+    pub fn hanging(&self) -> usize {
+        lock(&self.state).hanging
     }
 
     /// The armed rules with their ids.
@@ -371,8 +437,17 @@ impl FaultHandle {
     }
 
     fn check(&self, op: HostOp, range: Option<(u64, u64)>) -> Result<(), HostError> {
-        match lock(&self.state).check(op, range) {
-            Some(errno) => Err(HostError::new(op, errno)),
+        let mut s = lock(&self.state);
+        match s.check(op, range) {
+            Some(Action::Fail(errno)) => Err(HostError::new(op, errno)),
+            Some(Action::Hang(id)) => {
+                s.hanging += 1;
+                while s.rules.iter().any(|r| r.id == id) {
+                    s = self.cleared.wait(s).unwrap_or_else(|e| e.into_inner());
+                }
+                s.hanging -= 1;
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -567,6 +642,43 @@ mod tests {
     }
 
     #[test]
+    fn a_hang_waits_until_cleared_then_reaches_the_backend() {
+        let (mut f, h) = injector();
+        h.arm(FaultRule::hang(FaultOp::Flush).named("stall"));
+        f.write_at(&[7; 4], 0).expect("writes do not hang");
+        let flusher = std::thread::spawn(move || {
+            f.flush().expect("the flush goes on after the hang");
+            f
+        });
+        // The flush is waiting: the handle says so, and it stays so until cleared.
+        while h.hanging() == 0 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!flusher.is_finished(), "returned during the hang");
+        assert_eq!(h.hanging(), 1);
+        assert_eq!(h.clear_named("stall"), 1);
+        let mut f = flusher.join().expect("flusher");
+        assert_eq!(h.hanging(), 0);
+        let mut buf = [0; 4];
+        f.read_at(&mut buf, 0).expect("read");
+        assert_eq!(buf, [7; 4]);
+    }
+
+    #[test]
+    fn a_hang_rule_is_parsed_and_checked() {
+        let rule = FaultRule::from_json_value(serde_json::json!({"op": "any", "hang": true}))
+            .expect("a hang rule");
+        assert_eq!(rule, FaultRule::hang(FaultOp::Any));
+        let e = plan_error(r#"{"rules": [{"op": "any", "hang": true, "errno": "EIO"}]}"#);
+        assert!(e.contains("rules[0].hang") && e.contains("not both"), "{e}");
+        let e = plan_error(r#"{"rules": [{"op": "any", "hang": true, "when": "once"}]}"#);
+        assert!(e.contains("rules[0].when") && e.contains("always"), "{e}");
+        let e = plan_error(r#"{"rules": [{"op": "any"}]}"#);
+        assert!(e.contains("rules[0].errno") && e.contains("hang"), "{e}");
+    }
+
+    #[test]
     fn parses_a_plan() {
         let plan = FaultPlan::from_json(
             r#"{ "rules": [
@@ -579,9 +691,9 @@ mod tests {
         .expect("valid plan");
         assert_eq!(plan.rules.len(), 4);
         assert_eq!(plan.rules[0].when, Trigger::AfterBytes(4096));
-        assert_eq!(plan.rules[2].errno, Errno(libc::EIO));
+        assert_eq!(plan.rules[2].errno, Some(Errno(libc::EIO)));
         assert_eq!(plan.rules[3].when, Trigger::Always);
-        assert_eq!(plan.rules[3].errno, Errno(libc::EDQUOT));
+        assert_eq!(plan.rules[3].errno, Some(Errno(libc::EDQUOT)));
     }
 
     fn plan_error(text: &str) -> String {

@@ -187,10 +187,18 @@ fn names_and_combinations_are_checked() {
         "no disk `root`",
     );
     refused(
-        &linux(|v| v["outages"][0]["kind"] = "hang".into()),
+        &linux(|v| v["outages"][0]["kind"] = "fs-down".into()),
         "outages[0].kind",
-        "real host only",
+        "needs a host file system",
     );
+    // A hang runs on simulated hosts too (their cache's device stops answering).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hang = scenario(
+        dir.path(),
+        &linux(|v| v["outages"][0]["kind"] = "hang".into()),
+    );
+    let (code, _, err) = holdfast(&["lab", "--check", hang.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
     refused(
         &synthetic(&["holdfast"], r#"[{"kind": "hang", "when": {"at": "1s"}}]"#),
         "outages[0].kind",

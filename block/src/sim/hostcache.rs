@@ -352,6 +352,33 @@ mod tests {
         faults.arm(FaultRule::new(FaultOp::Write, libc::EIO, Trigger::Always))
     }
 
+    #[test]
+    fn a_hung_device_holds_fsync_and_uncached_reads_not_cached_writes() {
+        let (mut c, disk, faults) = cache(HostModel::Xfs);
+        faults.arm(FaultRule::hang(FaultOp::Any).named("hang"));
+        // Whole pages go into the cache without the device.
+        c.write_at(&[5; PAGE as usize], 0).expect("cached write");
+        let mut reader = c.clone();
+        let flusher = std::thread::spawn(move || c.flush());
+        let uncached = std::thread::spawn(move || {
+            let mut b = [0; 1];
+            reader.read_at(&mut b, 2 * PAGE).map(|()| b[0])
+        });
+        while faults.hanging() == 0 {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!flusher.is_finished() && !uncached.is_finished());
+        assert_eq!(disk.contents()[0], 0, "nothing reached the device");
+        faults.clear_named("hang");
+        flusher
+            .join()
+            .expect("flusher")
+            .expect("fsync after the hang");
+        assert_eq!(uncached.join().expect("reader").expect("read"), 0);
+        assert_eq!(disk.contents()[0], 5, "written back after the hang");
+    }
+
     fn read(c: &mut HostCache<FaultInjector<MemBackend>>, offset: u64) -> u8 {
         let mut b = [0];
         c.read_at(&mut b, offset).expect("read");

@@ -21,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut injector = FaultInjector::new(MemBackend::new(1 << 16));
     let handle = injector.handle();
-    for rule in rules {
+    // A hang rule makes a matching call wait until another thread clears it (by
+    // design); here nobody would: it is parsed above and not armed.
+    for rule in rules.into_iter().filter(|r| !r.hang) {
         handle.arm(rule);
     }
     let mut buf = [0u8; 512];

@@ -252,16 +252,23 @@ impl Breaker<'_> {
     fn start(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), String> {
         match self {
             Breaker::Simulated { target } => {
-                for (layer, op, errno) in outage_rules(kind)? {
+                for (layer, rule) in outage_rules(kind)? {
                     qmp.call(
                         "x-block-fault",
-                        json!({"device": target, "layer": layer,
-                               "arm": {"name": "lab-outage", "op": op, "errno": errno}}),
+                        json!({"device": target, "layer": layer, "arm": rule}),
                     )?;
                 }
                 Ok(())
             }
             Breaker::Real(host) if kind == OutageKind::Hang => host.hang_device(),
+            Breaker::Real(host) if kind == OutageKind::WriteEnospc => {
+                let took = host.fill_up()?;
+                eprintln!(
+                    "lab: host file system filled up (a file took its {} MiB free)",
+                    took >> 20
+                );
+                Ok(())
+            }
             // Every I/O of the host device fails: write-back, and so fdatasync.
             Breaker::Real(host) => host.break_device(),
         }
@@ -279,6 +286,7 @@ impl Breaker<'_> {
                 Ok(())
             }
             Breaker::Real(host) if kind == OutageKind::Hang => host.resume_device(),
+            Breaker::Real(host) if kind == OutageKind::WriteEnospc => host.free_up(),
             Breaker::Real(host) => host.repair_device(),
         }
     }
@@ -310,15 +318,21 @@ fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), 
 }
 
 /// The `x-block-fault` rules that start an outage: (layer, op, errno).
-fn outage_rules(
-    kind: OutageKind,
-) -> Result<Vec<(&'static str, &'static str, &'static str)>, String> {
+fn outage_rules(kind: OutageKind) -> Result<Vec<(&'static str, Value)>, String> {
+    let fail = |op: &str, errno: &str| json!({"name": "lab-outage", "op": op, "errno": errno});
     Ok(match kind {
         // Write-back of the host's cache fails: the next fdatasync reports it.
-        OutageKind::FlushEio => vec![("writeback", "write", "EIO")],
-        OutageKind::FlushEnospc => vec![("writeback", "write", "ENOSPC")],
-        OutageKind::WriteEio => vec![("calls", "write", "EIO")],
-        OutageKind::WriteEnospc => vec![("calls", "write", "ENOSPC")],
+        OutageKind::FlushEio => vec![("writeback", fail("write", "EIO"))],
+        OutageKind::FlushEnospc => vec![("writeback", fail("write", "ENOSPC"))],
+        OutageKind::WriteEio => vec![("calls", fail("write", "EIO"))],
+        OutageKind::WriteEnospc => vec![("calls", fail("write", "ENOSPC"))],
+        // The device below the cache stops answering: write-back waits, and so do
+        // fdatasync and reads of pages not in the cache; writes into the cache go on
+        // (as with a suspended dm table under a host file system).
+        OutageKind::Hang => vec![(
+            "writeback",
+            json!({"name": "lab-outage", "op": "any", "hang": true}),
+        )],
         other => {
             return Err(format!(
                 "outage `{}` cannot run on a simulated host",
@@ -500,7 +514,9 @@ fn workload(
                         seen.repaired = true;
                     }
                 }
-                if matches!(breaker, Breaker::Simulated { .. }) {
+                let hanging = outage.kind == OutageKind::Hang && outage_since.is_some();
+                if matches!(breaker, Breaker::Simulated { .. }) && !hanging {
+                    // (Not during a hang: the cache waits on the device below it.)
                     // The guest is paused; the host reclaims memory.
                     for (id, _) in disks {
                         qmp.call("x-block-fault", json!({"device": id, "evict": true}))?;
@@ -906,14 +922,30 @@ mod tests {
 
     #[test]
     fn every_outage_a_simulated_host_can_have_has_rules() {
+        use holdfast_block::FaultRule;
+        let rules = |kind| {
+            let rules = outage_rules(kind).expect("rules");
+            // Each is a rule x-block-fault takes.
+            for (_, rule) in &rules {
+                FaultRule::from_json_value(rule.clone()).expect("a valid rule");
+            }
+            rules
+        };
+        let flush = rules(OutageKind::FlushEio);
+        assert_eq!(flush[0].0, "writeback");
         assert_eq!(
-            outage_rules(OutageKind::FlushEio),
-            Ok(vec![("writeback", "write", "EIO")])
+            (&flush[0].1["op"], &flush[0].1["errno"]),
+            (&json!("write"), &json!("EIO"))
         );
+        let full = rules(OutageKind::WriteEnospc);
         assert_eq!(
-            outage_rules(OutageKind::WriteEnospc),
-            Ok(vec![("calls", "write", "ENOSPC")])
+            (full[0].0, &full[0].1["errno"]),
+            ("calls", &json!("ENOSPC"))
         );
+        let hang = rules(OutageKind::Hang);
+        assert_eq!((hang[0].0, &hang[0].1["hang"]), ("writeback", &json!(true)));
+        rules(OutageKind::FlushEnospc);
+        rules(OutageKind::WriteEio);
         assert!(outage_rules(OutageKind::FsDown).is_err());
     }
 

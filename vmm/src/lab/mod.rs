@@ -77,16 +77,22 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       | write-eio | write-enospc (pwrite fails) | flush-enospc;
                       on the real host flush-eio and write-eio are both the host
                       device failing every I/O (a dm table swapped for `error`);
-                      synthetic guest also: writeback-eio | repeat-in-replay.
+                      write-enospc fills the host file system (a file takes its
+                      free blocks), so a write into a hole of the image fails; the
+                      outage ends by deleting that file (flush-enospc: simulated
+                      hosts only); synthetic guest also: writeback-eio |
+                      repeat-in-replay.
                       | fs-down (real host only: the device fails until the kernel
                       says the host file system went down, at most `lasts`; then
                       the device works again but the file system stays down; with
                       operator.detach the operator detaches the disks, unmounts,
                       e2fscks, mounts and attaches them before `cont`; a run whose
                       file system never went down fails).
-                      | hang (real host only: every I/O of the host device waits, a
-                      dm device suspended with --noflush, for `lasts`; holdfast has
-                      no hang-timeout yet, so the guest waits with it)
+                      | hang (Linux guests: the storage under the host's page cache
+                      stops answering for `lasts`: write-back, fdatasync and reads
+                      of uncached pages wait; on the real host a dm device suspended
+                      with --noflush; holdfast has no hang-timeout yet, so the
+                      guest waits with it)
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N"), or

@@ -166,6 +166,50 @@ impl RealHost {
         run("dmsetup", &["resume", name]).map(|_| ())
     }
 
+    /// The host file system is full: a file takes every block it has free (as root
+    /// takes them: the blocks ext4 reserves for root too), so that a write into a
+    /// hole of an image fails with ENOSPC, as on a thin volume or a shared file
+    /// system that filled up. Returns the bytes it took.
+    pub fn fill_up(&self) -> Result<u64, String> {
+        use std::os::fd::AsRawFd;
+        let path = self.filler();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // Large steps first, then smaller ones for what the extent tree leaves.
+        let mut taken: u64 = 0;
+        let mut step: u64 = 1 << 30;
+        while step >= 4096 {
+            // SAFETY: fallocate on a descriptor we own, with no buffers.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, taken as i64, step as i64) };
+            if r == 0 {
+                taken += step;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOSPC) {
+                return Err(format!("fallocate {}: {e}", path.display()));
+            }
+            step /= 2;
+        }
+        f.sync_all()
+            .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+        Ok(taken)
+    }
+
+    /// Frees what [`RealHost::fill_up`] took.
+    pub fn free_up(&self) -> Result<(), String> {
+        let path = self.filler();
+        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.mnt.join("lab-filler")
+    }
+
     /// The device works again.
     pub fn repair_device(&self) -> Result<(), String> {
         let loop_dev = self.loop_dev.as_deref().ok_or("no loop device")?;
