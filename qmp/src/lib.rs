@@ -61,6 +61,13 @@ impl QmpError {
         }
     }
 
+    pub fn command_not_found(command: &str) -> Self {
+        QmpError {
+            class: ErrorClass::CommandNotFound,
+            desc: format!("The command {command} has not been found"),
+        }
+    }
+
     pub fn device_not_found(device: &str) -> Self {
         QmpError {
             class: ErrorClass::DeviceNotFound,

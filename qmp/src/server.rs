@@ -330,10 +330,7 @@ pub async fn respond(
                 Err(_) => Err(QmpError::generic("the command failed inside holdfast")),
             }
         }
-        other => Err(error(
-            ErrorClass::CommandNotFound,
-            format!("The command {other} has not been found"),
-        )),
+        other => Err(QmpError::command_not_found(other)),
     };
     Some(match result {
         Ok(v) => reply_ok(

@@ -5,11 +5,11 @@
 //! The signals are blocked in every thread ([`block_termination_signals`], called
 //! before any thread starts, so all inherit the mask) and taken synchronously by one
 //! thread ([`forward_termination_signals`]) that turns them into
-//! [`VmEvent::HostSignal`]s: nothing runs in a signal handler.
+//! [`Input::HostSignal`]s: nothing runs in a signal handler.
 
 use std::sync::mpsc::Sender;
 
-use crate::vm::VmEvent;
+use crate::owner::Input;
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
@@ -51,7 +51,7 @@ pub fn block_termination_signals() -> std::io::Result<()> {
 /// Starts the thread that waits for the blocked termination signals and forwards
 /// each to the run-state owner. It ends when the owner is gone.
 pub fn forward_termination_signals(
-    owner: Sender<VmEvent>,
+    owner: Sender<Input>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("signals".into())
@@ -64,7 +64,7 @@ pub fn forward_termination_signals(
             if r != 0 {
                 continue;
             }
-            if owner.send(VmEvent::HostSignal { signal }).is_err() {
+            if owner.send(Input::HostSignal { signal }).is_err() {
                 return;
             }
         })

@@ -8,7 +8,8 @@ use holdfast_qmp::{EventSink, Machine, Server};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
 use holdfast_vmm::host_signals;
 use holdfast_vmm::owner::{self, QmpBridge};
-use holdfast_vmm::vm::{error_chain, DiskSpec, Exit, SimulatedHost, Vm, VmConfig};
+use holdfast_vmm::owner::{Exit, SimulatedHost};
+use holdfast_vmm::vm::{error_chain, DiskSpec, Vm, VmConfig};
 
 const HELP: &str = "\
 holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host storage
@@ -218,8 +219,13 @@ fn run(opts: RunOpts) -> ExitCode {
         log::warn!("a QMP client did not take its last events within 2 s");
     }
     let dropped = vm.shutdown();
-    for (disk, bytes, error) in &dropped {
-        log::error!("disk {disk}: {bytes} unflushed bytes dropped ({error})");
+    for d in &dropped {
+        log::error!(
+            "disk {}: {} unflushed bytes dropped ({})",
+            d.disk,
+            d.bytes,
+            d.why
+        );
     }
     match exit {
         Exit::Poweroff | Exit::Quit if dropped.is_empty() => ExitCode::SUCCESS,

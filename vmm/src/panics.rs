@@ -1,6 +1,7 @@
 //! A panic in any holdfast thread is reported and ends holdfast the way `quit`
 //! does, never silently: the hook prints the thread's name and the panic's message
-//! on stderr and tells the run-state owner ([`VmEvent::ThreadPanicked`]), which
+//! on stderr and tells the run-state owner ([`Input::ThreadPanicked`], or
+//! [`Input::DeviceFailed`] for the disks' device thread), which
 //! pauses the vCPUs, settles every disk (writes and flushes what it can, says how
 //! many bytes it drops) and sends `SHUTDOWN`. A vCPU thread that died counts as
 //! parked, so the pause does not wait for it. A panic in the owner's own thread is
@@ -9,9 +10,9 @@
 use std::sync::mpsc::Sender;
 use std::sync::{Mutex, OnceLock};
 
-use crate::vm::VmEvent;
+use crate::owner::Input;
 
-static OWNER: OnceLock<Mutex<Sender<VmEvent>>> = OnceLock::new();
+static OWNER: OnceLock<Mutex<Sender<Input>>> = OnceLock::new();
 
 /// The panic's message and where it happened.
 fn describe(info: &std::panic::PanicHookInfo<'_>) -> String {
@@ -28,7 +29,7 @@ fn describe(info: &std::panic::PanicHookInfo<'_>) -> String {
 }
 
 /// Installs the hook; panics from now on go to `owner` (the first call's).
-pub fn report_panics_to(owner: Sender<VmEvent>) {
+pub fn report_panics_to(owner: Sender<Input>) {
     if OWNER.set(Mutex::new(owner)).is_err() {
         return;
     }
@@ -43,9 +44,22 @@ pub fn report_panics_to(owner: Sender<VmEvent>) {
             let owner = owner
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = owner.send(VmEvent::ThreadPanicked { thread, message });
+            let _ = owner.send(input_for(thread, message));
         }
     }));
+}
+
+/// A panic in the disks' device thread is the device's failure; any other thread's
+/// is that thread's.
+fn input_for(thread: String, message: String) -> Input {
+    if thread == crate::devices::disks::DEVICE_THREAD {
+        Input::DeviceFailed {
+            device: "virtio-blk (the disks' device thread)".into(),
+            message,
+        }
+    } else {
+        Input::ThreadPanicked { thread, message }
+    }
 }
 
 #[cfg(test)]
@@ -53,11 +67,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_panic_in_any_thread_reaches_the_owner_with_its_name() {
+    fn a_panic_in_the_device_thread_reaches_the_owner_as_the_devices_failure() {
         let (tx, rx) = std::sync::mpsc::channel();
         report_panics_to(tx);
         let r = std::thread::Builder::new()
-            .name("devices".into())
+            .name(crate::devices::disks::DEVICE_THREAD.into())
             .spawn(|| panic!("an overflowing fault rule"))
             .expect("spawn")
             .join();
@@ -66,13 +80,14 @@ mod tests {
         // process's): find this one's.
         loop {
             match rx.recv_timeout(std::time::Duration::from_secs(5)) {
-                Ok(VmEvent::ThreadPanicked { thread, message }) if thread == "devices" => {
+                Ok(Input::DeviceFailed { device, message }) => {
+                    assert!(device.contains("virtio-blk"), "{device}");
                     assert!(message.contains("an overflowing fault rule"), "{message}");
                     assert!(message.contains("panics.rs"), "{message}");
                     break;
                 }
-                Ok(VmEvent::ThreadPanicked { .. }) => continue,
-                other => panic!("no ThreadPanicked: {other:?}"),
+                Ok(Input::ThreadPanicked { .. }) => continue,
+                other => panic!("no DeviceFailed: {other:?}"),
             }
         }
     }

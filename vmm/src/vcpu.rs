@@ -18,8 +18,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_run, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
+use crate::devices::disks::MmioBus;
 use crate::devices::legacy::{PortBus, Request};
-use crate::vm::{MmioBus, VmEvent};
+use crate::owner::Input;
 
 /// The signal that kicks vCPUs out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -229,7 +230,7 @@ pub fn run(
     control: Arc<Control>,
     ports: Arc<PortBus>,
     mmio: Arc<MmioBus>,
-    events: Sender<VmEvent>,
+    events: Sender<Input>,
 ) {
     let _gone = ParkedWhenGone(&control);
     KVM_RUN.with(|r| r.set(vcpu.get_kvm_run() as *mut kvm_run));
@@ -239,9 +240,9 @@ pub fn run(
         }
         let event = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => ports.write(port, data).map(|r| match r {
-                Request::Poweroff => VmEvent::Poweroff,
-                Request::Reboot => VmEvent::Reboot,
-                Request::Panic => VmEvent::GuestPanic,
+                Request::Poweroff => Input::Poweroff,
+                Request::Reboot => Input::Reboot,
+                Request::Panic => Input::GuestPanic,
             }),
             Ok(VcpuExit::IoIn(port, data)) => {
                 ports.read(port, data);
@@ -255,14 +256,14 @@ pub fn run(
                 mmio.write(addr, data);
                 None
             }
-            Ok(VcpuExit::Shutdown) => Some(VmEvent::Reboot), // triple fault
+            Ok(VcpuExit::Shutdown) => Some(Input::Reboot), // triple fault
             Ok(VcpuExit::Hlt) => None,
-            Ok(VcpuExit::InternalError) => Some(VmEvent::EmulationFailure { cpu }),
-            Ok(VcpuExit::FailEntry(reason, _)) => Some(VmEvent::VcpuFailed {
+            Ok(VcpuExit::InternalError) => Some(Input::EmulationFailure { cpu }),
+            Ok(VcpuExit::FailEntry(reason, _)) => Some(Input::VcpuFailed {
                 cpu,
                 message: format!("KVM could not enter the guest (hardware reason {reason:#x})"),
             }),
-            Ok(other) => Some(VmEvent::VcpuFailed {
+            Ok(other) => Some(Input::VcpuFailed {
                 cpu,
                 message: format!("unexpected exit {other:?}"),
             }),
@@ -270,7 +271,7 @@ pub fn run(
                 vcpu.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => Some(VmEvent::VcpuFailed {
+            Err(e) => Some(Input::VcpuFailed {
                 cpu,
                 message: format!("KVM_RUN failed: {e}"),
             }),

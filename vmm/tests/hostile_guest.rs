@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use holdfast_block::{Backend, Disk, DiskConfig, FaultInjector, MemBackend};
 use holdfast_vmm::layout::VIRTIO_MMIO_BASE;
-use holdfast_vmm::vm::{DiskSpec, Exit, Vm};
+use holdfast_vmm::owner::Exit;
+use holdfast_vmm::vm::{DiskSpec, Vm};
 use serde_json::json;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;

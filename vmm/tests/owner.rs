@@ -14,7 +14,8 @@ use holdfast_block::{
     Trigger,
 };
 use holdfast_vmm::owner;
-use holdfast_vmm::vm::{DiskSpec, Exit, Vm, VmEvent};
+use holdfast_vmm::owner::{Exit, Input};
+use holdfast_vmm::vm::{DiskSpec, Vm};
 use serde_json::{json, Value};
 
 mod common;
@@ -92,7 +93,7 @@ impl Running {
             action: ErrorAction::Stop,
         };
         self.tx
-            .send(VmEvent::DiskError {
+            .send(Input::DiskError {
                 disk: disk.into(),
                 report,
                 at: std::time::Instant::now(),
@@ -172,7 +173,7 @@ fn quit_with_bytes_it_cannot_flush_says_how_many() {
 fn sigterm_while_stopped_on_an_error_settles_and_says_what_it_drops() {
     let Some(mut r) = start() else { return };
     r.disk_error();
-    r.tx.send(VmEvent::HostSignal {
+    r.tx.send(Input::HostSignal {
         signal: libc::SIGTERM,
     })
     .expect("owner alive");
@@ -507,7 +508,7 @@ fn a_disk_detached_after_a_user_stop_is_replayed_on_cont() {
 fn every_command_refuses_an_argument_it_does_not_take() {
     let Some(mut r) = start() else { return };
     let before = r.qmp("query-status").expect("status");
-    for command in owner::COMMANDS {
+    for command in owner::Command::names() {
         let e = r
             .call(command, json!({"bogus": 1}))
             .expect_err("bogus argument");
@@ -532,7 +533,7 @@ fn every_command_refuses_an_argument_it_does_not_take() {
 #[test]
 fn a_panicking_thread_ends_holdfast_like_quit() {
     let Some(mut r) = start() else { return };
-    r.tx.send(VmEvent::ThreadPanicked {
+    r.tx.send(Input::ThreadPanicked {
         thread: "devices".into(),
         message: "attempt to add with overflow".into(),
     })

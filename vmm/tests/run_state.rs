@@ -11,7 +11,8 @@ use holdfast_block::{
     Backend, Disk, DiskConfig, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend, Request,
     RequestOp, Trigger,
 };
-use holdfast_vmm::vm::{ResumeFailure, Vm};
+use holdfast_vmm::owner::{Lifecycle, ResumeFailure};
+use holdfast_vmm::vm::Vm;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;

@@ -1,55 +1,29 @@
 //! A QMP client's byte stream, cut anywhere, through the server's splitter and
-//! its per-message dispatch, with a machine that checks arguments as holdfast's
-//! run-state owner does. Nothing may panic; every message gets one reply, a
+//! its per-message dispatch, into holdfast's own command parser
+//! (`owner::Command::parse`). Nothing may panic; every message gets one reply, a
 //! `return` or an `error`; every byte is looked at once.
 #![no_main]
 
 use std::sync::Arc;
 
-use holdfast_block::FaultRule;
 use holdfast_qmp::server::respond;
 use holdfast_qmp::stream::{Input, Splitter};
 use holdfast_qmp::{Args, Machine, QmpError};
+use holdfast_vmm::owner::Command;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 
+/// holdfast's own command parser (the one the QMP bridge runs in front of the
+/// run-state owner), answering `{}` for any command it accepts.
 struct Owner;
 
 impl Machine for Owner {
     fn commands(&self) -> Vec<&'static str> {
-        vec![
-            "query-status",
-            "stop",
-            "cont",
-            "x-block-fault",
-            "x-block-detach",
-            "x-block-attach",
-        ]
+        Command::names()
     }
 
     fn execute(&self, command: &str, args: &Args) -> Result<Value, QmpError> {
-        match command {
-            "x-block-fault" => {
-                args.only(&["device", "arm", "clear", "clear-all"])?;
-                args.str("device")?;
-                if let Some(rule) = args.get("arm") {
-                    FaultRule::from_json_value(rule.clone())
-                        .map_err(|e| QmpError::generic(format!("arm: {e}")))?;
-                }
-                args.opt_str("clear")?;
-                args.opt_bool("clear-all")?;
-            }
-            "x-block-detach" => {
-                args.only(&["device"])?;
-                args.str("device")?;
-            }
-            "x-block-attach" => {
-                args.only(&["device", "filename"])?;
-                args.str("device")?;
-                args.opt_str("filename")?;
-            }
-            _ => args.only(&[])?,
-        }
+        Command::parse(command, args)?;
         Ok(json!({}))
     }
 }

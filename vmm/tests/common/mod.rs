@@ -111,9 +111,9 @@ pub fn holdfast_run(kernel: &std::path::Path) -> std::process::Command {
 /// QMP bridge drives it, with every event it sends kept.
 #[allow(dead_code)]
 pub struct OwnerThread {
-    pub tx: std::sync::mpsc::Sender<holdfast_vmm::vm::VmEvent>,
+    pub tx: std::sync::mpsc::Sender<holdfast_vmm::owner::Input>,
     pub events: tokio::sync::broadcast::Receiver<String>,
-    owner: Option<std::thread::JoinHandle<holdfast_vmm::vm::Exit>>,
+    owner: Option<std::thread::JoinHandle<holdfast_vmm::owner::Exit>>,
 }
 
 #[allow(dead_code)]
@@ -146,13 +146,11 @@ impl OwnerThread {
         let serde_json::Value::Object(args) = args else {
             panic!("arguments are an object")
         };
+        // Parsed at the edge, as the QMP bridge does.
+        let command = holdfast_vmm::owner::Command::parse(command, &holdfast_qmp::Args(args))?;
         let (reply, answer) = std::sync::mpsc::channel();
         self.tx
-            .send(holdfast_vmm::vm::VmEvent::Qmp {
-                command: command.into(),
-                args: holdfast_qmp::Args(args),
-                reply,
-            })
+            .send(holdfast_vmm::owner::Input::Qmp { command, reply })
             .expect("owner alive");
         answer
             .recv_timeout(std::time::Duration::from_secs(20))
@@ -175,7 +173,7 @@ impl OwnerThread {
     }
 
     /// How the owner ended (once; the events it sent stay readable).
-    pub fn join(&mut self) -> holdfast_vmm::vm::Exit {
+    pub fn join(&mut self) -> holdfast_vmm::owner::Exit {
         self.owner
             .take()
             .expect("joined once")

@@ -1,0 +1,479 @@
+//! The run-state owner: the one loop that changes the machine's run state. vCPUs,
+//! the disks' device thread, the QMP server, the signal thread and the panic hook
+//! send it [`Input`]s ([`inbox`]); [`Owner::step`] is its one transition function,
+//! over the machine's [`Lifecycle`] (so every transition is unit-tested without KVM).
+//! QMP commands arrive parsed ([`command::Command`]).
+//!
+//! ```text
+//!   running --stop--> paused --cont--> running
+//!      |                 ^  (cont replays stopped disks first; if a replay
+//!      |                 |   fails: BLOCK_IO_ERROR again, cont errors, io-error)
+//!      +--disk error (stop)--> io-error --cont--> running
+//!   any --poweroff/reboot/panic/quit/SIGTERM/a holdfast thread's or device's failure--> end
+//! ```
+//!
+//! While paused (either way), `x-block-detach` lets a disk go of its image and
+//! `x-block-attach` takes it back; the run state does not change, but `cont` is
+//! refused, with nothing changed, while any disk is detached. After an attach `cont`
+//! replays that disk like any stopped one.
+//!
+//! Events, in order: a host error sends `BLOCK_IO_ERROR` then (if the VM stops)
+//! `STOP`; a successful `cont` sends `X_BLOCK_REPLAY` per replayed disk, then
+//! `RESUME`; the end sends `SHUTDOWN` (after `X_UNFLUSHED_DROPPED` per disk whose
+//! bytes could not be made stable, when the host ends it). A disk whose queue the
+//! guest broke sends `X_DEVICE_NEEDS_RESET` and changes no run state.
+
+pub mod command;
+pub mod inbox;
+pub mod lifecycle;
+
+use std::time::{Duration, Instant};
+
+use holdfast_block::{ErrorAction, HostError, HostOp, IoErrorReport};
+use holdfast_qmp::{EventSink, QmpError};
+use serde_json::{json, Value};
+
+pub use command::{Command, Fault, Layer, QmpBridge};
+pub use inbox::{Exit, Inbox, Input};
+pub use lifecycle::{
+    AttachFailure, DiskInfo, Dropped, FaultPoints, Lifecycle, Replayed, ResumeFailure, SavedClock,
+    SimulatedHost,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    IoError,
+}
+
+impl RunState {
+    pub const ALL: [RunState; 3] = [RunState::Running, RunState::Paused, RunState::IoError];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::IoError => "io-error",
+        }
+    }
+}
+
+/// The latest stop on a host error and the `cont` that resumed from it, for the
+/// outage benchmark (`x-query-timings`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timings {
+    /// From the failing host call's return to every vCPU parked.
+    error_to_stopped: Option<Duration>,
+    /// From `cont` arriving to the vCPUs released (replay included).
+    cont_to_running: Option<Duration>,
+    /// That `cont`'s replays: bytes rewritten and time taken, over every disk.
+    replay_bytes: u64,
+    replay: Duration,
+}
+
+/// What the loop does after a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Go,
+    End(Exit),
+}
+
+/// The run state and what goes with it: the guest clock saved at the pause, the
+/// timings, where events go.
+#[derive(Debug)]
+pub struct Owner {
+    state: RunState,
+    clock: SavedClock,
+    timings: Timings,
+    events: EventSink,
+}
+
+/// Runs the machine until it ends; returns how.
+pub fn run(vm: &mut crate::vm::Vm, events: &EventSink) -> Exit {
+    let mut owner = Owner::new(events.clone());
+    loop {
+        let Some(input) = vm.next_input() else {
+            return Exit::Failed("every vCPU is gone".into());
+        };
+        if let Step::End(exit) = owner.step(vm, input) {
+            return exit;
+        }
+    }
+}
+
+impl Owner {
+    /// A running machine's owner.
+    pub fn new(events: EventSink) -> Owner {
+        Owner::in_state(RunState::Running, events)
+    }
+
+    /// An owner in `state` (tests start from every state).
+    pub fn in_state(state: RunState, events: EventSink) -> Owner {
+        Owner {
+            state,
+            clock: None,
+            timings: Timings::default(),
+            events,
+        }
+    }
+
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// The transition function: one input, in the current state.
+    pub fn step(&mut self, m: &mut impl Lifecycle, input: Input) -> Step {
+        match input {
+            Input::Poweroff => self.guest_ended(Exit::Poweroff, "guest-shutdown"),
+            Input::Reboot => self.guest_ended(Exit::Reboot, "guest-reset"),
+            Input::GuestPanic => {
+                self.events
+                    .emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+                self.guest_ended(Exit::GuestPanic, "guest-panic")
+            }
+            Input::EmulationFailure { cpu } => Step::End(Exit::EmulationFailure { cpu }),
+            Input::VcpuFailed { cpu, message } => {
+                Step::End(Exit::Failed(format!("vCPU {cpu}: {message}")))
+            }
+            Input::DeviceFailed { device, message } => {
+                log::error!("ending: pausing the guest and settling its disks");
+                self.settle_and_end(m, "host-error");
+                Step::End(Exit::Failed(format!("device {device} failed: {message}")))
+            }
+            Input::ThreadPanicked { thread, message } => {
+                log::error!("ending: pausing the guest and settling its disks");
+                self.settle_and_end(m, "host-error");
+                Step::End(Exit::Failed(format!("thread {thread} panicked: {message}")))
+            }
+            Input::HostSignal { signal } => {
+                let name = crate::host_signals::signal_name(signal);
+                log::info!("{name}: pausing the guest and settling its disks");
+                self.settle_and_end(m, "host-signal");
+                Step::End(Exit::Signal(name))
+            }
+            Input::DeviceNeedsReset { disk, reason } => {
+                log::error!(
+                    "disk {disk}: the guest's queue is broken ({reason}); the device \
+                     needs a reset by the guest's driver, the VM and the other disks go on"
+                );
+                self.events.emit(
+                    "X_DEVICE_NEEDS_RESET",
+                    json!({"device": disk, "reason": reason}),
+                );
+                Step::Go
+            }
+            Input::DiskError { disk, report, at } => {
+                log::warn!(
+                    "disk {disk}: {} (action: {})",
+                    report.error,
+                    report.action.as_str()
+                );
+                block_io_error(&self.events, &disk, &report);
+                match (self.state, report.action) {
+                    (RunState::Running, ErrorAction::Stop) => {
+                        self.clock = m.pause();
+                        self.timings.error_to_stopped = Some(at.elapsed());
+                        self.state = RunState::IoError;
+                        self.events.emit("STOP", Value::Null);
+                    }
+                    // Already paused: the disk's error is now what holds it.
+                    (RunState::Paused | RunState::IoError, ErrorAction::Stop) => {
+                        self.state = RunState::IoError;
+                    }
+                    (_, ErrorAction::Report | ErrorAction::Ignore) => {}
+                }
+                Step::Go
+            }
+            Input::Qmp { command, reply } => {
+                let (answer, step) = self.command(m, command);
+                let _ = reply.send(answer);
+                step
+            }
+        }
+    }
+
+    fn guest_ended(&self, exit: Exit, reason: &str) -> Step {
+        self.events
+            .emit("SHUTDOWN", json!({"guest": true, "reason": reason}));
+        Step::End(exit)
+    }
+
+    /// The end the host asked for (`quit`, a signal, a failure of holdfast's): stop
+    /// the vCPUs, make every disk's buffered bytes stable, say per disk how many
+    /// bytes could not be and are dropped (`X_UNFLUSHED_DROPPED`), send `SHUTDOWN`.
+    fn settle_and_end(&mut self, m: &mut impl Lifecycle, reason: &str) {
+        if self.state == RunState::Running {
+            m.pause();
+        }
+        // holdfast's exit (Vm::shutdown) settles once more and prints what it drops.
+        for d in m.settle() {
+            self.events.emit(
+                "X_UNFLUSHED_DROPPED",
+                json!({"device": d.disk, "bytes": d.bytes, "reason": d.why}),
+            );
+        }
+        self.events
+            .emit("SHUTDOWN", json!({"guest": false, "reason": reason}));
+    }
+
+    fn command(
+        &mut self,
+        m: &mut impl Lifecycle,
+        command: Command,
+    ) -> (Result<Value, QmpError>, Step) {
+        let answer = match command {
+            Command::QueryStatus => Ok(json!({
+                "status": self.state.as_str(),
+                "running": self.state == RunState::Running,
+                "singlestep": false,
+            })),
+            Command::Stop => {
+                if self.state == RunState::Running {
+                    self.clock = m.pause();
+                    self.state = RunState::Paused;
+                    self.events.emit("STOP", Value::Null);
+                }
+                Ok(json!({}))
+            }
+            Command::Cont => self.cont(m).map(|()| json!({})),
+            Command::Quit => {
+                self.settle_and_end(m, "host-qmp-quit");
+                return (Ok(json!({})), Step::End(Exit::Quit));
+            }
+            Command::QueryBlock => Ok(query_block(&m.disks())),
+            Command::XQueryUnflushed => Ok(query_unflushed(&m.disks())),
+            Command::XQueryTimings => {
+                let t = &self.timings;
+                Ok(json!({
+                    "error-to-stopped-ns": t.error_to_stopped.map(|d| d.as_nanos() as u64),
+                    "cont-to-running-ns": t.cont_to_running.map(|d| d.as_nanos() as u64),
+                    "replay-bytes": t.replay_bytes,
+                    "replay-ns": t.replay.as_nanos() as u64,
+                }))
+            }
+            Command::XBlockFault { device, fault } => block_fault(m, &device, fault),
+            Command::XBlockDetach { device } => self.detach(m, &device),
+            Command::XBlockAttach { device, filename } => attach(m, &device, filename.as_deref()),
+        };
+        (answer, Step::Go)
+    }
+
+    fn cont(&mut self, m: &mut impl Lifecycle) -> Result<(), QmpError> {
+        if self.state == RunState::Running {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match m.resume(self.clock) {
+            Ok(replayed) => {
+                for r in &replayed {
+                    self.events.emit(
+                        "X_BLOCK_REPLAY",
+                        json!({
+                            "device": r.disk, "bytes-rewritten": r.bytes_rewritten, "outcome": "ok",
+                            "duration-ns": r.duration.as_nanos() as u64,
+                        }),
+                    );
+                }
+                self.state = RunState::Running;
+                self.events.emit("RESUME", Value::Null);
+                if self.timings.error_to_stopped.is_some() {
+                    self.timings.cont_to_running = Some(started.elapsed());
+                }
+                if !replayed.is_empty() {
+                    self.timings.replay_bytes = replayed.iter().map(|r| r.bytes_rewritten).sum();
+                    self.timings.replay = replayed.iter().map(|r| r.duration).sum();
+                }
+                Ok(())
+            }
+            // Refused before anything ran: the run state stays as it was.
+            Err(f @ ResumeFailure::Detached { .. }) => Err(QmpError::generic(format!(
+                "{f}; the VM stays paused (see docs/durability.md)"
+            ))),
+            Err(ResumeFailure::Replay { disk, error }) => {
+                self.state = RunState::IoError;
+                let report = IoErrorReport {
+                    error,
+                    action: ErrorAction::Stop,
+                };
+                self.events.emit(
+                    "X_BLOCK_REPLAY",
+                    json!({"device": disk, "outcome": "failed", "errno": error.errno_name()}),
+                );
+                block_io_error(&self.events, &disk, &report);
+                Err(QmpError::generic(format!(
+                    "disk {disk}: replay failed: {} ({}); the VM stays paused{}",
+                    error.errno_name(),
+                    errno_desc(&error),
+                    next_step(error.errno),
+                )))
+            }
+        }
+    }
+
+    fn detach(&mut self, m: &mut impl Lifecycle, device: &str) -> Result<Value, QmpError> {
+        let Some(disk) = m.disks().into_iter().find(|d| d.id == device) else {
+            return Err(QmpError::device_not_found(device));
+        };
+        if self.state == RunState::Running {
+            return Err(QmpError::generic(format!(
+                "disk {device}: the VM is running; a disk can let go of its image only while \
+                 the VM is paused (stop, or a pause on an I/O error)"
+            )));
+        }
+        m.detach(device).map_err(attach_error)?;
+        log::info!(
+            "disk {device}: detached from {}; {} buffered bytes and {} parked requests \
+             kept in memory",
+            disk.path,
+            disk.status.buffer.bytes,
+            disk.status.parked
+        );
+        Ok(json!({}))
+    }
+}
+
+fn errno_desc(e: &HostError) -> String {
+    holdfast_block::strerror(e.errno)
+}
+
+fn block_io_error(events: &EventSink, disk: &str, report: &IoErrorReport) {
+    let operation = if report.error.op == HostOp::Read {
+        "read"
+    } else {
+        "write"
+    };
+    events.emit(
+        "BLOCK_IO_ERROR",
+        json!({
+            "device": disk,
+            "node-name": disk,
+            "operation": operation,
+            "action": report.action.as_str(),
+            "nospace": report.error.is_nospace(),
+            "reason": errno_desc(&report.error),
+        }),
+    );
+}
+
+fn query_block(disks: &[DiskInfo]) -> Value {
+    Value::Array(
+        disks
+            .iter()
+            .map(|d| {
+                let mut info = json!({
+                    "device": d.id, "qdev": d.id, "locked": false, "removable": false, "type": "unknown",
+                    "io-status": d.status.io_status.as_str(),
+                    "x-detached": d.status.detached,
+                });
+                // As QEMU shows a drive with no medium: no "inserted".
+                if d.status.detached {
+                    info["x-detached-from"] = json!(d.path);
+                } else {
+                    info["inserted"] = json!({
+                        "file": d.path, "node-name": d.id, "drv": "raw", "ro": d.read_only,
+                        "cache": {"writeback": d.writeback, "direct": d.direct, "no-flush": false},
+                    });
+                }
+                info
+            })
+            .collect(),
+    )
+}
+
+fn query_unflushed(disks: &[DiskInfo]) -> Value {
+    Value::Array(
+        disks
+            .iter()
+            .map(|d| {
+                let s = d.status;
+                json!({
+                    "device": d.id,
+                    "bytes": s.buffer.bytes, "extents": s.buffer.extents, "peak-bytes": s.buffer.peak_bytes,
+                    "parked": s.parked, "io-status": s.io_status.as_str(), "internal-flushes": s.internal_flushes,
+                    "detached": s.detached,
+                    "last-error": s.last_error.map(|e| json!({
+                        "operation": e.op.to_string(), "errno": e.errno_name(), "desc": errno_desc(&e),
+                    })),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// What the operator can do when a replay fails with `errno`, for `cont`'s error.
+fn next_step(errno: i32) -> &'static str {
+    match errno {
+        libc::EROFS => {
+            ". The host file system holding the image has turned read-only (ext4 does when \
+             a journal commit fails, Btrfs when a transaction commit fails) and stays so \
+             until it is mounted again: x-block-detach the disk, unmount the file system, \
+             repair it (fsck), mount it, x-block-attach the disk, then cont. Nothing \
+             buffered is lost meanwhile (docs/durability.md)"
+        }
+        libc::EIO => {
+            ". If the storage is back and cont still fails with EIO, the host file system \
+             may have shut down (XFS does when a log write fails): x-block-detach the disk, \
+             unmount, repair and mount the file system, x-block-attach the disk, then cont \
+             (docs/durability.md)"
+        }
+        libc::ENOSPC | libc::EDQUOT => ". Free space on the host file system, then cont",
+        _ => "",
+    }
+}
+
+fn attach(m: &mut impl Lifecycle, device: &str, filename: Option<&str>) -> Result<Value, QmpError> {
+    m.attach(device, filename.map(std::path::Path::new))
+        .map_err(attach_error)?;
+    if let Some(d) = m.disks().into_iter().find(|d| d.id == device) {
+        log::info!(
+            "disk {device}: attached to {}; cont replays its {} buffered bytes",
+            d.path,
+            d.status.buffer.bytes
+        );
+    }
+    Ok(json!({}))
+}
+
+fn attach_error(e: AttachFailure) -> QmpError {
+    match e {
+        AttachFailure::NoSuchDisk(d) => QmpError::device_not_found(&d),
+        e @ AttachFailure::Disk { .. } => QmpError::generic(format!("{e}; nothing changed")),
+    }
+}
+
+fn block_fault(m: &impl Lifecycle, device: &str, fault: Fault) -> Result<Value, QmpError> {
+    let points = m
+        .fault_points(device)
+        .ok_or_else(|| QmpError::device_not_found(device))?;
+    let simulated = || {
+        points.simulated.clone().ok_or_else(|| {
+            QmpError::generic(format!(
+                "disk {device} has no simulated host (x-host=simulated:MODEL)"
+            ))
+        })
+    };
+    let layer = |layer: Layer| match layer {
+        Layer::Calls => points.calls.clone().ok_or_else(|| {
+            QmpError::generic(format!("disk {device} has no fault injection point"))
+        }),
+        Layer::Writeback => Ok(simulated()?.writeback),
+    };
+    Ok(match fault {
+        Fault::Evict => {
+            (simulated()?.evict)();
+            json!({})
+        }
+        Fault::Arm(l, rule) => json!({"id": layer(l)?.arm(rule)}),
+        Fault::Clear(l, name) => json!({"cleared": layer(l)?.clear_named(&name)}),
+        Fault::ClearAll(l) => {
+            let faults = layer(l)?;
+            let n = faults.rules().len();
+            faults.clear_all();
+            json!({"cleared": n})
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

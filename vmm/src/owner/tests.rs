@@ -1,0 +1,512 @@
+//! Every (run state, input) pair through [`Owner::step`], on a fake machine: the
+//! state after it (or how the machine ends), the events in order, what the owner
+//! asked of the machine, and whether a command succeeded. No `/dev/kvm` needed.
+
+use std::path::Path;
+use std::sync::mpsc::channel;
+
+use holdfast_block::{
+    Disk, DiskConfig, ErrorAction, FaultHandle, FaultOp, FaultRule, HostError, HostOp,
+    IoErrorReport, MemBackend, Trigger,
+};
+use holdfast_qmp::EventSink;
+use serde_json::Value;
+
+use super::*;
+
+/// How `resume` goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Resume {
+    Replays,
+    Detached,
+    ReplayFails,
+}
+
+/// A machine that records what the owner asks of it.
+struct Fake {
+    calls: Vec<String>,
+    resume: Resume,
+    /// The clock `resume` was given.
+    resumed_with: Option<SavedClock>,
+    faults: FaultHandle,
+}
+
+const CLOCK: u64 = 42;
+
+impl Fake {
+    fn new(resume: Resume) -> Fake {
+        Fake {
+            calls: Vec::new(),
+            resume,
+            resumed_with: None,
+            faults: FaultHandle::default(),
+        }
+    }
+}
+
+impl Lifecycle for Fake {
+    fn pause(&mut self) -> SavedClock {
+        self.calls.push("pause".into());
+        Some(kvm_bindings::kvm_clock_data {
+            clock: CLOCK,
+            ..Default::default()
+        })
+    }
+
+    fn resume(&mut self, clock: SavedClock) -> Result<Vec<Replayed>, ResumeFailure> {
+        self.calls.push("resume".into());
+        self.resumed_with = Some(clock);
+        match self.resume {
+            Resume::Replays => Ok(vec![Replayed {
+                disk: "data".into(),
+                bytes_rewritten: 4096,
+                duration: Duration::from_millis(3),
+            }]),
+            Resume::Detached => Err(ResumeFailure::Detached {
+                disk: "data".into(),
+            }),
+            Resume::ReplayFails => Err(ResumeFailure::Replay {
+                disk: "data".into(),
+                error: HostError::new(HostOp::Flush, libc::EIO),
+            }),
+        }
+    }
+
+    fn settle(&mut self) -> Vec<Dropped> {
+        self.calls.push("settle".into());
+        vec![Dropped {
+            disk: "data".into(),
+            bytes: 512,
+            why: "EIO".into(),
+        }]
+    }
+
+    fn disks(&self) -> Vec<DiskInfo> {
+        vec![DiskInfo {
+            id: "data".into(),
+            path: "data.img".into(),
+            direct: false,
+            read_only: false,
+            writeback: true,
+            status: Disk::new(MemBackend::new(4096), DiskConfig::default()).status(),
+        }]
+    }
+
+    fn fault_points(&self, disk: &str) -> Option<FaultPoints> {
+        (disk == "data").then(|| FaultPoints {
+            calls: Some(self.faults.clone()),
+            simulated: None,
+        })
+    }
+
+    fn detach(&mut self, disk: &str) -> Result<(), AttachFailure> {
+        self.calls.push(format!("detach {disk}"));
+        Ok(())
+    }
+
+    fn attach(&mut self, disk: &str, _path: Option<&Path>) -> Result<(), AttachFailure> {
+        self.calls.push(format!("attach {disk}"));
+        Ok(())
+    }
+}
+
+/// Every kind of input, with the variants of `cont` that the machine decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Case {
+    Poweroff,
+    Reboot,
+    GuestPanic,
+    EmulationFailure,
+    VcpuFailed,
+    DeviceFailed,
+    DeviceNeedsReset,
+    DiskErrorStop,
+    DiskErrorReport,
+    ThreadPanicked,
+    HostSignal,
+    QueryStatus,
+    Stop,
+    ContReplays,
+    ContDetached,
+    ContReplayFails,
+    Quit,
+    QueryBlock,
+    XQueryUnflushed,
+    XQueryTimings,
+    XBlockFault,
+    XBlockDetach,
+    XBlockAttach,
+}
+
+const CASES: [Case; 23] = [
+    Case::Poweroff,
+    Case::Reboot,
+    Case::GuestPanic,
+    Case::EmulationFailure,
+    Case::VcpuFailed,
+    Case::DeviceFailed,
+    Case::DeviceNeedsReset,
+    Case::DiskErrorStop,
+    Case::DiskErrorReport,
+    Case::ThreadPanicked,
+    Case::HostSignal,
+    Case::QueryStatus,
+    Case::Stop,
+    Case::ContReplays,
+    Case::ContDetached,
+    Case::ContReplayFails,
+    Case::Quit,
+    Case::QueryBlock,
+    Case::XQueryUnflushed,
+    Case::XQueryTimings,
+    Case::XBlockFault,
+    Case::XBlockDetach,
+    Case::XBlockAttach,
+];
+
+/// Which case an input is. Exhaustive: a new input or command does not compile
+/// until it has a case here (and so an expectation below).
+fn case_of(input: &Input, resume: Resume) -> Case {
+    match input {
+        Input::Poweroff => Case::Poweroff,
+        Input::Reboot => Case::Reboot,
+        Input::GuestPanic => Case::GuestPanic,
+        Input::EmulationFailure { .. } => Case::EmulationFailure,
+        Input::VcpuFailed { .. } => Case::VcpuFailed,
+        Input::DeviceFailed { .. } => Case::DeviceFailed,
+        Input::DeviceNeedsReset { .. } => Case::DeviceNeedsReset,
+        Input::DiskError { report, .. } => match report.action {
+            ErrorAction::Stop => Case::DiskErrorStop,
+            ErrorAction::Report | ErrorAction::Ignore => Case::DiskErrorReport,
+        },
+        Input::ThreadPanicked { .. } => Case::ThreadPanicked,
+        Input::HostSignal { .. } => Case::HostSignal,
+        Input::Qmp { command, .. } => match command {
+            Command::QueryStatus => Case::QueryStatus,
+            Command::Stop => Case::Stop,
+            Command::Cont => match resume {
+                Resume::Replays => Case::ContReplays,
+                Resume::Detached => Case::ContDetached,
+                Resume::ReplayFails => Case::ContReplayFails,
+            },
+            Command::Quit => Case::Quit,
+            Command::QueryBlock => Case::QueryBlock,
+            Command::XQueryUnflushed => Case::XQueryUnflushed,
+            Command::XQueryTimings => Case::XQueryTimings,
+            Command::XBlockFault { .. } => Case::XBlockFault,
+            Command::XBlockDetach { .. } => Case::XBlockDetach,
+            Command::XBlockAttach { .. } => Case::XBlockAttach,
+        },
+    }
+}
+
+type Reply = std::sync::mpsc::Receiver<Result<Value, holdfast_qmp::QmpError>>;
+
+/// The input of a case, the machine it meets, and where a command's answer goes.
+fn input(case: Case) -> (Input, Resume, Option<Reply>) {
+    let disk_error = |action| Input::DiskError {
+        disk: "data".into(),
+        report: IoErrorReport {
+            error: HostError::new(HostOp::Flush, libc::EIO),
+            action,
+        },
+        at: Instant::now(),
+    };
+    let qmp = |command, resume| {
+        let (reply, answer) = channel();
+        (Input::Qmp { command, reply }, resume, Some(answer))
+    };
+    let plain = |input| (input, Resume::Replays, None);
+    match case {
+        Case::Poweroff => plain(Input::Poweroff),
+        Case::Reboot => plain(Input::Reboot),
+        Case::GuestPanic => plain(Input::GuestPanic),
+        Case::EmulationFailure => plain(Input::EmulationFailure { cpu: 0 }),
+        Case::VcpuFailed => plain(Input::VcpuFailed {
+            cpu: 0,
+            message: "KVM_RUN: EFAULT".into(),
+        }),
+        Case::DeviceFailed => plain(Input::DeviceFailed {
+            device: "virtio-blk".into(),
+            message: "overflow".into(),
+        }),
+        Case::DeviceNeedsReset => plain(Input::DeviceNeedsReset {
+            disk: "data".into(),
+            reason: "used ring out of memory".into(),
+        }),
+        Case::DiskErrorStop => plain(disk_error(ErrorAction::Stop)),
+        Case::DiskErrorReport => plain(disk_error(ErrorAction::Report)),
+        Case::ThreadPanicked => plain(Input::ThreadPanicked {
+            thread: "qmp".into(),
+            message: "boom".into(),
+        }),
+        Case::HostSignal => plain(Input::HostSignal {
+            signal: libc::SIGTERM,
+        }),
+        Case::QueryStatus => qmp(Command::QueryStatus, Resume::Replays),
+        Case::Stop => qmp(Command::Stop, Resume::Replays),
+        Case::ContReplays => qmp(Command::Cont, Resume::Replays),
+        Case::ContDetached => qmp(Command::Cont, Resume::Detached),
+        Case::ContReplayFails => qmp(Command::Cont, Resume::ReplayFails),
+        Case::Quit => qmp(Command::Quit, Resume::Replays),
+        Case::QueryBlock => qmp(Command::QueryBlock, Resume::Replays),
+        Case::XQueryUnflushed => qmp(Command::XQueryUnflushed, Resume::Replays),
+        Case::XQueryTimings => qmp(Command::XQueryTimings, Resume::Replays),
+        Case::XBlockFault => qmp(
+            Command::XBlockFault {
+                device: "data".into(),
+                fault: Fault::Arm(
+                    Layer::Calls,
+                    FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Once),
+                ),
+            },
+            Resume::Replays,
+        ),
+        Case::XBlockDetach => qmp(
+            Command::XBlockDetach {
+                device: "data".into(),
+            },
+            Resume::Replays,
+        ),
+        Case::XBlockAttach => qmp(
+            Command::XBlockAttach {
+                device: "data".into(),
+                filename: None,
+            },
+            Resume::Replays,
+        ),
+    }
+}
+
+/// After a step: a run state, or the end.
+#[derive(Debug, Clone, PartialEq)]
+enum After {
+    State(RunState),
+    /// How it ended; `Failed`'s message starts with the text given.
+    End(Exit),
+}
+
+#[derive(Debug, PartialEq)]
+struct Expect {
+    after: After,
+    events: Vec<&'static str>,
+    calls: Vec<&'static str>,
+    /// A command's answer: Ok or an error.
+    ok: Option<bool>,
+}
+
+/// What each (state, input) pair must do.
+fn expect(state: RunState, case: Case) -> Expect {
+    use RunState::*;
+    let running = state == Running;
+    let same = After::State(state);
+    let e = |after, events: &[&'static str], calls: &[&'static str], ok| Expect {
+        after,
+        events: events.to_vec(),
+        calls: calls.to_vec(),
+        ok,
+    };
+    // The host's end: pause if running, settle (one disk drops 512 bytes), SHUTDOWN.
+    let host_end = |exit, ok| {
+        let calls: &[&str] = if running {
+            &["pause", "settle"]
+        } else {
+            &["settle"]
+        };
+        e(
+            After::End(exit),
+            &["X_UNFLUSHED_DROPPED", "SHUTDOWN"],
+            calls,
+            ok,
+        )
+    };
+    match case {
+        Case::Poweroff => e(After::End(Exit::Poweroff), &["SHUTDOWN"], &[], None),
+        Case::Reboot => e(After::End(Exit::Reboot), &["SHUTDOWN"], &[], None),
+        Case::GuestPanic => e(
+            After::End(Exit::GuestPanic),
+            &["GUEST_PANICKED", "SHUTDOWN"],
+            &[],
+            None,
+        ),
+        Case::EmulationFailure => e(
+            After::End(Exit::EmulationFailure { cpu: 0 }),
+            &[],
+            &[],
+            None,
+        ),
+        Case::VcpuFailed => e(After::End(Exit::Failed("vCPU 0".into())), &[], &[], None),
+        Case::DeviceFailed => host_end(Exit::Failed("device virtio-blk failed".into()), None),
+        Case::ThreadPanicked => host_end(Exit::Failed("thread qmp panicked".into()), None),
+        Case::HostSignal => host_end(Exit::Signal("SIGTERM"), None),
+        Case::Quit => host_end(Exit::Quit, Some(true)),
+        Case::DeviceNeedsReset => e(same, &["X_DEVICE_NEEDS_RESET"], &[], None),
+        Case::DiskErrorStop if running => e(
+            After::State(IoError),
+            &["BLOCK_IO_ERROR", "STOP"],
+            &["pause"],
+            None,
+        ),
+        Case::DiskErrorStop => e(After::State(IoError), &["BLOCK_IO_ERROR"], &[], None),
+        Case::DiskErrorReport => e(same, &["BLOCK_IO_ERROR"], &[], None),
+        Case::Stop if running => e(After::State(Paused), &["STOP"], &["pause"], Some(true)),
+        Case::Stop => e(same, &[], &[], Some(true)),
+        Case::ContReplays | Case::ContDetached | Case::ContReplayFails if running => {
+            e(same, &[], &[], Some(true))
+        }
+        Case::ContReplays => e(
+            After::State(Running),
+            &["X_BLOCK_REPLAY", "RESUME"],
+            &["resume"],
+            Some(true),
+        ),
+        Case::ContDetached => e(same, &[], &["resume"], Some(false)),
+        Case::ContReplayFails => e(
+            After::State(IoError),
+            &["X_BLOCK_REPLAY", "BLOCK_IO_ERROR"],
+            &["resume"],
+            Some(false),
+        ),
+        Case::QueryStatus
+        | Case::QueryBlock
+        | Case::XQueryUnflushed
+        | Case::XQueryTimings
+        | Case::XBlockFault => e(same, &[], &[], Some(true)),
+        Case::XBlockDetach if running => e(same, &[], &[], Some(false)),
+        Case::XBlockDetach => e(same, &[], &["detach data"], Some(true)),
+        Case::XBlockAttach => e(same, &[], &["attach data"], Some(true)),
+    }
+}
+
+fn names(rx: &mut tokio::sync::broadcast::Receiver<String>) -> Vec<String> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|t| {
+            let v: Value = serde_json::from_str(&t).expect("JSON");
+            v["event"].as_str().expect("event").to_owned()
+        })
+        .collect()
+}
+
+/// One step of `case` from `state`: what happened, as an [`Expect`].
+fn run(state: RunState, case: Case) -> (Expect, Owner, Fake, Option<Value>) {
+    let events = EventSink::new();
+    let mut rx = events.subscribe();
+    let mut owner = Owner::in_state(state, events);
+    let (input, resume, answer) = input(case);
+    assert_eq!(case_of(&input, resume), case);
+    let mut fake = Fake::new(resume);
+    let step = owner.step(&mut fake, input);
+    let after = match step {
+        Step::Go => After::State(owner.state()),
+        Step::End(Exit::Failed(message)) => {
+            // Compared by how the message starts.
+            let want = match expect(state, case).after {
+                After::End(Exit::Failed(prefix)) if message.starts_with(&prefix) => prefix,
+                _ => message,
+            };
+            After::End(Exit::Failed(want))
+        }
+        Step::End(exit) => After::End(exit),
+    };
+    let reply = answer.map(|a| a.try_recv().expect("a command is answered"));
+    let got = Expect {
+        after,
+        events: names(&mut rx).into_iter().map(|n| &*n.leak()).collect(),
+        calls: fake.calls.iter().map(|c| &*c.clone().leak()).collect(),
+        ok: reply.as_ref().map(Result::is_ok),
+    };
+    let value = reply.and_then(Result::ok);
+    (got, owner, fake, value)
+}
+
+#[test]
+fn every_state_and_input() {
+    let mut pairs = 0;
+    for state in RunState::ALL {
+        for case in CASES {
+            let (got, _, _, _) = run(state, case);
+            assert_eq!(got, expect(state, case), "{state:?} + {case:?}");
+            pairs += 1;
+        }
+    }
+    assert_eq!(pairs, 3 * 23);
+}
+
+#[test]
+fn query_status_says_the_state() {
+    for state in RunState::ALL {
+        let (_, _, _, answer) = run(state, Case::QueryStatus);
+        let answer = answer.expect("status");
+        assert_eq!(answer["status"], state.as_str());
+        assert_eq!(answer["running"], state == RunState::Running);
+    }
+}
+
+#[test]
+fn cont_restores_the_clock_the_pause_saved() {
+    let events = EventSink::new();
+    let mut owner = Owner::new(events);
+    let mut fake = Fake::new(Resume::Replays);
+    for command in [Command::Stop, Command::Cont] {
+        let (reply, answer) = channel();
+        assert_eq!(
+            owner.step(&mut fake, Input::Qmp { command, reply }),
+            Step::Go
+        );
+        answer.recv().expect("answer").expect("ok");
+    }
+    let clock = fake.resumed_with.expect("resumed").expect("a clock");
+    assert_eq!(clock.clock, CLOCK);
+    assert_eq!(owner.state(), RunState::Running);
+}
+
+#[test]
+fn timings_cover_the_latest_error_and_cont() {
+    let mut owner = Owner::new(EventSink::new());
+    let mut fake = Fake::new(Resume::Replays);
+    let (input, _, _) = input(Case::DiskErrorStop);
+    owner.step(&mut fake, input);
+    let (reply, answer) = channel();
+    owner.step(
+        &mut fake,
+        Input::Qmp {
+            command: Command::Cont,
+            reply,
+        },
+    );
+    answer.recv().expect("answer").expect("cont");
+    let (reply, answer) = channel();
+    owner.step(
+        &mut fake,
+        Input::Qmp {
+            command: Command::XQueryTimings,
+            reply,
+        },
+    );
+    let t = answer.recv().expect("answer").expect("timings");
+    assert!(t["error-to-stopped-ns"].is_u64(), "{t}");
+    assert!(t["cont-to-running-ns"].is_u64(), "{t}");
+    assert_eq!(t["replay-bytes"], 4096);
+}
+
+#[test]
+fn x_block_fault_arms_on_the_disks_fault_point_without_its_lock() {
+    let (_, _, fake, answer) = run(RunState::Running, Case::XBlockFault);
+    assert!(answer.expect("armed")["id"].is_u64());
+    assert_eq!(fake.faults.rules().len(), 1);
+}
+
+#[test]
+fn the_command_table_is_the_one_list() {
+    let names = Command::names();
+    assert_eq!(names.len(), command::TABLE.len());
+    for name in &names {
+        let e = Command::parse(name, &holdfast_qmp::Args(serde_json::Map::new()));
+        // Those with required arguments refuse for the argument, never the name.
+        if let Err(e) = e {
+            assert_ne!(e.class, holdfast_qmp::ErrorClass::CommandNotFound, "{name}");
+        }
+    }
+    let e = Command::parse("x-nope", &holdfast_qmp::Args::default()).expect_err("unknown");
+    assert_eq!(e.class, holdfast_qmp::ErrorClass::CommandNotFound);
+}
