@@ -27,6 +27,7 @@ pub mod policy;
 pub mod request;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod watch;
 
 pub use backend::{AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend};
 pub use buffer::{BufferStats, UnflushedBuffer};
@@ -38,6 +39,7 @@ pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigg
 pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};
 pub use policy::{ErrorAction, ErrorPolicy, IoStatus};
 pub use request::{Completion, Request, RequestOp, Status};
+pub use watch::{CallWatch, Outstanding, Watched};
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves its data
 /// consistent even if a panic unwinds through it.

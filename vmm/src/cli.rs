@@ -38,6 +38,18 @@ Options:
                          unflushed-limit=SIZE  bound of the unflushed buffer; past it
                                                holdfast flushes on its own (default: 128M)
                          serial=STR            what the guest reads as the disk's ID
+                         hang-timeout=N        (seconds; `Ns` too) a host call to the
+                                               image outstanding longer than this
+                                               (a hard NFS mount, a lost iSCSI path,
+                                               a suspended dm table) pauses the guest
+                                               as a host error does (io-error,
+                                               BLOCK_IO_ERROR saying which call for
+                                               how long), so that its kernel sees no
+                                               hung tasks; cont is refused until the
+                                               call returns. Default: off (the guest
+                                               waits with the call). 30 is a sensible
+                                               value: under Linux's 120 s hung-task
+                                               timeout, above a busy disk's stalls
                          extra-flush=on|off    keep buffered writes one extra
                                                successful flush, and flush twice on
                                                replay: for hosts that report a failed
@@ -104,6 +116,8 @@ pub struct DiskOpt {
     pub config: DiskConfig,
     /// `x-host=simulated:MODEL`: a simulated host page cache over the image.
     pub simulated: Option<HostModel>,
+    /// `hang-timeout=N`: past it, an outstanding host call pauses the guest.
+    pub hang_timeout: Option<std::time::Duration>,
 }
 
 /// A parsed `holdfast run`.
@@ -249,6 +263,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     let mut direct = false;
     let mut config = DiskConfig::default();
     let mut simulated = None;
+    let mut hang_timeout = None;
     for part in spec.split(',') {
         let (key, v) = part
             .split_once('=')
@@ -281,6 +296,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             }
             "serial" => config.serial = v.into(),
             "extra-flush" => config.keep_extra_flush = on_off(key, v)?,
+            "hang-timeout" => hang_timeout = Some(seconds(key, v)?),
             "x-host" => {
                 let model = v.strip_prefix("simulated:").ok_or(format!(
                     "x-host: `{v}` is not simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd)"
@@ -307,7 +323,21 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
         direct,
         config,
         simulated,
+        hang_timeout,
     })
+}
+
+/// Whole seconds, `30` or `30s`, from 1 to a day.
+fn seconds(key: &str, v: &str) -> Result<std::time::Duration, String> {
+    let n: u64 = v
+        .strip_suffix('s')
+        .unwrap_or(v)
+        .parse()
+        .map_err(|_| format!("{key}: `{v}` is not a number of seconds (e.g. 30 or 30s)"))?;
+    if !(1..=86_400).contains(&n) {
+        return Err(format!("{key}: `{v}`: from 1 to 86400 seconds"));
+    }
+    Ok(std::time::Duration::from_secs(n))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use holdfast_block::sim::HostCache;
-use holdfast_block::{Backend, Disk, FaultInjector, FileBackend, FileOptions};
+use holdfast_block::{Backend, FaultInjector, FileBackend, FileOptions};
 use holdfast_qmp::{EventSink, Machine, Server};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
 use holdfast_vmm::host_signals;
@@ -132,14 +132,17 @@ fn run(opts: RunOpts) -> ExitCode {
                         )
                     }
                 };
-                disks.push(DiskSpec {
-                    id: d.id.clone(),
-                    disk: Disk::new(backend, d.config.clone()),
-                    path: d.path.display().to_string(),
-                    direct: d.direct,
-                    faults: Some(faults),
-                    simulated,
-                });
+                let mut spec = DiskSpec::new(
+                    &d.id,
+                    backend,
+                    d.config.clone(),
+                    &d.path.display().to_string(),
+                );
+                spec.direct = d.direct;
+                spec.faults = Some(faults);
+                spec.simulated = simulated;
+                spec.hang_timeout = d.hang_timeout;
+                disks.push(spec);
             }
             Err(e) => {
                 eprintln!("holdfast run: --disk {}: {}", d.id, error_chain(&e));

@@ -1,7 +1,7 @@
 //! A panic in any holdfast thread is reported and ends holdfast the way `quit`
 //! does, never silently: the hook prints the thread's name and the panic's message
 //! on stderr and tells the run-state owner ([`Input::ThreadPanicked`], or
-//! [`Input::DeviceFailed`] for the disks' device thread), which
+//! [`Input::DeviceFailed`] for a disk's I/O worker), which
 //! pauses the vCPUs, settles every disk (writes and flushes what it can, says how
 //! many bytes it drops) and sends `SHUTDOWN`. A vCPU thread that died counts as
 //! parked, so the pause does not wait for it. A panic in the owner's own thread is
@@ -49,16 +49,15 @@ pub fn report_panics_to(owner: Sender<Input>) {
     }));
 }
 
-/// A panic in the disks' device thread is the device's failure; any other thread's
-/// is that thread's.
+/// A panic in a disk's I/O worker is that device's failure; any other thread's is
+/// that thread's.
 fn input_for(thread: String, message: String) -> Input {
-    if thread == crate::devices::disks::DEVICE_THREAD {
-        Input::DeviceFailed {
-            device: "virtio-blk (the disks' device thread)".into(),
+    match thread.strip_prefix(crate::devices::disks::WORKER_PREFIX) {
+        Some(disk) => Input::DeviceFailed {
+            device: format!("virtio-blk disk {disk} (its I/O worker)"),
             message,
-        }
-    } else {
-        Input::ThreadPanicked { thread, message }
+        },
+        None => Input::ThreadPanicked { thread, message },
     }
 }
 
@@ -71,7 +70,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         report_panics_to(tx);
         let r = std::thread::Builder::new()
-            .name(crate::devices::disks::DEVICE_THREAD.into())
+            .name(format!("{}data", crate::devices::disks::WORKER_PREFIX))
             .spawn(|| panic!("an overflowing fault rule"))
             .expect("spawn")
             .join();
@@ -81,7 +80,7 @@ mod tests {
         loop {
             match rx.recv_timeout(std::time::Duration::from_secs(5)) {
                 Ok(Input::DeviceFailed { device, message }) => {
-                    assert!(device.contains("virtio-blk"), "{device}");
+                    assert!(device.contains("virtio-blk disk data"), "{device}");
                     assert!(message.contains("an overflowing fault rule"), "{message}");
                     assert!(message.contains("panics.rs"), "{message}");
                     break;

@@ -28,12 +28,12 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::disks::{spawn_device_thread, MmioBus, MmioSlot};
+use crate::devices::disks::{spawn_worker, MmioBus, MmioSlot, OWNER_WAIT};
 use crate::devices::legacy::PortBus;
 pub use crate::error_chain;
 use crate::layout::*;
 use crate::owner::{
-    AttachFailure, DiskInfo, Dropped, FaultPoints, Inbox, Input, Lifecycle, Replayed,
+    AttachFailure, DiskCall, DiskInfo, Dropped, FaultPoints, Inbox, Input, Lifecycle, Replayed,
     ResumeFailure, SavedClock, SimulatedHost,
 };
 use crate::vcpu::{self, Control, Want};
@@ -63,6 +63,9 @@ impl std::fmt::Debug for VmConfig {
     }
 }
 
+/// How long holdfast's exit waits for disks whose host calls hang.
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// One disk: its name, its engine and where it lives.
 pub struct DiskSpec {
     pub id: String,
@@ -75,6 +78,35 @@ pub struct DiskSpec {
     /// (`x-host=simulated:MODEL`) the simulated page cache between the engine and
     /// the image.
     pub simulated: Option<SimulatedHost>,
+    /// Sees the host call the disk is in: the disk's backend is a
+    /// [`holdfast_block::Watched`] whose watch this is.
+    pub watch: holdfast_block::CallWatch,
+    /// A host call outstanding longer than this pauses the VM (`hang-timeout=N`).
+    pub hang_timeout: Option<std::time::Duration>,
+}
+
+impl DiskSpec {
+    /// A disk named `id` over `backend` at `path` (for `query-block`), its host calls
+    /// watched; no fault point, no simulated host, no hang-timeout.
+    pub fn new(
+        id: &str,
+        backend: Box<dyn Backend>,
+        config: holdfast_block::DiskConfig,
+        path: &str,
+    ) -> DiskSpec {
+        let watched = holdfast_block::Watched::new(backend);
+        let watch = watched.watch();
+        DiskSpec {
+            id: id.to_owned(),
+            disk: Disk::new(Box::new(watched), config),
+            path: path.to_owned(),
+            direct: false,
+            faults: None,
+            simulated: None,
+            watch,
+            hang_timeout: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for DiskSpec {
@@ -109,8 +141,9 @@ pub struct Vm {
     slots: Vec<Arc<MmioSlot>>,
     events: Receiver<Input>,
     events_tx: Inbox,
-    device_thread: Option<JoinHandle<()>>,
-    device_stop: Arc<EventFd>,
+    /// Each disk's I/O worker.
+    workers: Vec<JoinHandle<()>>,
+    workers_stop: Arc<EventFd>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -204,14 +237,17 @@ impl Vm {
             slots: slots.clone(),
         });
 
-        let device_stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?);
-        let device_thread = spawn_device_thread(
-            mem.clone(),
-            slots.clone(),
-            Arc::clone(&device_stop),
-            events_tx.clone(),
-        )
-        .map_err(Error::Plumbing)?;
+        let workers_stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?);
+        let mut workers = Vec::new();
+        for slot in &slots {
+            let worker = spawn_worker(
+                mem.clone(),
+                Arc::clone(slot),
+                Arc::clone(&workers_stop),
+                events_tx.clone(),
+            );
+            workers.push(worker.map_err(Error::Plumbing)?);
+        }
 
         vcpu::install_kick_handler().map_err(Error::Plumbing)?;
         let mut vcpus = Vec::new();
@@ -250,8 +286,8 @@ impl Vm {
             slots,
             events,
             events_tx,
-            device_thread: Some(device_thread),
-            device_stop,
+            workers,
+            workers_stop,
         })
     }
 
@@ -270,13 +306,19 @@ impl Vm {
         &self.mem
     }
 
-    /// Waits for the next input for the owner (from the vCPUs, the devices, QMP).
-    pub fn next_input(&self) -> Option<Input> {
-        self.events.recv().ok()
+    /// Waits up to `within` for the next input for the owner (from the vCPUs, the
+    /// devices, QMP).
+    pub fn next_input(
+        &self,
+        within: std::time::Duration,
+    ) -> Result<Input, std::sync::mpsc::RecvTimeoutError> {
+        self.events.recv_timeout(within)
     }
 
     /// Stops everything and makes every disk's buffered bytes stable. Returns, per
-    /// disk that could not be flushed, its name and how many bytes are dropped.
+    /// disk that could not be flushed, its name and how many bytes are dropped. A
+    /// disk whose host call hangs is waited for [`SHUTDOWN_WAIT`] at most, then
+    /// reported (a call stuck in the kernel cannot be cancelled) and left.
     pub fn shutdown(mut self) -> Vec<Dropped> {
         for (control, handle) in &self.vcpus {
             control.set(Want::Exit);
@@ -286,11 +328,22 @@ impl Vm {
         for (_, handle) in self.vcpus.drain(..) {
             let _ = handle.join();
         }
-        let _ = self.device_stop.write(1);
-        if let Some(t) = self.device_thread.take() {
-            let _ = t.join();
+        let _ = self.workers_stop.write(1);
+        let until = std::time::Instant::now() + SHUTDOWN_WAIT;
+        for worker in self.workers.drain(..) {
+            while !worker.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if worker.is_finished() {
+                let _ = worker.join();
+            }
+            // Else it is in a host call that hangs: left to end with the process.
         }
-        self.settle()
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        self.slots
+            .iter()
+            .filter_map(|s| s.settle(left.max(OWNER_WAIT)))
+            .collect()
     }
 }
 
@@ -309,11 +362,14 @@ impl Lifecycle for Vm {
     }
 
     fn resume(&mut self, clock: SavedClock) -> Result<Vec<Replayed>, ResumeFailure> {
-        // A detached disk refuses before anything is replayed, so nothing changes.
-        if let Some(slot) = self.slots.iter().find(|s| s.is_detached()) {
-            return Err(ResumeFailure::Detached {
-                disk: slot.id.clone(),
-            });
+        // A detached disk, or one in a host call that hangs, refuses before anything
+        // is replayed, so nothing changes.
+        for slot in &self.slots {
+            if slot.detached()? {
+                return Err(ResumeFailure::Detached {
+                    disk: slot.id.clone(),
+                });
+            }
         }
         let mut replayed = Vec::new();
         for slot in &self.slots {
@@ -330,11 +386,18 @@ impl Lifecycle for Vm {
     }
 
     fn settle(&mut self) -> Vec<Dropped> {
-        self.slots.iter().filter_map(|s| s.settle()).collect()
+        self.slots
+            .iter()
+            .filter_map(|s| s.settle(OWNER_WAIT))
+            .collect()
     }
 
     fn disks(&self) -> Vec<DiskInfo> {
         self.slots.iter().map(|s| s.info()).collect()
+    }
+
+    fn calls(&self) -> Vec<DiskCall> {
+        self.slots.iter().filter_map(|s| s.call()).collect()
     }
 
     fn fault_points(&self, disk: &str) -> Option<FaultPoints> {

@@ -242,6 +242,8 @@ fn disk(id: &str) -> DiskSpec {
         direct: false,
         faults: None,
         simulated: None,
+        watch: Default::default(),
+        hang_timeout: None,
     }
 }
 

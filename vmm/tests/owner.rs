@@ -220,6 +220,8 @@ fn spec(id: &str, path: &std::path::Path) -> (DiskSpec, FaultHandle) {
         direct: false,
         faults: Some(faults.clone()),
         simulated: None,
+        watch: Default::default(),
+        hang_timeout: None,
     };
     (spec, faults)
 }

@@ -1,68 +1,149 @@
 //! The virtio-blk disks on the MMIO bus: each one's slot (its virtio-mmio transport
-//! over the block device over the disk engine, its queue notifier and interrupt),
-//! the bus the vCPUs reach them through, and the device thread that serves their
-//! queues and tells the run-state owner about host errors.
+//! over the block device, the disk engine behind its own lock, its queue notifier
+//! and interrupt), the bus the vCPUs reach them through, and each disk's I/O worker
+//! thread, which serves its queue and tells the run-state owner about host errors.
+//!
+//! Who holds what: a vCPU holds a slot's transport lock for a register access and
+//! never waits on a disk. A disk's worker holds the transport lock only to take a
+//! request off the queue and to put its completion in the used ring, and the disk's
+//! lock while the host call runs; it never holds both. The owner waits on a disk
+//! at most [`OWNER_WAIT`]: a disk whose host call hangs answers from what its worker
+//! saw last and names the call ([`CallWatch`]), and whatever needs the disk itself
+//! (a replay, a detach, settling at the end) is refused or reported, not waited for.
+//! One disk's hang stops nothing but that disk.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use holdfast_block::{AttachmentError, Backend, Disk, FaultHandle};
+use holdfast_block::{
+    AttachmentError, Backend, CallWatch, Disk, DiskStatus, FaultHandle, Outstanding,
+};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::owner::{
-    AttachFailure, DiskInfo, Dropped, FaultPoints, Inbox, Input, Replayed, ResumeFailure,
+    AttachFailure, DiskCall, DiskInfo, Dropped, FaultPoints, Inbox, Input, Replayed, ResumeFailure,
     SimulatedHost,
 };
-use crate::virtio::block::BlockDevice;
+use crate::virtio::block::{lock_disk, BlockDevice, Next, QueueRun, SharedDisk};
 use crate::virtio::mmio::{Action, MmioTransport, MMIO_SIZE};
 use crate::vm::{error_chain, DiskSpec};
 
 type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
 
-/// A virtio-mmio device slot: its transport, queue notifier and interrupt.
+/// The longest the run-state owner waits for a disk its worker is using; past it,
+/// the disk is busy (a host call hangs) and the owner does not wait.
+pub const OWNER_WAIT: Duration = Duration::from_millis(50);
+
+/// A virtio-mmio device slot: its transport, its disk, queue notifier and interrupt.
 pub(crate) struct MmioSlot {
     pub(crate) id: String,
     path: String,
     direct: bool,
     faults: Option<FaultHandle>,
     simulated: Option<SimulatedHost>,
+    /// The host call the disk is in, if any.
+    watch: CallWatch,
+    hang_timeout: Option<Duration>,
     pub(crate) base: u64,
     transport: Mutex<BlockTransport>,
+    disk: SharedDisk<Box<dyn Backend>>,
+    /// The disk's status when its lock was last released (shown while it is busy).
+    last_status: Mutex<DiskStatus>,
     /// The guest's queue notifications (an ioeventfd).
     pub(crate) notify: EventFd,
     /// The device's interrupt (an irqfd).
     pub(crate) irq: EventFd,
 }
 
+/// The disk is in a host call that has not returned within [`OWNER_WAIT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Busy(pub String);
+
+/// "a host flush has been outstanding for 12.3 s", or what is known.
+fn describe(call: Option<Outstanding>) -> String {
+    match call {
+        Some(c) => format!(
+            "a host {} has been outstanding for {:.1} s",
+            c.op,
+            c.age().as_secs_f64()
+        ),
+        None => "its I/O worker is busy with it".to_owned(),
+    }
+}
+
 impl MmioSlot {
     /// A slot at `base` for the disk `spec` describes.
     pub(crate) fn new(spec: DiskSpec, base: u64, notify: EventFd, irq: EventFd) -> MmioSlot {
+        let status = spec.disk.status();
+        let device = BlockDevice::new(spec.disk);
         MmioSlot {
             id: spec.id,
             path: spec.path,
             direct: spec.direct,
             faults: spec.faults,
             simulated: spec.simulated,
+            watch: spec.watch,
+            hang_timeout: spec.hang_timeout,
             base,
-            transport: Mutex::new(MmioTransport::new(BlockDevice::new(spec.disk))),
+            disk: device.shared_disk(),
+            transport: Mutex::new(MmioTransport::new(device)),
+            last_status: Mutex::new(status),
             notify,
             irq,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BlockTransport> {
+    fn lock(&self) -> MutexGuard<'_, BlockTransport> {
         self.transport
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn is_detached(&self) -> bool {
-        self.lock().device().disk().is_detached()
+    /// The disk, for the owner: waits at most `wait`, else says what it is busy with.
+    fn disk_within(&self, wait: Duration) -> Result<MutexGuard<'_, Disk<Box<dyn Backend>>>, Busy> {
+        let until = Instant::now() + wait;
+        loop {
+            match self.disk.try_lock() {
+                Ok(disk) => return Ok(disk),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= until => {
+                    return Err(Busy(describe(self.watch.outstanding())))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+            }
+        }
+    }
+
+    fn remember(&self, disk: &Disk<Box<dyn Backend>>) {
+        *self
+            .last_status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = disk.status();
+    }
+
+    fn last_status(&self) -> DiskStatus {
+        *self
+            .last_status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the disk let go of its image; a busy disk is asked later.
+    pub(crate) fn detached(&self) -> Result<bool, ResumeFailure> {
+        self.disk_within(OWNER_WAIT)
+            .map(|d| d.is_detached())
+            .map_err(|Busy(call)| ResumeFailure::Busy {
+                disk: self.id.clone(),
+                call,
+            })
     }
 
     /// Resumes the disk (replays it if it was stopped) and lets it serve what the
@@ -72,16 +153,27 @@ impl MmioSlot {
         mem: &GuestMemoryMmap,
         events: &Inbox,
     ) -> Result<Option<Replayed>, ResumeFailure> {
-        let mut t = self.lock();
-        let was_stopped = t.device().disk().is_stopped();
-        let (device, queues) = t.device_and_queues();
-        let started = std::time::Instant::now();
-        let resumed = device
-            .resume(mem, &mut queues[0])
-            .map_err(|r| ResumeFailure::Replay {
+        let mut disk = self
+            .disk_within(OWNER_WAIT)
+            .map_err(|Busy(call)| ResumeFailure::Busy {
                 disk: self.id.clone(),
-                error: r.error,
+                call,
             })?;
+        // Disk, then transport: a worker never holds both, a vCPU never waits on
+        // the disk.
+        self.lock().device_mut().take_pending().apply(&mut disk);
+        let was_stopped = disk.is_stopped();
+        let started = Instant::now();
+        let replay = disk.replay();
+        self.remember(&disk);
+        drop(disk);
+        let report = replay.map_err(|r| ResumeFailure::Replay {
+            disk: self.id.clone(),
+            error: r.error,
+        })?;
+        let mut t = self.lock();
+        let (device, queues) = t.device_and_queues();
+        let resumed = device.complete_replay(mem, &mut queues[0], report);
         if resumed.used > 0 {
             t.interrupt_status()
                 .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
@@ -101,24 +193,52 @@ impl MmioSlot {
         }))
     }
 
+    /// What the owner shows of the disk; while a host call hangs, the status its
+    /// worker saw last and the call.
     pub(crate) fn info(&self) -> DiskInfo {
-        let t = self.lock();
-        let disk = t.device().disk();
+        let (status, path, read_only, writeback) = match self.disk_within(Duration::ZERO) {
+            Ok(disk) => (
+                disk.status(),
+                // Where the disk is attached now (x-block-attach may move it).
+                disk.backend()
+                    .image()
+                    .map_or_else(|| self.path.clone(), |p| p.display().to_string()),
+                disk.config().read_only,
+                disk.config().writeback,
+            ),
+            Err(_) => {
+                let t = self.lock();
+                let device = t.device();
+                (
+                    self.last_status(),
+                    self.path.clone(),
+                    device.read_only(),
+                    device.writeback(),
+                )
+            }
+        };
         DiskInfo {
             id: self.id.clone(),
-            // Where the disk is attached now (x-block-attach may move it).
-            path: disk
-                .backend()
-                .image()
-                .map_or_else(|| self.path.clone(), |p| p.display().to_string()),
+            path,
             direct: self.direct,
-            read_only: disk.config().read_only,
-            writeback: disk.config().writeback,
-            status: disk.status(),
+            read_only,
+            writeback,
+            status,
+            outstanding: self.watch.outstanding(),
+            hang_timeout: self.hang_timeout,
         }
     }
 
-    /// Never takes the transport's lock.
+    /// The host call the disk is in, if any (never waits).
+    pub(crate) fn call(&self) -> Option<DiskCall> {
+        self.watch.outstanding().map(|c| DiskCall {
+            disk: self.id.clone(),
+            call: c,
+            hang_timeout: self.hang_timeout,
+        })
+    }
+
+    /// Never takes a lock of the disk's.
     pub(crate) fn fault_points(&self) -> FaultPoints {
         FaultPoints {
             calls: self.faults.clone(),
@@ -131,16 +251,35 @@ impl MmioSlot {
         &self,
         change: impl FnOnce(&mut Disk<Box<dyn Backend>>) -> Result<(), AttachmentError>,
     ) -> Result<(), AttachFailure> {
-        change(self.lock().device_mut().disk_mut()).map_err(|error| AttachFailure::Disk {
+        let mut disk = self
+            .disk_within(OWNER_WAIT)
+            .map_err(|Busy(call)| AttachFailure::Busy {
+                disk: self.id.clone(),
+                call,
+            })?;
+        let r = change(&mut disk);
+        self.remember(&disk);
+        r.map_err(|error| AttachFailure::Disk {
             disk: self.id.clone(),
             error,
         })
     }
 
-    /// Makes the disk's buffered bytes stable now; what it could not, if anything.
-    pub(crate) fn settle(&self) -> Option<Dropped> {
-        let mut t = self.lock();
-        let disk = t.device_mut().disk_mut();
+    /// Makes the disk's buffered bytes stable now, waiting at most `wait` for a disk
+    /// whose host call hangs; what it could not, if anything.
+    pub(crate) fn settle(&self, wait: Duration) -> Option<Dropped> {
+        let mut disk = match self.disk_within(wait) {
+            Ok(disk) => disk,
+            Err(Busy(call)) => {
+                return Some(Dropped {
+                    disk: self.id.clone(),
+                    bytes: self.last_status().buffer.bytes,
+                    why: format!(
+                        "{call}, and a call stuck in the kernel cannot be cancelled:                          the bytes it kept are not known to be on stable storage"
+                    ),
+                })
+            }
+        };
         let e = disk.settle().err()?;
         let why = if disk.is_detached() {
             "the disk is detached from its image".to_owned()
@@ -199,82 +338,119 @@ impl MmioBus {
     }
 }
 
-/// The device thread's name (a panic there is the device's failure).
-pub const DEVICE_THREAD: &str = "devices";
+/// The prefix of a disk's I/O worker thread's name (`disk-ID`; a panic there is the
+/// device's failure).
+pub const WORKER_PREFIX: &str = "disk-";
 
-/// The device thread: waits on every queue's ioeventfd and serves the queues, off
-/// the vCPU threads.
-pub(crate) fn spawn_device_thread(
+/// A disk's I/O worker: waits on its queue's ioeventfd and serves the queue, off the
+/// vCPU threads and apart from every other disk. Ends when `stop` is signalled.
+pub(crate) fn spawn_worker(
     mem: GuestMemoryMmap,
-    slots: Vec<Arc<MmioSlot>>,
+    slot: Arc<MmioSlot>,
     stop: Arc<EventFd>,
     events: Inbox,
 ) -> std::io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
-    for (i, slot) in slots.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            slot.notify.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
-        )?;
-    }
+    epoll.ctl(
+        ControlOperation::Add,
+        slot.notify.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )?;
     epoll.ctl(
         ControlOperation::Add,
         stop.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, u64::MAX),
+        EpollEvent::new(EventSet::IN, 1),
     )?;
     std::thread::Builder::new()
-        .name(DEVICE_THREAD.into())
+        .name(format!("{WORKER_PREFIX}{}", slot.id))
         .spawn(move || {
-            let mut ready = vec![EpollEvent::default(); slots.len() + 1];
+            let mut ready = [EpollEvent::default(); 2];
             loop {
                 let n = match epoll.wait(-1, &mut ready) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
-                for ev in &ready[..n] {
-                    let i = ev.data();
-                    if i == u64::MAX {
-                        return;
-                    }
-                    let Some(slot) = slots.get(i as usize) else {
-                        continue;
-                    };
-                    let _ = slot.notify.read();
-                    serve(slot, &mem, &events);
+                // `stop` stays readable: every worker sees it.
+                if ready[..n].iter().any(|ev| ev.data() == 1) {
+                    return;
                 }
+                let _ = slot.notify.read();
+                serve(&slot, &mem, &events);
             }
         })
 }
 
-/// Serves one disk's queue (device thread): completions raise a used-buffer
-/// interrupt, a host error goes to the run-state owner, a broken queue makes the
-/// device ask for a reset.
-fn serve(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox) {
+/// Serves one disk's queue (its worker) until it is empty or the disk stops:
+/// completions raise a used-buffer interrupt, a host error goes to the run-state
+/// owner, a broken queue makes the device ask for a reset.
+pub(crate) fn serve(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox) {
     let _serving = crate::logging::ServingDisk::new(&slot.id);
-    let mut t = slot.lock();
-    if !t.live() {
-        return;
-    }
-    let interrupts = t.interrupt_status();
-    let (device, queues) = t.device_and_queues();
-    match device.process_queue(mem, &mut queues[0]) {
-        Ok(run) => {
-            if run.used > 0 {
-                interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-                let _ = slot.irq.write(1);
-            }
-            if let Some(report) = run.error {
-                let _ = events.send(Input::DiskError {
-                    disk: slot.id.clone(),
-                    report,
-                    at: run.error_at.unwrap_or_else(std::time::Instant::now),
-                });
+    loop {
+        {
+            let disk = lock_disk(&slot.disk);
+            slot.remember(&disk);
+            if disk.is_stopped() {
+                return;
             }
         }
-        Err(e) => queue_broken(slot, &mut t, &e, events),
+        let next = {
+            let mut t = slot.lock();
+            if !t.live() {
+                return;
+            }
+            let (device, queues) = t.device_and_queues();
+            match device.next(mem, &mut queues[0]) {
+                Ok(next) => next,
+                Err(e) => return queue_broken(slot, &mut t, &e, events),
+            }
+        };
+        let (req, pending) = match next {
+            Next::Empty => return,
+            Next::Refused => {
+                interrupt(slot);
+                continue;
+            }
+            Next::Request(req, pending) => (req, pending),
+        };
+        // The host call, with only the disk locked.
+        let outcome = {
+            let mut disk = lock_disk(&slot.disk);
+            pending.apply(&mut disk);
+            let outcome = disk.submit(req);
+            slot.remember(&disk);
+            outcome
+        };
+        let mut run = QueueRun::default();
+        {
+            let mut t = slot.lock();
+            let interrupts = t.interrupt_status();
+            let (device, queues) = t.device_and_queues();
+            match device.finish(mem, &mut queues[0], &mut run, outcome) {
+                Ok(0) => {}
+                Ok(_) => {
+                    interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                    let _ = slot.irq.write(1);
+                }
+                Err(e) => queue_broken(slot, &mut t, &e, events),
+            }
+        }
+        if let Some(report) = run.error {
+            let _ = events.send(Input::DiskError {
+                disk: slot.id.clone(),
+                report,
+                at: run.error_at.unwrap_or_else(Instant::now),
+            });
+        }
     }
+}
+
+/// A used-buffer interrupt for the slot.
+fn interrupt(slot: &MmioSlot) {
+    slot.lock()
+        .interrupt_status()
+        .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+    let _ = slot.irq.write(1);
 }
 
 /// The guest broke a disk's queue: DEVICE_NEEDS_RESET, a config interrupt, and the
@@ -310,18 +486,13 @@ mod tests {
 
     fn slot(id: &str) -> MmioSlot {
         let backend: Box<dyn Backend> = Box::new(MemBackend::new(1 << 20));
-        let device = BlockDevice::new(Disk::new(backend, DiskConfig::default()));
-        MmioSlot {
-            id: id.into(),
-            path: "memory".into(),
-            direct: false,
-            faults: None,
-            simulated: None,
-            base: 0,
-            transport: Mutex::new(MmioTransport::new(device)),
-            notify: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-            irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        }
+        let spec = DiskSpec::new(id, backend, DiskConfig::default(), "memory");
+        MmioSlot::new(
+            spec,
+            0,
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        )
     }
 
     /// How the guest broke its queue.
@@ -436,5 +607,130 @@ mod tests {
         );
         t.write(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
         assert_eq!(t.status(), 0);
+    }
+
+    /// A slot whose disk has a fault point, as `holdfast run` makes them.
+    fn faulty_slot(id: &str) -> (Arc<MmioSlot>, FaultHandle) {
+        let injector = holdfast_block::FaultInjector::new(MemBackend::new(1 << 20));
+        let faults = injector.handle();
+        let mut spec = DiskSpec::new(id, Box::new(injector), DiskConfig::default(), "memory");
+        spec.faults = Some(faults.clone());
+        let slot = MmioSlot::new(
+            spec,
+            0,
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        );
+        (Arc::new(slot), faults)
+    }
+
+    /// Runs `f` in a thread and says whether it returned within `within`.
+    fn returns_within(within: Duration, f: impl FnOnce() + Send + 'static) -> bool {
+        let (done, finished) = channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+        finished.recv_timeout(within).is_ok()
+    }
+
+    #[test]
+    fn a_hung_flush_holds_its_disk_only() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (hung, faults) = faulty_slot("hung");
+        let (other, _) = faulty_slot("other");
+        faults.arm(holdfast_block::FaultRule::hang(holdfast_block::FaultOp::Flush).named("stall"));
+        drive(&hung, &mem, 0x20_0000, Broken::Not);
+        let worker = {
+            let (slot, mem, tx) = (Arc::clone(&hung), mem.clone(), tx.clone());
+            std::thread::spawn(move || serve(&slot, &mem, &tx))
+        };
+        while faults.hanging() == 0 {
+            std::thread::yield_now();
+        }
+        // A vCPU reads the hung disk's registers.
+        let bus = Arc::new(MmioBus {
+            slots: vec![Arc::clone(&hung)],
+        });
+        let reader = Arc::clone(&bus);
+        assert!(
+            returns_within(Duration::from_secs(2), move || {
+                let mut magic = [0u8; 4];
+                reader.read(0, &mut magic);
+                assert_eq!(&magic, b"virt");
+            }),
+            "a register read waited on the hung disk"
+        );
+        // Another disk serves its queue.
+        drive(&other, &mem, 0x30_0000, Broken::Not);
+        let (slot, m, t) = (Arc::clone(&other), mem.clone(), tx.clone());
+        assert!(
+            returns_within(Duration::from_secs(2), move || serve(&slot, &m, &t)),
+            "the other disk waited on the hung one"
+        );
+        let status: u8 = mem.read_obj(GuestAddress(0x30_0000 + 16)).expect("status");
+        assert_eq!(status, 0, "the other disk's FLUSH completed S_OK");
+        // The owner's view: at once, naming the call; what needs the disk refuses.
+        let started = Instant::now();
+        let info = hung.info();
+        assert!(started.elapsed() < Duration::from_millis(500));
+        let call = info.outstanding.expect("the flush is outstanding");
+        assert_eq!(call.op, holdfast_block::HostOp::Flush);
+        assert_eq!(hung.call().expect("a call").disk, "hung");
+        match hung.resume(&mem, &tx) {
+            Err(ResumeFailure::Busy { disk, call }) => {
+                assert_eq!(disk, "hung");
+                assert!(call.contains("host flush has been outstanding"), "{call}");
+            }
+            other => panic!("not refused as busy: {other:?}"),
+        }
+        assert!(matches!(
+            hung.change(|d| d.detach()),
+            Err(AttachFailure::Busy { .. })
+        ));
+        let dropped = hung.settle(OWNER_WAIT).expect("cannot settle");
+        assert!(
+            dropped.why.contains("cannot be cancelled"),
+            "{}",
+            dropped.why
+        );
+        // The storage answers again: the flush completes, the disk is free.
+        faults.clear_named("stall");
+        worker.join().expect("worker");
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0, "the hung FLUSH completed S_OK after all");
+        assert!(hung.call().is_none());
+        assert!(hung.settle(OWNER_WAIT).is_none());
+        assert!(rx.try_recv().is_err(), "nothing failed");
+    }
+
+    #[test]
+    fn a_reset_during_a_hang_drops_the_parked_requests_later() {
+        let (hung, faults) = faulty_slot("hung");
+        let disk = Arc::clone(&hung.disk);
+        faults.arm(holdfast_block::FaultRule::hang(holdfast_block::FaultOp::Flush).named("stall"));
+        // The disk is busy (its worker holds it in a host call).
+        let holder = std::thread::spawn(move || {
+            let mut d = lock_disk(&disk);
+            let _ = d.backend_mut().flush();
+        });
+        while faults.hanging() == 0 {
+            std::thread::yield_now();
+        }
+        let slot = Arc::clone(&hung);
+        assert!(
+            returns_within(Duration::from_secs(2), move || {
+                slot.lock().device_mut().reset();
+            }),
+            "a vCPU's reset waited on the hung disk"
+        );
+        assert_ne!(
+            hung.lock().device_mut().take_pending(),
+            Default::default(),
+            "the reset waits for the disk"
+        );
+        faults.clear_named("stall");
+        holder.join().expect("holder");
     }
 }

@@ -43,6 +43,9 @@ pub enum Input {
     ThreadPanicked { thread: String, message: String },
     /// SIGTERM, SIGINT or SIGHUP reached holdfast: end as `quit` does.
     HostSignal { signal: i32 },
+    /// Time passed with nothing else to do (every [`super::TICK`]): the owner looks
+    /// for host calls outstanding past their disk's hang-timeout.
+    Tick,
     /// A QMP command, parsed, with where to send its answer.
     Qmp {
         command: Command,

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use holdfast_block::{AttachmentError, DiskStatus, FaultHandle, HostError};
+use std::time::Duration;
+
+use holdfast_block::{AttachmentError, DiskStatus, FaultHandle, HostError, Outstanding};
 
 use crate::error_chain;
 
@@ -26,8 +28,11 @@ pub trait Lifecycle {
     /// Makes every disk's buffered bytes stable now (vCPUs paused). Returns each disk
     /// that could not be, with the bytes dropped and why.
     fn settle(&mut self) -> Vec<Dropped>;
-    /// Every disk, for `query-block` and `x-query-unflushed`.
+    /// Every disk, for `query-block` and `x-query-unflushed`. Never waits on a disk
+    /// whose host call hangs (it shows what it last knew, and the call).
     fn disks(&self) -> Vec<DiskInfo>;
+    /// The host calls in progress, one per disk that is in one. Never waits.
+    fn calls(&self) -> Vec<DiskCall>;
     /// A disk's fault-injection points (`x-block-fault`); `None` if there is no such
     /// disk. Never waits on the disk, so a hang can be ended while a call hangs.
     fn fault_points(&self, disk: &str) -> Option<FaultPoints>;
@@ -47,6 +52,18 @@ pub struct DiskInfo {
     pub read_only: bool,
     pub writeback: bool,
     pub status: DiskStatus,
+    /// The host call it is in, if any.
+    pub outstanding: Option<Outstanding>,
+    /// Past this, an outstanding call pauses the VM (`--disk hang-timeout=N`).
+    pub hang_timeout: Option<Duration>,
+}
+
+/// A host call a disk is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCall {
+    pub disk: String,
+    pub call: Outstanding,
+    pub hang_timeout: Option<Duration>,
 }
 
 /// Where `x-block-fault` acts on a disk.
@@ -101,6 +118,10 @@ pub enum ResumeFailure {
     /// The disk's replay failed: it stays stopped with everything it kept.
     #[error("disk {disk}: replay failed: {error}")]
     Replay { disk: String, error: HostError },
+    /// The disk is in a host call that has not returned (`call` says which, for
+    /// how long); checked before any disk is replayed.
+    #[error("disk {disk}: {call}")]
+    Busy { disk: String, call: String },
 }
 
 /// Why `x-block-detach` or `x-block-attach` refused, naming the disk.
@@ -113,4 +134,7 @@ pub enum AttachFailure {
         disk: String,
         error: AttachmentError,
     },
+    /// The disk is in a host call that has not returned.
+    #[error("disk {disk}: {call}; try again when it returns")]
+    Busy { disk: String, call: String },
 }

@@ -8,7 +8,8 @@
 //!   running --stop--> paused --cont--> running
 //!      |                 ^  (cont replays stopped disks first; if a replay
 //!      |                 |   fails: BLOCK_IO_ERROR again, cont errors, io-error)
-//!      +--disk error (stop)--> io-error --cont--> running
+//!      +--disk error (stop), or a host call outstanding past its disk's
+//!      |  hang-timeout--> io-error --cont--> running (refused while a call hangs)
 //!   any --poweroff/reboot/panic/quit/SIGTERM/a holdfast thread's or device's failure--> end
 //! ```
 //!
@@ -36,8 +37,8 @@ use serde_json::{json, Value};
 pub use command::{Command, Fault, Layer, QmpBridge};
 pub use inbox::{Exit, Inbox, Input};
 pub use lifecycle::{
-    AttachFailure, DiskInfo, Dropped, FaultPoints, Lifecycle, Replayed, ResumeFailure, SavedClock,
-    SimulatedHost,
+    AttachFailure, DiskCall, DiskInfo, Dropped, FaultPoints, Lifecycle, Replayed, ResumeFailure,
+    SavedClock, SimulatedHost,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,9 @@ struct Timings {
     replay: Duration,
 }
 
+/// How often the owner looks for host calls past their hang-timeout.
+pub const TICK: Duration = Duration::from_millis(250);
+
 /// What the loop does after a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -87,14 +91,21 @@ pub struct Owner {
     clock: SavedClock,
     timings: Timings,
     events: EventSink,
+    /// The host calls already reported as hung (disk, when the call started).
+    hung: Vec<(String, Instant)>,
 }
 
 /// Runs the machine until it ends; returns how.
 pub fn run(vm: &mut crate::vm::Vm, events: &EventSink) -> Exit {
+    use std::sync::mpsc::RecvTimeoutError;
     let mut owner = Owner::new(events.clone());
     loop {
-        let Some(input) = vm.next_input() else {
-            return Exit::Failed("every vCPU is gone".into());
+        let input = match vm.next_input(TICK) {
+            Ok(input) => input,
+            Err(RecvTimeoutError::Timeout) => Input::Tick,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Exit::Failed("every vCPU is gone".into())
+            }
         };
         if let Step::End(exit) = owner.step(vm, input) {
             return exit;
@@ -115,6 +126,7 @@ impl Owner {
             clock: None,
             timings: Timings::default(),
             events,
+            hung: Vec::new(),
         }
     }
 
@@ -185,11 +197,62 @@ impl Owner {
                 }
                 Step::Go
             }
+            Input::Tick => {
+                self.look_for_hangs(m);
+                Step::Go
+            }
             Input::Qmp { command, reply } => {
                 let (answer, step) = self.command(m, command);
                 let _ = reply.send(answer);
                 step
             }
+        }
+    }
+
+    /// A host call outstanding longer than its disk's hang-timeout is an outage:
+    /// `BLOCK_IO_ERROR` saying which call for how long, and the VM pauses as on a
+    /// host error (io-error), once per call. The call goes on; `cont` is refused
+    /// until it returns.
+    fn look_for_hangs(&mut self, m: &mut impl Lifecycle) {
+        let calls = m.calls();
+        self.hung.retain(|(disk, since)| {
+            calls
+                .iter()
+                .any(|c| &c.disk == disk && c.call.since == *since)
+        });
+        for c in calls {
+            let Some(limit) = c.hang_timeout else {
+                continue;
+            };
+            let age = c.call.age();
+            if age < limit || self.hung.contains(&(c.disk.clone(), c.call.since)) {
+                continue;
+            }
+            self.hung.push((c.disk.clone(), c.call.since));
+            let reason = format!(
+                "host {} outstanding for {:.1} s (hang-timeout {} s)",
+                c.call.op,
+                age.as_secs_f64(),
+                limit.as_secs_f64()
+            );
+            log::warn!("disk {}: {reason}: pausing the guest", c.disk);
+            let operation = if c.call.op == HostOp::Read {
+                "read"
+            } else {
+                "write"
+            };
+            self.events.emit(
+                "BLOCK_IO_ERROR",
+                json!({
+                    "device": c.disk, "node-name": c.disk, "operation": operation,
+                    "action": "stop", "nospace": false, "reason": reason,
+                }),
+            );
+            if self.state == RunState::Running {
+                self.clock = m.pause();
+                self.events.emit("STOP", Value::Null);
+            }
+            self.state = RunState::IoError;
         }
     }
 
@@ -290,6 +353,10 @@ impl Owner {
             Err(f @ ResumeFailure::Detached { .. }) => Err(QmpError::generic(format!(
                 "{f}; the VM stays paused (see docs/durability.md)"
             ))),
+            Err(f @ ResumeFailure::Busy { .. }) => Err(QmpError::generic(format!(
+                "{f}; the VM stays paused: cont again when it returns (query-block shows \
+                 it; a call stuck in the kernel cannot be cancelled)"
+            ))),
             Err(ResumeFailure::Replay { disk, error }) => {
                 self.state = RunState::IoError;
                 let report = IoErrorReport {
@@ -366,6 +433,14 @@ fn query_block(disks: &[DiskInfo]) -> Value {
                     "io-status": d.status.io_status.as_str(),
                     "x-detached": d.status.detached,
                 });
+                if let Some(c) = d.outstanding {
+                    info["x-outstanding"] = json!({
+                        "operation": c.op.to_string(), "seconds": c.age().as_secs_f64(),
+                    });
+                }
+                if let Some(t) = d.hang_timeout {
+                    info["x-hang-timeout"] = json!(t.as_secs_f64());
+                }
                 // As QEMU shows a drive with no medium: no "inserted".
                 if d.status.detached {
                     info["x-detached-from"] = json!(d.path);
@@ -438,7 +513,9 @@ fn attach(m: &mut impl Lifecycle, device: &str, filename: Option<&str>) -> Resul
 fn attach_error(e: AttachFailure) -> QmpError {
     match e {
         AttachFailure::NoSuchDisk(d) => QmpError::device_not_found(&d),
-        e @ AttachFailure::Disk { .. } => QmpError::generic(format!("{e}; nothing changed")),
+        e @ (AttachFailure::Disk { .. } | AttachFailure::Busy { .. }) => {
+            QmpError::generic(format!("{e}; nothing changed"))
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::mpsc::channel;
 
 use holdfast_block::{
     Disk, DiskConfig, ErrorAction, FaultHandle, FaultOp, FaultRule, HostError, HostOp,
-    IoErrorReport, MemBackend, Trigger,
+    IoErrorReport, MemBackend, Outstanding, Trigger,
 };
 use holdfast_qmp::EventSink;
 use serde_json::Value;
@@ -20,6 +20,8 @@ enum Resume {
     Replays,
     Detached,
     ReplayFails,
+    /// A host call hangs on the disk.
+    Busy,
 }
 
 /// A machine that records what the owner asks of it.
@@ -29,6 +31,8 @@ struct Fake {
     /// The clock `resume` was given.
     resumed_with: Option<SavedClock>,
     faults: FaultHandle,
+    /// Host calls in progress (`Lifecycle::calls`).
+    hanging: Vec<DiskCall>,
 }
 
 const CLOCK: u64 = 42;
@@ -40,7 +44,21 @@ impl Fake {
             resume,
             resumed_with: None,
             faults: FaultHandle::default(),
+            hanging: Vec::new(),
         }
+    }
+
+    /// A flush on `data` outstanding for 31 s, with a hang-timeout of 30 s.
+    fn with_hung_flush(mut self) -> Fake {
+        self.hanging.push(DiskCall {
+            disk: "data".into(),
+            call: Outstanding {
+                op: HostOp::Flush,
+                since: Instant::now() - Duration::from_secs(31),
+            },
+            hang_timeout: Some(Duration::from_secs(30)),
+        });
+        self
     }
 }
 
@@ -69,6 +87,10 @@ impl Lifecycle for Fake {
                 disk: "data".into(),
                 error: HostError::new(HostOp::Flush, libc::EIO),
             }),
+            Resume::Busy => Err(ResumeFailure::Busy {
+                disk: "data".into(),
+                call: "a host flush has been outstanding for 31.0 s".into(),
+            }),
         }
     }
 
@@ -89,7 +111,13 @@ impl Lifecycle for Fake {
             read_only: false,
             writeback: true,
             status: Disk::new(MemBackend::new(4096), DiskConfig::default()).status(),
+            outstanding: self.hanging.first().map(|c| c.call),
+            hang_timeout: self.hanging.first().and_then(|c| c.hang_timeout),
         }]
+    }
+
+    fn calls(&self) -> Vec<DiskCall> {
+        self.hanging.clone()
     }
 
     fn fault_points(&self, disk: &str) -> Option<FaultPoints> {
@@ -124,11 +152,14 @@ enum Case {
     DiskErrorReport,
     ThreadPanicked,
     HostSignal,
+    TickQuiet,
+    TickHung,
     QueryStatus,
     Stop,
     ContReplays,
     ContDetached,
     ContReplayFails,
+    ContBusy,
     Quit,
     QueryBlock,
     XQueryUnflushed,
@@ -138,7 +169,7 @@ enum Case {
     XBlockAttach,
 }
 
-const CASES: [Case; 23] = [
+const CASES: [Case; 26] = [
     Case::Poweroff,
     Case::Reboot,
     Case::GuestPanic,
@@ -150,11 +181,14 @@ const CASES: [Case; 23] = [
     Case::DiskErrorReport,
     Case::ThreadPanicked,
     Case::HostSignal,
+    Case::TickQuiet,
+    Case::TickHung,
     Case::QueryStatus,
     Case::Stop,
     Case::ContReplays,
     Case::ContDetached,
     Case::ContReplayFails,
+    Case::ContBusy,
     Case::Quit,
     Case::QueryBlock,
     Case::XQueryUnflushed,
@@ -166,7 +200,7 @@ const CASES: [Case; 23] = [
 
 /// Which case an input is. Exhaustive: a new input or command does not compile
 /// until it has a case here (and so an expectation below).
-fn case_of(input: &Input, resume: Resume) -> Case {
+fn case_of(input: &Input, resume: Resume, hanging: bool) -> Case {
     match input {
         Input::Poweroff => Case::Poweroff,
         Input::Reboot => Case::Reboot,
@@ -181,6 +215,8 @@ fn case_of(input: &Input, resume: Resume) -> Case {
         },
         Input::ThreadPanicked { .. } => Case::ThreadPanicked,
         Input::HostSignal { .. } => Case::HostSignal,
+        Input::Tick if hanging => Case::TickHung,
+        Input::Tick => Case::TickQuiet,
         Input::Qmp { command, .. } => match command {
             Command::QueryStatus => Case::QueryStatus,
             Command::Stop => Case::Stop,
@@ -188,6 +224,7 @@ fn case_of(input: &Input, resume: Resume) -> Case {
                 Resume::Replays => Case::ContReplays,
                 Resume::Detached => Case::ContDetached,
                 Resume::ReplayFails => Case::ContReplayFails,
+                Resume::Busy => Case::ContBusy,
             },
             Command::Quit => Case::Quit,
             Command::QueryBlock => Case::QueryBlock,
@@ -203,7 +240,18 @@ fn case_of(input: &Input, resume: Resume) -> Case {
 type Reply = std::sync::mpsc::Receiver<Result<Value, holdfast_qmp::QmpError>>;
 
 /// The input of a case, the machine it meets, and where a command's answer goes.
-fn input(case: Case) -> (Input, Resume, Option<Reply>) {
+fn input(case: Case) -> (Input, Fake, Option<Reply>) {
+    let (input, resume, reply) = input_and_resume(case);
+    let fake = Fake::new(resume);
+    let fake = if case == Case::TickHung {
+        fake.with_hung_flush()
+    } else {
+        fake
+    };
+    (input, fake, reply)
+}
+
+fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
     let disk_error = |action| Input::DiskError {
         disk: "data".into(),
         report: IoErrorReport {
@@ -243,11 +291,13 @@ fn input(case: Case) -> (Input, Resume, Option<Reply>) {
         Case::HostSignal => plain(Input::HostSignal {
             signal: libc::SIGTERM,
         }),
+        Case::TickQuiet | Case::TickHung => plain(Input::Tick),
         Case::QueryStatus => qmp(Command::QueryStatus, Resume::Replays),
         Case::Stop => qmp(Command::Stop, Resume::Replays),
         Case::ContReplays => qmp(Command::Cont, Resume::Replays),
         Case::ContDetached => qmp(Command::Cont, Resume::Detached),
         Case::ContReplayFails => qmp(Command::Cont, Resume::ReplayFails),
+        Case::ContBusy => qmp(Command::Cont, Resume::Busy),
         Case::Quit => qmp(Command::Quit, Resume::Replays),
         Case::QueryBlock => qmp(Command::QueryBlock, Resume::Replays),
         Case::XQueryUnflushed => qmp(Command::XQueryUnflushed, Resume::Replays),
@@ -351,7 +401,17 @@ fn expect(state: RunState, case: Case) -> Expect {
         Case::DiskErrorReport => e(same, &["BLOCK_IO_ERROR"], &[], None),
         Case::Stop if running => e(After::State(Paused), &["STOP"], &["pause"], Some(true)),
         Case::Stop => e(same, &[], &[], Some(true)),
-        Case::ContReplays | Case::ContDetached | Case::ContReplayFails if running => {
+        Case::TickQuiet => e(same, &[], &[], None),
+        Case::TickHung if running => e(
+            After::State(IoError),
+            &["BLOCK_IO_ERROR", "STOP"],
+            &["pause"],
+            None,
+        ),
+        Case::TickHung => e(After::State(IoError), &["BLOCK_IO_ERROR"], &[], None),
+        Case::ContReplays | Case::ContDetached | Case::ContReplayFails | Case::ContBusy
+            if running =>
+        {
             e(same, &[], &[], Some(true))
         }
         Case::ContReplays => e(
@@ -360,7 +420,7 @@ fn expect(state: RunState, case: Case) -> Expect {
             &["resume"],
             Some(true),
         ),
-        Case::ContDetached => e(same, &[], &["resume"], Some(false)),
+        Case::ContDetached | Case::ContBusy => e(same, &[], &["resume"], Some(false)),
         Case::ContReplayFails => e(
             After::State(IoError),
             &["X_BLOCK_REPLAY", "BLOCK_IO_ERROR"],
@@ -392,9 +452,8 @@ fn run(state: RunState, case: Case) -> (Expect, Owner, Fake, Option<Value>) {
     let events = EventSink::new();
     let mut rx = events.subscribe();
     let mut owner = Owner::in_state(state, events);
-    let (input, resume, answer) = input(case);
-    assert_eq!(case_of(&input, resume), case);
-    let mut fake = Fake::new(resume);
+    let (input, mut fake, answer) = input(case);
+    assert_eq!(case_of(&input, fake.resume, !fake.hanging.is_empty()), case);
     let step = owner.step(&mut fake, input);
     let after = match step {
         Step::Go => After::State(owner.state()),
@@ -429,7 +488,7 @@ fn every_state_and_input() {
             pairs += 1;
         }
     }
-    assert_eq!(pairs, 3 * 23);
+    assert_eq!(pairs, 3 * 26);
 }
 
 #[test]
@@ -464,7 +523,7 @@ fn cont_restores_the_clock_the_pause_saved() {
 fn timings_cover_the_latest_error_and_cont() {
     let mut owner = Owner::new(EventSink::new());
     let mut fake = Fake::new(Resume::Replays);
-    let (input, _, _) = input(Case::DiskErrorStop);
+    let (input, _, _) = input_and_resume(Case::DiskErrorStop);
     owner.step(&mut fake, input);
     let (reply, answer) = channel();
     owner.step(
@@ -509,4 +568,77 @@ fn the_command_table_is_the_one_list() {
     }
     let e = Command::parse("x-nope", &holdfast_qmp::Args::default()).expect_err("unknown");
     assert_eq!(e.class, holdfast_qmp::ErrorClass::CommandNotFound);
+}
+
+#[test]
+fn a_hung_call_is_reported_once_saying_which_call_for_how_long() {
+    let events = EventSink::new();
+    let mut rx = events.subscribe();
+    let mut owner = Owner::new(events);
+    let mut fake = Fake::new(Resume::Busy).with_hung_flush();
+    owner.step(&mut fake, Input::Tick);
+    owner.step(&mut fake, Input::Tick);
+    let all: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|t| serde_json::from_str(&t).expect("JSON"))
+        .collect();
+    let names: Vec<&str> = all
+        .iter()
+        .map(|v| v["event"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["BLOCK_IO_ERROR", "STOP"]);
+    let reason = all[0]["data"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.starts_with("host flush outstanding for 31.")
+            && reason.ends_with("(hang-timeout 30 s)"),
+        "{reason}"
+    );
+    assert_eq!(owner.state(), RunState::IoError);
+    // cont while it hangs: refused, naming it; the VM stays paused.
+    let (reply, answer) = channel();
+    owner.step(
+        &mut fake,
+        Input::Qmp {
+            command: Command::Cont,
+            reply,
+        },
+    );
+    let e = answer.recv().expect("answer").expect_err("refused");
+    assert!(e.desc.contains("flush has been outstanding"), "{}", e.desc);
+    assert_eq!(owner.state(), RunState::IoError);
+    // The call returned: the next cont resumes.
+    fake.hanging.clear();
+    fake.resume = Resume::Replays;
+    owner.step(&mut fake, Input::Tick);
+    let (reply, answer) = channel();
+    owner.step(
+        &mut fake,
+        Input::Qmp {
+            command: Command::Cont,
+            reply,
+        },
+    );
+    answer.recv().expect("answer").expect("cont");
+    assert_eq!(owner.state(), RunState::Running);
+}
+
+#[test]
+fn query_block_shows_the_outstanding_call() {
+    let (_, _, _, answer) = {
+        let events = EventSink::new();
+        let mut owner = Owner::new(events);
+        let mut fake = Fake::new(Resume::Replays).with_hung_flush();
+        let (reply, answer) = channel();
+        owner.step(
+            &mut fake,
+            Input::Qmp {
+                command: Command::QueryBlock,
+                reply,
+            },
+        );
+        ((), (), (), answer.recv().expect("answer").expect("ok"))
+    };
+    let out = &answer[0]["x-outstanding"];
+    assert_eq!(out["operation"], "flush");
+    assert!(out["seconds"].as_f64().expect("seconds") >= 31.0, "{out}");
+    assert_eq!(answer[0]["x-hang-timeout"], 30.0);
 }

@@ -12,8 +12,17 @@
 //! While the disk is stopped on a host error the device takes no more requests from
 //! the queue: they stay in the available ring, in order, until [`BlockDevice::resume`]
 //! has replayed the disk.
+//!
+//! The disk engine sits behind its own lock ([`SharedDisk`]), apart from the
+//! device's virtio state: a request is taken off the queue ([`BlockDevice::next`]),
+//! run on the disk with the device unlocked (so a host call that hangs never blocks a
+//! vCPU reading the device's registers), and its completion put in the used ring
+//! ([`BlockDevice::finish`]). What a vCPU changes on the disk (the write cache mode,
+//! a reset's dropping of parked requests) is applied at once if the disk is free,
+//! else when the device next holds it: a vCPU never waits on the disk.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use holdfast_block::disk::MAX_REQUEST_BYTES;
 use holdfast_block::{
@@ -78,10 +87,59 @@ struct Rejected {
     code: Status,
 }
 
+/// A disk engine shared by its device, the disk's I/O worker and the run-state
+/// owner; each takes it for as long as it runs the disk, never with the device's
+/// transport locked.
+pub type SharedDisk<B> = Arc<Mutex<Disk<B>>>;
+
+/// Locks a shared disk (a panic elsewhere leaves the engine consistent).
+pub fn lock_disk<B>(disk: &SharedDisk<B>) -> MutexGuard<'_, Disk<B>> {
+    disk.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Changes a vCPU made that wait for the disk to be free.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    writeback: Option<bool>,
+    drop_parked: bool,
+}
+
+impl Pending {
+    /// Applies them; returns how many parked requests were dropped.
+    pub fn apply<B: Backend>(self, disk: &mut Disk<B>) -> usize {
+        if let Some(writeback) = self.writeback {
+            disk.set_writeback(writeback);
+        }
+        if self.drop_parked {
+            disk.drop_parked()
+        } else {
+            0
+        }
+    }
+}
+
+/// What [`BlockDevice::next`] took off the queue.
+#[derive(Debug)]
+pub enum Next {
+    /// Nothing available (or the device is not live).
+    Empty,
+    /// A chain the device refused; it is already in the used ring.
+    Refused,
+    /// A request for the disk, and the vCPUs' changes to apply before it.
+    Request(Request, Pending),
+}
+
 /// A virtio-blk device over one holdfast disk.
 #[derive(Debug)]
 pub struct BlockDevice<B> {
-    disk: Disk<B>,
+    disk: SharedDisk<B>,
+    /// Fixed at creation (a vCPU reads them without the disk).
+    size: u64,
+    writeback_default: bool,
+    /// The mode last set on the disk, or pending for it.
+    writeback_now: bool,
+    pending: Pending,
     offered: u64,
     acked: u64,
     /// The `writeback` config byte (with CONFIG_WCE the guest may change it).
@@ -110,7 +168,11 @@ impl<B: Backend> BlockDevice<B> {
         }
         let wce = disk.config().writeback;
         BlockDevice {
-            disk,
+            size: disk.size(),
+            writeback_default: wce,
+            writeback_now: wce,
+            disk: Arc::new(Mutex::new(disk)),
+            pending: Pending::default(),
             offered,
             acked: 0,
             wce,
@@ -119,16 +181,51 @@ impl<B: Backend> BlockDevice<B> {
         }
     }
 
-    pub fn disk(&self) -> &Disk<B> {
-        &self.disk
+    /// The disk, locked (waits while a host call runs on it).
+    pub fn disk(&self) -> MutexGuard<'_, Disk<B>> {
+        lock_disk(&self.disk)
     }
 
-    pub fn disk_mut(&mut self) -> &mut Disk<B> {
-        &mut self.disk
+    /// The disk, shared (for its I/O worker and the run-state owner).
+    pub fn shared_disk(&self) -> SharedDisk<B> {
+        Arc::clone(&self.disk)
+    }
+
+    /// The vCPUs' changes not yet applied to the disk; the caller applies them.
+    pub fn take_pending(&mut self) -> Pending {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Applies `pending` now if the disk is free, else keeps it for later.
+    fn apply_or_keep(&mut self, pending: Pending) -> usize {
+        match self.disk.try_lock() {
+            Ok(mut disk) => {
+                let both = Pending {
+                    writeback: pending.writeback.or(self.pending.writeback),
+                    drop_parked: pending.drop_parked || self.pending.drop_parked,
+                };
+                self.pending = Pending::default();
+                both.apply(&mut disk)
+            }
+            Err(_) => {
+                self.pending.writeback = pending.writeback.or(self.pending.writeback);
+                self.pending.drop_parked |= pending.drop_parked;
+                0
+            }
+        }
     }
 
     pub fn features(&self) -> u64 {
         self.offered
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.offered & (1 << VIRTIO_BLK_F_RO) != 0
+    }
+
+    /// The write cache mode the guest chose (the disk may not have it yet).
+    pub fn writeback(&self) -> bool {
+        self.writeback_now
     }
 
     /// The driver's features; without FLUSH the disk runs writethrough.
@@ -143,13 +240,17 @@ impl<B: Backend> BlockDevice<B> {
 
     fn apply_cache_mode(&mut self) {
         let writeback = self.has(VIRTIO_BLK_F_FLUSH) && self.wce;
-        self.disk.set_writeback(writeback);
+        self.writeback_now = writeback;
+        self.apply_or_keep(Pending {
+            writeback: Some(writeback),
+            drop_parked: false,
+        });
     }
 
     fn config(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
         let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
-        put(0, &(self.disk.size() / SECTOR_SIZE).to_le_bytes());
+        put(0, &(self.size / SECTOR_SIZE).to_le_bytes());
         put(12, &SEG_MAX.to_le_bytes());
         put(20, &(SECTOR_SIZE as u32).to_le_bytes());
         put(WCE_OFFSET, &[u8::from(self.wce)]);
@@ -184,43 +285,80 @@ impl<B: Backend> BlockDevice<B> {
         }
     }
 
-    /// Serves available requests until the queue is empty or the disk stops.
+    /// Serves available requests until the queue is empty or the disk stops, running
+    /// each on the disk in this thread (what the disk's I/O worker does, with the
+    /// device unlocked between [`BlockDevice::next`] and [`BlockDevice::finish`]).
     pub fn process_queue<M: GuestMemory>(
         &mut self,
         mem: &M,
         queue: &mut Queue,
     ) -> Result<QueueRun, Error> {
         let mut run = QueueRun::default();
-        if !queue.is_valid(mem) {
-            return Err(Error::NotInMemory);
-        }
-        while !self.disk.is_stopped() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let disk = self.shared_disk();
+        loop {
+            if lock_disk(&disk).is_stopped() {
                 break;
-            };
-            let head = chain.head_index();
-            match parse(mem, chain, head, self.acked) {
-                Err(rejected) => {
-                    self.reject(mem, queue, rejected)?;
-                    run.used += 1;
-                }
-                Ok((op, inflight)) => {
-                    self.next_tag += 1;
-                    let tag = self.next_tag;
-                    self.inflight.insert(tag, inflight);
-                    let outcome = self.disk.submit(Request::new(tag, op));
-                    if outcome.error.is_some() {
-                        run.error = outcome.error;
-                        run.error_at = Some(std::time::Instant::now());
-                    }
-                    if let Some(c) = outcome.completion {
-                        self.complete(mem, queue, c)?;
-                        run.used += 1;
-                    }
+            }
+            match self.next(mem, queue)? {
+                Next::Empty => break,
+                Next::Refused => run.used += 1,
+                Next::Request(req, pending) => {
+                    let outcome = {
+                        let mut disk = lock_disk(&disk);
+                        pending.apply(&mut disk);
+                        disk.submit(req)
+                    };
+                    run.used += self.finish(mem, queue, &mut run, outcome)?;
                 }
             }
         }
         Ok(run)
+    }
+
+    /// Takes the next available request off the queue (the caller has checked the
+    /// disk is not stopped). A chain the device refuses goes to the used ring here.
+    pub fn next<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> Result<Next, Error> {
+        if !queue.is_valid(mem) {
+            return Err(Error::NotInMemory);
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Ok(Next::Empty);
+        };
+        let head = chain.head_index();
+        match parse(mem, chain, head, self.acked) {
+            Err(rejected) => {
+                self.reject(mem, queue, rejected)?;
+                Ok(Next::Refused)
+            }
+            Ok((op, inflight)) => {
+                self.next_tag += 1;
+                let tag = self.next_tag;
+                self.inflight.insert(tag, inflight);
+                Ok(Next::Request(Request::new(tag, op), self.take_pending()))
+            }
+        }
+    }
+
+    /// Puts what the disk did with a request in the used ring; a host error goes
+    /// into `run`. Returns the used-ring entries added (0 or 1).
+    pub fn finish<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        run: &mut QueueRun,
+        outcome: holdfast_block::Outcome,
+    ) -> Result<usize, Error> {
+        if outcome.error.is_some() {
+            run.error = outcome.error;
+            run.error_at = Some(std::time::Instant::now());
+        }
+        match outcome.completion {
+            Some(c) => {
+                self.complete(mem, queue, c)?;
+                Ok(1)
+            }
+            None => Ok(0),
+        }
     }
 
     /// `cont`: replays the stopped disk and completes what was parked. On failure
@@ -232,7 +370,22 @@ impl<B: Backend> BlockDevice<B> {
         mem: &M,
         queue: &mut Queue,
     ) -> Result<Resumed, ReplayError> {
-        let report = self.disk.replay()?;
+        let pending = self.take_pending();
+        let report = {
+            let mut disk = lock_disk(&self.disk);
+            pending.apply(&mut disk);
+            disk.replay()?
+        };
+        Ok(self.complete_replay(mem, queue, report))
+    }
+
+    /// Puts a successful replay's completions in the used ring.
+    pub fn complete_replay<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        report: holdfast_block::ReplayReport,
+    ) -> Resumed {
         let mut resumed = Resumed {
             used: 0,
             bytes_rewritten: report.bytes_rewritten,
@@ -245,16 +398,21 @@ impl<B: Backend> BlockDevice<B> {
             }
             resumed.used += 1;
         }
-        Ok(resumed)
+        resumed
     }
 
     /// The driver reset the device: in-flight requests will never be answered. The
-    /// disk keeps its buffer (writes the guest saw complete) and its error state.
+    /// disk keeps its buffer (writes the guest saw complete) and its error state; its
+    /// parked requests are dropped (now if the disk is free, else before it runs
+    /// anything else). Returns how many were dropped now.
     pub fn reset(&mut self) -> usize {
         self.inflight.clear();
         self.acked = 0;
-        self.wce = self.disk.config().writeback;
-        self.disk.drop_parked()
+        self.wce = self.writeback_default;
+        self.apply_or_keep(Pending {
+            writeback: None,
+            drop_parked: true,
+        })
     }
 
     fn complete<M: GuestMemory>(

@@ -74,6 +74,8 @@ pub fn counting_vm_config(
             direct: false,
             faults: Some(faults),
             simulated: None,
+            watch: Default::default(),
+            hang_timeout: None,
         }],
     )
 }
