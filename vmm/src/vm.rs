@@ -28,7 +28,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::disks::{spawn_worker, MmioBus, MmioSlot, OWNER_WAIT};
+use crate::devices::disks::{spawn_worker, MmioBus, MmioSlot, HUNG_AFTER};
 use crate::devices::legacy::PortBus;
 pub use crate::error_chain;
 use crate::layout::*;
@@ -342,7 +342,7 @@ impl Vm {
         let left = until.saturating_duration_since(std::time::Instant::now());
         self.slots
             .iter()
-            .filter_map(|s| s.settle(left.max(OWNER_WAIT)))
+            .filter_map(|s| s.settle(left.max(HUNG_AFTER), true))
             .collect()
     }
 }
@@ -388,7 +388,7 @@ impl Lifecycle for Vm {
     fn settle(&mut self) -> Vec<Dropped> {
         self.slots
             .iter()
-            .filter_map(|s| s.settle(OWNER_WAIT))
+            .filter_map(|s| s.settle(HUNG_AFTER, false))
             .collect()
     }
 

@@ -18,7 +18,9 @@
 //!
 //! `workload qmp SOCKET COMMAND [ARGUMENTS-JSON]` is a minimal QMP client for
 //! scenarios inside the test host: it negotiates, runs one command, prints the
-//! reply line and exits 0 on a `return`, 1 on an `error`.
+//! reply line and exits 0 on a `return`, 1 on an `error`. With HOLDFAST_QMP_TIMING
+//! set it also says on stderr how long the command took to answer (`QMP-MS COMMAND
+//! MS`, the round trip after negotiation).
 //!
 //! `workload relay PORT SOCKET` joins a virtio-serial port to a Unix socket, so a
 //! client outside the test host reaches holdfast's QMP socket inside it: once the
@@ -216,10 +218,15 @@ fn qmp(socket: &str, command: &str, arguments: Option<&str>) -> Result<(), Strin
         Some(a) => format!("{{\"execute\": \"{command}\", \"arguments\": {a}}}\n"),
         None => format!("{{\"execute\": \"{command}\"}}\n"),
     };
+    let sent = std::time::Instant::now();
     writer
         .write_all(msg.as_bytes())
         .map_err(|e| e.to_string())?;
     let reply = next(&mut reader)?;
+    if std::env::var_os("HOLDFAST_QMP_TIMING").is_some() {
+        // The command's round trip alone (connection and negotiation excluded).
+        eprintln!("QMP-MS {command} {:.1}", sent.elapsed().as_secs_f64() * 1000.0);
+    }
     println!("{reply}");
     if reply.contains("\"return\"") {
         Ok(())

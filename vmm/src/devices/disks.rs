@@ -6,10 +6,10 @@
 //! Who holds what: a vCPU holds a slot's transport lock for a register access and
 //! never waits on a disk. A disk's worker holds the transport lock only to take a
 //! request off the queue and to put its completion in the used ring, and the disk's
-//! lock while the host call runs; it never holds both. The owner waits on a disk
-//! at most [`OWNER_WAIT`]: a disk whose host call hangs answers from what its worker
-//! saw last and names the call ([`CallWatch`]), and whatever needs the disk itself
-//! (a replay, a detach, settling at the end) is refused or reported, not waited for.
+//! lock while the host call runs; it never holds both. The owner never waits on a
+//! host call that [hangs](HUNG_AFTER): such a disk answers from what its worker saw
+//! last and names the call ([`CallWatch`]), and whatever needs the disk itself (a
+//! replay, a detach, settling at the end) is refused or reported, not waited for.
 //! One disk's hang stops nothing but that disk.
 
 use std::os::fd::AsRawFd;
@@ -36,9 +36,9 @@ use crate::vm::{error_chain, DiskSpec};
 
 type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
 
-/// The longest the run-state owner waits for a disk its worker is using; past it,
-/// the disk is busy (a host call hangs) and the owner does not wait.
-pub const OWNER_WAIT: Duration = Duration::from_millis(50);
+/// A host call outstanding this long hangs, as far as the owner is concerned: it
+/// does not wait for it (nor for a disk its worker has held this long).
+pub const HUNG_AFTER: Duration = Duration::from_secs(1);
 
 /// A virtio-mmio device slot: its transport, its disk, queue notifier and interrupt.
 pub(crate) struct MmioSlot {
@@ -61,7 +61,7 @@ pub(crate) struct MmioSlot {
     pub(crate) irq: EventFd,
 }
 
-/// The disk is in a host call that has not returned within [`OWNER_WAIT`].
+/// The disk is in a host call that has not returned (see [`HUNG_AFTER`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Busy(pub String);
 
@@ -105,17 +105,25 @@ impl MmioSlot {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The disk, for the owner: waits at most `wait`, else says what it is busy with.
-    fn disk_within(&self, wait: Duration) -> Result<MutexGuard<'_, Disk<Box<dyn Backend>>>, Busy> {
+    /// The disk, for the owner: waits at most `wait` while its worker has it, and
+    /// not at all for a call that hangs (unless `patient`); else says what the disk
+    /// is busy with.
+    fn disk_within(
+        &self,
+        wait: Duration,
+        patient: bool,
+    ) -> Result<MutexGuard<'_, Disk<Box<dyn Backend>>>, Busy> {
         let until = Instant::now() + wait;
         loop {
             match self.disk.try_lock() {
                 Ok(disk) => return Ok(disk),
                 Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= until => {
-                    return Err(Busy(describe(self.watch.outstanding())))
-                }
                 Err(std::sync::TryLockError::WouldBlock) => {
+                    let call = self.watch.outstanding();
+                    let hangs = call.is_some_and(|c| c.age() >= HUNG_AFTER);
+                    if Instant::now() >= until || hangs && !patient {
+                        return Err(Busy(describe(call)));
+                    }
                     std::thread::sleep(Duration::from_millis(1))
                 }
             }
@@ -138,7 +146,7 @@ impl MmioSlot {
 
     /// Whether the disk let go of its image; a busy disk is asked later.
     pub(crate) fn detached(&self) -> Result<bool, ResumeFailure> {
-        self.disk_within(OWNER_WAIT)
+        self.disk_within(HUNG_AFTER, false)
             .map(|d| d.is_detached())
             .map_err(|Busy(call)| ResumeFailure::Busy {
                 disk: self.id.clone(),
@@ -153,12 +161,12 @@ impl MmioSlot {
         mem: &GuestMemoryMmap,
         events: &Inbox,
     ) -> Result<Option<Replayed>, ResumeFailure> {
-        let mut disk = self
-            .disk_within(OWNER_WAIT)
-            .map_err(|Busy(call)| ResumeFailure::Busy {
-                disk: self.id.clone(),
-                call,
-            })?;
+        let mut disk =
+            self.disk_within(HUNG_AFTER, false)
+                .map_err(|Busy(call)| ResumeFailure::Busy {
+                    disk: self.id.clone(),
+                    call,
+                })?;
         // Disk, then transport: a worker never holds both, a vCPU never waits on
         // the disk.
         self.lock().device_mut().take_pending().apply(&mut disk);
@@ -196,7 +204,7 @@ impl MmioSlot {
     /// What the owner shows of the disk; while a host call hangs, the status its
     /// worker saw last and the call.
     pub(crate) fn info(&self) -> DiskInfo {
-        let (status, path, read_only, writeback) = match self.disk_within(Duration::ZERO) {
+        let (status, path, read_only, writeback) = match self.disk_within(Duration::ZERO, false) {
             Ok(disk) => (
                 disk.status(),
                 // Where the disk is attached now (x-block-attach may move it).
@@ -251,12 +259,12 @@ impl MmioSlot {
         &self,
         change: impl FnOnce(&mut Disk<Box<dyn Backend>>) -> Result<(), AttachmentError>,
     ) -> Result<(), AttachFailure> {
-        let mut disk = self
-            .disk_within(OWNER_WAIT)
-            .map_err(|Busy(call)| AttachFailure::Busy {
-                disk: self.id.clone(),
-                call,
-            })?;
+        let mut disk =
+            self.disk_within(HUNG_AFTER, false)
+                .map_err(|Busy(call)| AttachFailure::Busy {
+                    disk: self.id.clone(),
+                    call,
+                })?;
         let r = change(&mut disk);
         self.remember(&disk);
         r.map_err(|error| AttachFailure::Disk {
@@ -265,10 +273,10 @@ impl MmioSlot {
         })
     }
 
-    /// Makes the disk's buffered bytes stable now, waiting at most `wait` for a disk
-    /// whose host call hangs; what it could not, if anything.
-    pub(crate) fn settle(&self, wait: Duration) -> Option<Dropped> {
-        let mut disk = match self.disk_within(wait) {
+    /// Makes the disk's buffered bytes stable now, waiting at most `wait` for the
+    /// disk (for a call that hangs too, if `patient`); what it could not, if anything.
+    pub(crate) fn settle(&self, wait: Duration, patient: bool) -> Option<Dropped> {
+        let mut disk = match self.disk_within(wait, patient) {
             Ok(disk) => disk,
             Err(Busy(call)) => {
                 return Some(Dropped {
@@ -689,7 +697,7 @@ mod tests {
             hung.change(|d| d.detach()),
             Err(AttachFailure::Busy { .. })
         ));
-        let dropped = hung.settle(OWNER_WAIT).expect("cannot settle");
+        let dropped = hung.settle(HUNG_AFTER, false).expect("cannot settle");
         assert!(
             dropped.why.contains("cannot be cancelled"),
             "{}",
@@ -701,7 +709,7 @@ mod tests {
         let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
         assert_eq!(status, 0, "the hung FLUSH completed S_OK after all");
         assert!(hung.call().is_none());
-        assert!(hung.settle(OWNER_WAIT).is_none());
+        assert!(hung.settle(HUNG_AFTER, false).is_none());
         assert!(rx.try_recv().is_err(), "nothing failed");
     }
 
