@@ -225,7 +225,10 @@ fn qmp(socket: &str, command: &str, arguments: Option<&str>) -> Result<(), Strin
     let reply = next(&mut reader)?;
     if std::env::var_os("HOLDFAST_QMP_TIMING").is_some() {
         // The command's round trip alone (connection and negotiation excluded).
-        eprintln!("QMP-MS {command} {:.1}", sent.elapsed().as_secs_f64() * 1000.0);
+        eprintln!(
+            "QMP-MS {command} {:.1}",
+            sent.elapsed().as_secs_f64() * 1000.0
+        );
     }
     println!("{reply}");
     if reply.contains("\"return\"") {

@@ -14,7 +14,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,9 @@ use crate::vm::{error_chain, DiskSpec};
 
 type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
 
+/// What a disk's replay came to.
+type ReplayOutcome = Result<holdfast_block::ReplayReport, holdfast_block::ReplayError>;
+
 /// A host call outstanding this long hangs, as far as the owner is concerned: it
 /// does not wait for it (nor for a disk its worker has held this long).
 pub const HUNG_AFTER: Duration = Duration::from_secs(1);
@@ -55,6 +58,9 @@ pub(crate) struct MmioSlot {
     disk: SharedDisk<Box<dyn Backend>>,
     /// The disk's status when its lock was last released (shown while it is busy).
     last_status: Mutex<DiskStatus>,
+    /// A replay's outcome and duration, once it finished (see `replay_apart`).
+    replay: Mutex<Option<(ReplayOutcome, Duration)>>,
+    replay_done: Condvar,
     /// The guest's queue notifications (an ioeventfd).
     pub(crate) notify: EventFd,
     /// The device's interrupt (an irqfd).
@@ -94,6 +100,8 @@ impl MmioSlot {
             disk: device.shared_disk(),
             transport: Mutex::new(MmioTransport::new(device)),
             last_status: Mutex::new(status),
+            replay: Mutex::new(None),
+            replay_done: Condvar::new(),
             notify,
             irq,
         }
@@ -155,27 +163,37 @@ impl MmioSlot {
     }
 
     /// Resumes the disk (replays it if it was stopped) and lets it serve what the
-    /// guest queued meanwhile. `Some` if it was replayed.
+    /// guest queued meanwhile. `Some` if it was replayed. The replay runs on a
+    /// thread of its own: if one of its host calls hangs, the owner is told (Busy)
+    /// rather than held; the replay goes on, and the `cont` after it returns takes
+    /// its outcome.
     pub(crate) fn resume(
-        &self,
+        self: &Arc<Self>,
         mem: &GuestMemoryMmap,
         events: &Inbox,
     ) -> Result<Option<Replayed>, ResumeFailure> {
-        let mut disk =
-            self.disk_within(HUNG_AFTER, false)
-                .map_err(|Busy(call)| ResumeFailure::Busy {
-                    disk: self.id.clone(),
-                    call,
-                })?;
-        // Disk, then transport: a worker never holds both, a vCPU never waits on
-        // the disk.
-        self.lock().device_mut().take_pending().apply(&mut disk);
-        let was_stopped = disk.is_stopped();
-        let started = Instant::now();
-        let replay = disk.replay();
-        self.remember(&disk);
-        drop(disk);
-        let report = replay.map_err(|r| ResumeFailure::Replay {
+        let busy = |Busy(call)| ResumeFailure::Busy {
+            disk: self.id.clone(),
+            call,
+        };
+        let (outcome, took) = match self.finished_replay() {
+            Some(done) => done,
+            None => {
+                let mut disk = self.disk_within(HUNG_AFTER, false).map_err(busy)?;
+                // Disk, then transport: a worker never holds both, a vCPU never
+                // waits on the disk.
+                self.lock().device_mut().take_pending().apply(&mut disk);
+                if !disk.is_stopped() {
+                    drop(disk);
+                    // Requests the guest queued while the VM was paused.
+                    let _ = self.notify.write(1);
+                    return Ok(None);
+                }
+                drop(disk);
+                self.replay_apart().map_err(busy)?
+            }
+        };
+        let report = outcome.map_err(|r| ResumeFailure::Replay {
             disk: self.id.clone(),
             error: r.error,
         })?;
@@ -194,11 +212,59 @@ impl MmioSlot {
         }
         // Requests the guest queued while the disk was stopped.
         let _ = self.notify.write(1);
-        Ok(was_stopped.then(|| Replayed {
+        Ok(Some(Replayed {
             disk: self.id.clone(),
             bytes_rewritten: resumed.bytes_rewritten,
-            duration: started.elapsed(),
+            duration: took,
         }))
+    }
+
+    /// Replays the disk on a thread of its own and waits for it, for as long as its
+    /// host calls return; Busy once one hangs (the replay goes on; its outcome is
+    /// kept for [`MmioSlot::finished_replay`]).
+    fn replay_apart(self: &Arc<Self>) -> Result<(ReplayOutcome, Duration), Busy> {
+        let slot = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("{WORKER_PREFIX}{}", self.id))
+            .spawn(move || {
+                let started = Instant::now();
+                let mut disk = lock_disk(&slot.disk);
+                let outcome = disk.replay();
+                slot.remember(&disk);
+                drop(disk);
+                let mut done = slot.lock_replay();
+                *done = Some((outcome, started.elapsed()));
+                slot.replay_done.notify_all();
+            });
+        if let Err(e) = spawned {
+            return Err(Busy(format!("cannot start its replay: {e}")));
+        }
+        let mut done = self.lock_replay();
+        loop {
+            if let Some(outcome) = done.take() {
+                return Ok(outcome);
+            }
+            let call = self.watch.outstanding();
+            if call.is_some_and(|c| c.age() >= HUNG_AFTER) {
+                return Err(Busy(format!("its replay is under way: {}", describe(call))));
+            }
+            done = self
+                .replay_done
+                .wait_timeout(done, Duration::from_millis(10))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The outcome of a replay that finished after the owner stopped waiting for it.
+    fn finished_replay(&self) -> Option<(ReplayOutcome, Duration)> {
+        self.lock_replay().take()
+    }
+
+    fn lock_replay(&self) -> MutexGuard<'_, Option<(ReplayOutcome, Duration)>> {
+        self.replay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// What the owner shows of the disk; while a host call hangs, the status its
@@ -740,5 +806,50 @@ mod tests {
         );
         faults.clear_named("stall");
         holder.join().expect("holder");
+    }
+
+    #[test]
+    fn a_replay_that_hangs_does_not_hold_the_owner() {
+        use holdfast_block::{FaultOp, FaultRule, Trigger};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (slot, faults) = faulty_slot("data");
+        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
+        drive(&slot, &mem, 0x20_0000, Broken::Not);
+        // Not a status the device writes: whether it wrote one shows.
+        mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 16))
+            .expect("status");
+        serve(&slot, &mem, &tx);
+        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        // The storage comes back, then hangs during the replay's flush.
+        faults.clear_named("outage");
+        faults.arm(FaultRule::hang(FaultOp::Flush).named("stall"));
+        let started = Instant::now();
+        match slot.resume(&mem, &tx) {
+            Err(ResumeFailure::Busy { disk, call }) => {
+                assert_eq!(disk, "data");
+                assert!(
+                    call.contains("replay is under way") && call.contains("flush"),
+                    "{call}"
+                );
+            }
+            other => panic!("not busy: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0xff, "the parked FLUSH is not completed yet");
+        // Still hanging: the next cont is refused at once.
+        assert!(matches!(
+            slot.resume(&mem, &tx),
+            Err(ResumeFailure::Busy { .. })
+        ));
+        faults.clear_named("stall");
+        while slot.call().is_some() || slot.lock_replay().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let replayed = slot.resume(&mem, &tx).expect("resumed").expect("replayed");
+        assert_eq!(replayed.disk, "data");
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0, "the parked FLUSH completed S_OK");
     }
 }
