@@ -125,21 +125,20 @@ echo "HOLDFAST hang-timeout=3: the guest's kernel reported $reports_with hung ta
 copy_image
 start_qemu_hang
 hang_after_records
+qemu_vdb_before=$(vdb)
 sleep 5
 # QEMU's stop may wait for the hung I/O: asked in the background, answered when it is.
-(
-    started=$(date +%s%N)
-    q stop > /dev/null && echo $((($(date +%s%N) - started) / 1000000)) > "$WORK/stop.ms"
-) &
+ms stop > "$WORK/stop.ms" &
 stopper=$!
 while [ $(($(date +%s) - hung_at)) -lt $HANG_S ]; do sleep 1; done
 stopped_before_resume=no
 [ -s "$WORK/stop.ms" ] && stopped_before_resume=yes
+qemu_vdb_during=$(($(vdb) - qemu_vdb_before))
 resume_host
 wait "$stopper"
 [ -s "$WORK/stop.ms" ] || fail "QEMU's stop failed"
 qemu_stop_ms=$(cat "$WORK/stop.ms")
-echo "QEMU: stop, asked 5 s into the hang, answered after $qemu_stop_ms ms (before the storage came back: $stopped_before_resume)"
+echo "QEMU: stop, asked 5 s into the hang, answered after $qemu_stop_ms ms (before the storage came back: $stopped_before_resume); its second disk took $qemu_vdb_during writes during the hang"
 wait_for 60 "QEMU's cont failed" q cont
 finish_and_check "QEMU"
 reports_qemu=$(hung_tasks)
