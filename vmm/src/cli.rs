@@ -367,6 +367,29 @@ mod tests {
     }
 
     #[test]
+    fn hang_timeout_is_whole_seconds() {
+        let (_d, f) = file();
+        for (v, want) in [("30", 30), ("30s", 30), ("1", 1)] {
+            let d = parse_disk(&format!("path={f},hang-timeout={v}"), 0).expect("valid");
+            assert_eq!(
+                d.hang_timeout,
+                Some(std::time::Duration::from_secs(want)),
+                "{v}"
+            );
+        }
+        assert_eq!(
+            parse_disk(&format!("path={f}"), 0)
+                .expect("valid")
+                .hang_timeout,
+            None
+        );
+        for bad in ["0", "30ms", "-1", "1.5", "", "86401"] {
+            let e = parse_disk(&format!("path={f},hang-timeout={bad}"), 0).expect_err(bad);
+            assert!(e.starts_with("hang-timeout: "), "{e}");
+        }
+    }
+
+    #[test]
     fn a_full_command_line() {
         let (_d, f) = file();
         let disk =
