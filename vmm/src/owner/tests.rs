@@ -478,6 +478,17 @@ fn run(state: RunState, case: Case) -> (Expect, Owner, Fake, Option<Value>) {
     (got, owner, fake, value)
 }
 
+/// A QMP command through `step`, and its answer.
+fn ask(
+    owner: &mut Owner,
+    fake: &mut Fake,
+    command: Command,
+) -> Result<Value, holdfast_qmp::QmpError> {
+    let (reply, answer) = channel();
+    owner.step(fake, Input::Qmp { command, reply });
+    answer.recv().expect("answered in the step")
+}
+
 #[test]
 fn every_state_and_input() {
     let mut pairs = 0;
@@ -525,24 +536,8 @@ fn timings_cover_the_latest_error_and_cont() {
     let mut fake = Fake::new(Resume::Replays);
     let (input, _, _) = input_and_resume(Case::DiskErrorStop);
     owner.step(&mut fake, input);
-    let (reply, answer) = channel();
-    owner.step(
-        &mut fake,
-        Input::Qmp {
-            command: Command::Cont,
-            reply,
-        },
-    );
-    answer.recv().expect("answer").expect("cont");
-    let (reply, answer) = channel();
-    owner.step(
-        &mut fake,
-        Input::Qmp {
-            command: Command::XQueryTimings,
-            reply,
-        },
-    );
-    let t = answer.recv().expect("answer").expect("timings");
+    ask(&mut owner, &mut fake, Command::Cont).expect("cont");
+    let t = ask(&mut owner, &mut fake, Command::XQueryTimings).expect("timings");
     assert!(t["error-to-stopped-ns"].is_u64(), "{t}");
     assert!(t["cont-to-running-ns"].is_u64(), "{t}");
     assert_eq!(t["replay-bytes"], 4096);
@@ -594,49 +589,22 @@ fn a_hung_call_is_reported_once_saying_which_call_for_how_long() {
     );
     assert_eq!(owner.state(), RunState::IoError);
     // cont while it hangs: refused, naming it; the VM stays paused.
-    let (reply, answer) = channel();
-    owner.step(
-        &mut fake,
-        Input::Qmp {
-            command: Command::Cont,
-            reply,
-        },
-    );
-    let e = answer.recv().expect("answer").expect_err("refused");
+    let e = ask(&mut owner, &mut fake, Command::Cont).expect_err("refused");
     assert!(e.desc.contains("flush has been outstanding"), "{}", e.desc);
     assert_eq!(owner.state(), RunState::IoError);
     // The call returned: the next cont resumes.
     fake.hanging.clear();
     fake.resume = Resume::Replays;
     owner.step(&mut fake, Input::Tick);
-    let (reply, answer) = channel();
-    owner.step(
-        &mut fake,
-        Input::Qmp {
-            command: Command::Cont,
-            reply,
-        },
-    );
-    answer.recv().expect("answer").expect("cont");
+    ask(&mut owner, &mut fake, Command::Cont).expect("cont");
     assert_eq!(owner.state(), RunState::Running);
 }
 
 #[test]
 fn query_block_shows_the_outstanding_call() {
-    let (_, _, _, answer) = {
-        let events = EventSink::new();
-        let mut owner = Owner::new(events);
-        let mut fake = Fake::new(Resume::Replays).with_hung_flush();
-        let (reply, answer) = channel();
-        owner.step(
-            &mut fake,
-            Input::Qmp {
-                command: Command::QueryBlock,
-                reply,
-            },
-        );
-        ((), (), (), answer.recv().expect("answer").expect("ok"))
-    };
+    let mut owner = Owner::new(EventSink::new());
+    let mut fake = Fake::new(Resume::Replays).with_hung_flush();
+    let answer = ask(&mut owner, &mut fake, Command::QueryBlock).expect("ok");
     let out = &answer[0]["x-outstanding"];
     assert_eq!(out["operation"], "flush");
     assert!(out["seconds"].as_f64().expect("seconds") >= 31.0, "{out}");
