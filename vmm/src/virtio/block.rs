@@ -286,8 +286,10 @@ impl<B: Backend> BlockDevice<B> {
     }
 
     /// Serves available requests until the queue is empty or the disk stops, running
-    /// each on the disk in this thread (what the disk's I/O worker does, with the
-    /// device unlocked between [`BlockDevice::next`] and [`BlockDevice::finish`]).
+    /// each on the disk in this thread, with the device held throughout: for tests
+    /// and fuzzing. The disk's I/O worker ([`crate::devices::disks`]) does the same
+    /// with the device unlocked between [`BlockDevice::next`] and
+    /// [`BlockDevice::finish`].
     pub fn process_queue<M: GuestMemory>(
         &mut self,
         mem: &M,
