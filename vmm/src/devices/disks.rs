@@ -584,14 +584,32 @@ mod tests {
     /// A driver's set-up, register by register, with one FLUSH request made
     /// available in the device's queue, broken as `broken` says.
     fn drive(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64, broken: Broken) {
+        drive_flushes(slot, mem, at, broken, 1)
+    }
+
+    /// As [`drive`], with `n` FLUSH requests, the i-th's status byte at
+    /// `at + 32 * i + 16`.
+    fn drive_flushes(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64, broken: Broken, n: u16) {
         let vq = MockSplitQueue::new(mem, 16);
-        mem.write_obj(VIRTIO_BLK_T_FLUSH, GuestAddress(at))
-            .expect("header");
-        let descs = [
-            RawDescriptor::from(Descriptor::new(at, 16, VRING_DESC_F_NEXT as u16, 1)),
-            RawDescriptor::from(Descriptor::new(at + 16, 1, VRING_DESC_F_WRITE as u16, 0)),
-        ];
-        vq.add_desc_chains(&descs, 0).expect("chain");
+        let mut descs = Vec::new();
+        for i in 0..n {
+            let head = at + 32 * u64::from(i);
+            mem.write_obj(VIRTIO_BLK_T_FLUSH, GuestAddress(head))
+                .expect("header");
+            descs.push(RawDescriptor::from(Descriptor::new(
+                head,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                2 * i + 1,
+            )));
+            descs.push(RawDescriptor::from(Descriptor::new(
+                head + 16,
+                1,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )));
+        }
+        vq.add_desc_chains(&descs, 0).expect("chains");
         if broken == Broken::Head {
             vq.avail()
                 .ring()
@@ -851,5 +869,44 @@ mod tests {
         assert_eq!(replayed.disk, "data");
         let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
         assert_eq!(status, 0, "the parked FLUSH completed S_OK");
+    }
+
+    #[test]
+    fn a_stopped_disk_takes_no_more_requests_from_its_queue() {
+        use holdfast_block::{FaultOp, FaultRule, Trigger};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (slot, faults) = faulty_slot("data");
+        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
+        drive_flushes(&slot, &mem, 0x20_0000, Broken::Not, 3);
+        for i in 0..3 {
+            mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 32 * i + 16))
+                .expect("status");
+        }
+        serve(&slot, &mem, &tx);
+        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        // The first is parked; the others stay in the available ring, untaken.
+        assert_eq!(lock_disk(&slot.disk).status().parked, 1);
+        serve(&slot, &mem, &tx);
+        assert_eq!(
+            lock_disk(&slot.disk).status().parked,
+            1,
+            "taken while stopped"
+        );
+        for i in 0..3 {
+            let status: u8 = mem
+                .read_obj(GuestAddress(0x20_0000 + 32 * i + 16))
+                .expect("status");
+            assert_eq!(status, 0xff, "request {i} completed while stopped");
+        }
+        faults.clear_named("outage");
+        assert!(slot.resume(&mem, &tx).expect("resumed").is_some());
+        serve(&slot, &mem, &tx);
+        for i in 0..3 {
+            let status: u8 = mem
+                .read_obj(GuestAddress(0x20_0000 + 32 * i + 16))
+                .expect("status");
+            assert_eq!(status, 0, "request {i} completed S_OK after cont");
+        }
     }
 }
