@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 
-use crate::backend::{AttachError, Backend};
+use crate::backend::{AttachError, Backend, SharedIo};
 use crate::buffer::{BufferStats, ExtentData, FlushTicket, UnflushedBuffer};
 use crate::policy::{ErrorAction, ErrorPolicy, IoStatus};
 use crate::request::{Completion, Request, RequestOp, Status};
@@ -105,6 +105,66 @@ impl Outcome {
 
     pub fn is_parked(&self) -> bool {
         self.completion.is_none()
+    }
+}
+
+/// What [`Disk::begin`] made of a request.
+#[derive(Debug)]
+pub enum Begun {
+    /// Done (or parked) at once, as [`Disk::submit`] says.
+    Done(Outcome),
+    /// A host call to run with no lock held, then hand to [`Disk::end`].
+    Call(Call),
+    /// Needs the disk alone: [`Disk::submit`] it once [`Disk::in_flight`] is 0.
+    Alone(Request),
+}
+
+#[derive(Debug)]
+enum CallKind {
+    Read { offset: u64, len: u64 },
+    Write { offset: u64, data: Vec<u8> },
+}
+
+impl CallKind {
+    fn into_request(self, tag: u64) -> Request {
+        match self {
+            CallKind::Read { offset, len } => Request::new(tag, RequestOp::Read { offset, len }),
+            CallKind::Write { offset, data } => {
+                Request::new(tag, RequestOp::Write { offset, data })
+            }
+        }
+    }
+}
+
+/// A guest read or write running beside others on the disk ([`Disk::begin`]).
+#[derive(Debug)]
+pub struct Call {
+    tag: u64,
+    kind: CallKind,
+    io: std::sync::Arc<dyn SharedIo>,
+    /// The host call's result (a read's bytes) once [`Call::run`] ran it.
+    result: Option<Result<Vec<u8>, HostError>>,
+}
+
+impl Call {
+    /// The host call; holds no lock of the disk's. Runs once.
+    pub fn run(&mut self) {
+        if self.result.is_some() {
+            return;
+        }
+        self.result = Some(match &self.kind {
+            CallKind::Read { offset, len } => {
+                let mut buf = vec![0; *len as usize];
+                self.io.read_at(&mut buf, *offset).map(|()| buf)
+            }
+            CallKind::Write { offset, data } => {
+                self.io.write_at(data, *offset).map(|()| Vec::new())
+            }
+        });
+    }
+
+    pub fn tag(&self) -> u64 {
+        self.tag
     }
 }
 
@@ -221,9 +281,24 @@ pub struct Disk<B> {
     /// guest's FLUSH, a replay), writes at the bound fail at once instead of each
     /// rewriting the whole buffer into a host that is still broken.
     room_failed: Option<HostError>,
+    /// Host calls running beside each other ([`Disk::begin`]), not yet ended.
+    in_flight: Vec<InFlight>,
+    /// The request whose failure stopped the disk: a call in flight beside it that
+    /// was taken after it and ends later is parked, not completed.
+    stopped_by: Option<u64>,
     /// (feature `sim`, imitating `Sticky`) a flush failed: every later one fails.
     #[cfg(feature = "sim")]
     flush_poisoned: bool,
+}
+
+/// A call in flight: its request, its range, and the bytes a write will add to the
+/// buffer (counted against the bound before they are there).
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    tag: u64,
+    start: u64,
+    end: u64,
+    write: bool,
 }
 
 impl<B: Backend> Disk<B> {
@@ -240,6 +315,8 @@ impl<B: Backend> Disk<B> {
             deferred_release: None,
             internal_flushes: 0,
             room_failed: None,
+            in_flight: Vec::new(),
+            stopped_by: None,
             #[cfg(feature = "sim")]
             flush_poisoned: false,
         }
@@ -317,6 +394,124 @@ impl<B: Backend> Disk<B> {
         }
     }
 
+    /// Starts a guest request so that it may run beside others. A read the buffer
+    /// does not cover, and a write-back write that fits under the buffer's bound,
+    /// become a [`Call`] to run with no lock of the disk's held and hand back to
+    /// [`Disk::end`]; requests that touch no storage, or find the disk stopped, are
+    /// done at once as [`Disk::submit`] does them. The rest (FLUSH, which must cover
+    /// exactly the writes completed before it; zeroes, discards, writethrough
+    /// writes, a write that needs room; anything overlapping a call in flight, so
+    /// that the buffer and the host see overlapping writes in one order) need the
+    /// disk alone: [`Begun::Alone`], for [`Disk::submit`] once nothing is in flight.
+    pub fn begin(&mut self, req: Request) -> Begun {
+        let quick = self.stopped
+            || req.op == RequestOp::GetId
+            || self.guest_error(&req.op).is_some();
+        if quick {
+            return Begun::Done(self.submit(req));
+        }
+        #[cfg(feature = "sim")]
+        if self.config.imitate.is_some() {
+            return Begun::Alone(req);
+        }
+        let Some((start, len)) = req.op.range() else {
+            return Begun::Alone(req);
+        };
+        let end = start + len;
+        if self.in_flight.iter().any(|c| c.start < end && start < c.end) {
+            return Begun::Alone(req);
+        }
+        let kind = match req.op {
+            RequestOp::Read { offset, len } => {
+                if self.buffer.covers(offset, len) {
+                    return Begun::Done(self.submit(req));
+                }
+                CallKind::Read { offset, len }
+            }
+            RequestOp::Write { offset, data } if self.config.writeback => {
+                let room = self.config.unflushed_limit.saturating_sub(self.buffer.bytes());
+                let coming: u64 = self
+                    .in_flight
+                    .iter()
+                    .filter(|c| c.write)
+                    .map(|c| c.end - c.start)
+                    .sum();
+                if coming + data.len() as u64 > room {
+                    return Begun::Alone(Request::new(req.tag, RequestOp::Write { offset, data }));
+                }
+                CallKind::Write { offset, data }
+            }
+            op => return Begun::Alone(Request::new(req.tag, op)),
+        };
+        let Some(io) = self.backend.shared_io() else {
+            return Begun::Alone(kind.into_request(req.tag));
+        };
+        self.in_flight.push(InFlight {
+            tag: req.tag,
+            start,
+            end,
+            write: matches!(kind, CallKind::Write { .. }),
+        });
+        Begun::Call(Call {
+            tag: req.tag,
+            kind,
+            io,
+            result: None,
+        })
+    }
+
+    /// Ends a call [`Disk::begin`] started (run or not: one never run is run now):
+    /// a write's bytes enter the buffer, a read gets the buffer laid over it, a
+    /// failure takes the error policy's path. A call taken after the one whose
+    /// failure stopped the disk is parked, even if it succeeded.
+    pub fn end(&mut self, mut call: Call) -> Outcome {
+        if call.result.is_none() {
+            call.run();
+        }
+        let tag = call.tag;
+        self.in_flight.retain(|c| c.tag != tag);
+        let result = call.result.take().unwrap_or(Ok(Vec::new()));
+        let outcome = match call.kind {
+            CallKind::Read { offset, len } => match result {
+                Ok(mut buf) => {
+                    self.buffer.overlay(offset, &mut buf);
+                    Outcome::done(Completion {
+                        tag,
+                        status: Status::Ok,
+                        data: buf,
+                    })
+                }
+                Err(e) => {
+                    let req = Request::new(tag, RequestOp::Read { offset, len });
+                    return self.host_error(Failed::pending(req, e), true, tag);
+                }
+            },
+            CallKind::Write { offset, data } => {
+                self.buffer.insert(offset, ExtentData::Bytes(data));
+                match result {
+                    Ok(_) => Outcome::done(Completion::ok(tag)),
+                    Err(e) => return self.host_error(Failed::covered(tag, e), false, tag),
+                }
+            }
+        };
+        match outcome.completion {
+            Some(c) if self.stopped && self.stopped_by.is_some_and(|by| tag > by) => {
+                self.parked.push_back(Parked::Done(c));
+                Outcome {
+                    completion: None,
+                    error: None,
+                }
+            }
+            _ => outcome,
+        }
+    }
+
+    /// Calls begun and not yet ended: while there are any, the disk must not be
+    /// flushed, replayed, detached or settled.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
     /// Applies the error policy to a failed request.
     fn host_error(&mut self, failed: Failed, is_read: bool, tag: u64) -> Outcome {
         let error = failed.error;
@@ -336,6 +531,9 @@ impl<B: Backend> Disk<B> {
         let status = match action {
             ErrorAction::Report | ErrorAction::Ignore if failed.at_bound => Status::IoErr,
             ErrorAction::Stop => {
+                if !self.stopped {
+                    self.stopped_by = Some(tag);
+                }
                 self.stopped = true;
                 self.io_status = IoStatus::of(&error);
                 self.parked.push_back(failed.parked);
@@ -557,6 +755,7 @@ impl<B: Backend> Disk<B> {
     /// One host flush; rewrites the buffer first when an earlier failure may have
     /// cost the host buffered bytes.
     fn host_flush(&mut self) -> Result<(), HostError> {
+        debug_assert!(self.in_flight.is_empty(), "the disk is not alone");
         if self.rewrite_before_flush {
             self.rewrite_buffer()?;
         }
@@ -618,6 +817,7 @@ impl<B: Backend> Disk<B> {
     /// replayed; the buffer and the parked requests stay. The owner calls this only
     /// while no vCPU runs.
     pub fn detach(&mut self) -> Result<(), AttachmentError> {
+        debug_assert!(self.in_flight.is_empty(), "the disk is not alone");
         if self.is_detached() {
             return Err(AttachmentError::AlreadyDetached);
         }
@@ -646,6 +846,7 @@ impl<B: Backend> Disk<B> {
     /// On a running disk this does nothing and returns an empty report. A detached
     /// disk cannot replay: it fails with `ENOMEDIUM` and nothing changes.
     pub fn replay(&mut self) -> Result<ReplayReport, ReplayError> {
+        debug_assert!(self.in_flight.is_empty(), "the disk is not alone");
         if !self.stopped {
             return Ok(ReplayReport::default());
         }
@@ -663,6 +864,7 @@ impl<B: Backend> Disk<B> {
                     self.buffer.flushed(t);
                 }
                 self.stopped = false;
+                self.stopped_by = None;
                 self.io_status = IoStatus::Ok;
                 Ok(report)
             }
@@ -727,6 +929,7 @@ impl<B: Backend> Disk<B> {
     /// poweroff). Parked requests are not run: the guest never saw them complete.
     /// On failure the error says how many bytes are still unflushed.
     pub fn settle(&mut self) -> Result<(), SettleError> {
+        debug_assert!(self.in_flight.is_empty(), "the disk is not alone");
         let fail = |disk: &Self, error| SettleError {
             unflushed_bytes: disk.buffer.bytes(),
             error,

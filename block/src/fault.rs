@@ -457,6 +457,29 @@ impl FaultHandle {
     }
 }
 
+/// A [`FaultInjector`]'s rules in front of calls that run beside each other.
+#[derive(Debug)]
+struct FaultIo {
+    inner: std::sync::Arc<dyn crate::backend::SharedIo>,
+    handle: FaultHandle,
+}
+
+impl crate::backend::SharedIo for FaultIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        self.handle
+            .check(HostOp::Read, Some((offset, buf.len() as u64)))?;
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        self.handle
+            .check(HostOp::Write, Some((offset, buf.len() as u64)))?;
+        self.inner.write_at(buf, offset)?;
+        self.handle.count_written(buf.len() as u64);
+        Ok(())
+    }
+}
+
 /// A backend that fails calls by rule before they reach `inner`.
 #[derive(Debug)]
 pub struct FaultInjector<B> {
@@ -525,6 +548,14 @@ impl<B: Backend> Backend for FaultInjector<B> {
     fn flush(&mut self) -> Result<(), HostError> {
         self.handle.check(HostOp::Flush, None)?;
         self.inner.flush()
+    }
+
+    fn shared_io(&self) -> Option<std::sync::Arc<dyn crate::backend::SharedIo>> {
+        let inner = self.inner.shared_io()?;
+        Some(std::sync::Arc::new(FaultIo {
+            inner,
+            handle: self.handle.clone(),
+        }))
     }
 
     fn start_writeback(&mut self, offset: u64, len: u64) {

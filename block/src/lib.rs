@@ -29,10 +29,12 @@ pub mod request;
 pub mod sim;
 pub mod watch;
 
-pub use backend::{AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend};
+pub use backend::{
+    AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend, SharedIo,
+};
 pub use buffer::{BufferStats, UnflushedBuffer};
 pub use disk::{
-    AttachmentError, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError,
+    AttachmentError, Begun, Call, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError,
     ReplayReport, SettleError,
 };
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};

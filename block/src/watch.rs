@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{AttachError, Backend, Capabilities};
+use crate::backend::{AttachError, Backend, Capabilities, SharedIo};
 use crate::{lock, HostError, HostOp};
 
 /// A host call in progress.
@@ -25,26 +25,65 @@ impl Outstanding {
     }
 }
 
+/// The calls in progress, each under the number it started with.
+#[derive(Debug, Default)]
+struct Calls {
+    next: u64,
+    now: Vec<(u64, Outstanding)>,
+}
+
 /// Reads what a [`Watched`] backend is doing; clones share it.
 #[derive(Debug, Clone, Default)]
 pub struct CallWatch {
-    now: Arc<Mutex<Option<Outstanding>>>,
+    calls: Arc<Mutex<Calls>>,
 }
 
 impl CallWatch {
-    /// The call in progress, if any.
+    /// The oldest call in progress, if any (a disk may have several in flight).
     pub fn outstanding(&self) -> Option<Outstanding> {
-        *lock(&self.now)
+        lock(&self.calls)
+            .now
+            .iter()
+            .map(|(_, c)| *c)
+            .min_by_key(|c| c.since)
+    }
+
+    /// How many calls are in progress.
+    pub fn in_progress(&self) -> usize {
+        lock(&self.calls).now.len()
     }
 
     fn run<T>(&self, op: HostOp, call: impl FnOnce() -> T) -> T {
-        *lock(&self.now) = Some(Outstanding {
-            op,
-            since: Instant::now(),
-        });
+        let id = {
+            let mut calls = lock(&self.calls);
+            calls.next += 1;
+            let id = calls.next;
+            let since = Instant::now();
+            calls.now.push((id, Outstanding { op, since }));
+            id
+        };
         let r = call();
-        *lock(&self.now) = None;
+        lock(&self.calls).now.retain(|(i, _)| *i != id);
         r
+    }
+}
+
+/// A [`Watched`] backend's calls that run beside each other.
+#[derive(Debug)]
+struct WatchedIo {
+    inner: Arc<dyn SharedIo>,
+    watch: CallWatch,
+}
+
+impl SharedIo for WatchedIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        self.watch
+            .run(HostOp::Read, || self.inner.read_at(buf, offset))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        self.watch
+            .run(HostOp::Write, || self.inner.write_at(buf, offset))
     }
 }
 
@@ -101,6 +140,14 @@ impl<B: Backend> Backend for Watched<B> {
     fn flush(&mut self) -> Result<(), HostError> {
         let inner = &mut self.inner;
         self.watch.run(HostOp::Flush, || inner.flush())
+    }
+
+    fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
+        let inner = self.inner.shared_io()?;
+        Some(Arc::new(WatchedIo {
+            inner,
+            watch: self.watch.clone(),
+        }))
     }
 
     fn start_writeback(&mut self, offset: u64, len: u64) {

@@ -808,3 +808,93 @@ fn the_bound_holds_under_every_policy_and_costs_stay_proportional() {
         assert_eq!(out.completion.map(|c| c.status), Some(Status::Ok));
     }
 }
+
+/// Calls in flight beside each other ([`Disk::begin`]) on a raw in-memory disk.
+mod in_flight {
+    use super::*;
+
+    fn disk() -> (Disk<FaultInjector<MemBackend>>, FaultHandle, MemBackend) {
+        let stable = MemBackend::new(SIZE);
+        let front = FaultInjector::new(stable.clone());
+        let calls = front.handle();
+        (Disk::new(front, DiskConfig::default()), calls, stable)
+    }
+
+    fn call(b: Begun) -> Call {
+        match b {
+            Begun::Call(c) => c,
+            other => panic!("expected a call in flight, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_run_beside_each_other_and_flushes_run_alone() {
+        let (mut disk, _, stable) = disk();
+        let mut w1 = call(disk.begin(write(1, 0, 1, 4096)));
+        let w2 = call(disk.begin(write(2, 8192, 2, 4096)));
+        let r = call(disk.begin(read(3, 65536, 512)));
+        assert_eq!(disk.in_flight(), 3);
+        assert!(matches!(disk.begin(flush(4)), Begun::Alone(_)));
+        assert!(
+            matches!(disk.begin(write(5, 2048, 5, 4096)), Begun::Alone(_)),
+            "a write over a write in flight waits for it"
+        );
+        w1.run();
+        assert_eq!(stable.contents()[0], 1, "the call ran with no lock held");
+        // Ended in another order than begun.
+        assert_eq!(disk.end(r).completion.expect("read").data, vec![0; 512]);
+        assert!(disk.end(w2).completion.is_some());
+        assert_eq!(disk.status().buffer.bytes, 4096, "a write enters the buffer as it ends");
+        assert!(disk.end(w1).completion.is_some());
+        assert_eq!(disk.in_flight(), 0);
+        assert_eq!(disk.submit(flush(4)).completion, Some(Completion::ok(4)));
+        assert_eq!(disk.status().buffer.bytes, 0);
+    }
+
+    #[test]
+    fn a_call_taken_after_the_failing_one_is_parked_even_if_it_succeeded() {
+        let (mut disk, calls, _) = disk();
+        let before = call(disk.begin(write(1, 0, 1, 4096)));
+        let mut failing = call(disk.begin(write(2, 8192, 2, 4096)));
+        let mut after = call(disk.begin(write(3, 16384, 3, 4096)));
+        after.run();
+        let id = calls.arm(FaultRule::new(FaultOp::Write, EIO, Trigger::Always));
+        failing.run();
+        calls.clear(id);
+        let out = disk.end(failing);
+        assert!(out.is_parked() && out.error.is_some(), "{out:?}");
+        assert!(disk.is_stopped());
+        assert!(disk.end(before).completion.is_some(), "taken before it: completes");
+        assert!(disk.end(after).is_parked(), "taken after it: parked");
+        let report = disk.replay().expect("replay");
+        let tags: Vec<u64> = report.completions.iter().map(|c| c.tag).collect();
+        assert_eq!(tags, vec![2, 3]);
+        assert!(report.completions.iter().all(|c| c.status == Status::Ok));
+    }
+
+    #[test]
+    fn writes_in_flight_count_against_the_buffer_bound() {
+        let stable = MemBackend::new(SIZE);
+        let config = DiskConfig {
+            unflushed_limit: 8192,
+            ..DiskConfig::default()
+        };
+        let mut disk = Disk::new(stable, config);
+        let a = call(disk.begin(write(1, 0, 1, 4096)));
+        let b = call(disk.begin(write(2, 4096, 2, 4096)));
+        assert!(
+            matches!(disk.begin(write(3, 8192, 3, 512)), Begun::Alone(_)),
+            "the bound is full with what is in flight"
+        );
+        disk.end(a);
+        disk.end(b);
+        assert_eq!(disk.status().buffer.bytes, 8192);
+    }
+
+    #[test]
+    fn a_backend_that_serves_one_call_at_a_time_runs_everything_alone() {
+        let mut r = xfs();
+        assert!(matches!(r.disk.begin(write(1, 0, 1, 512)), Begun::Alone(_)));
+        assert!(matches!(r.disk.begin(read(2, 0, 512)), Begun::Alone(_)));
+    }
+}

@@ -37,6 +37,9 @@ enum Op {
         nospace: bool,
     },
     EndOutage,
+    /// With calls in flight ([`HostKind::DirectInFlight`]): run the host call of
+    /// one of them, or end it if it ran.
+    Progress(usize),
     Evict,
     BackgroundWriteback,
     Cont,
@@ -56,6 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(op, nospace)| Op::CallOutage { op, nospace }),
         2 => any::<bool>().prop_map(|nospace| Op::DiskOutage { nospace }),
         2 => Just(Op::EndOutage),
+        6 => any::<usize>().prop_map(Op::Progress),
         2 => Just(Op::Evict),
         1 => Just(Op::BackgroundWriteback),
         3 => Just(Op::Cont),
@@ -67,6 +71,9 @@ fn op() -> impl Strategy<Value = Op> {
 enum HostKind {
     Cache(HostModel),
     Direct,
+    /// A raw disk, with reads and writes begun ([`Disk::begin`]) and left in flight
+    /// beside each other until `Progress` runs and ends them, in any order.
+    DirectInFlight,
 }
 
 enum Waiting {
@@ -85,6 +92,9 @@ struct Harness {
     waiting: VecDeque<(u64, Waiting)>,
     next_tag: u64,
     honest: bool,
+    /// Requests run through `Disk::begin`; calls in flight, not yet ended.
+    concurrent: bool,
+    in_flight: Vec<Call>,
 }
 
 impl Harness {
@@ -97,7 +107,7 @@ impl Harness {
                 let cache = HostCache::new(model, below);
                 (Box::new(cache.clone()), Some(cache))
             }
-            HostKind::Direct => (Box::new(below), None),
+            HostKind::Direct | HostKind::DirectInFlight => (Box::new(below), None),
         };
         let front = FaultInjector::new(host);
         let calls = front.handle();
@@ -112,6 +122,8 @@ impl Harness {
             waiting: VecDeque::new(),
             next_tag: 0,
             honest,
+            concurrent: matches!(kind, HostKind::DirectInFlight),
+            in_flight: Vec::new(),
         }
     }
 
@@ -119,10 +131,56 @@ impl Harness {
         self.next_tag += 1;
         let tag = self.next_tag;
         self.waiting.push_back((tag, waiting));
-        let out = self.disk.submit(Request::new(tag, op));
+        let req = Request::new(tag, op);
+        let out = if self.concurrent {
+            match self.disk.begin(req) {
+                Begun::Done(out) => out,
+                Begun::Call(call) => {
+                    self.in_flight.push(call);
+                    return Ok(());
+                }
+                Begun::Alone(req) => {
+                    self.drain()?;
+                    self.disk.submit(req)
+                }
+            }
+        } else {
+            self.disk.submit(req)
+        };
         if let Some(c) = out.completion {
             self.complete(c)?;
         }
+        Ok(())
+    }
+
+    /// Runs or ends the `n`-th call in flight (modulo how many there are).
+    fn progress(&mut self, n: usize) -> Result<(), TestCaseError> {
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        let at = n % self.in_flight.len();
+        if n / self.in_flight.len() % 2 == 0 {
+            self.in_flight[at].run();
+            return Ok(());
+        }
+        let call = self.in_flight.remove(at);
+        self.end(call)
+    }
+
+    fn end(&mut self, call: Call) -> Result<(), TestCaseError> {
+        if let Some(c) = self.disk.end(call).completion {
+            self.complete(c)?;
+        }
+        Ok(())
+    }
+
+    /// Ends every call in flight, last begun first (what a disk waits for before
+    /// it runs a request alone).
+    fn drain(&mut self) -> Result<(), TestCaseError> {
+        while let Some(call) = self.in_flight.pop() {
+            self.end(call)?;
+        }
+        prop_assert_eq!(self.disk.in_flight(), 0);
         Ok(())
     }
 
@@ -152,6 +210,7 @@ impl Harness {
     }
 
     fn cont(&mut self) -> Result<bool, TestCaseError> {
+        self.drain()?;
         match self.disk.replay() {
             Ok(report) => {
                 for c in report.completions {
@@ -214,6 +273,7 @@ impl Harness {
                 self.calls.clear_all();
                 self.below.clear_all();
             }
+            Op::Progress(n) => self.progress(n)?,
             Op::Evict => {
                 if let Some(c) = &self.cache {
                     c.evict();
@@ -246,6 +306,7 @@ impl Harness {
     fn settle_and_check(&mut self) -> Result<(), TestCaseError> {
         self.calls.clear_all();
         self.below.clear_all();
+        self.drain()?;
         let mut flushed_ok = 0;
         for _ in 0..8 {
             if self.disk.is_stopped() {
@@ -358,3 +419,7 @@ host_property!(invariant_on_ext4_data, HostKind::Cache(HostModel::Ext4Data));
 host_property!(invariant_on_btrfs, HostKind::Cache(HostModel::Btrfs));
 host_property!(invariant_on_freebsd, HostKind::Cache(HostModel::FreeBsd));
 host_property!(invariant_on_direct_disk, HostKind::Direct);
+host_property!(
+    invariant_with_calls_in_flight,
+    HostKind::DirectInFlight
+);

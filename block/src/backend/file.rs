@@ -15,8 +15,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::{write_zero_chunks, Backend, Capabilities};
+use super::{write_zero_chunks, Backend, Capabilities, SharedIo};
 use crate::{HostError, HostOp};
 
 /// Alignment used for `O_DIRECT` transfers: safe for 512-byte and 4 KiB devices.
@@ -95,8 +96,9 @@ pub enum AttachError {
 /// A raw image file.
 #[derive(Debug)]
 pub struct FileBackend {
-    /// `None` while detached.
-    file: Option<File>,
+    /// `None` while detached. Shared with the [`SharedIo`] handles of calls in
+    /// flight, which the disk lets finish before it detaches.
+    file: Option<Arc<File>>,
     path: PathBuf,
     options: FileOptions,
     size: u64,
@@ -132,7 +134,7 @@ impl FileBackend {
         }
         let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
         Ok(FileBackend {
-            file: Some(file),
+            file: Some(Arc::new(file)),
             path: path.to_owned(),
             options,
             size,
@@ -148,7 +150,7 @@ impl FileBackend {
 
     /// The open image, or `ENOMEDIUM` while detached.
     fn file(&self) -> io::Result<&File> {
-        self.file.as_ref().ok_or_else(detached)
+        self.file.as_deref().ok_or_else(detached)
     }
 
     /// Checks `path` as a replacement for this backend's image, then opens it with
@@ -213,64 +215,92 @@ impl FileBackend {
         }
     }
 
-    fn read_plain(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
     fn read_direct(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let (start, end) = align_out(offset, buf.len() as u64);
         // The image and the bounce space are distinct fields: no dup() of the
         // descriptor to satisfy the borrow checker.
         let file = self.file.as_ref().ok_or_else(detached)?;
-        let window = aligned_window(&mut self.bounce, (end - start) as usize);
-        Self::read_plain(file, window, start)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&window[skip..skip + buf.len()]);
+        read_direct(file, &mut self.bounce, buf, offset)?;
         self.trim_bounce();
         Ok(())
     }
 
     fn write_direct(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        if len == 0 {
-            return Ok(());
-        }
-        let (start, end) = align_out(offset, len);
         let file = self.file.as_ref().ok_or_else(detached)?;
-        let window = aligned_window(&mut self.bounce, (end - start) as usize);
-        // Read-modify-write only the edge blocks the caller does not cover.
-        let block = DIRECT_ALIGN as usize;
-        if offset != start {
-            Self::read_plain(file, &mut window[..block], start)?;
-        }
-        if offset + len != end && (end - start > DIRECT_ALIGN || offset == start) {
-            let w = window.len();
-            Self::read_plain(file, &mut window[w - block..], end - DIRECT_ALIGN)?;
-        }
-        let mut at = (offset - start) as usize;
-        for b in bufs {
-            window[at..at + b.len()].copy_from_slice(b);
-            at += b.len();
-        }
-        let written = file.write_all_at(window, start);
+        let written = write_direct(file, &mut self.bounce, bufs, offset);
         self.trim_bounce();
         written
     }
 
     fn write_vectored_plain(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        write_vectored_plain(self.file()?, bufs, offset)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let fd = self.file()?.as_raw_fd();
+        // SAFETY: fallocate takes a file descriptor we own and plain integers.
+        let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+fn read_plain(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// An `O_DIRECT` read through the aligned bounce space `bounce`.
+fn read_direct(file: &File, bounce: &mut Vec<u8>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let (start, end) = align_out(offset, buf.len() as u64);
+    let window = aligned_window(bounce, (end - start) as usize);
+    read_plain(file, window, start)?;
+    let skip = (offset - start) as usize;
+    buf.copy_from_slice(&window[skip..skip + buf.len()]);
+    Ok(())
+}
+
+/// An `O_DIRECT` write through the aligned bounce space `bounce`.
+fn write_direct(file: &File, bounce: &mut Vec<u8>, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    if len == 0 {
+        return Ok(());
+    }
+    let (start, end) = align_out(offset, len);
+    let window = aligned_window(bounce, (end - start) as usize);
+    // Read-modify-write only the edge blocks the caller does not cover.
+    let block = DIRECT_ALIGN as usize;
+    if offset != start {
+        read_plain(file, &mut window[..block], start)?;
+    }
+    if offset + len != end && (end - start > DIRECT_ALIGN || offset == start) {
+        let w = window.len();
+        read_plain(file, &mut window[w - block..], end - DIRECT_ALIGN)?;
+    }
+    let mut at = (offset - start) as usize;
+    for b in bufs {
+        window[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    }
+    file.write_all_at(window, start)
+}
+
+fn write_vectored_plain(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    {
+        let fd = file.as_raw_fd();
         let mut iovs: Vec<libc::iovec> = bufs
             .iter()
             .filter(|b| !b.is_empty())
@@ -314,20 +344,53 @@ impl FileBackend {
         }
         Ok(())
     }
-
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let fd = self.file()?.as_raw_fd();
-        // SAFETY: fallocate takes a file descriptor we own and plain integers.
-        let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
 }
 
 const IOV_MAX: usize = 1024;
+
+/// The image, for calls in flight beside each other ([`SharedIo`]). `O_DIRECT`
+/// calls use a bounce space of their thread's.
+#[derive(Debug)]
+struct FileIo {
+    file: Arc<File>,
+    direct: bool,
+}
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `call` with this thread's bounce space, trimmed after it.
+fn with_bounce<T>(call: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    BOUNCE.with(|b| {
+        let mut bounce = b.borrow_mut();
+        let r = call(&mut bounce);
+        if bounce.capacity() > BOUNCE_KEEP {
+            *bounce = Vec::new();
+        }
+        r
+    })
+}
+
+impl SharedIo for FileIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        let r = if self.direct {
+            with_bounce(|bounce| read_direct(&self.file, bounce, buf, offset))
+        } else {
+            read_plain(&self.file, buf, offset)
+        };
+        r.map_err(|e| HostError::from_io(HostOp::Read, &e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        let r = if self.direct {
+            with_bounce(|bounce| write_direct(&self.file, bounce, &[buf], offset))
+        } else {
+            self.file.write_all_at(buf, offset)
+        };
+        r.map_err(|e| HostError::from_io(HostOp::Write, &e))
+    }
+}
 
 /// What every call on a detached image fails with.
 fn detached() -> io::Error {
@@ -364,7 +427,7 @@ impl Backend for FileBackend {
         let r = if self.direct {
             self.read_direct(buf, offset)
         } else {
-            self.file().and_then(|f| Self::read_plain(f, buf, offset))
+            self.file().and_then(|f| read_plain(f, buf, offset))
         };
         r.map_err(|e| HostError::from_io(HostOp::Read, &e))
     }
@@ -391,6 +454,14 @@ impl Backend for FileBackend {
         self.file()
             .and_then(File::sync_data)
             .map_err(|e| HostError::from_io(HostOp::Flush, &e))
+    }
+
+    fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
+        let file = Arc::clone(self.file.as_ref()?);
+        Some(Arc::new(FileIo {
+            file,
+            direct: self.direct,
+        }))
     }
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
@@ -514,6 +585,51 @@ mod tests {
         assert_eq!(on_disk[30_000], (30_000 % 251) as u8);
         assert_eq!(on_disk[40_001], (40_001 % 251) as u8);
         assert!(on_disk[50_000..54_096].iter().all(|&x| x == 0));
+    }
+
+    /// Calls through [`SharedIo`] handles, from several threads at once, unaligned.
+    fn shared_round_trip(options: FileOptions) {
+        let (_dir, path) = image(64 * 1024);
+        let mut b = FileBackend::open(&path, options).expect("open");
+        let threads: Vec<_> = (0..4u64)
+            .map(|i| {
+                let io = b.shared_io().expect("a file serves calls beside each other");
+                std::thread::spawn(move || {
+                    let data = vec![i as u8 + 1; 3000];
+                    io.write_at(&data, 1000 + i * 8192).expect("write");
+                    let mut back = vec![0; 3000];
+                    io.read_at(&mut back, 1000 + i * 8192).expect("read");
+                    assert_eq!(back, data);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        b.flush().expect("flush");
+        let on_disk = std::fs::read(&path).expect("read image");
+        for i in 0..4usize {
+            let at = 1000 + i * 8192;
+            assert!(on_disk[at..at + 3000].iter().all(|&x| x == i as u8 + 1));
+            assert_eq!(on_disk[at - 1], ((at - 1) % 251) as u8);
+            assert_eq!(on_disk[at + 3000], ((at + 3000) % 251) as u8);
+        }
+        b.detach().expect("detach");
+        assert!(b.shared_io().is_none(), "nothing to share while detached");
+    }
+
+    #[test]
+    fn buffered_calls_beside_each_other() {
+        shared_round_trip(FileOptions::default());
+    }
+
+    #[test]
+    fn direct_calls_beside_each_other() {
+        let options = FileOptions {
+            direct: true,
+            ..FileOptions::default()
+        };
+        shared_round_trip(options);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Capabilities};
+use super::{Backend, Capabilities, SharedIo};
 use crate::{lock, HostError};
 
 /// Bytes in memory. Clones share the same bytes, so a test can keep one clone to
@@ -39,6 +39,31 @@ impl MemBackend {
         let end = (offset.saturating_add(len as u64)).min(self.size) as usize;
         start..end
     }
+
+    fn read(&self, buf: &mut [u8], offset: u64) {
+        let r = self.range(offset, buf.len());
+        let n = r.len();
+        buf[..n].copy_from_slice(&lock(&self.bytes)[r]);
+        buf[n..].fill(0);
+    }
+
+    fn write(&self, buf: &[u8], offset: u64) {
+        let r = self.range(offset, buf.len());
+        let n = r.len();
+        lock(&self.bytes)[r].copy_from_slice(&buf[..n]);
+    }
+}
+
+impl SharedIo for MemBackend {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        self.read(buf, offset);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        self.write(buf, offset);
+        Ok(())
+    }
 }
 
 impl Backend for MemBackend {
@@ -54,22 +79,21 @@ impl Backend for MemBackend {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
-        let r = self.range(offset, buf.len());
-        let n = r.len();
-        buf[..n].copy_from_slice(&lock(&self.bytes)[r]);
-        buf[n..].fill(0);
+        self.read(buf, offset);
         Ok(())
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError> {
-        let r = self.range(offset, buf.len());
-        let n = r.len();
-        lock(&self.bytes)[r].copy_from_slice(&buf[..n]);
+        self.write(buf, offset);
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), HostError> {
         Ok(())
+    }
+
+    fn shared_io(&self) -> Option<std::sync::Arc<dyn SharedIo>> {
+        Some(std::sync::Arc::new(self.clone()))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> Result<(), HostError> {

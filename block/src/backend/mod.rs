@@ -11,8 +11,22 @@ pub use file::{AttachError, FileBackend, FileOptions, OpenError};
 pub use mem::MemBackend;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::{HostError, HostOp};
+
+/// Host reads and writes that may run beside other calls on the same image, with
+/// no lock of the disk's held: how a disk serves more than one request at a time
+/// ([`crate::Disk::begin`]). A handle keeps what it needs alive (an image's
+/// descriptor) until it is dropped; the disk waits for every call in flight before
+/// it detaches, flushes or replays.
+pub trait SharedIo: Send + Sync + std::fmt::Debug {
+    /// As [`Backend::read_at`].
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HostError>;
+
+    /// As [`Backend::write_at`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError>;
+}
 
 /// What a backend can do beyond read, write and flush.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,6 +67,12 @@ pub trait Backend: Send {
 
     /// Makes every write handed over before this call stable (`fdatasync`).
     fn flush(&mut self) -> Result<(), HostError>;
+
+    /// A handle for reads and writes that run beside each other, or `None` when
+    /// this backend serves one call at a time (the default; a simulated page cache).
+    fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
+        None
+    }
 
     /// A hint that `[offset, offset + len)` will be flushed soon: the host may start
     /// writing it back now. Replay uses it to overlap copying with write-back. Errors
@@ -137,6 +157,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn flush(&mut self) -> Result<(), HostError> {
         (**self).flush()
+    }
+    fn shared_io(&self) -> Option<Arc<dyn SharedIo>> {
+        (**self).shared_io()
     }
     fn start_writeback(&mut self, offset: u64, len: u64) {
         (**self).start_writeback(offset, len)
