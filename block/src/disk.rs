@@ -142,6 +142,9 @@ pub struct Call {
     tag: u64,
     kind: CallKind,
     io: std::sync::Arc<dyn SharedIo>,
+    /// A write into a buffer past half its bound: start its write-back at once, so
+    /// that the flush that makes room finds little left to write.
+    early_writeback: bool,
     /// The host call's result (a read's bytes) once [`Call::run`] ran it.
     result: Option<Result<Vec<u8>, HostError>>,
 }
@@ -158,7 +161,11 @@ impl Call {
                 self.io.read_at(&mut buf, *offset).map(|()| buf)
             }
             CallKind::Write { offset, data } => {
-                self.io.write_at(data, *offset).map(|()| Vec::new())
+                let written = self.io.write_at(data, *offset);
+                if written.is_ok() && self.early_writeback {
+                    self.io.start_writeback(*offset, data.len() as u64);
+                }
+                written.map(|()| Vec::new())
             }
         });
     }
@@ -404,9 +411,8 @@ impl<B: Backend> Disk<B> {
     /// that the buffer and the host see overlapping writes in one order) need the
     /// disk alone: [`Begun::Alone`], for [`Disk::submit`] once nothing is in flight.
     pub fn begin(&mut self, req: Request) -> Begun {
-        let quick = self.stopped
-            || req.op == RequestOp::GetId
-            || self.guest_error(&req.op).is_some();
+        let quick =
+            self.stopped || req.op == RequestOp::GetId || self.guest_error(&req.op).is_some();
         if quick {
             return Begun::Done(self.submit(req));
         }
@@ -418,7 +424,11 @@ impl<B: Backend> Disk<B> {
             return Begun::Alone(req);
         };
         let end = start + len;
-        if self.in_flight.iter().any(|c| c.start < end && start < c.end) {
+        if self
+            .in_flight
+            .iter()
+            .any(|c| c.start < end && start < c.end)
+        {
             return Begun::Alone(req);
         }
         let kind = match req.op {
@@ -429,7 +439,10 @@ impl<B: Backend> Disk<B> {
                 CallKind::Read { offset, len }
             }
             RequestOp::Write { offset, data } if self.config.writeback => {
-                let room = self.config.unflushed_limit.saturating_sub(self.buffer.bytes());
+                let room = self
+                    .config
+                    .unflushed_limit
+                    .saturating_sub(self.buffer.bytes());
                 let coming: u64 = self
                     .in_flight
                     .iter()
@@ -452,10 +465,13 @@ impl<B: Backend> Disk<B> {
             end,
             write: matches!(kind, CallKind::Write { .. }),
         });
+        let early_writeback = matches!(kind, CallKind::Write { .. })
+            && self.buffer.bytes() > self.config.unflushed_limit / 2;
         Begun::Call(Call {
             tag: req.tag,
             kind,
             io,
+            early_writeback,
             result: None,
         })
     }

@@ -478,6 +478,10 @@ impl crate::backend::SharedIo for FaultIo {
         self.handle.count_written(buf.len() as u64);
         Ok(())
     }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len)
+    }
 }
 
 /// A backend that fails calls by rule before they reach `inner`.

@@ -34,8 +34,8 @@ pub use backend::{
 };
 pub use buffer::{BufferStats, UnflushedBuffer};
 pub use disk::{
-    AttachmentError, Begun, Call, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome, ReplayError,
-    ReplayReport, SettleError,
+    AttachmentError, Begun, Call, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome,
+    ReplayError, ReplayReport, SettleError,
 };
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
 pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};

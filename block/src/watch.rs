@@ -85,6 +85,11 @@ impl SharedIo for WatchedIo {
         self.watch
             .run(HostOp::Write, || self.inner.write_at(buf, offset))
     }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.watch
+            .run(HostOp::Write, || self.inner.start_writeback(offset, len))
+    }
 }
 
 /// A backend whose calls a [`CallWatch`] can see.

@@ -844,7 +844,11 @@ mod in_flight {
         // Ended in another order than begun.
         assert_eq!(disk.end(r).completion.expect("read").data, vec![0; 512]);
         assert!(disk.end(w2).completion.is_some());
-        assert_eq!(disk.status().buffer.bytes, 4096, "a write enters the buffer as it ends");
+        assert_eq!(
+            disk.status().buffer.bytes,
+            4096,
+            "a write enters the buffer as it ends"
+        );
         assert!(disk.end(w1).completion.is_some());
         assert_eq!(disk.in_flight(), 0);
         assert_eq!(disk.submit(flush(4)).completion, Some(Completion::ok(4)));
@@ -864,7 +868,10 @@ mod in_flight {
         let out = disk.end(failing);
         assert!(out.is_parked() && out.error.is_some(), "{out:?}");
         assert!(disk.is_stopped());
-        assert!(disk.end(before).completion.is_some(), "taken before it: completes");
+        assert!(
+            disk.end(before).completion.is_some(),
+            "taken before it: completes"
+        );
         assert!(disk.end(after).is_parked(), "taken after it: parked");
         let report = disk.replay().expect("replay");
         let tags: Vec<u64> = report.completions.iter().map(|c| c.tag).collect();

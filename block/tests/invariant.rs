@@ -419,7 +419,4 @@ host_property!(invariant_on_ext4_data, HostKind::Cache(HostModel::Ext4Data));
 host_property!(invariant_on_btrfs, HostKind::Cache(HostModel::Btrfs));
 host_property!(invariant_on_freebsd, HostKind::Cache(HostModel::FreeBsd));
 host_property!(invariant_on_direct_disk, HostKind::Direct);
-host_property!(
-    invariant_with_calls_in_flight,
-    HostKind::DirectInFlight
-);
+host_property!(invariant_with_calls_in_flight, HostKind::DirectInFlight);

@@ -263,6 +263,20 @@ fn read_plain(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Asks the kernel to start writing `[offset, offset + len)` back now.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range takes a file descriptor we own and plain integers.
+    // A failure here only loses the head start; the flush reports real errors.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// An `O_DIRECT` read through the aligned bounce space `bounce`.
 fn read_direct(file: &File, bounce: &mut Vec<u8>, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let (start, end) = align_out(offset, buf.len() as u64);
@@ -354,6 +368,7 @@ const IOV_MAX: usize = 1024;
 struct FileIo {
     file: Arc<File>,
     direct: bool,
+    regular: bool,
 }
 
 thread_local! {
@@ -389,6 +404,12 @@ impl SharedIo for FileIo {
             self.file.write_all_at(buf, offset)
         };
         r.map_err(|e| HostError::from_io(HostOp::Write, &e))
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        if !self.direct && self.regular {
+            start_writeback(&self.file, offset, len);
+        }
     }
 }
 
@@ -461,23 +482,14 @@ impl Backend for FileBackend {
         Some(Arc::new(FileIo {
             file,
             direct: self.direct,
+            regular: self.regular,
         }))
     }
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
         let Some(file) = &self.file else { return };
-        if self.direct || !self.regular {
-            return;
-        }
-        // SAFETY: sync_file_range takes a file descriptor we own and plain integers.
-        // A failure here only loses the head start; the flush reports real errors.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as i64,
-                len as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+        if !self.direct && self.regular {
+            start_writeback(file, offset, len);
         }
     }
 
@@ -593,7 +605,9 @@ mod tests {
         let mut b = FileBackend::open(&path, options).expect("open");
         let threads: Vec<_> = (0..4u64)
             .map(|i| {
-                let io = b.shared_io().expect("a file serves calls beside each other");
+                let io = b
+                    .shared_io()
+                    .expect("a file serves calls beside each other");
                 std::thread::spawn(move || {
                     let data = vec![i as u8 + 1; 3000];
                     io.write_at(&data, 1000 + i * 8192).expect("write");

@@ -26,6 +26,9 @@ pub trait SharedIo: Send + Sync + std::fmt::Debug {
 
     /// As [`Backend::write_at`].
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError>;
+
+    /// As [`Backend::start_writeback`].
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
 /// What a backend can do beyond read, write and flush.

@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use holdfast_block::{
-    AttachmentError, Backend, CallWatch, Disk, DiskStatus, FaultHandle, Outstanding,
+    AttachmentError, Backend, Begun, Call, CallWatch, Disk, DiskStatus, FaultHandle, Outcome,
+    Outstanding,
 };
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
@@ -39,6 +40,10 @@ type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
 /// What a disk's replay came to.
 type ReplayOutcome = Result<holdfast_block::ReplayReport, holdfast_block::ReplayError>;
 
+/// Host calls a disk runs beside each other at most (its I/O threads): reads and
+/// write-back writes; the guest may have up to its queue size taken off the queue.
+pub const CALLS_PER_DISK: usize = 32;
+
 /// A host call outstanding this long hangs, as far as the owner is concerned: it
 /// does not wait for it (nor for a disk its worker has held this long).
 pub const HUNG_AFTER: Duration = Duration::from_secs(1);
@@ -56,6 +61,10 @@ pub(crate) struct MmioSlot {
     pub(crate) base: u64,
     transport: Mutex<BlockTransport>,
     disk: SharedDisk<Box<dyn Backend>>,
+    /// Signalled (with the disk's lock) when its last call in flight ended.
+    idle: Condvar,
+    /// Hands calls to the disk's I/O threads (started with the first call).
+    calls: Mutex<Option<std::sync::mpsc::Sender<Call>>>,
     /// The disk's status when its lock was last released (shown while it is busy).
     last_status: Mutex<DiskStatus>,
     /// A replay's outcome and duration, once it finished (see `replay_apart`).
@@ -98,6 +107,8 @@ impl MmioSlot {
             hang_timeout: spec.hang_timeout,
             base,
             disk: device.shared_disk(),
+            idle: Condvar::new(),
+            calls: Mutex::new(None),
             transport: Mutex::new(MmioTransport::new(device)),
             last_status: Mutex::new(status),
             replay: Mutex::new(None),
@@ -113,20 +124,26 @@ impl MmioSlot {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The disk, for the owner: waits at most `wait` while its worker has it, and
-    /// not at all for a call that hangs (unless `patient`); else says what the disk
-    /// is busy with.
+    /// The disk, for the owner: waits at most `wait` while its worker has it (and,
+    /// if `alone`, while calls are in flight on it), and not at all for a call that
+    /// hangs (unless `patient`); else says what the disk is busy with.
     fn disk_within(
         &self,
         wait: Duration,
         patient: bool,
+        alone: bool,
     ) -> Result<MutexGuard<'_, Disk<Box<dyn Backend>>>, Busy> {
         let until = Instant::now() + wait;
         loop {
-            match self.disk.try_lock() {
-                Ok(disk) => return Ok(disk),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => {
+            let got = match self.disk.try_lock() {
+                Ok(disk) => Some(disk),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            match got {
+                Some(disk) if !alone || disk.in_flight() == 0 => return Ok(disk),
+                busy => {
+                    drop(busy);
                     let call = self.watch.outstanding();
                     let hangs = call.is_some_and(|c| c.age() >= HUNG_AFTER);
                     if Instant::now() >= until || hangs && !patient {
@@ -136,6 +153,19 @@ impl MmioSlot {
                 }
             }
         }
+    }
+
+    /// The disk once no call is in flight on it (for a request that needs it alone,
+    /// and a replay); waits as long as they take.
+    fn disk_alone(&self) -> MutexGuard<'_, Disk<Box<dyn Backend>>> {
+        let mut disk = lock_disk(&self.disk);
+        while disk.in_flight() > 0 {
+            disk = self
+                .idle
+                .wait(disk)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        disk
     }
 
     fn remember(&self, disk: &Disk<Box<dyn Backend>>) {
@@ -154,7 +184,7 @@ impl MmioSlot {
 
     /// Whether the disk let go of its image; a busy disk is asked later.
     pub(crate) fn detached(&self) -> Result<bool, ResumeFailure> {
-        self.disk_within(HUNG_AFTER, false)
+        self.disk_within(HUNG_AFTER, false, false)
             .map(|d| d.is_detached())
             .map_err(|Busy(call)| ResumeFailure::Busy {
                 disk: self.id.clone(),
@@ -179,7 +209,7 @@ impl MmioSlot {
         let (outcome, took) = match self.finished_replay() {
             Some(done) => done,
             None => {
-                let mut disk = self.disk_within(HUNG_AFTER, false).map_err(busy)?;
+                let mut disk = self.disk_within(HUNG_AFTER, false, false).map_err(busy)?;
                 // Disk, then transport: a worker never holds both, a vCPU never
                 // waits on the disk.
                 self.lock().device_mut().take_pending().apply(&mut disk);
@@ -228,7 +258,7 @@ impl MmioSlot {
             .name(format!("{WORKER_PREFIX}{}", self.id))
             .spawn(move || {
                 let started = Instant::now();
-                let mut disk = lock_disk(&slot.disk);
+                let mut disk = slot.disk_alone();
                 let outcome = disk.replay();
                 slot.remember(&disk);
                 drop(disk);
@@ -270,27 +300,28 @@ impl MmioSlot {
     /// What the owner shows of the disk; while a host call hangs, the status its
     /// worker saw last and the call.
     pub(crate) fn info(&self) -> DiskInfo {
-        let (status, path, read_only, writeback) = match self.disk_within(Duration::ZERO, false) {
-            Ok(disk) => (
-                disk.status(),
-                // Where the disk is attached now (x-block-attach may move it).
-                disk.backend()
-                    .image()
-                    .map_or_else(|| self.path.clone(), |p| p.display().to_string()),
-                disk.config().read_only,
-                disk.config().writeback,
-            ),
-            Err(_) => {
-                let t = self.lock();
-                let device = t.device();
-                (
-                    self.last_status(),
-                    self.path.clone(),
-                    device.read_only(),
-                    device.writeback(),
-                )
-            }
-        };
+        let (status, path, read_only, writeback) =
+            match self.disk_within(Duration::ZERO, false, false) {
+                Ok(disk) => (
+                    disk.status(),
+                    // Where the disk is attached now (x-block-attach may move it).
+                    disk.backend()
+                        .image()
+                        .map_or_else(|| self.path.clone(), |p| p.display().to_string()),
+                    disk.config().read_only,
+                    disk.config().writeback,
+                ),
+                Err(_) => {
+                    let t = self.lock();
+                    let device = t.device();
+                    (
+                        self.last_status(),
+                        self.path.clone(),
+                        device.read_only(),
+                        device.writeback(),
+                    )
+                }
+            };
         DiskInfo {
             id: self.id.clone(),
             path,
@@ -325,12 +356,12 @@ impl MmioSlot {
         &self,
         change: impl FnOnce(&mut Disk<Box<dyn Backend>>) -> Result<(), AttachmentError>,
     ) -> Result<(), AttachFailure> {
-        let mut disk =
-            self.disk_within(HUNG_AFTER, false)
-                .map_err(|Busy(call)| AttachFailure::Busy {
-                    disk: self.id.clone(),
-                    call,
-                })?;
+        let mut disk = self
+            .disk_within(HUNG_AFTER, false, true)
+            .map_err(|Busy(call)| AttachFailure::Busy {
+                disk: self.id.clone(),
+                call,
+            })?;
         let r = change(&mut disk);
         self.remember(&disk);
         r.map_err(|error| AttachFailure::Disk {
@@ -342,7 +373,7 @@ impl MmioSlot {
     /// Makes the disk's buffered bytes stable now, waiting at most `wait` for the
     /// disk (for a call that hangs too, if `patient`); what it could not, if anything.
     pub(crate) fn settle(&self, wait: Duration, patient: bool) -> Option<Dropped> {
-        let mut disk = match self.disk_within(wait, patient) {
+        let mut disk = match self.disk_within(wait, patient, true) {
             Ok(disk) => disk,
             Err(Busy(call)) => {
                 return Some(Dropped {
@@ -447,6 +478,7 @@ pub(crate) fn spawn_worker(
                 };
                 // `stop` stays readable: every worker sees it.
                 if ready[..n].iter().any(|ev| ev.data() == 1) {
+                    slot.stop_io_threads();
                     return;
                 }
                 let _ = slot.notify.read();
@@ -456,9 +488,12 @@ pub(crate) fn spawn_worker(
 }
 
 /// Serves one disk's queue (its worker) until it is empty or the disk stops:
-/// completions raise a used-buffer interrupt, a host error goes to the run-state
+/// reads and write-back writes go to the disk's I/O threads and run beside each
+/// other; what needs the disk alone (a FLUSH, zeroes, a discard, ...) waits for them
+/// and runs here, and the worker takes nothing more off the queue meanwhile.
+/// Completions raise a used-buffer interrupt, a host error goes to the run-state
 /// owner, a broken queue makes the device ask for a reset.
-pub(crate) fn serve(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox) {
+pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox) {
     let _serving = crate::logging::ServingDisk::new(&slot.id);
     loop {
         {
@@ -487,34 +522,141 @@ pub(crate) fn serve(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox) {
             }
             Next::Request(req, pending) => (req, pending),
         };
-        // The host call, with only the disk locked.
-        let outcome = {
+        let begun = {
             let mut disk = lock_disk(&slot.disk);
             pending.apply(&mut disk);
-            let outcome = disk.submit(req);
+            let begun = disk.begin(req);
             slot.remember(&disk);
-            outcome
+            begun
         };
-        let mut run = QueueRun::default();
-        {
-            let mut t = slot.lock();
-            let interrupts = t.interrupt_status();
-            let (device, queues) = t.device_and_queues();
-            match device.finish(mem, &mut queues[0], &mut run, outcome) {
-                Ok(0) => {}
-                Ok(_) => {
-                    interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-                    let _ = slot.irq.write(1);
+        let outcome = match begun {
+            Begun::Done(outcome) => outcome,
+            Begun::Call(call) => {
+                if let Err(call) = slot.hand_over(call, mem, events) {
+                    end_call(slot, mem, events, call);
                 }
-                Err(e) => queue_broken(slot, &mut t, &e, events),
+                continue;
             }
+            // The host call, with only the disk locked.
+            Begun::Alone(req) => {
+                let mut disk = slot.disk_alone();
+                let outcome = disk.submit(req);
+                slot.remember(&disk);
+                outcome
+            }
+        };
+        answer(slot, mem, events, outcome);
+    }
+}
+
+/// Runs a call in flight (with no lock held), ends it on the disk and answers it.
+fn end_call(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, mut call: Call) {
+    call.run();
+    let outcome = {
+        let mut disk = lock_disk(&slot.disk);
+        let outcome = disk.end(call);
+        slot.remember(&disk);
+        if disk.in_flight() == 0 {
+            slot.idle.notify_all();
         }
-        if let Some(report) = run.error {
-            let _ = events.send(Input::DiskError {
-                disk: slot.id.clone(),
-                report,
-                at: run.error_at.unwrap_or_else(Instant::now),
-            });
+        outcome
+    };
+    answer(slot, mem, events, outcome);
+}
+
+/// Puts what the disk did with a request in the used ring (with an interrupt) and
+/// tells the owner about a host error.
+fn answer(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outcome) {
+    let mut run = QueueRun::default();
+    {
+        let mut t = slot.lock();
+        let interrupts = t.interrupt_status();
+        let (device, queues) = t.device_and_queues();
+        match device.finish(mem, &mut queues[0], &mut run, outcome) {
+            Ok(0) => {}
+            Ok(_) => {
+                interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+                let _ = slot.irq.write(1);
+            }
+            Err(e) => queue_broken(slot, &mut t, &e, events),
+        }
+    }
+    if let Some(report) = run.error {
+        let _ = events.send(Input::DiskError {
+            disk: slot.id.clone(),
+            report,
+            at: run.error_at.unwrap_or_else(Instant::now),
+        });
+    }
+}
+
+impl MmioSlot {
+    /// Gives a call to the disk's I/O threads, starting them with the first; the
+    /// call back if none could start.
+    fn hand_over(
+        self: &Arc<Self>,
+        call: Call,
+        mem: &GuestMemoryMmap,
+        events: &Inbox,
+    ) -> Result<(), Call> {
+        let mut calls = self
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if calls.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Call>();
+            let rx = Arc::new(Mutex::new(rx));
+            let mut started = 0;
+            for _ in 0..CALLS_PER_DISK {
+                let (slot, mem, events, rx) = (
+                    Arc::clone(self),
+                    mem.clone(),
+                    events.clone(),
+                    Arc::clone(&rx),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name(format!("{WORKER_PREFIX}{}", self.id))
+                    .spawn(move || io_thread(&slot, &mem, &events, &rx));
+                started += usize::from(spawned.is_ok());
+            }
+            if started == 0 {
+                return Err(call);
+            }
+            *calls = Some(tx);
+        }
+        match calls.as_ref().map(|tx| tx.send(call)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(std::sync::mpsc::SendError(call))) => Err(call),
+            None => unreachable!("set above"),
+        }
+    }
+
+    /// Lets the disk's I/O threads end once the calls they have are done.
+    pub(crate) fn stop_io_threads(&self) {
+        *self
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+/// One of a disk's I/O threads: runs the calls the worker hands over, one at a
+/// time, until the worker stops.
+fn io_thread(
+    slot: &MmioSlot,
+    mem: &GuestMemoryMmap,
+    events: &Inbox,
+    calls: &Mutex<std::sync::mpsc::Receiver<Call>>,
+) {
+    let _serving = crate::logging::ServingDisk::new(&slot.id);
+    loop {
+        let call = calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv();
+        match call {
+            Ok(call) => end_call(slot, mem, events, call),
+            Err(_) => return,
         }
     }
 }
@@ -558,15 +700,15 @@ mod tests {
     use vm_memory::Bytes;
     use vm_memory::GuestAddress;
 
-    fn slot(id: &str) -> MmioSlot {
+    fn slot(id: &str) -> Arc<MmioSlot> {
         let backend: Box<dyn Backend> = Box::new(MemBackend::new(1 << 20));
         let spec = DiskSpec::new(id, backend, DiskConfig::default(), "memory");
-        MmioSlot::new(
+        Arc::new(MmioSlot::new(
             spec,
             0,
             EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
             EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        )
+        ))
     }
 
     /// How the guest broke its queue.
@@ -702,6 +844,96 @@ mod tests {
     }
 
     /// A slot whose disk has a fault point, as `holdfast run` makes them.
+    /// A driver's set-up with FLUSH negotiated (write-back) and `n` reads of 4 KiB
+    /// made available, the i-th of sector `8 * i` into `at + 0x2000 * i + 0x1000`,
+    /// its status byte at `at + 0x2000 * i + 16`.
+    fn drive_reads(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64, n: u16) {
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN};
+        let vq = MockSplitQueue::new(mem, 16);
+        let mut descs = Vec::new();
+        for i in 0..n {
+            let head = at + 0x2000 * u64::from(i);
+            mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(head))
+                .expect("type");
+            mem.write_obj(8 * u64::from(i), GuestAddress(head + 8))
+                .expect("sector");
+            mem.write_obj(0xffu8, GuestAddress(head + 16))
+                .expect("status");
+            let next = VRING_DESC_F_NEXT as u16;
+            let write = VRING_DESC_F_WRITE as u16;
+            descs.push(RawDescriptor::from(Descriptor::new(
+                head,
+                16,
+                next,
+                3 * i + 1,
+            )));
+            descs.push(RawDescriptor::from(Descriptor::new(
+                head + 0x1000,
+                4096,
+                next | write,
+                3 * i + 2,
+            )));
+            descs.push(RawDescriptor::from(Descriptor::new(head + 16, 1, write, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        let queue = vq.create_queue::<Queue>().expect("queue");
+        let mut t = slot.lock();
+        let w = |t: &mut BlockTransport, reg: u32, v: u32| {
+            t.write(u64::from(reg), &v.to_le_bytes());
+        };
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        w(&mut t, VIRTIO_MMIO_STATUS, s);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
+        w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
+        t.queues_mut()[0] = queue;
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert!(t.live());
+    }
+
+    #[test]
+    fn a_disk_serves_requests_beside_one_that_hangs() {
+        use holdfast_block::{FaultOp, FaultRule};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        let (slot, faults) = faulty_slot("data");
+        faults.arm(
+            FaultRule::hang(FaultOp::Read)
+                .in_range(0, 4096)
+                .named("stall"),
+        );
+        drive_reads(&slot, &mem, 0x20_0000, 4);
+        let status = |i: u64| -> u8 {
+            mem.read_obj(GuestAddress(0x20_0000 + 0x2000 * i + 16))
+                .expect("status")
+        };
+        serve(&slot, &mem, &tx);
+        let until = Instant::now() + Duration::from_secs(5);
+        while (1..4).any(|i| status(i) != 0) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for i in 1..4 {
+            assert_eq!(status(i), 0, "read {i} completed beside the hung one");
+        }
+        assert_eq!(status(0), 0xff, "the hung read has not completed");
+        assert_eq!(faults.hanging(), 1);
+        let call = slot.call().expect("the hung read shows");
+        assert_eq!(call.call.op, holdfast_block::HostOp::Read);
+        faults.clear_named("stall");
+        let until = Instant::now() + Duration::from_secs(5);
+        while status(0) != 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(status(0), 0, "it completes when the storage comes back");
+        assert_eq!(lock_disk(&slot.disk).in_flight(), 0);
+    }
+
     fn faulty_slot(id: &str) -> (Arc<MmioSlot>, FaultHandle) {
         let injector = holdfast_block::FaultInjector::new(MemBackend::new(1 << 20));
         let faults = injector.handle();

@@ -35,8 +35,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use super::{VirtioDevice, FEATURE_VERSION_1};
 
 pub const SECTOR_SIZE: u64 = 512;
-/// Segments per request we accept (`seg_max`); Linux sizes its requests by it.
-pub const SEG_MAX: u32 = 126;
+/// Segments per request we accept (`seg_max`); Linux sizes its requests by it. As
+/// QEMU's default: the queue size less the header and the status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const QUEUE_SIZE: u16 = 256;
 /// Size of the config space we expose (up to `write_zeroes_may_unmap` and padding).
 pub const CONFIG_SIZE: usize = 60;
