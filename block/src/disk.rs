@@ -20,7 +20,15 @@
 //! cannot replay until it is attached again. Its replay then rewrites the whole buffer,
 //! since the repaired file may have lost anything that no host flush had covered.
 //!
-//! The engine is synchronous and has one owner (the device thread). It tells its
+//! The engine is synchronous and sits behind its owner's lock. [`Disk::submit`] runs a
+//! request whole; [`Disk::begin`] lets reads and write-back writes run beside each
+//! other: it hands out a [`Call`] that runs its host call with no lock held, and
+//! [`Disk::end`] takes the result back (a write enters the buffer then, so a flush
+//! covers exactly the writes completed before it). What cannot run beside others
+//! (a FLUSH, zeroes, a discard, a writethrough write, a write that needs room, a
+//! request overlapping a call in flight) comes back as [`Begun::Alone`], to be
+//! submitted once [`Disk::in_flight`] is 0; flushes, replays, detaching and settling
+//! need the disk alone. The engine tells its
 //! owner about host errors through [`Outcome::error`]; pausing the VM and sending
 //! events is the owner's job. The owner must not run vCPUs between a failed
 //! [`Disk::replay`] and a successful one: the parked requests have not completed.

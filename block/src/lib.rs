@@ -6,7 +6,8 @@
 //! disk stops until [`Disk::replay`] rewrites the buffer, flushes and runs what was
 //! parked. `docs/durability.md` is the contract this crate implements.
 //!
-//! Following a failed `fdatasync` by name: [`Request`] -> [`Disk::submit`] ->
+//! Following a failed `fdatasync` by name: [`Request`] -> [`Disk::begin`] (a FLUSH is
+//! [`Begun::Alone`]) -> [`Disk::submit`] ->
 //! [`Backend::flush`] returns a [`HostError`] -> [`ErrorPolicy::action`] -> parked,
 //! [`IoStatus`] set, [`Outcome::error`] tells the owner (who pauses the VM and sends
 //! `BLOCK_IO_ERROR`) -> on `cont`, [`Disk::replay`] -> [`ReplayReport`].

@@ -41,8 +41,9 @@ pub struct Capabilities {
 }
 
 /// Positional block storage. Implementations are used by one owner at a time (the
-/// disk's device thread); out-of-band control (arming faults, evicting a simulated
-/// cache) goes through handles the implementation hands out.
+/// disk, behind its lock); reads and writes that run beside each other go through
+/// the [`SharedIo`] handle an implementation may hand out. Out-of-band control
+/// (arming faults, evicting a simulated cache) goes through handles too.
 pub trait Backend: Send {
     /// Size in bytes; fixed for the backend's life.
     fn size(&self) -> u64;

@@ -4,9 +4,12 @@
 //! thread, which serves its queue and tells the run-state owner about host errors.
 //!
 //! Who holds what: a vCPU holds a slot's transport lock for a register access and
-//! never waits on a disk. A disk's worker holds the transport lock only to take a
-//! request off the queue and to put its completion in the used ring, and the disk's
-//! lock while the host call runs; it never holds both. The owner never waits on a
+//! never waits on a disk. A disk's worker takes requests off the queue (transport
+//! lock) and begins them on the disk ([`Disk::begin`], disk lock, never both): reads
+//! and write-back writes go to the disk's I/O threads ([`CALLS_PER_DISK`]), which run
+//! the host call holding no lock, end it on the disk and put the completion in the
+//! used ring; what needs the disk alone (a FLUSH, ...) the worker runs itself, with
+//! the disk's lock, once the calls in flight ended, taking nothing else meanwhile. The owner never waits on a
 //! host call that [hangs](HUNG_AFTER): such a disk answers from what its worker saw
 //! last and names the call ([`CallWatch`]), and whatever needs the disk itself (a
 //! replay, a detach, settling at the end) is refused or reported, not waited for.

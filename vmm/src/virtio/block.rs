@@ -15,7 +15,7 @@
 //!
 //! The disk engine sits behind its own lock ([`SharedDisk`]), apart from the
 //! device's virtio state: a request is taken off the queue ([`BlockDevice::next`]),
-//! run on the disk with the device unlocked (so a host call that hangs never blocks a
+//! run on the disk (beside others, see `devices::disks`) with the device unlocked (so a host call that hangs never blocks a
 //! vCPU reading the device's registers), and its completion put in the used ring
 //! ([`BlockDevice::finish`]). What a vCPU changes on the disk (the write cache mode,
 //! a reset's dropping of parked requests) is applied at once if the disk is free,
