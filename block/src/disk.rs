@@ -95,7 +95,7 @@ pub struct IoErrorReport {
 }
 
 /// What [`Disk::submit`] did with a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// The completion to give the guest now; `None` when the request was parked.
     pub completion: Option<Completion>,
@@ -129,8 +129,18 @@ pub enum Begun {
 
 #[derive(Debug)]
 enum CallKind {
-    Read { offset: u64, len: u64 },
-    Write { offset: u64, data: Vec<u8> },
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The disk's own flush ahead of its bound ([`Disk::flush_ahead`]).
+    Flush {
+        ticket: FlushTicket,
+    },
 }
 
 impl CallKind {
@@ -140,13 +150,17 @@ impl CallKind {
             CallKind::Write { offset, data } => {
                 Request::new(tag, RequestOp::Write { offset, data })
             }
+            CallKind::Flush { .. } => Request::new(tag, RequestOp::Flush),
         }
     }
 }
 
-/// A guest read or write running beside others on the disk ([`Disk::begin`]).
+/// A guest read or write running beside others on the disk ([`Disk::begin`]), or the
+/// disk's own flush ahead of its bound ([`Disk::flush_ahead`]).
 #[derive(Debug)]
 pub struct Call {
+    /// Tells this call from the others in flight.
+    id: u64,
     tag: u64,
     kind: CallKind,
     io: std::sync::Arc<dyn SharedIo>,
@@ -175,6 +189,7 @@ impl Call {
                 }
                 written.map(|()| Vec::new())
             }
+            CallKind::Flush { .. } => self.io.flush().map(|()| Vec::new()),
         });
     }
 
@@ -245,6 +260,15 @@ enum Parked {
     Pending(Request),
 }
 
+impl Parked {
+    fn tag(&self) -> u64 {
+        match self {
+            Parked::Done(c) => c.tag,
+            Parked::Pending(r) => r.tag,
+        }
+    }
+}
+
 /// A host call failed while executing a request: the request comes back to the
 /// caller, who completes, parks or retries it.
 #[derive(Debug)]
@@ -298,6 +322,9 @@ pub struct Disk<B> {
     room_failed: Option<HostError>,
     /// Host calls running beside each other ([`Disk::begin`]), not yet ended.
     in_flight: Vec<InFlight>,
+    next_call: u64,
+    /// A flush ahead of the bound is in flight.
+    flushing_ahead: bool,
     /// The request whose failure stopped the disk: a call in flight beside it that
     /// was taken after it and ends later is parked, not completed.
     stopped_by: Option<u64>,
@@ -310,7 +337,7 @@ pub struct Disk<B> {
 /// buffer (counted against the bound before they are there).
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
-    tag: u64,
+    id: u64,
     start: u64,
     end: u64,
     write: bool,
@@ -331,6 +358,8 @@ impl<B: Backend> Disk<B> {
             internal_flushes: 0,
             room_failed: None,
             in_flight: Vec::new(),
+            next_call: 0,
+            flushing_ahead: false,
             stopped_by: None,
             #[cfg(feature = "sim")]
             flush_poisoned: false,
@@ -395,7 +424,7 @@ impl<B: Backend> Disk<B> {
             });
         }
         if self.stopped {
-            self.parked.push_back(Parked::Pending(req));
+            self.park(Parked::Pending(req));
             return Outcome {
                 completion: None,
                 error: None,
@@ -467,8 +496,9 @@ impl<B: Backend> Disk<B> {
         let Some(io) = self.backend.shared_io() else {
             return Begun::Alone(kind.into_request(req.tag));
         };
+        self.next_call += 1;
         self.in_flight.push(InFlight {
-            tag: req.tag,
+            id: self.next_call,
             start,
             end,
             write: matches!(kind, CallKind::Write { .. }),
@@ -476,6 +506,7 @@ impl<B: Backend> Disk<B> {
         let early_writeback = matches!(kind, CallKind::Write { .. })
             && self.buffer.bytes() > self.config.unflushed_limit / 2;
         Begun::Call(Call {
+            id: self.next_call,
             tag: req.tag,
             kind,
             io,
@@ -493,9 +524,18 @@ impl<B: Backend> Disk<B> {
             call.run();
         }
         let tag = call.tag;
-        self.in_flight.retain(|c| c.tag != tag);
+        let id = call.id;
+        self.in_flight.retain(|c| c.id != id);
         let result = call.result.take().unwrap_or(Ok(Vec::new()));
         let outcome = match call.kind {
+            CallKind::Flush { ticket } => {
+                self.flushing_ahead = false;
+                self.flushed_ahead(ticket, result.map(|_| ()));
+                return Outcome {
+                    completion: None,
+                    error: None,
+                };
+            }
             CallKind::Read { offset, len } => match result {
                 Ok(mut buf) => {
                     self.buffer.overlay(offset, &mut buf);
@@ -520,7 +560,7 @@ impl<B: Backend> Disk<B> {
         };
         match outcome.completion {
             Some(c) if self.stopped && self.stopped_by.is_some_and(|by| tag > by) => {
-                self.parked.push_back(Parked::Done(c));
+                self.park(Parked::Done(c));
                 Outcome {
                     completion: None,
                     error: None,
@@ -530,10 +570,82 @@ impl<B: Backend> Disk<B> {
         }
     }
 
+    /// A flush of the disk's own to run beside the guest's writes, when the buffer is
+    /// past half its bound and none is in flight: it covers the writes completed
+    /// before it, and releases them when it ends, so that a stream of writes with no
+    /// guest flush rarely waits for the bound. Never two flushes at once; none while
+    /// a failed host call left the buffer to be rewritten first (the flush that
+    /// makes room, alone, does that).
+    pub fn flush_ahead(&mut self) -> Option<Call> {
+        #[cfg(feature = "sim")]
+        if self.config.imitate.is_some() {
+            return None;
+        }
+        let wanted = !self.stopped
+            && !self.flushing_ahead
+            && !self.rewrite_before_flush
+            && self.room_failed.is_none()
+            && self.deferred_release.is_none()
+            && self.buffer.bytes() > self.config.unflushed_limit / 2;
+        if !wanted {
+            return None;
+        }
+        let io = self.backend.shared_io()?;
+        self.next_call += 1;
+        self.flushing_ahead = true;
+        self.internal_flushes += 1;
+        self.in_flight.push(InFlight {
+            id: self.next_call,
+            start: 0,
+            end: 0,
+            write: false,
+        });
+        Some(Call {
+            id: self.next_call,
+            tag: 0,
+            kind: CallKind::Flush {
+                ticket: self.buffer.begin_flush(),
+            },
+            io,
+            early_writeback: false,
+            result: None,
+        })
+    }
+
+    /// A flush ahead of the bound ended. On success its extents leave the buffer,
+    /// unless a host call failed meanwhile (the host may have dropped bytes; the next
+    /// flush rewrites them first); on failure the next flush rewrites the buffer, and
+    /// a write that needs room fails as after any failed flush for room.
+    fn flushed_ahead(&mut self, ticket: FlushTicket, result: Result<(), HostError>) {
+        match result {
+            Ok(()) if !self.rewrite_before_flush => {
+                self.buffer.flushed(ticket);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                self.rewrite_before_flush = true;
+                self.room_failed = Some(e);
+                self.last_error = Some(e);
+            }
+        }
+    }
+
     /// Calls begun and not yet ended: while there are any, the disk must not be
     /// flushed, replayed, detached or settled.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Parks a request in the order the device took it (tags grow in that order): a
+    /// call that was in flight beside others may fail after later requests parked.
+    fn park(&mut self, parked: Parked) {
+        let tag = parked.tag();
+        let at = self
+            .parked
+            .iter()
+            .rposition(|p| p.tag() <= tag)
+            .map_or(0, |i| i + 1);
+        self.parked.insert(at, parked);
     }
 
     /// Applies the error policy to a failed request.
@@ -560,7 +672,7 @@ impl<B: Backend> Disk<B> {
                 }
                 self.stopped = true;
                 self.io_status = IoStatus::of(&error);
-                self.parked.push_back(failed.parked);
+                self.park(failed.parked);
                 return Outcome {
                     completion: None,
                     error: report,

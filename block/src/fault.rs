@@ -479,6 +479,11 @@ impl crate::backend::SharedIo for FaultIo {
         Ok(())
     }
 
+    fn flush(&self) -> Result<(), HostError> {
+        self.handle.check(HostOp::Flush, None)?;
+        self.inner.flush()
+    }
+
     fn start_writeback(&self, offset: u64, len: u64) {
         self.inner.start_writeback(offset, len)
     }

@@ -86,6 +86,10 @@ impl SharedIo for WatchedIo {
             .run(HostOp::Write, || self.inner.write_at(buf, offset))
     }
 
+    fn flush(&self) -> Result<(), HostError> {
+        self.watch.run(HostOp::Flush, || self.inner.flush())
+    }
+
     fn start_writeback(&self, offset: u64, len: u64) {
         self.watch
             .run(HostOp::Write, || self.inner.start_writeback(offset, len))

@@ -820,6 +820,17 @@ mod in_flight {
         (Disk::new(front, DiskConfig::default()), calls, stable)
     }
 
+    trait ParkedDone {
+        fn is_parked_done(&self) -> bool;
+    }
+
+    impl ParkedDone for Begun {
+        /// Done at once, and that is: parked.
+        fn is_parked_done(&self) -> bool {
+            matches!(self, Begun::Done(out) if out.is_parked())
+        }
+    }
+
     fn call(b: Begun) -> Call {
         match b {
             Begun::Call(c) => c,
@@ -877,6 +888,90 @@ mod in_flight {
         let tags: Vec<u64> = report.completions.iter().map(|c| c.tag).collect();
         assert_eq!(tags, vec![2, 3]);
         assert!(report.completions.iter().all(|c| c.status == Status::Ok));
+    }
+
+    #[test]
+    fn a_call_that_fails_late_is_replayed_in_the_order_it_was_taken() {
+        // Found by invariant_with_calls_in_flight: a read taken before a write, still
+        // in flight when the disk stopped, failed after the write was parked.
+        let (mut disk, calls, _) = disk();
+        calls.arm(FaultRule::new(FaultOp::Read, EIO, Trigger::Always).named("outage"));
+        let first = call(disk.begin(read(1, 0, 512)));
+        let second = call(disk.begin(read(2, 71 * 512, 24 * 512)));
+        assert!(disk.end(first).is_parked(), "the disk stops");
+        assert!(disk.begin(write(3, 94 * 512, 7, 24 * 512)).is_parked_done());
+        assert!(disk.end(second).is_parked());
+        calls.clear_named("outage");
+        let report = disk.replay().expect("replay");
+        let tags: Vec<u64> = report.completions.iter().map(|c| c.tag).collect();
+        assert_eq!(tags, vec![1, 2, 3]);
+        let read_second = &report.completions[1].data;
+        assert!(
+            read_second.iter().all(|&b| b == 0),
+            "the read ran before the write taken after it"
+        );
+    }
+
+    #[test]
+    fn a_flush_ahead_of_the_bound_runs_beside_writes_and_releases_what_it_covers() {
+        let stable = MemBackend::new(SIZE);
+        let config = DiskConfig {
+            unflushed_limit: 16384,
+            ..DiskConfig::default()
+        };
+        let mut disk = Disk::new(FaultInjector::new(stable), config);
+        assert!(disk.flush_ahead().is_none(), "nothing buffered");
+        for (tag, at) in [(1, 0), (2, 4096), (3, 8192)] {
+            let w = call(disk.begin(write(tag, at, tag as u8, 4096)));
+            disk.end(w);
+        }
+        let mut ahead = disk.flush_ahead().expect("past half the bound");
+        assert!(disk.flush_ahead().is_none(), "one flush at a time");
+        let beside = call(disk.begin(write(4, 12288, 4, 4096)));
+        ahead.run();
+        assert!(disk.end(beside).completion.is_some());
+        assert_eq!(disk.status().buffer.bytes, 16384);
+        let out = disk.end(ahead);
+        assert_eq!(out, Outcome::default(), "the guest hears nothing of it");
+        assert_eq!(
+            disk.status().buffer.bytes,
+            4096,
+            "it released what completed before it, not the write beside it"
+        );
+        assert_eq!(disk.status().internal_flushes, 1);
+    }
+
+    #[test]
+    fn a_failed_flush_ahead_makes_the_next_flush_rewrite_and_room_fail() {
+        let stable = MemBackend::new(SIZE);
+        let front = FaultInjector::new(stable);
+        let calls = front.handle();
+        let config = DiskConfig {
+            unflushed_limit: 16384,
+            ..DiskConfig::default()
+        };
+        let mut disk = Disk::new(front, config);
+        for (tag, at) in [(1, 0), (2, 4096), (3, 8192)] {
+            let w = call(disk.begin(write(tag, at, tag as u8, 4096)));
+            disk.end(w);
+        }
+        let mut ahead = disk.flush_ahead().expect("past half the bound");
+        let id = calls.arm(FaultRule::new(FaultOp::Flush, EIO, Trigger::Always));
+        ahead.run();
+        calls.clear(id);
+        assert_eq!(disk.end(ahead), Outcome::default());
+        assert_eq!(disk.status().buffer.bytes, 12288, "nothing released");
+        assert!(
+            disk.flush_ahead().is_none(),
+            "not again until a flush succeeded"
+        );
+        let Begun::Alone(req) = disk.begin(write(4, 12288, 4, 8192)) else {
+            panic!("a write that needs room runs alone")
+        };
+        let out = disk.submit(req);
+        assert!(out.is_parked() && out.error.is_some(), "stop: {out:?}");
+        let report = disk.replay().expect("the host is back");
+        assert_eq!(report.bytes_rewritten, 12288 + 8192);
     }
 
     #[test]

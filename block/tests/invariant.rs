@@ -137,6 +137,7 @@ impl Harness {
                 Begun::Done(out) => out,
                 Begun::Call(call) => {
                     self.in_flight.push(call);
+                    self.in_flight.extend(self.disk.flush_ahead());
                     return Ok(());
                 }
                 Begun::Alone(req) => {

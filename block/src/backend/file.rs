@@ -406,6 +406,12 @@ impl SharedIo for FileIo {
         r.map_err(|e| HostError::from_io(HostOp::Write, &e))
     }
 
+    fn flush(&self) -> Result<(), HostError> {
+        self.file
+            .sync_data()
+            .map_err(|e| HostError::from_io(HostOp::Flush, &e))
+    }
+
     fn start_writeback(&self, offset: u64, len: u64) {
         if !self.direct && self.regular {
             start_writeback(&self.file, offset, len);

@@ -64,6 +64,10 @@ impl SharedIo for MemBackend {
         self.write(buf, offset);
         Ok(())
     }
+
+    fn flush(&self) -> Result<(), HostError> {
+        Ok(())
+    }
 }
 
 impl Backend for MemBackend {

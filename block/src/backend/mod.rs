@@ -27,6 +27,10 @@ pub trait SharedIo: Send + Sync + std::fmt::Debug {
     /// As [`Backend::write_at`].
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError>;
 
+    /// As [`Backend::flush`]. The disk never runs two flushes at once (two
+    /// `fdatasync`s at once could split one error between them).
+    fn flush(&self) -> Result<(), HostError>;
+
     /// As [`Backend::start_writeback`].
     fn start_writeback(&self, _offset: u64, _len: u64) {}
 }

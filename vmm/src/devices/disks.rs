@@ -525,13 +525,19 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
             }
             Next::Request(req, pending) => (req, pending),
         };
-        let begun = {
+        let (begun, ahead) = {
             let mut disk = lock_disk(&slot.disk);
             pending.apply(&mut disk);
             let begun = disk.begin(req);
+            let ahead = disk.flush_ahead();
             slot.remember(&disk);
-            begun
+            (begun, ahead)
         };
+        if let Some(flush) = ahead {
+            if let Err(flush) = slot.hand_over(flush, mem, events) {
+                end_call(slot, mem, events, flush);
+            }
+        }
         let outcome = match begun {
             Begun::Done(outcome) => outcome,
             Begun::Call(call) => {
