@@ -245,8 +245,11 @@ pub struct DiskStatus {
     pub parked: usize,
     pub buffer: BufferStats,
     pub last_error: Option<HostError>,
-    /// Flushes the disk issued on its own to stay under its buffer bound.
+    /// Flushes the disk issued on its own to stay under its buffer bound (ahead of
+    /// it, or when a write needed room).
     pub internal_flushes: u64,
+    /// Host calls running beside each other now ([`Disk::begin`]).
+    pub in_flight: usize,
 }
 
 /// A parked request. `Done` ones have already had their effect, in order: a failed
@@ -405,6 +408,7 @@ impl<B: Backend> Disk<B> {
             buffer: self.buffer.stats(),
             last_error: self.last_error,
             internal_flushes: self.internal_flushes,
+            in_flight: self.in_flight.len(),
         }
     }
 

@@ -466,7 +466,7 @@ fn query_unflushed(disks: &[DiskInfo]) -> Value {
                     "device": d.id,
                     "bytes": s.buffer.bytes, "extents": s.buffer.extents, "peak-bytes": s.buffer.peak_bytes,
                     "parked": s.parked, "io-status": s.io_status.as_str(), "internal-flushes": s.internal_flushes,
-                    "detached": s.detached,
+                    "in-flight": s.in_flight, "detached": s.detached,
                     "last-error": s.last_error.map(|e| json!({
                         "operation": e.op.to_string(), "errno": e.errno_name(), "desc": errno_desc(&e),
                     })),
