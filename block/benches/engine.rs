@@ -53,6 +53,25 @@ fn shuffle<T>(rng: &mut Rng, v: &mut [T]) {
     }
 }
 
+/// Runs `baseline` and `engine` `REPS` times each, alternating which goes first (so
+/// neither always follows the other's write-back); the median of each.
+fn alternate(
+    mut baseline: impl FnMut() -> Duration,
+    mut engine: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut e, mut b) = (Vec::new(), Vec::new());
+    for rep in 0..REPS {
+        if rep % 2 == 0 {
+            b.push(baseline());
+            e.push(engine());
+        } else {
+            e.push(engine());
+            b.push(baseline());
+        }
+    }
+    (median(e), median(b))
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -151,19 +170,9 @@ fn write_flush(dir: &Path) -> String {
         }
         t.elapsed()
     };
-    let (mut engine, mut baseline) = (Vec::new(), Vec::new());
-    // Alternate which goes first, so neither always follows the other's write-back.
-    for rep in 0..REPS {
-        if rep % 2 == 0 {
-            baseline.push(plain());
-            engine.push(through_engine());
-        } else {
-            engine.push(through_engine());
-            baseline.push(plain());
-        }
-    }
+    let (engine, baseline) = alternate(plain, through_engine);
     let rate = |d: Duration| WRITES as f64 / d.as_secs_f64();
-    let (e, b) = (rate(median(engine)), rate(median(baseline)));
+    let (e, b) = (rate(engine), rate(baseline));
     report(
         "4 KiB random writes, flush every 32",
         "writes/s",
@@ -374,18 +383,9 @@ fn reads_in_flight(dir: &Path) -> String {
         });
         t.elapsed()
     };
-    let (mut engine, mut baseline) = (Vec::new(), Vec::new());
-    for rep in 0..REPS {
-        if rep % 2 == 0 {
-            baseline.push(one_at_a_time());
-            engine.push(beside());
-        } else {
-            engine.push(beside());
-            baseline.push(one_at_a_time());
-        }
-    }
+    let (engine, baseline) = alternate(one_at_a_time, beside);
     let rate = |d: Duration| READS as f64 / d.as_secs_f64();
-    let (e, b) = (rate(median(engine)), rate(median(baseline)));
+    let (e, b) = (rate(engine), rate(baseline));
     report(
         "4 KiB O_DIRECT random reads, 32 in flight vs one at a time",
         "reads/s",
@@ -444,18 +444,9 @@ fn sequential_writes(dir: &Path) -> String {
         flushes.store(d.status().internal_flushes as usize, Ordering::Relaxed);
         elapsed
     };
-    let (mut engine, mut baseline) = (Vec::new(), Vec::new());
-    for rep in 0..REPS {
-        if rep % 2 == 0 {
-            baseline.push(plain());
-            engine.push(through_engine());
-        } else {
-            engine.push(through_engine());
-            baseline.push(plain());
-        }
-    }
+    let (engine, baseline) = alternate(plain, through_engine);
     let rate = |d: Duration| (TOTAL >> 20) as f64 / d.as_secs_f64();
-    let (e, b) = (rate(median(engine)), rate(median(baseline)));
+    let (e, b) = (rate(engine), rate(baseline));
     eprintln!(
         "sequential writes: {} flushes of the engine's own per run",
         flushes.load(Ordering::Relaxed)

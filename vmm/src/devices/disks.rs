@@ -774,12 +774,20 @@ mod tests {
             Broken::AvailRing => queue.set_avail_ring_address(Some(0xFFFF_0000), Some(0x10)),
             Broken::Not | Broken::Head => {}
         }
+        set_up(slot, queue, 0);
+    }
+
+    /// A driver's set-up, register by register: VERSION_1 and the device features
+    /// `low` (bits 0 to 31), then `queue`, then DRIVER_OK.
+    fn set_up(slot: &MmioSlot, queue: Queue, low: u32) {
         let mut t = slot.lock();
         let w = |t: &mut BlockTransport, reg: u32, v: u32| {
             t.write(u64::from(reg), &v.to_le_bytes());
         };
         let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
         w(&mut t, VIRTIO_MMIO_STATUS, s);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, low);
         w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
         w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
@@ -886,24 +894,7 @@ mod tests {
         }
         vq.add_desc_chains(&descs, 0).expect("chains");
         let queue = vq.create_queue::<Queue>().expect("queue");
-        let mut t = slot.lock();
-        let w = |t: &mut BlockTransport, reg: u32, v: u32| {
-            t.write(u64::from(reg), &v.to_le_bytes());
-        };
-        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
-        w(&mut t, VIRTIO_MMIO_STATUS, s);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
-        w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
-        t.queues_mut()[0] = queue;
-        w(
-            &mut t,
-            VIRTIO_MMIO_STATUS,
-            s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
-        );
-        assert!(t.live());
+        set_up(slot, queue, 1 << VIRTIO_BLK_F_FLUSH);
     }
 
     #[test]
