@@ -34,20 +34,6 @@ Options:
   -V, --version    print the version
 ";
 
-/// Guest writes come and go in the unflushed buffer (up to its bound per disk): the
-/// allocator keeps what they free instead of handing it back to the kernel and
-/// taking it again, page fault by page fault, for the next ones (glibc's default
-/// trims the heap past a few MiB of free memory). Memory stays within the disks'
-/// bounds either way; requests over 32 MiB (none: MAX_REQUEST_BYTES) would map
-/// their own.
-fn keep_freed_memory() {
-    // SAFETY: mallopt only sets allocator parameters; called before other threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -87,7 +73,6 @@ fn hardware_virtualization() -> bool {
 
 fn run(opts: RunOpts) -> ExitCode {
     holdfast_vmm::logging::init();
-    keep_freed_memory();
     // Before any thread starts, so that every thread inherits the mask.
     if let Err(e) = host_signals::block_termination_signals() {
         eprintln!("holdfast run: cannot block SIGTERM/SIGINT/SIGHUP: {e}");
