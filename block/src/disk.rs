@@ -198,10 +198,6 @@ impl Call {
             CallKind::Flush { .. } => self.io.flush().map(|()| Vec::new()),
         });
     }
-
-    pub fn tag(&self) -> u64 {
-        self.tag
-    }
 }
 
 /// A successful replay: the parked requests' completions, in the order they were

@@ -48,11 +48,6 @@ impl CallWatch {
             .min_by_key(|c| c.since)
     }
 
-    /// How many calls are in progress.
-    pub fn in_progress(&self) -> usize {
-        lock(&self.calls).now.len()
-    }
-
     fn run<T>(&self, op: HostOp, call: impl FnOnce() -> T) -> T {
         let id = {
             let mut calls = lock(&self.calls);
