@@ -156,7 +156,7 @@ fn write_flush(dir: &Path) -> String {
                 i as u64,
                 RequestOp::Write {
                     offset: off,
-                    data: data.clone(),
+                    data: holdfast_block::Bytes::from(&data[..]),
                 },
             );
             assert_eq!(
@@ -218,7 +218,7 @@ fn replay(dir: &Path, mib: u64) -> String {
                 i as u64,
                 RequestOp::Write {
                     offset: block * BLOCK,
-                    data: data.clone(),
+                    data: holdfast_block::Bytes::from(&data[..]),
                 },
             );
             assert!(disk.submit(req).completion.is_some());
@@ -284,7 +284,7 @@ fn memory(dir: &Path, mib: u64) -> Vec<String> {
                 i,
                 RequestOp::Write {
                     offset,
-                    data: vec![1; len as usize],
+                    data: vec![1; len as usize].into(),
                 },
             );
             assert!(disk.submit(req).completion.is_some());
@@ -431,7 +431,7 @@ fn sequential_writes(dir: &Path) -> String {
                         i as u64,
                         RequestOp::Write {
                             offset,
-                            data: data.clone(),
+                            data: holdfast_block::Bytes::from(&data[..]),
                         },
                     );
                     let out = run_beside(&disk, req);

@@ -12,17 +12,19 @@
 //! covered: for hosts that report a write-back error one flush late (ext4
 //! `data=journal`), a flush's success is proven only by the next one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-/// Longest extent of bytes kept. A longer write is kept as several extents, so that
-/// cutting a small write into an old one copies at most this much, not the rest of
-/// a large extent.
+use crate::bytes::Bytes;
+
+/// A piece of a write at most this long that is cut out of a larger allocation is
+/// copied into one of its own, so that a small part does not keep a large allocation
+/// (and its place under the bound) for long; a longer piece shares the allocation.
 pub const MAX_EXTENT: u64 = 64 * 1024;
 
 /// The bytes of one extent. Zeroes (from WRITE_ZEROES) take no memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExtentData {
-    Bytes(Vec<u8>),
+    Bytes(Bytes),
     Zeroes(u64),
 }
 
@@ -38,21 +40,19 @@ impl ExtentData {
         self.len() == 0
     }
 
-    /// A copy of `[from, to)` of this extent.
-    fn slice(&self, from: u64, to: u64) -> ExtentData {
-        match self {
-            ExtentData::Bytes(b) => ExtentData::Bytes(b[from as usize..to as usize].to_vec()),
-            ExtentData::Zeroes(_) => ExtentData::Zeroes(to - from),
-        }
-    }
-
-    fn truncate(&mut self, len: u64) {
+    /// `[from, to)` of this extent: shared with it, or a copy when it is short and
+    /// would keep a larger allocation alive.
+    fn slice(&self, from: u64, to: u64, copy_upto: u64) -> ExtentData {
         match self {
             ExtentData::Bytes(b) => {
-                b.truncate(len as usize);
-                b.shrink_to_fit();
+                let (from, to) = (from as usize, to as usize);
+                if (to - from) as u64 <= copy_upto && to - from < b.allocation_len() {
+                    ExtentData::Bytes(Bytes::copy_from_slice(&b[from..to]))
+                } else {
+                    ExtentData::Bytes(b.slice(from, to))
+                }
             }
-            ExtentData::Zeroes(n) => *n = len,
+            ExtentData::Zeroes(_) => ExtentData::Zeroes(to - from),
         }
     }
 
@@ -84,6 +84,9 @@ pub struct FlushTicket {
 pub struct BufferStats {
     /// Unflushed bytes (zero extents count their length).
     pub bytes: u64,
+    /// What the bound counts: the memory of every allocation an extent keeps a part
+    /// of, plus the length of zero extents. At least `bytes`.
+    pub weight: u64,
     pub extents: usize,
     /// The most bytes ever held at once.
     pub peak_bytes: u64,
@@ -95,6 +98,13 @@ pub struct UnflushedBuffer {
     extents: BTreeMap<u64, Extent>,
     bytes: u64,
     peak_bytes: u64,
+    /// Per allocation the extents keep a part of: its length and how many extents.
+    allocations: HashMap<usize, (u64, usize)>,
+    allocated: u64,
+    zero_bytes: u64,
+    /// A piece cut from a larger allocation is copied when at most this long
+    /// ([`MAX_EXTENT`]; tests lower it).
+    copy_upto: u64,
     /// Sequence number of the most recent hand-over to the host; 0 is "none yet".
     last_seq: u64,
     keep_extra_flush: bool,
@@ -107,13 +117,25 @@ impl UnflushedBuffer {
     pub fn new(keep_extra_flush: bool) -> Self {
         UnflushedBuffer {
             keep_extra_flush,
+            copy_upto: MAX_EXTENT,
             ..Default::default()
+        }
+    }
+
+    /// A buffer that copies cut pieces only up to `copy_upto` bytes (tests: so that
+    /// short writes share allocations too).
+    #[cfg(test)]
+    fn copying_upto(keep_extra_flush: bool, copy_upto: u64) -> Self {
+        UnflushedBuffer {
+            copy_upto,
+            ..UnflushedBuffer::new(keep_extra_flush)
         }
     }
 
     pub fn stats(&self) -> BufferStats {
         BufferStats {
             bytes: self.bytes,
+            weight: self.weight(),
             extents: self.extents.len(),
             peak_bytes: self.peak_bytes,
         }
@@ -121,6 +143,48 @@ impl UnflushedBuffer {
 
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// What counts against the bound: the memory of the allocations the extents keep
+    /// (a part keeps its whole allocation), plus the length of zero extents.
+    pub fn weight(&self) -> u64 {
+        self.allocated + self.zero_bytes
+    }
+
+    /// Puts an extent in the map, counting what it keeps.
+    fn keep(&mut self, offset: u64, e: Extent) {
+        match &e.data {
+            ExtentData::Bytes(b) => {
+                let entry = self
+                    .allocations
+                    .entry(b.allocation_id())
+                    .or_insert((b.allocation_len() as u64, 0));
+                entry.1 += 1;
+                if entry.1 == 1 {
+                    self.allocated += entry.0;
+                }
+            }
+            ExtentData::Zeroes(n) => self.zero_bytes += n,
+        }
+        self.bytes += e.data.len();
+        self.extents.insert(offset, e);
+    }
+
+    /// Uncounts an extent taken out of the map.
+    fn forget(&mut self, e: &Extent) {
+        match &e.data {
+            ExtentData::Bytes(b) => {
+                let id = b.allocation_id();
+                let entry = self.allocations.get_mut(&id).expect("a kept allocation");
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    self.allocated -= entry.0;
+                    self.allocations.remove(&id);
+                }
+            }
+            ExtentData::Zeroes(n) => self.zero_bytes -= n,
+        }
+        self.bytes -= e.data.len();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -132,27 +196,15 @@ impl UnflushedBuffer {
     }
 
     /// Records a write handed to the host at `offset`; it replaces what overlaps it.
+    /// Its bytes are kept as they are (shared, not copied).
     pub fn insert(&mut self, offset: u64, data: ExtentData) {
-        let len = data.len();
-        if len == 0 {
+        if data.is_empty() {
             return;
         }
-        self.carve(offset, offset + len);
+        self.carve(offset, offset + data.len());
         self.last_seq += 1;
         let seq = self.last_seq;
-        match data {
-            ExtentData::Bytes(b) if len > MAX_EXTENT => {
-                for (i, chunk) in b.chunks(MAX_EXTENT as usize).enumerate() {
-                    let data = ExtentData::Bytes(chunk.to_vec());
-                    self.extents
-                        .insert(offset + i as u64 * MAX_EXTENT, Extent { seq, data });
-                }
-            }
-            data => {
-                self.extents.insert(offset, Extent { seq, data });
-            }
-        }
-        self.bytes += len;
+        self.keep(offset, Extent { seq, data });
         self.peak_bytes = self.peak_bytes.max(self.bytes);
     }
 
@@ -173,28 +225,26 @@ impl UnflushedBuffer {
         }
         doomed.extend(self.extents.range(start..end).map(|(&k, _)| k));
         for k in doomed {
-            let Some(mut e) = self.extents.remove(&k) else {
+            let Some(e) = self.extents.remove(&k) else {
                 continue;
             };
             let len = e.data.len();
             let kend = k + len;
-            self.bytes -= len;
             if kend > end {
-                let tail = e.data.slice(end - k, len);
-                self.bytes += tail.len();
-                self.extents.insert(
-                    end,
-                    Extent {
-                        seq: e.seq,
-                        data: tail,
-                    },
-                );
+                let tail = Extent {
+                    seq: e.seq,
+                    data: e.data.slice(end - k, len, self.copy_upto),
+                };
+                self.keep(end, tail);
             }
             if k < start {
-                e.data.truncate(start - k);
-                self.bytes += e.data.len();
-                self.extents.insert(k, e);
+                let head = Extent {
+                    seq: e.seq,
+                    data: e.data.slice(0, start - k, self.copy_upto),
+                };
+                self.keep(k, head);
             }
+            self.forget(&e);
         }
     }
 
@@ -278,17 +328,22 @@ impl UnflushedBuffer {
         let before = self.bytes;
         if upto >= self.last_seq {
             self.extents.clear();
+            self.allocations.clear();
             self.bytes = 0;
+            self.allocated = 0;
+            self.zero_bytes = 0;
         } else {
-            let mut bytes = 0;
-            self.extents.retain(|_, e| {
-                let keep = e.seq > upto;
-                if keep {
-                    bytes += e.data.len();
+            let released: Vec<u64> = self
+                .extents
+                .iter()
+                .filter(|(_, e)| e.seq <= upto)
+                .map(|(&k, _)| k)
+                .collect();
+            for k in released {
+                if let Some(e) = self.extents.remove(&k) {
+                    self.forget(&e);
                 }
-                keep
-            });
-            self.bytes = bytes;
+            }
         }
         before - self.bytes
     }
@@ -300,7 +355,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn bytes(v: &[u8]) -> ExtentData {
-        ExtentData::Bytes(v.to_vec())
+        ExtentData::Bytes(Bytes::from(v))
     }
 
     fn read(b: &UnflushedBuffer, offset: u64, len: usize) -> Vec<u8> {
@@ -329,20 +384,52 @@ mod tests {
     }
 
     #[test]
-    fn a_large_write_is_kept_in_bounded_extents() {
+    fn a_large_write_is_kept_as_it_is_and_weighs_its_allocation() {
         let mut b = UnflushedBuffer::new(false);
-        let big: Vec<u8> = (0..(32u32 << 20)).map(|i| (i % 251) as u8).collect();
-        b.insert(4096, ExtentData::Bytes(big.clone()));
-        assert!(b.extents().all(|(_, d)| d.len() <= MAX_EXTENT));
-        assert_eq!(b.stats().bytes, 32 << 20);
-        // A small write into the middle copies at most one extent's worth.
-        b.insert(4096 + (16 << 20) + 100, bytes(&[7; 512]));
-        assert!(b.extents().all(|(_, d)| d.len() <= MAX_EXTENT));
-        let got = read(&b, 4096 + (16 << 20), 1024);
-        assert_eq!(&got[..100], &big[16 << 20..(16 << 20) + 100]);
-        assert!(got[100..612].iter().all(|&x| x == 7));
-        assert_eq!(&got[612..], &big[(16 << 20) + 612..(16 << 20) + 1024]);
-        assert_eq!(b.stats().bytes, 32 << 20);
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let data = Bytes::from(big.clone());
+        let at = data.as_ptr();
+        b.insert(4096, ExtentData::Bytes(data));
+        let kept = |b: &UnflushedBuffer| match b.extents().next() {
+            Some((_, ExtentData::Bytes(d))) => d.as_ptr(),
+            _ => std::ptr::null(),
+        };
+        assert_eq!(kept(&b), at, "kept, not copied");
+        assert_eq!((b.stats().bytes, b.weight()), (1 << 20, 1 << 20));
+        // A small write into the middle: the long piece before it shares the
+        // allocation, the short one after it (at most MAX_EXTENT) is copied.
+        let mid = 4096 + (1 << 20) - 1000;
+        b.insert(mid, bytes(&[7; 512]));
+        assert_eq!(kept(&b), at);
+        assert_eq!(b.stats().extents, 3);
+        let got = read(&b, 4096, 1 << 20);
+        assert_eq!(&got[..(1 << 20) - 1000], &big[..(1 << 20) - 1000]);
+        assert!(got[(1 << 20) - 1000..(1 << 20) - 488]
+            .iter()
+            .all(|&x| x == 7));
+        assert_eq!(&got[(1 << 20) - 488..], &big[(1 << 20) - 488..]);
+        assert_eq!(b.bytes(), 1 << 20);
+        assert_eq!(b.weight(), (1 << 20) + 512 + 488);
+        // Overwrite all but a short piece of the large write: that piece is copied
+        // and the large allocation no longer counts (nor stays alive).
+        b.insert(4096 + 100, bytes(&vec![9; (1 << 20) - 1100]));
+        assert_ne!(kept(&b), at);
+        assert_eq!(b.bytes(), 1 << 20);
+        assert_eq!(b.weight(), 100 + ((1 << 20) - 1100) + 512 + 488);
+    }
+
+    #[test]
+    fn a_part_that_keeps_a_large_allocation_weighs_all_of_it() {
+        let mut b = UnflushedBuffer::new(false);
+        let n = 4 * MAX_EXTENT as usize;
+        b.insert(0, bytes(&vec![1; n]));
+        // Keep a piece longer than MAX_EXTENT (shared) and overwrite the rest.
+        b.insert(MAX_EXTENT * 2, bytes(&vec![2; 2 * MAX_EXTENT as usize]));
+        assert_eq!(b.bytes(), n as u64);
+        assert_eq!(b.weight(), (n + 2 * MAX_EXTENT as usize) as u64);
+        let t = b.begin_flush();
+        b.flushed(t);
+        assert_eq!((b.bytes(), b.weight()), (0, 0));
     }
 
     #[test]
@@ -437,7 +524,8 @@ mod tests {
     proptest! {
         #[test]
         fn matches_byte_model(ops in proptest::collection::vec(op(), 1..60), extra in any::<bool>()) {
-            let mut b = UnflushedBuffer::new(extra);
+            // Pieces up to 8 bytes are copied, longer ones share their allocation.
+            let mut b = UnflushedBuffer::copying_upto(extra, 8);
             // Per byte: Some((value, seq)) while buffered.
             let mut model: Vec<Option<(u8, u64)>> = vec![None; 300];
             let mut seq = 0u64;
@@ -450,7 +538,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Write(o, l, v) => {
-                        b.insert(o, ExtentData::Bytes(vec![v; l as usize]));
+                        b.insert(o, bytes(&vec![v; l as usize]));
                         write(&mut model, &mut seq, o, l, v);
                     }
                     Op::Zero(o, l) => {
@@ -465,7 +553,7 @@ mod tests {
                         let t = b.begin_flush();
                         let tseq = seq;
                         if let Some((o, l, v)) = interleaved_write {
-                            b.insert(o, ExtentData::Bytes(vec![v; l as usize]));
+                            b.insert(o, bytes(&vec![v; l as usize]));
                             write(&mut model, &mut seq, o, l, v);
                             peak = peak.max(model.iter().filter(|x| x.is_some()).count() as u64);
                         }
@@ -499,6 +587,17 @@ mod tests {
                 }
                 let extent_bytes: u64 = b.extents().map(|(_, d)| d.len()).sum();
                 prop_assert_eq!(extent_bytes, b.bytes());
+                // The weight: each allocation kept once, plus zero extents.
+                let mut allocations = std::collections::HashMap::new();
+                let mut zeroes = 0;
+                for (_, d) in b.extents() {
+                    match d {
+                        ExtentData::Bytes(x) => { allocations.insert(x.allocation_id(), x.allocation_len() as u64); }
+                        ExtentData::Zeroes(n) => zeroes += n,
+                    }
+                }
+                prop_assert_eq!(b.weight(), allocations.values().sum::<u64>() + zeroes);
+                prop_assert!(b.weight() >= b.bytes());
                 let mut last_end = 0;
                 for (k, d) in b.extents() {
                     prop_assert!(k >= last_end, "extents overlap");

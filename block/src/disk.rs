@@ -37,6 +37,7 @@ use std::collections::VecDeque;
 
 use crate::backend::{AttachError, Backend, SharedIo};
 use crate::buffer::{BufferStats, ExtentData, FlushTicket, UnflushedBuffer};
+use crate::bytes::Bytes;
 use crate::policy::{ErrorAction, ErrorPolicy, IoStatus};
 use crate::request::{Completion, Request, RequestOp, Status};
 use crate::HostError;
@@ -141,7 +142,7 @@ enum CallKind {
     },
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// The disk's own flush ahead of its bound ([`Disk::flush_ahead`]).
     Flush {
@@ -485,7 +486,7 @@ impl<B: Backend> Disk<B> {
                 let room = self
                     .config
                     .unflushed_limit
-                    .saturating_sub(self.buffer.bytes());
+                    .saturating_sub(self.buffer.weight());
                 let coming: u64 = self
                     .in_flight
                     .iter()
@@ -510,7 +511,7 @@ impl<B: Backend> Disk<B> {
             write: matches!(kind, CallKind::Write { .. }),
         });
         let early_writeback = matches!(kind, CallKind::Write { .. })
-            && self.buffer.bytes() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
+            && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
         Begun::Call(Call {
             id: self.next_call,
             tag: req.tag,
@@ -592,7 +593,7 @@ impl<B: Backend> Disk<B> {
             && !self.rewrite_before_flush
             && self.room_failed.is_none()
             && self.deferred_release.is_none()
-            && self.buffer.bytes() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
+            && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
         if !wanted {
             return None;
         }
@@ -855,7 +856,7 @@ impl<B: Backend> Disk<B> {
         let mut tries = if self.config.keep_extra_flush { 2 } else { 1 };
         while tries > 0
             && !self.buffer.is_empty()
-            && self.buffer.bytes().saturating_add(incoming) > self.config.unflushed_limit
+            && self.buffer.weight().saturating_add(incoming) > self.config.unflushed_limit
         {
             if let Some(e) = self.room_failed {
                 return Err(e);

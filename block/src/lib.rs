@@ -21,6 +21,7 @@
 
 pub mod backend;
 pub mod buffer;
+pub mod bytes;
 pub mod disk;
 pub mod fault;
 mod host_error;
@@ -34,6 +35,7 @@ pub use backend::{
     AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend, SharedIo,
 };
 pub use buffer::{BufferStats, UnflushedBuffer};
+pub use bytes::Bytes;
 pub use disk::{
     AttachmentError, Begun, Call, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome,
     ReplayError, ReplayReport, SettleError,

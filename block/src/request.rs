@@ -5,6 +5,8 @@
 //! whose [`Status`] is all a guest ever learns. Host errors never appear here: they are
 //! [`crate::HostError`]s, handled by the disk's error policy.
 
+use crate::bytes::Bytes;
+
 /// What the guest asked for. Offsets and lengths are in bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestOp {
@@ -14,7 +16,7 @@ pub enum RequestOp {
     },
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
     },
     Flush,
     WriteZeroes {

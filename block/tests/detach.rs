@@ -46,7 +46,7 @@ fn write(tag: u64, offset: u64, byte: u8, len: usize) -> Request {
         tag,
         RequestOp::Write {
             offset,
-            data: vec![byte; len],
+            data: vec![byte; len].into(),
         },
     )
 }

@@ -231,7 +231,7 @@ impl Harness {
                 self.submit(
                     RequestOp::Write {
                         offset: sector * SECTOR,
-                        data,
+                        data: data.into(),
                     },
                     Waiting::Write(id),
                 )?;

@@ -31,7 +31,7 @@ fn stopped_disk() -> (Disk<Box<dyn Backend>>, FaultHandle) {
             1,
             RequestOp::Write {
                 offset: 0,
-                data: vec![7; 512]
+                data: vec![7; 512].into()
             }
         ))
         .is_parked());
@@ -239,7 +239,7 @@ fn two_disks() -> Option<TwoDisks> {
             tag,
             RequestOp::Write {
                 offset: 8192,
-                data: vec![byte; len],
+                data: vec![byte; len].into(),
             },
         )
     };

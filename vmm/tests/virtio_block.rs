@@ -157,6 +157,64 @@ fn write_then_read_back() {
 }
 
 #[test]
+fn a_write_gathers_its_bytes_across_descriptors_and_memory_regions() {
+    // Two guest memory regions, back to back: one descriptor crosses from the first
+    // into the second. The header shares its descriptor with the first data bytes.
+    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE / 2),
+        (GuestAddress(MEM_SIZE as u64 / 2), MEM_SIZE / 2),
+    ])
+    .expect("guest memory");
+    let (mut dev, disk, _) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    let payload: Vec<u8> = (0..2048u32).map(|i| (i * 7 % 253) as u8).collect();
+    let boundary = MEM_SIZE as u64 / 2;
+    d.header(0x18_0000, VIRTIO_BLK_T_OUT, 2);
+    mem.write_slice(&payload[..512], GuestAddress(0x18_0010))
+        .expect("first part");
+    mem.write_slice(&payload[512..1536], GuestAddress(boundary - 0x100))
+        .expect("crossing part");
+    mem.write_slice(&payload[1536..], GuestAddress(0x30_0000))
+        .expect("last part");
+    mem.write_obj(0xFFu8, GuestAddress(0x31_0000))
+        .expect("status");
+    let head = d.chain(&[
+        (0x18_0000, 16 + 512, false),
+        (boundary - 0x100, 1024, false),
+        (0x30_0000, 512, false),
+        (0x31_0000, 1, true),
+    ]);
+    let mut q = d.queue();
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(d.used(), vec![(head as u32, 1)]);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x31_0000)).expect("status"),
+        S_OK
+    );
+    assert_eq!(&disk.contents()[1024..1024 + 2048], &payload[..]);
+    // A chain whose data ends past the guest's memory is an error, and writes nothing.
+    let past = MEM_SIZE as u64 - 0x100;
+    d.header(0x19_0000, VIRTIO_BLK_T_OUT, 100);
+    mem.write_obj(0xFFu8, GuestAddress(0x32_0000))
+        .expect("status");
+    d.chain(&[
+        (0x19_0000, 16, false),
+        (past, 512, false),
+        (0x32_0000, 1, true),
+    ]);
+    let mut q = d.queue();
+    q.set_next_avail(1);
+    dev.process_queue(&mem, &mut q).expect("queue");
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x32_0000)).expect("status"),
+        S_IOERR
+    );
+    assert!(disk.contents()[100 * 512..101 * 512]
+        .iter()
+        .all(|&x| x == 0));
+}
+
+#[test]
 fn header_data_and_status_in_one_writable_descriptor_pair() {
     // Any layout is legal: header in one descriptor, data and status sharing the
     // last writable one.

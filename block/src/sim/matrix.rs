@@ -491,7 +491,7 @@ impl Cell {
         self.run(
             RequestOp::Write {
                 offset: block * BLOCK,
-                data,
+                data: data.into(),
             },
             Waiting::Write(id),
         )

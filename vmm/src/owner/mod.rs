@@ -464,7 +464,8 @@ fn query_unflushed(disks: &[DiskInfo]) -> Value {
                 let s = d.status;
                 json!({
                     "device": d.id,
-                    "bytes": s.buffer.bytes, "extents": s.buffer.extents, "peak-bytes": s.buffer.peak_bytes,
+                    "bytes": s.buffer.bytes, "weight": s.buffer.weight, "extents": s.buffer.extents,
+                    "peak-bytes": s.buffer.peak_bytes,
                     "parked": s.parked, "io-status": s.io_status.as_str(), "internal-flushes": s.internal_flushes,
                     "in-flight": s.in_flight, "detached": s.detached,
                     "last-error": s.last_error.map(|e| json!({

@@ -25,12 +25,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use holdfast_block::disk::MAX_REQUEST_BYTES;
+use holdfast_block::Bytes as WriteBytes;
 use holdfast_block::{
     Backend, Completion, Disk, IoErrorReport, ReplayError, Request, RequestOp, Status,
 };
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::{VirtioDevice, FEATURE_VERSION_1};
 
@@ -548,8 +549,8 @@ where
             len: writable_len as u64,
         },
         VIRTIO_BLK_T_OUT if sized(payload) && writable_len == 0 => {
-            let data =
-                gather(mem, &readable, HEADER_SIZE, payload).map_err(|()| reject(Status::IoErr))?;
+            let data = gather_write(mem, &readable, HEADER_SIZE, payload)
+                .map_err(|()| reject(Status::IoErr))?;
             RequestOp::Write { offset, data }
         }
         VIRTIO_BLK_T_FLUSH => RequestOp::Flush,
@@ -636,6 +637,64 @@ fn gather<M: GuestMemory>(
     len: usize,
 ) -> Result<Vec<u8>, ()> {
     let mut out = vec![0u8; len];
+    walk(regions, skip, len, |at, done, n| {
+        mem.read_slice(&mut out[done..done + n], at).map_err(|_| ())
+    })?;
+    Ok(out)
+}
+
+/// A write's payload: `len` bytes of `regions` after the first `skip`, copied out of
+/// guest memory once, into the allocation the host write, the unflushed buffer and
+/// a replay then share (nothing zeroed first; aligned for `O_DIRECT`).
+fn gather_write<M: GuestMemory>(
+    mem: &M,
+    regions: &[(GuestAddress, usize)],
+    skip: usize,
+    len: usize,
+) -> Result<WriteBytes, ()> {
+    // SAFETY: `walk` returns Ok only once it called the closure for `[0, len)` in
+    // order with no gap, and the closure writes exactly `n` bytes at `done` each
+    // time (or fails), so every byte is written when `fill` returns Ok.
+    unsafe {
+        WriteBytes::fill(len, |dst| {
+            walk(regions, skip, len, |at, done, n| {
+                let mut to = done;
+                let slices = mem.get_slices(at, n, Permissions::Read).map_err(|_| ())?;
+                for slice in slices {
+                    let slice = slice.map_err(|_| ())?;
+                    let guard = slice.ptr_guard();
+                    if to + guard.len() > done + n {
+                        return Err(());
+                    }
+                    // SAFETY: the guard's `len` bytes are mapped guest memory for as
+                    // long as it lives; `dst[to..]` has room (checked above) and is
+                    // our own allocation, so the two do not overlap.
+                    std::ptr::copy_nonoverlapping(
+                        guard.as_ptr(),
+                        dst[to..].as_mut_ptr().cast::<u8>(),
+                        guard.len(),
+                    );
+                    to += guard.len();
+                }
+                if to == done + n {
+                    Ok(())
+                } else {
+                    Err(())
+                }
+            })
+        })
+    }
+}
+
+/// Calls `copy(address, at, n)` for each piece of `len` bytes of `regions` after the
+/// first `skip`: `n` bytes at `address` belong at `at` of the result, in order.
+/// Fails if the regions hold fewer bytes or a call fails.
+fn walk(
+    regions: &[(GuestAddress, usize)],
+    skip: usize,
+    len: usize,
+    mut copy: impl FnMut(GuestAddress, usize, usize) -> Result<(), ()>,
+) -> Result<(), ()> {
     let mut done = 0;
     let mut skip = skip;
     for &(addr, rlen) in regions {
@@ -648,19 +707,17 @@ fn gather<M: GuestMemory>(
         }
         let n = (rlen - skip).min(len - done);
         let at = addr.checked_add(skip as u64).ok_or(())?;
-        mem.read_slice(&mut out[done..done + n], at)
-            .map_err(|_| ())?;
+        copy(at, done, n)?;
         done += n;
         skip = 0;
     }
     if done == len {
-        Ok(out)
+        Ok(())
     } else {
         Err(())
     }
 }
 
-/// Writes `data` across the regions; returns bytes written.
 fn scatter<M: GuestMemory>(
     mem: &M,
     regions: &[(GuestAddress, usize)],
