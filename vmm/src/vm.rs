@@ -199,6 +199,14 @@ impl Vm {
                 .map_err(|e| Error::Create("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
+        // Memory a flush frees is kept for the next writes, up to every disk's bound.
+        holdfast_block::bytes::keep_freed(
+            config
+                .disks
+                .iter()
+                .map(|d| d.disk.config().unflushed_limit as usize)
+                .sum(),
+        );
         let (events_tx, events) = channel();
         let mut slots = Vec::new();
         let mut acpi_devices = Vec::new();
