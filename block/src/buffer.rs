@@ -98,7 +98,8 @@ pub struct UnflushedBuffer {
     extents: BTreeMap<u64, Extent>,
     bytes: u64,
     peak_bytes: u64,
-    /// Per allocation the extents keep a part of: its length and how many extents.
+    /// Per allocation the extents keep a part of (not all of): its length and how
+    /// many extents.
     allocations: HashMap<usize, (u64, usize)>,
     allocated: u64,
     zero_bytes: u64,
@@ -154,6 +155,10 @@ impl UnflushedBuffer {
     /// Puts an extent in the map, counting what it keeps.
     fn keep(&mut self, offset: u64, e: Extent) {
         match &e.data {
+            // All of its allocation: no other extent can share it.
+            ExtentData::Bytes(b) if b.len() == b.allocation_len() => {
+                self.allocated += b.len() as u64
+            }
             ExtentData::Bytes(b) => {
                 let entry = self
                     .allocations
@@ -173,6 +178,9 @@ impl UnflushedBuffer {
     /// Uncounts an extent taken out of the map.
     fn forget(&mut self, e: &Extent) {
         match &e.data {
+            ExtentData::Bytes(b) if b.len() == b.allocation_len() => {
+                self.allocated -= b.len() as u64
+            }
             ExtentData::Bytes(b) => {
                 let id = b.allocation_id();
                 let entry = self.allocations.get_mut(&id).expect("a kept allocation");
