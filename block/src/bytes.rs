@@ -158,10 +158,19 @@ impl Drop for Allocation {
     }
 }
 
+/// Where a [`Bytes`]' allocation lives: a short one in one heap block with its
+/// reference count (`Arc<[u8]>`: one allocation per write, as a `Vec` was), a long
+/// one aligned and pooled.
+#[derive(Clone)]
+enum Storage {
+    Short(Arc<[u8]>),
+    Long(Arc<Allocation>),
+}
+
 /// A shared, immutable run of bytes: `len` bytes at `start` of an allocation.
 #[derive(Clone)]
 pub struct Bytes {
-    allocation: Arc<Allocation>,
+    storage: Storage,
     start: usize,
     len: usize,
 }
@@ -178,15 +187,24 @@ impl Bytes {
         fill: impl FnOnce(&mut [MaybeUninit<u8>]) -> Result<(), E>,
     ) -> Result<Bytes, E> {
         let size = allocation_size(len);
-        let ptr = allocate(size);
-        let allocation = Allocation { ptr, size };
-        // SAFETY: `ptr` is valid for `size >= len` bytes (or dangling with `len` 0),
-        // and nothing else refers to it (fresh, or taken out of the pool).
-        let uninit =
-            unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<MaybeUninit<u8>>(), len) };
-        fill(uninit)?;
+        let storage = if size < POOL_CLASS {
+            let mut short = Arc::<[u8]>::new_uninit_slice(len);
+            fill(Arc::get_mut(&mut short).expect("not shared yet"))?;
+            // SAFETY: `fill` returned Ok, so it initialized all `len` bytes.
+            Storage::Short(unsafe { short.assume_init() })
+        } else {
+            let ptr = allocate(size);
+            let allocation = Allocation { ptr, size };
+            // SAFETY: `ptr` is valid for `size >= len` bytes, and nothing else refers
+            // to it (fresh, or taken out of the pool).
+            let uninit = unsafe {
+                std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<MaybeUninit<u8>>(), len)
+            };
+            fill(uninit)?;
+            Storage::Long(Arc::new(allocation))
+        };
         Ok(Bytes {
-            allocation: Arc::new(allocation),
+            storage,
             start: 0,
             len,
         })
@@ -213,7 +231,7 @@ impl Bytes {
             self.len
         );
         Bytes {
-            allocation: Arc::clone(&self.allocation),
+            storage: self.storage.clone(),
             start: self.start + from,
             len: to - from,
         }
@@ -221,12 +239,18 @@ impl Bytes {
 
     /// Bytes the whole allocation takes (what keeping any part of it costs).
     pub fn allocation_len(&self) -> usize {
-        self.allocation.size
+        match &self.storage {
+            Storage::Short(a) => a.len(),
+            Storage::Long(a) => a.size,
+        }
     }
 
     /// Names the allocation: equal for bytes that share one.
     pub fn allocation_id(&self) -> usize {
-        Arc::as_ptr(&self.allocation) as usize
+        match &self.storage {
+            Storage::Short(a) => Arc::as_ptr(a).cast::<u8>() as usize,
+            Storage::Long(a) => Arc::as_ptr(a) as usize,
+        }
     }
 }
 
@@ -234,10 +258,13 @@ impl Deref for Bytes {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: `[start, start + len)` lies in the allocation (checked when sliced),
-        // which `fill` initialized and nothing writes any more.
-        unsafe {
-            std::slice::from_raw_parts(self.allocation.ptr.as_ptr().add(self.start), self.len)
+        match &self.storage {
+            Storage::Short(a) => &a[self.start..self.start + self.len],
+            // SAFETY: `[start, start + len)` lies in the allocation (checked when
+            // sliced), which `fill` initialized and nothing writes any more.
+            Storage::Long(a) => unsafe {
+                std::slice::from_raw_parts(a.ptr.as_ptr().add(self.start), self.len)
+            },
         }
     }
 }
