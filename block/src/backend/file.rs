@@ -672,17 +672,18 @@ mod tests {
         });
     }
 
+    fn open_direct(path: &Path) -> FileBackend {
+        let options = FileOptions {
+            direct: true,
+            read_only: false,
+        };
+        FileBackend::open(path, options).expect("open O_DIRECT")
+    }
+
     #[test]
     fn a_large_direct_transfer_does_not_keep_its_bounce_space() {
         let (_dir, path) = image(16 << 20);
-        let mut b = FileBackend::open(
-            &path,
-            FileOptions {
-                direct: true,
-                read_only: false,
-            },
-        )
-        .expect("open");
+        let mut b = open_direct(&path);
         // Not on a 4 KiB boundary: through the bounce space.
         b.write_at(&[5; 4096], 8192 + 512).expect("small write");
         let small = b.bounce_bytes();
@@ -700,14 +701,7 @@ mod tests {
     #[test]
     fn an_aligned_direct_write_goes_straight_from_the_guest_bytes() {
         let (_dir, path) = image(1 << 20);
-        let mut b = FileBackend::open(
-            &path,
-            FileOptions {
-                direct: true,
-                read_only: false,
-            },
-        )
-        .expect("open");
+        let mut b = open_direct(&path);
         let data = crate::Bytes::from(vec![9u8; 64 * 1024]);
         b.write_at(&data, 4096).expect("aligned write");
         assert_eq!(b.bounce_bytes(), 0, "no bounce copy for an aligned write");
