@@ -35,8 +35,12 @@ Options:
                          werror=stop|report|ignore|enospc   host write/flush errors
                          rerror=stop|report|ignore|enospc   host read errors
                                                (default: stop for both)
-                         unflushed-limit=SIZE  bound of the unflushed buffer; past it
-                                               holdfast flushes on its own (default: 128M)
+                         unflushed-limit=SIZE  bound of the unflushed buffer's memory;
+                                               past it holdfast flushes on its own
+                                               (default: 128M). Memory a flush frees
+                                               is kept for later writes, up to the
+                                               disks' bounds (the kernel may take it
+                                               back under memory pressure)
                          serial=STR            what the guest reads as the disk's ID
                          hang-timeout=N        (seconds; `Ns` too) a host call to the
                                                image outstanding longer than this
