@@ -191,6 +191,29 @@ fn bounded_buffer_flushes_on_its_own() {
 }
 
 #[test]
+fn the_bound_counts_the_memory_a_kept_piece_holds() {
+    // 256 KiB of bound. A 192 KiB write, then 64 KiB over its start: 192 KiB are
+    // buffered, but the piece left of the first write (128 KiB, longer than a copied
+    // piece) keeps all of its 192 KiB allocation, so the buffer weighs 256 KiB.
+    let config = DiskConfig {
+        unflushed_limit: 256 << 10,
+        ..Default::default()
+    };
+    let mut r = rig(HostModel::Xfs, config);
+    r.submit_ok(write(1, 0, 1, 192 << 10));
+    r.submit_ok(write(2, 0, 2, 64 << 10));
+    let s = r.disk.status().buffer;
+    assert_eq!((s.bytes, s.weight), (192 << 10, 256 << 10));
+    assert_eq!(r.disk.status().internal_flushes, 0);
+    // 32 KiB more fits the bytes (224 KiB) but not the memory: a flush first.
+    r.submit_ok(write(3, 512 << 10, 3, 32 << 10));
+    let s = r.disk.status();
+    assert_eq!(s.internal_flushes, 1, "the write needed room");
+    assert_eq!((s.buffer.bytes, s.buffer.weight), (32 << 10, 32 << 10));
+    assert_eq!(r.stable.contents()[128 << 10], 1);
+}
+
+#[test]
 fn bounded_buffer_with_extra_flush_still_stays_bounded() {
     let config = DiskConfig {
         unflushed_limit: 8192,
@@ -991,6 +1014,24 @@ mod in_flight {
         disk.end(a);
         disk.end(b);
         assert_eq!(disk.status().buffer.bytes, 8192);
+    }
+
+    #[test]
+    fn a_write_beside_others_needs_room_in_memory_not_only_in_bytes() {
+        let config = DiskConfig {
+            unflushed_limit: 256 << 10,
+            ..DiskConfig::default()
+        };
+        let mut disk = Disk::new(MemBackend::new(SIZE), config);
+        let a = call(disk.begin(write(1, 0, 1, 192 << 10)));
+        disk.end(a);
+        let b = call(disk.begin(write(2, 0, 2, 64 << 10)));
+        disk.end(b);
+        // 224 KiB of bytes would fit; 288 KiB of memory does not.
+        assert!(matches!(
+            disk.begin(write(3, 512 << 10, 3, 32 << 10)),
+            Begun::Alone(_)
+        ));
     }
 
     #[test]
