@@ -89,25 +89,22 @@ fn allocation_size(len: usize) -> usize {
     }
 }
 
+/// A pooled allocation's layout: `size` (a multiple of [`POOL_CLASS`]), aligned.
 fn layout(size: usize) -> Layout {
-    let align = if size >= POOL_CLASS { ALIGN } else { 1 };
-    Layout::from_size_align(size, align).expect("a request's size fits a Layout")
+    Layout::from_size_align(size, ALIGN).expect("a request's size fits a Layout")
 }
 
-/// An allocation of `size` (from [`allocation_size`]) bytes, from the pool if it has one.
+/// An allocation of `size` bytes (a pool class, from [`allocation_size`]), from the
+/// pool if it has one.
 fn allocate(size: usize) -> NonNull<u8> {
-    if size == 0 {
-        return NonNull::<u8>::dangling();
-    }
-    if size >= POOL_CLASS {
-        let reused = with_pool(|p| {
-            let ptr = p.free.get_mut(&size)?.pop()?;
-            p.bytes -= size;
-            Some(ptr)
-        });
-        if let Some(ptr) = reused {
-            return ptr;
-        }
+    debug_assert!(size >= POOL_CLASS && size % POOL_CLASS == 0, "{size}");
+    let reused = with_pool(|p| {
+        let ptr = p.free.get_mut(&size)?.pop()?;
+        p.bytes -= size;
+        Some(ptr)
+    });
+    if let Some(ptr) = reused {
+        return ptr;
     }
     let layout = layout(size);
     // SAFETY: the layout's size is not zero.
@@ -115,32 +112,26 @@ fn allocate(size: usize) -> NonNull<u8> {
     NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout))
 }
 
-/// Gives an allocation back: to the pool if it is large and the pool has room.
+/// Gives an allocation back: to the pool if it has room, else to the allocator.
 fn release(ptr: NonNull<u8>, size: usize) {
-    if size == 0 {
-        return;
-    }
-    if size >= POOL_CLASS {
-        let pooled = with_pool(|p| {
-            if p.bytes + size > p.limit {
-                return false;
-            }
-            // SAFETY: `ptr` is ours, page-aligned (size >= POOL_CLASS), `size` a
-            // multiple of the page size; MADV_FREE only lets the kernel drop its pages.
-            unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_FREE) };
-            p.free.entry(size).or_default().push(ptr);
-            p.bytes += size;
-            true
-        });
-        if pooled {
-            return;
+    let pooled = with_pool(|p| {
+        if p.bytes + size > p.limit {
+            return false;
         }
+        // SAFETY: `ptr` is ours, page-aligned, `size` a multiple of the page size;
+        // MADV_FREE only lets the kernel drop its pages.
+        unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_FREE) };
+        p.free.entry(size).or_default().push(ptr);
+        p.bytes += size;
+        true
+    });
+    if !pooled {
+        // SAFETY: made by `allocate` with this layout, given back once.
+        unsafe { alloc::dealloc(ptr.as_ptr(), layout(size)) }
     }
-    // SAFETY: made by `allocate` with this layout, given back once.
-    unsafe { alloc::dealloc(ptr.as_ptr(), layout(size)) }
 }
 
-/// One immutable heap allocation of `size` bytes.
+/// One immutable, pooled heap allocation of `size` bytes (a long write's).
 struct Allocation {
     ptr: NonNull<u8>,
     size: usize,
