@@ -213,6 +213,13 @@ impl MmioSlot {
             Some(done) => done,
             None => {
                 let mut disk = self.disk_within(HUNG_AFTER, false, false).map_err(busy)?;
+                // A replay that a refused `cont` left running and that finished while
+                // this one waited for the disk: its outcome (kept before it let go of
+                // the disk) holds the parked requests' completions.
+                if let Some(done) = self.finished_replay() {
+                    drop(disk);
+                    return self.resumed(mem, events, done);
+                }
                 // Disk, then transport: a worker never holds both, a vCPU never
                 // waits on the disk.
                 self.lock().device_mut().take_pending().apply(&mut disk);
@@ -226,6 +233,16 @@ impl MmioSlot {
                 self.replay_apart().map_err(busy)?
             }
         };
+        self.resumed(mem, events, (outcome, took))
+    }
+
+    /// A replay's outcome, taken: the parked requests' completions go to the guest.
+    fn resumed(
+        &self,
+        mem: &GuestMemoryMmap,
+        events: &Inbox,
+        (outcome, took): (ReplayOutcome, Duration),
+    ) -> Result<Option<Replayed>, ResumeFailure> {
         let report = outcome.map_err(|r| ResumeFailure::Replay {
             disk: self.id.clone(),
             error: r.error,
@@ -264,9 +281,11 @@ impl MmioSlot {
                 let mut disk = slot.disk_alone();
                 let outcome = disk.replay();
                 slot.remember(&disk);
-                drop(disk);
+                // The outcome is kept before the disk is let go (disk, then replay
+                // slot), so that whoever takes the disk next also finds it.
                 let mut done = slot.lock_replay();
                 *done = Some((outcome, started.elapsed()));
+                drop(disk);
                 slot.replay_done.notify_all();
             });
         if let Err(e) = spawned {
@@ -1101,6 +1120,60 @@ mod tests {
         assert_eq!(replayed.disk, "data");
         let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
         assert_eq!(status, 0, "the parked FLUSH completed S_OK");
+    }
+
+    /// A `cont` refused while the replay hung leaves the replay running; the next
+    /// `cont` comes while the replay's last call is still young, waits for the
+    /// disk, and the replay finishes meanwhile: its outcome is that `cont`'s, and
+    /// the parked FLUSH completes. (It once stayed unanswered: the disk ran again,
+    /// the outcome lay unread, and the guest waited on its fdatasync for ever.)
+    #[test]
+    fn a_cont_that_waits_while_a_replay_finishes_completes_the_parked_flush() {
+        use holdfast_block::{FaultOp, FaultRule, HostOp, Request, RequestOp, Trigger};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (slot, faults) = faulty_slot("data");
+        // Bytes in the buffer, so that the replay writes before it flushes.
+        let data = vec![7u8; 4096];
+        let write = RequestOp::Write {
+            offset: 0,
+            data: data.as_slice().into(),
+        };
+        lock_disk(&slot.disk).submit(Request::new(1 << 40, write));
+        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
+        drive(&slot, &mem, 0x20_0000, Broken::Not);
+        mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 16))
+            .expect("status");
+        serve(&slot, &mem, &tx);
+        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        // The storage comes back; the replay's write hangs: cont is refused.
+        faults.clear_named("outage");
+        faults.arm(FaultRule::hang(FaultOp::Write).named("stall-write"));
+        assert!(matches!(
+            slot.resume(&mem, &tx),
+            Err(ResumeFailure::Busy { .. })
+        ));
+        // The write returns; the replay's flush is slow (it hangs until released).
+        faults.arm(FaultRule::hang(FaultOp::Flush).named("stall-flush"));
+        faults.clear_named("stall-write");
+        while slot.call().is_none_or(|c| c.call.op != HostOp::Flush) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The next cont, while that flush is young: it waits for the disk.
+        let cont = {
+            let (slot, mem, tx) = (Arc::clone(&slot), mem.clone(), tx.clone());
+            std::thread::spawn(move || slot.resume(&mem, &tx))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        faults.clear_named("stall-flush");
+        let replayed = cont.join().expect("cont").expect("resumed");
+        assert!(
+            replayed.is_some(),
+            "the cont did not take the replay's outcome"
+        );
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0, "the parked FLUSH completed S_OK");
+        assert!(!lock_disk(&slot.disk).is_stopped());
     }
 
     #[test]
