@@ -23,7 +23,7 @@ RECORDS=${RECORDS:-150}
 . "$(dirname "$0")/outage.lib"
 HANG_S=25
 SECOND="$WORK/second.img"
-CMDLINE_HANG="console=ttyS0 panic=-1 holdfast.workload=records-second holdfast.records=$RECORDS sysctl.kernel.hung_task_timeout_secs=10"
+CMDLINE_HANG="console=ttyS0 panic=-1 holdfast.workload=records-second holdfast.records=$RECORDS holdfast.gate=vdc:$GATE_AT sysctl.kernel.hung_task_timeout_secs=10"
 export HOLDFAST_QMP_TIMING=1
 ms() { "$WORKLOAD" qmp "$SOCK" "$@" 2>&1 >/dev/null | sed -n 's/^QMP-MS [^ ]* //p'; }
 vdb() { n=$(grep -c "^VDB " "$CONSOLE" 2>/dev/null); echo "${n:-0}"; }
@@ -31,21 +31,25 @@ hung_tasks() { n=$(grep -c "blocked for more than" "$CONSOLE" 2>/dev/null); echo
 suspend_host() { dmsetup suspend --noflush --nolockfs "$DM_HOST" || fail "cannot suspend the host device"; }
 resume_host() { dmsetup resume "$DM_HOST" || fail "cannot resume the host device"; }
 
+# The disks: data (vda), second (vdb), the gate (vdc; outage.lib).
 start_holdfast_hang() { # extra --disk options for the data disk: $1
     rm -f "$CONSOLE"
     truncate -s 16M "$SECOND"
+    new_gate
     "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M \
-        --disk "path=$IMG,id=data$1" --disk "path=$SECOND,id=second" --qmp "$SOCK" \
+        --disk "path=$IMG,id=data$1" --disk "path=$SECOND,id=second" --disk "path=$GATE,id=gate" --qmp "$SOCK" \
         --serial "file:$CONSOLE" --cmdline "$CMDLINE_HANG" 2> "$WORK/vmm.err" &
     pid=$!
 }
 start_qemu_hang() {
     rm -f "$CONSOLE"
     truncate -s 16M "$SECOND"
+    new_gate
     set -- -M microvm,acpi=on -enable-kvm -cpu host -m 256 -display none -monitor none -no-reboot \
         -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" -append "$CMDLINE_HANG" \
         -drive "file=$IMG,if=none,id=data,format=raw,werror=stop,rerror=stop" -device virtio-blk-device,drive=data \
         -drive "file=$SECOND,if=none,id=second,format=raw" -device virtio-blk-device,drive=second \
+        -drive "file=$GATE,if=none,id=gate,format=raw" -device virtio-blk-device,drive=gate \
         -serial "file:$CONSOLE" -qmp "unix:$SOCK,server=on,wait=off"
     if [ -n "${QEMU_DATA:-}" ]; then set -- -L "$QEMU_DATA" "$@"; fi
     "$QEMU" "$@" 2> "$WORK/vmm.err" &
@@ -53,9 +57,8 @@ start_qemu_hang() {
 }
 # Waits for the guest to write, then hangs the host device; sets $hung_at.
 hang_after_records() {
-    wait_for 450 "the guest never acknowledged 30 records" acked_at_least 30
     wait_for 60 "the second disk never answered" vdb_at_least 2
-    suspend_host
+    break_storage_after suspend_host 30
     hung_at=$(date +%s)
     echo "HANG the host device suspended (--noflush) after $(acks) acknowledged records"
 }

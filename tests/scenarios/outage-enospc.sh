@@ -6,6 +6,7 @@
 set -u
 NAME=outage-enospc
 RAMDISK_MB=256
+GATE_AT= # no dm outage here: the file system fills up by itself
 . "$(dirname "$0")/outage.lib"
 host_setup
 sparse_image

@@ -46,8 +46,7 @@ qemu_outage() {
     label="QEMU${1:+ cache=$1}"
     copy_image
     start_qemu "$1"
-    wait_for 450 "the guest under $label never acknowledged 30 records" acked_at_least 30
-    table error || fail "cannot start the outage ($label)"
+    break_storage_after "table error" 30 "the guest under $label"
     echo "OUTAGE ($label) started after $(acks) acknowledged records"
     wait_for 60 "$label did not stop on the outage" in_state io-error
     echo "OUTAGE ($label) stopped (io-error) after $(acks) acknowledged records"

@@ -1,8 +1,17 @@
 //! The guest workload, built static for the guest initramfs.
 //!
-//! `workload write FILE COUNT [SIZE]` appends COUNT records of SIZE bytes (4096 by
-//! default) to FILE, `fdatasync`s after each and then prints `ACK <n>`: a record
-//! whose ACK was printed must survive any host outage. `workload verify FILE
+//! `workload write FILE COUNT [SIZE] [--gate DEVICE AT[,AT...]]` appends COUNT
+//! records of SIZE bytes (4096 by default) to FILE, `fdatasync`s after each and then
+//! prints `ACK <n>`: a record whose ACK was printed must survive any host outage.
+//! With `--gate`, before writing record AT_k (the k-th position) it waits at gate k
+//! (below), so that it cannot finish before the host started its k-th outage.
+//!
+//! `workload gate DEVICE K` waits until the first byte of DEVICE (a small disk of
+//! the guest's on healthy storage, read with O_DIRECT past the guest's page cache) is
+//! at least K: the host writes K there once it started its K-th outage. Prints
+//! `GATE WAIT <K>` when it has to wait and `GATE OPEN <K>` when the wait ends. A
+//! scenario that waits for the guest's records before it breaks the storage thus
+//! cannot be outrun by the guest however slowly it notices them. `workload verify FILE
 //! [ACKED]` checks every record in FILE and, if ACKED is given, that records
 //! 1..=ACKED are all there and intact. It prints `VERIFIED <n>`, or `LOST <k> of
 //! <ACKED> acknowledged records` when acknowledged records are missing or damaged,
@@ -67,7 +76,41 @@ fn record(n: u64, size: usize) -> Vec<u8> {
     r
 }
 
-fn write(path: &str, count: u64, size: usize) -> Result<(), String> {
+/// Waits until the first byte of `device` is at least `k` (see the module comment).
+fn gate(device: &str, k: u8) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .map_err(|e| format!("cannot open the gate {device}: {e}"))?;
+    let mut buf = AlignedMib::new(0);
+    let mut waited = false;
+    loop {
+        f.read_exact_at(&mut buf.bytes_mut()[..4096], 0)
+            .map_err(|e| format!("cannot read the gate {device}: {e}"))?;
+        if buf.bytes()[0] >= k {
+            break;
+        }
+        if !waited {
+            println!("GATE WAIT {k}");
+            waited = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if waited {
+        println!("GATE OPEN {k}");
+    }
+    Ok(())
+}
+
+/// `--gate DEVICE AT[,AT...]`: the device and the records to wait before.
+struct Gates {
+    device: String,
+    at: Vec<u64>,
+}
+
+fn write(path: &str, count: u64, size: usize, gates: Option<&Gates>) -> Result<(), String> {
     if size < HEAD + TAIL + 1 {
         return Err(format!("record size must be at least {}", HEAD + TAIL + 1));
     }
@@ -77,6 +120,11 @@ fn write(path: &str, count: u64, size: usize) -> Result<(), String> {
         .open(path)
         .map_err(|e| format!("cannot open {path}: {e}"))?;
     for n in 1..=count {
+        if let Some(g) = gates {
+            if let Some(k) = g.at.iter().position(|&at| at == n) {
+                gate(&g.device, k as u8 + 1)?;
+            }
+        }
         f.write_all(&record(n, size))
             .map_err(|e| format!("write of record {n}: {e}"))?;
         f.sync_data()
@@ -309,6 +357,11 @@ impl AlignedMib {
         // SAFETY: `self.0` points to MIB initialised bytes owned by `self`.
         unsafe { std::slice::from_raw_parts(self.0, MIB) }
     }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.0, MIB) }
+    }
 }
 
 impl Drop for AlignedMib {
@@ -380,16 +433,56 @@ fn seqwrite(path: &str, mib: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `--gate DEVICE AT[,AT...]` taken out of `args`, if it is there.
+fn take_gates(args: &mut Vec<String>) -> Result<Option<Gates>, String> {
+    let Some(i) = args.iter().position(|a| a == "--gate") else {
+        return Ok(None);
+    };
+    let [_, device, at] = args.get(i..i + 3).unwrap_or_default() else {
+        return Err("--gate needs a DEVICE and AT[,AT...]".into());
+    };
+    let at = at
+        .split(',')
+        .map(|n| match n.parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!("--gate: `{n}` is not a record number")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if at.len() > usize::from(u8::MAX) || at.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("--gate: the records must ascend (at most 255 of them)".into());
+    }
+    let gates = Gates {
+        device: device.clone(),
+        at,
+    };
+    args.drain(i..i + 3);
+    Ok(Some(gates))
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     let num = |s: &String, what: &str| {
         s.parse::<u64>()
             .map_err(|_| format!("{what} must be a number, not `{s}`"))
     };
-    match args {
-        [cmd, file, count] if cmd == "write" => write(file, num(count, "COUNT")?, 4096),
-        [cmd, file, count, size] if cmd == "write" => {
-            write(file, num(count, "COUNT")?, num(size, "SIZE")? as usize)
+    let mut args = args.to_vec();
+    let gates = take_gates(&mut args)?;
+    if gates.is_some() && args.first().map(String::as_str) != Some("write") {
+        return Err("--gate is an option of `workload write`".into());
+    }
+    match &args[..] {
+        [cmd, file, count] if cmd == "write" => {
+            write(file, num(count, "COUNT")?, 4096, gates.as_ref())
         }
+        [cmd, file, count, size] if cmd == "write" => write(
+            file,
+            num(count, "COUNT")?,
+            num(size, "SIZE")? as usize,
+            gates.as_ref(),
+        ),
+        [cmd, device, k] if cmd == "gate" => match num(k, "K")? {
+            k @ 1..=255 => gate(device, k as u8),
+            _ => Err("K must be 1 to 255".into()),
+        },
         [cmd, file] if cmd == "list" => {
             let mut bytes = Vec::new();
             std::fs::File::open(file)
@@ -443,7 +536,7 @@ fn run(args: &[String]) -> Result<(), String> {
         [cmd, socket, command] if cmd == "qmp" => qmp(socket, command, None),
         [cmd, socket, command, arguments] if cmd == "qmp" => qmp(socket, command, Some(arguments)),
         _ => Err(
-            "usage: workload write FILE COUNT [SIZE] | workload verify FILE [ACKED] | workload list FILE | \
+            "usage: workload write FILE COUNT [SIZE] [--gate DEVICE AT[,AT...]] | workload gate DEVICE K | workload verify FILE [ACKED] | workload list FILE | \
                   workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
                   workload burst DEVICE MIB... | workload seqwrite FILE MIB"
                 .into(),
@@ -533,13 +626,73 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("r.dat");
         let path = file.to_str().expect("utf-8").to_owned();
-        write(&path, 7, 512).expect("write");
+        write(&path, 7, 512, None).expect("write");
         let args = ["verify".to_string(), path.clone(), "7".into()];
         run(&args).expect("verify 7");
         let args = ["verify".to_string(), path, "8".into()];
         assert!(run(&args)
             .expect_err("8 acked")
             .contains("1 of 8 acknowledged records are missing"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn gate_options_are_read_and_checked() {
+        let mut args = strings(&["write", "f", "300", "--gate", "/dev/vdb", "250,550"]);
+        let g = take_gates(&mut args).expect("parsed").expect("given");
+        assert_eq!((g.device.as_str(), g.at), ("/dev/vdb", vec![250, 550]));
+        assert_eq!(args, strings(&["write", "f", "300"]));
+        let mut args = strings(&["write", "f", "300"]);
+        assert!(take_gates(&mut args).expect("parsed").is_none());
+        for bad in [
+            &["write", "f", "3", "--gate", "/dev/vdb"][..],
+            &["write", "f", "3", "--gate", "/dev/vdb", "0"],
+            &["write", "f", "3", "--gate", "/dev/vdb", "5,x"],
+            &["write", "f", "3", "--gate", "/dev/vdb", "9,9"],
+        ] {
+            assert!(take_gates(&mut strings(bad)).is_err(), "{bad:?}");
+        }
+        let args = strings(&["verify", "f", "--gate", "/dev/vdb", "2"]);
+        assert!(run(&args).expect_err("not write").contains("--gate"));
+        assert!(run(&strings(&["gate", "/dev/vdb", "0"])).is_err());
+    }
+
+    /// A writer with gates at records 3 and 5 stops before each until the gate's
+    /// first byte says so, and then writes on.
+    #[test]
+    fn write_waits_at_each_gate_until_it_opens() {
+        let dir = std::env::temp_dir().join(format!("workload-gate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let gate_file = dir.join("gate.img");
+        std::fs::write(&gate_file, vec![0u8; 4096]).expect("gate");
+        let records = dir.join("r.dat");
+        let path = records.to_str().expect("utf-8").to_owned();
+        let gates = Gates {
+            device: gate_file.to_str().expect("utf-8").to_owned(),
+            at: vec![3, 5],
+        };
+        let writer = std::thread::spawn(move || write(&path, 6, 512, Some(&gates)));
+        let written = || std::fs::metadata(&records).map_or(0, |m| m.len() / 512);
+        for (k, before) in [(1u8, 2), (2, 4)] {
+            while written() < before {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // The gate is shut: the writer must stay before record `before + 1`.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert_eq!(written(), before, "passed gate {k} while it was shut");
+            use std::os::unix::fs::FileExt;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&gate_file)
+                .expect("open");
+            f.write_all_at(&[k], 0).expect("open the gate");
+        }
+        writer.join().expect("writer").expect("write");
+        assert_eq!(written(), 6);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
