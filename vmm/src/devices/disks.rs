@@ -1077,21 +1077,34 @@ mod tests {
         holder.join().expect("holder");
     }
 
+    /// The guest's FLUSH at 0x20_0000 fails on the host (status byte preset to 0xff,
+    /// not one the device writes): the disk stops, the FLUSH is parked, the owner is
+    /// told; then the storage comes back.
+    fn stopped_on_a_failed_flush(
+        slot: &Arc<MmioSlot>,
+        faults: &holdfast_block::FaultHandle,
+        mem: &GuestMemoryMmap,
+        tx: &Inbox,
+        rx: &std::sync::mpsc::Receiver<Input>,
+    ) {
+        use holdfast_block::{FaultOp, FaultRule, Trigger};
+        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
+        drive(slot, mem, 0x20_0000, Broken::Not);
+        mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 16))
+            .expect("status");
+        serve(slot, mem, tx);
+        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        faults.clear_named("outage");
+    }
+
     #[test]
     fn a_replay_that_hangs_does_not_hold_the_owner() {
-        use holdfast_block::{FaultOp, FaultRule, Trigger};
+        use holdfast_block::{FaultOp, FaultRule};
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
         let (tx, rx) = channel();
         let (slot, faults) = faulty_slot("data");
-        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
-        drive(&slot, &mem, 0x20_0000, Broken::Not);
-        // Not a status the device writes: whether it wrote one shows.
-        mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 16))
-            .expect("status");
-        serve(&slot, &mem, &tx);
-        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        stopped_on_a_failed_flush(&slot, &faults, &mem, &tx, &rx);
         // The storage comes back, then hangs during the replay's flush.
-        faults.clear_named("outage");
         faults.arm(FaultRule::hang(FaultOp::Flush).named("stall"));
         let started = Instant::now();
         match slot.resume(&mem, &tx) {
@@ -1129,7 +1142,7 @@ mod tests {
     /// the outcome lay unread, and the guest waited on its fdatasync for ever.)
     #[test]
     fn a_cont_that_waits_while_a_replay_finishes_completes_the_parked_flush() {
-        use holdfast_block::{FaultOp, FaultRule, HostOp, Request, RequestOp, Trigger};
+        use holdfast_block::{FaultOp, FaultRule, HostOp, Request, RequestOp};
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
         let (tx, rx) = channel();
         let (slot, faults) = faulty_slot("data");
@@ -1140,14 +1153,8 @@ mod tests {
             data: data.as_slice().into(),
         };
         lock_disk(&slot.disk).submit(Request::new(1 << 40, write));
-        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
-        drive(&slot, &mem, 0x20_0000, Broken::Not);
-        mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 16))
-            .expect("status");
-        serve(&slot, &mem, &tx);
-        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        stopped_on_a_failed_flush(&slot, &faults, &mem, &tx, &rx);
         // The storage comes back; the replay's write hangs: cont is refused.
-        faults.clear_named("outage");
         faults.arm(FaultRule::hang(FaultOp::Write).named("stall-write"));
         assert!(matches!(
             slot.resume(&mem, &tx),
