@@ -1183,6 +1183,47 @@ mod tests {
         assert!(!lock_disk(&slot.disk).is_stopped());
     }
 
+    /// A replay left running by a refused `cont` that then fails: the next `cont`
+    /// is refused with its error (the FLUSH stays parked), the one after replays
+    /// again and resumes (docs/durability.md, "A replay that meets a new hang").
+    #[test]
+    fn a_left_running_replay_that_fails_refuses_the_next_cont_and_the_one_after_replays() {
+        use holdfast_block::{FaultOp, FaultRule, Request, RequestOp, Trigger};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (slot, faults) = faulty_slot("data");
+        let write = RequestOp::Write {
+            offset: 0,
+            data: vec![7u8; 4096].as_slice().into(),
+        };
+        lock_disk(&slot.disk).submit(Request::new(1 << 40, write));
+        stopped_on_a_failed_flush(&slot, &faults, &mem, &tx, &rx);
+        faults.arm(FaultRule::hang(FaultOp::Write).named("stall-write"));
+        assert!(matches!(
+            slot.resume(&mem, &tx),
+            Err(ResumeFailure::Busy { .. })
+        ));
+        // The write returns; the replay's flush fails.
+        faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("again"));
+        faults.clear_named("stall-write");
+        while slot.call().is_some() || slot.lock_replay().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match slot.resume(&mem, &tx) {
+            Err(ResumeFailure::Replay { disk, error }) => {
+                assert_eq!((disk.as_str(), error.errno), ("data", libc::EIO));
+            }
+            other => panic!("not the replay's failure: {other:?}"),
+        }
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0xff, "the parked FLUSH waits");
+        faults.clear_named("again");
+        let replayed = slot.resume(&mem, &tx).expect("resumed").expect("replayed");
+        assert_eq!(replayed.bytes_rewritten, 4096);
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0, "the parked FLUSH completed S_OK");
+    }
+
     #[test]
     fn a_stopped_disk_takes_no_more_requests_from_its_queue() {
         use holdfast_block::{FaultOp, FaultRule, Trigger};
