@@ -1097,6 +1097,30 @@ mod tests {
         faults.clear_named("outage");
     }
 
+    /// As [`stopped_on_a_failed_flush`] with 4 KiB in the buffer (the replay writes
+    /// before it flushes); then a `cont` whose replay's write hangs is refused: the
+    /// replay goes on, held in that write ("stall-write") until the caller clears it.
+    fn replay_left_running_on_a_hung_write(
+        slot: &Arc<MmioSlot>,
+        faults: &holdfast_block::FaultHandle,
+        mem: &GuestMemoryMmap,
+        tx: &Inbox,
+        rx: &std::sync::mpsc::Receiver<Input>,
+    ) {
+        use holdfast_block::{FaultOp, FaultRule, Request, RequestOp};
+        let write = RequestOp::Write {
+            offset: 0,
+            data: vec![7u8; 4096].as_slice().into(),
+        };
+        lock_disk(&slot.disk).submit(Request::new(1 << 40, write));
+        stopped_on_a_failed_flush(slot, faults, mem, tx, rx);
+        faults.arm(FaultRule::hang(FaultOp::Write).named("stall-write"));
+        assert!(matches!(
+            slot.resume(mem, tx),
+            Err(ResumeFailure::Busy { .. })
+        ));
+    }
+
     #[test]
     fn a_replay_that_hangs_does_not_hold_the_owner() {
         use holdfast_block::{FaultOp, FaultRule};
@@ -1142,24 +1166,11 @@ mod tests {
     /// the outcome lay unread, and the guest waited on its fdatasync for ever.)
     #[test]
     fn a_cont_that_waits_while_a_replay_finishes_completes_the_parked_flush() {
-        use holdfast_block::{FaultOp, FaultRule, HostOp, Request, RequestOp};
+        use holdfast_block::{FaultOp, FaultRule, HostOp};
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
         let (tx, rx) = channel();
         let (slot, faults) = faulty_slot("data");
-        // Bytes in the buffer, so that the replay writes before it flushes.
-        let data = vec![7u8; 4096];
-        let write = RequestOp::Write {
-            offset: 0,
-            data: data.as_slice().into(),
-        };
-        lock_disk(&slot.disk).submit(Request::new(1 << 40, write));
-        stopped_on_a_failed_flush(&slot, &faults, &mem, &tx, &rx);
-        // The storage comes back; the replay's write hangs: cont is refused.
-        faults.arm(FaultRule::hang(FaultOp::Write).named("stall-write"));
-        assert!(matches!(
-            slot.resume(&mem, &tx),
-            Err(ResumeFailure::Busy { .. })
-        ));
+        replay_left_running_on_a_hung_write(&slot, &faults, &mem, &tx, &rx);
         // The write returns; the replay's flush is slow (it hangs until released).
         faults.arm(FaultRule::hang(FaultOp::Flush).named("stall-flush"));
         faults.clear_named("stall-write");
@@ -1188,21 +1199,11 @@ mod tests {
     /// again and resumes (docs/durability.md, "A replay that meets a new hang").
     #[test]
     fn a_left_running_replay_that_fails_refuses_the_next_cont_and_the_one_after_replays() {
-        use holdfast_block::{FaultOp, FaultRule, Request, RequestOp, Trigger};
+        use holdfast_block::{FaultOp, FaultRule, Trigger};
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
         let (tx, rx) = channel();
         let (slot, faults) = faulty_slot("data");
-        let write = RequestOp::Write {
-            offset: 0,
-            data: vec![7u8; 4096].as_slice().into(),
-        };
-        lock_disk(&slot.disk).submit(Request::new(1 << 40, write));
-        stopped_on_a_failed_flush(&slot, &faults, &mem, &tx, &rx);
-        faults.arm(FaultRule::hang(FaultOp::Write).named("stall-write"));
-        assert!(matches!(
-            slot.resume(&mem, &tx),
-            Err(ResumeFailure::Busy { .. })
-        ));
+        replay_left_running_on_a_hung_write(&slot, &faults, &mem, &tx, &rx);
         // The write returns; the replay's flush fails.
         faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("again"));
         faults.clear_named("stall-write");
