@@ -214,6 +214,26 @@ impl Bytes {
         .unwrap_or_else(|never| match never {})
     }
 
+    /// A copy of the borrowed runs, back to back, in an allocation of its own.
+    pub fn copy_of(src: &[Borrowed]) -> Bytes {
+        let len = src.iter().map(|b| b.len).sum();
+        // SAFETY: the runs' lengths add up to `len`, and each is copied in full
+        // right after the one before.
+        unsafe {
+            Bytes::fill(len, |dst| {
+                let mut at = 0;
+                for b in src {
+                    // SAFETY: `b` is readable for `b.len` bytes (`Borrowed::new`);
+                    // `dst[at..]` has room for them and is our own allocation.
+                    std::ptr::copy_nonoverlapping(b.ptr, dst[at..].as_mut_ptr().cast(), b.len);
+                    at += b.len;
+                }
+                Ok::<(), std::convert::Infallible>(())
+            })
+        }
+        .unwrap_or_else(|never| match never {})
+    }
+
     /// `[from, to)` of these bytes, sharing the allocation.
     pub fn slice(&self, from: usize, to: usize) -> Bytes {
         assert!(
@@ -294,6 +314,45 @@ impl fmt::Debug for Bytes {
             write!(f, "..")?;
         }
         write!(f, ")")
+    }
+}
+
+/// A run of bytes the host reads where it lies (a guest write in guest memory) rather
+/// than from a copy of its own: a host write from it can run while the copy that
+/// the unflushed buffer keeps is made ([`crate::Call::run_borrowed`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Borrowed {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a `Borrowed` is an address and a length; `Borrowed::new`'s caller vouches
+// that the bytes stay readable from any thread for as long as it is used.
+unsafe impl Send for Borrowed {}
+// SAFETY: as for Send; nothing writes through it.
+unsafe impl Sync for Borrowed {}
+
+impl Borrowed {
+    /// # Safety
+    /// `len` bytes at `ptr` must stay mapped and readable for as long as this value
+    /// or a copy of it is used. Others may change them meanwhile (a guest that
+    /// rewrites a buffer it handed to its device): readers then see some mix of
+    /// their versions, as a device that reads guest memory does. No reference to
+    /// them is ever made.
+    pub unsafe fn new(ptr: *const u8, len: usize) -> Borrowed {
+        Borrowed { ptr, len }
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -37,7 +37,7 @@ use std::collections::VecDeque;
 
 use crate::backend::{AttachError, Backend, SharedIo};
 use crate::buffer::{BufferStats, ExtentData, FlushTicket, UnflushedBuffer};
-use crate::bytes::Bytes;
+use crate::bytes::{Borrowed, Bytes};
 use crate::policy::{ErrorAction, ErrorPolicy, IoStatus};
 use crate::request::{Completion, Request, RequestOp, Status};
 use crate::HostError;
@@ -144,22 +144,18 @@ enum CallKind {
         offset: u64,
         data: Bytes,
     },
+    /// A write whose host call runs from where the guest's bytes lie, while its
+    /// caller copies them for the buffer ([`Disk::begin_borrowed_write`]).
+    WriteBorrowed {
+        offset: u64,
+        len: u64,
+        /// The copy for the buffer, once [`Call::supply`] gave it.
+        data: Option<Bytes>,
+    },
     /// The disk's own flush ahead of its bound ([`Disk::flush_ahead`]).
     Flush {
         ticket: FlushTicket,
     },
-}
-
-impl CallKind {
-    fn into_request(self, tag: u64) -> Request {
-        match self {
-            CallKind::Read { offset, len } => Request::new(tag, RequestOp::Read { offset, len }),
-            CallKind::Write { offset, data } => {
-                Request::new(tag, RequestOp::Write { offset, data })
-            }
-            CallKind::Flush { .. } => Request::new(tag, RequestOp::Flush),
-        }
-    }
 }
 
 /// A guest read or write running beside others on the disk ([`Disk::begin`]), or the
@@ -189,15 +185,67 @@ impl Call {
                 let mut buf = vec![0; *len as usize];
                 self.io.read_at(&mut buf, *offset).map(|()| buf)
             }
-            CallKind::Write { offset, data } => {
+            CallKind::Write { offset, data }
+            | CallKind::WriteBorrowed {
+                offset,
+                data: Some(data),
+                ..
+            } => {
                 let written = self.io.write_at(data, *offset);
-                if written.is_ok() && self.early_writeback {
-                    self.io.start_writeback(*offset, data.len() as u64);
-                }
-                written.map(|()| Vec::new())
+                self.written(written)
+            }
+            CallKind::WriteBorrowed { data: None, .. } => {
+                panic!("a borrowed write runs from its bytes (run_borrowed) or their copy (supply)")
             }
             CallKind::Flush { .. } => self.io.flush().map(|()| Vec::new()),
         });
+    }
+
+    /// Runs a [`Disk::begin_borrowed_write`] call's host write from `src`, where the
+    /// guest's bytes lie (the caller copies them meanwhile, for [`Call::supply`]).
+    /// Any other call runs as [`Call::run`] does. Runs once.
+    pub fn run_borrowed(&mut self, src: &[Borrowed]) {
+        if self.result.is_some() {
+            return;
+        }
+        let CallKind::WriteBorrowed { offset, len, .. } = self.kind else {
+            return self.run();
+        };
+        let given: u64 = src.iter().map(|b| b.len() as u64).sum();
+        assert_eq!(given, len, "a borrowed write runs from all its bytes");
+        let written = self.io.write_borrowed_at(src, offset);
+        self.result = Some(self.written(written));
+    }
+
+    /// Gives a [`Disk::begin_borrowed_write`] call the copy of its bytes that the
+    /// buffer keeps: before [`Disk::end`], which panics without it.
+    pub fn supply(&mut self, copy: Bytes) {
+        if let CallKind::WriteBorrowed { len, data, .. } = &mut self.kind {
+            assert_eq!(
+                copy.len() as u64,
+                *len,
+                "a borrowed write's copy is all of it"
+            );
+            *data = Some(copy);
+        }
+    }
+
+    /// A write's result; starts its write-back when the disk asked for that.
+    fn written(&self, written: Result<(), HostError>) -> Result<Vec<u8>, HostError> {
+        if written.is_ok() && self.early_writeback {
+            if let Some((offset, len)) = self.write_range() {
+                self.io.start_writeback(offset, len);
+            }
+        }
+        written.map(|()| Vec::new())
+    }
+
+    fn write_range(&self) -> Option<(u64, u64)> {
+        match &self.kind {
+            CallKind::Write { offset, data } => Some((*offset, data.len() as u64)),
+            CallKind::WriteBorrowed { offset, len, .. } => Some((*offset, *len)),
+            _ => None,
+        }
     }
 }
 
@@ -467,14 +515,12 @@ impl<B: Backend> Disk<B> {
         let Some((start, len)) = req.op.range() else {
             return Begun::Alone(req);
         };
-        let end = start + len;
-        if self
-            .in_flight
-            .iter()
-            .any(|c| c.start < end && start < c.end)
-        {
+        if self.overlaps_a_call(start, len) {
             return Begun::Alone(req);
         }
+        let Some(io) = self.backend.shared_io() else {
+            return Begun::Alone(req);
+        };
         let kind = match req.op {
             RequestOp::Read { offset, len } => {
                 if self.buffer.covers(offset, len) {
@@ -482,44 +528,103 @@ impl<B: Backend> Disk<B> {
                 }
                 CallKind::Read { offset, len }
             }
-            RequestOp::Write { offset, data } if self.config.writeback => {
-                let room = self
-                    .config
-                    .unflushed_limit
-                    .saturating_sub(self.buffer.weight());
-                let coming: u64 = self
-                    .in_flight
-                    .iter()
-                    .filter(|c| c.write)
-                    .map(|c| c.end - c.start)
-                    .sum();
-                if coming + data.len() as u64 > room {
-                    return Begun::Alone(Request::new(req.tag, RequestOp::Write { offset, data }));
-                }
+            RequestOp::Write { offset, data }
+                if self.config.writeback && self.has_room_for(data.len() as u64) =>
+            {
                 CallKind::Write { offset, data }
             }
             op => return Begun::Alone(Request::new(req.tag, op)),
         };
-        let Some(io) = self.backend.shared_io() else {
-            return Begun::Alone(kind.into_request(req.tag));
+        Begun::Call(self.start_call(req.tag, kind, start, len, io))
+    }
+
+    /// As [`Disk::begin`] for a write of `len` bytes at `offset` whose bytes are still
+    /// where the guest put them: the [`Call`] `begin` would make, whose host write
+    /// runs from there ([`Call::run_borrowed`]) while the caller copies them for the
+    /// buffer ([`Call::supply`], before [`Disk::end`]); so the copy the buffer needs
+    /// does not delay the host write. `None` where `begin` would make no call (the
+    /// disk is stopped, the write is the guest's error, needs the disk alone, ...):
+    /// then copy the bytes and `begin` the request.
+    pub fn begin_borrowed_write(&mut self, tag: u64, offset: u64, len: u64) -> Option<Call> {
+        #[cfg(feature = "sim")]
+        if self.config.imitate.is_some() {
+            return None;
+        }
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size());
+        let callable = !self.stopped
+            && self.config.writeback
+            && !self.config.read_only
+            && in_range
+            && len <= MAX_REQUEST_BYTES
+            && !self.overlaps_a_call(offset, len)
+            && self.has_room_for(len);
+        if !callable {
+            return None;
+        }
+        let io = self.backend.shared_io()?;
+        let kind = CallKind::WriteBorrowed {
+            offset,
+            len,
+            data: None,
         };
+        Some(self.start_call(tag, kind, offset, len, io))
+    }
+
+    /// A call in flight touches `[start, start + len)`.
+    fn overlaps_a_call(&self, start: u64, len: u64) -> bool {
+        let end = start + len;
+        self.in_flight
+            .iter()
+            .any(|c| c.start < end && start < c.end)
+    }
+
+    /// A write of `len` bytes fits under the bound with the writes in flight.
+    fn has_room_for(&self, len: u64) -> bool {
+        let room = self
+            .config
+            .unflushed_limit
+            .saturating_sub(self.buffer.weight());
+        let coming: u64 = self
+            .in_flight
+            .iter()
+            .filter(|c| c.write)
+            .map(|c| c.end - c.start)
+            .sum();
+        coming + len <= room
+    }
+
+    /// Counts a call in flight over `[start, start + len)` and hands it out.
+    fn start_call(
+        &mut self,
+        tag: u64,
+        kind: CallKind,
+        start: u64,
+        len: u64,
+        io: std::sync::Arc<dyn SharedIo>,
+    ) -> Call {
+        let write = matches!(
+            kind,
+            CallKind::Write { .. } | CallKind::WriteBorrowed { .. }
+        );
         self.next_call += 1;
         self.in_flight.push(InFlight {
             id: self.next_call,
             start,
-            end,
-            write: matches!(kind, CallKind::Write { .. }),
+            end: start + len,
+            write,
         });
-        let early_writeback = matches!(kind, CallKind::Write { .. })
-            && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
-        Begun::Call(Call {
+        let early_writeback =
+            write && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
+        Call {
             id: self.next_call,
-            tag: req.tag,
+            tag,
             kind,
             io,
             early_writeback,
             result: None,
-        })
+        }
     }
 
     /// Ends a call [`Disk::begin`] started (run or not: one never run is run now):
@@ -557,12 +662,20 @@ impl<B: Backend> Disk<B> {
                     return self.host_error(Failed::pending(req, e), true, tag);
                 }
             },
-            CallKind::Write { offset, data } => {
+            CallKind::Write { offset, data }
+            | CallKind::WriteBorrowed {
+                offset,
+                data: Some(data),
+                ..
+            } => {
                 self.buffer.insert(offset, ExtentData::Bytes(data));
                 match result {
                     Ok(_) => Outcome::done(Completion::ok(tag)),
                     Err(e) => return self.host_error(Failed::covered(tag, e), false, tag),
                 }
+            }
+            CallKind::WriteBorrowed { data: None, .. } => {
+                panic!("a borrowed write ends with the copy the buffer keeps (Call::supply)")
             }
         };
         match outcome.completion {

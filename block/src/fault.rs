@@ -479,6 +479,18 @@ impl crate::backend::SharedIo for FaultIo {
         Ok(())
     }
 
+    fn write_borrowed_at(
+        &self,
+        src: &[crate::bytes::Borrowed],
+        offset: u64,
+    ) -> Result<(), HostError> {
+        let len: u64 = src.iter().map(|b| b.len() as u64).sum();
+        self.handle.check(HostOp::Write, Some((offset, len)))?;
+        self.inner.write_borrowed_at(src, offset)?;
+        self.handle.count_written(len);
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), HostError> {
         self.handle.check(HostOp::Flush, None)?;
         self.inner.flush()

@@ -81,6 +81,15 @@ impl SharedIo for WatchedIo {
             .run(HostOp::Write, || self.inner.write_at(buf, offset))
     }
 
+    fn write_borrowed_at(
+        &self,
+        src: &[crate::bytes::Borrowed],
+        offset: u64,
+    ) -> Result<(), HostError> {
+        self.watch
+            .run(HostOp::Write, || self.inner.write_borrowed_at(src, offset))
+    }
+
     fn flush(&self) -> Result<(), HostError> {
         self.watch.run(HostOp::Flush, || self.inner.flush())
     }

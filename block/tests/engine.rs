@@ -935,6 +935,127 @@ mod in_flight {
         );
     }
 
+    /// `len` bytes of `guest` as a borrowed run.
+    fn borrow(guest: &[u8]) -> Vec<holdfast_block::bytes::Borrowed> {
+        // SAFETY: the tests keep `guest` alive and unchanged while the run is used.
+        vec![unsafe { holdfast_block::bytes::Borrowed::new(guest.as_ptr(), guest.len()) }]
+    }
+
+    #[test]
+    fn a_borrowed_write_goes_to_the_host_from_the_guest_and_its_copy_is_replayed() {
+        let (mut disk, calls, stable) = disk();
+        let mut guest = vec![5u8; 8192];
+        let mut w = disk.begin_borrowed_write(1, 4096, 8192).expect("a call");
+        assert_eq!(disk.in_flight(), 1);
+        assert!(
+            matches!(disk.begin(write(2, 8192, 2, 512)), Begun::Alone(_)),
+            "a write over a borrowed write in flight waits for it"
+        );
+        w.run_borrowed(&borrow(&guest));
+        assert_eq!(&stable.contents()[4096..12288], &guest[..]);
+        w.supply(Bytes::copy_of(&borrow(&guest)));
+        // The guest reuses its memory once the write completed.
+        guest.fill(9);
+        assert_eq!(disk.end(w).completion, Some(Completion::ok(1)));
+        assert_eq!(
+            disk.status().buffer.bytes,
+            8192,
+            "its copy is in the buffer"
+        );
+        // The host loses it (a failed flush) and the replay writes it again.
+        calls.arm(FaultRule::new(FaultOp::Flush, EIO, Trigger::Always).named("outage"));
+        assert!(disk.submit(flush(3)).is_parked());
+        stable.write_at(&[0; 8192], 4096).expect("lost");
+        calls.clear_named("outage");
+        disk.replay().expect("replay");
+        assert_eq!(&stable.contents()[4096..12288], &[5u8; 8192][..]);
+    }
+
+    #[test]
+    fn a_borrowed_write_that_fails_takes_the_error_path_and_is_replayed() {
+        let (mut disk, calls, stable) = disk();
+        let guest = vec![6u8; 4096];
+        let mut w = disk.begin_borrowed_write(1, 0, 4096).expect("a call");
+        let id = calls.arm(FaultRule::new(FaultOp::Write, EIO, Trigger::Always));
+        w.run_borrowed(&borrow(&guest));
+        calls.clear(id);
+        w.supply(Bytes::copy_of(&borrow(&guest)));
+        let out = disk.end(w);
+        assert!(out.is_parked() && out.error.is_some(), "{out:?}");
+        assert!(disk.is_stopped());
+        assert!(
+            disk.begin_borrowed_write(2, 65536, 4096).is_none(),
+            "a stopped disk parks writes: no call"
+        );
+        let report = disk.replay().expect("replay");
+        assert_eq!(report.completions, vec![Completion::ok(1)]);
+        assert_eq!(&stable.contents()[..4096], &guest[..]);
+    }
+
+    #[test]
+    fn no_borrowed_write_where_begin_makes_no_call() {
+        let cases: [(&str, DiskConfig, u64, u64); 4] = [
+            (
+                "writethrough",
+                DiskConfig {
+                    writeback: false,
+                    ..DiskConfig::default()
+                },
+                0,
+                4096,
+            ),
+            (
+                "read-only",
+                DiskConfig {
+                    read_only: true,
+                    ..DiskConfig::default()
+                },
+                0,
+                4096,
+            ),
+            ("past the end", DiskConfig::default(), SIZE - 512, 4096),
+            (
+                "no room under the bound",
+                DiskConfig {
+                    unflushed_limit: 4096,
+                    ..DiskConfig::default()
+                },
+                0,
+                8192,
+            ),
+        ];
+        for (what, config, offset, len) in cases {
+            let mut disk = Disk::new(MemBackend::new(SIZE), config);
+            assert!(
+                disk.begin_borrowed_write(1, offset, len).is_none(),
+                "{what}"
+            );
+            assert!(
+                !matches!(
+                    disk.begin(write(1, offset, 1, len as usize)),
+                    Begun::Call(_)
+                ),
+                "{what}: begin makes no call either"
+            );
+        }
+        let (mut disk, _, _) = disk();
+        let _read = call(disk.begin(read(1, 0, 4096)));
+        assert!(
+            disk.begin_borrowed_write(2, 2048, 4096).is_none(),
+            "over a call in flight"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "Call::supply")]
+    fn a_borrowed_write_cannot_end_without_its_copy() {
+        let (mut disk, _, _) = disk();
+        let guest = vec![1u8; 4096];
+        let mut w = disk.begin_borrowed_write(1, 0, 4096).expect("a call");
+        w.run_borrowed(&borrow(&guest));
+        disk.end(w);
+    }
+
     #[test]
     fn a_flush_ahead_of_the_bound_runs_beside_writes_and_releases_what_it_covers() {
         let stable = MemBackend::new(SIZE);

@@ -650,3 +650,67 @@ fn a_broken_used_ring_does_not_undo_a_successful_replay() {
     assert!(!dev.disk().is_stopped());
     assert_eq!(&disk.contents()[..512], &[7u8; 512][..]);
 }
+
+#[test]
+fn a_long_write_is_taken_where_it_lies_in_guest_memory() {
+    use holdfast_vmm::virtio::block::{Next, BORROW_FROM};
+    use vm_memory::GuestMemory;
+    // Two guest memory regions, back to back; the second data descriptor crosses
+    // from the first into the second.
+    let half = MEM_SIZE as u64 / 2;
+    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE / 2),
+        (GuestAddress(half), MEM_SIZE / 2),
+    ])
+    .expect("guest memory");
+    let (mut dev, _, _) = device(DiskConfig::default());
+    let mut d = Driver::new(&mem);
+    let len = BORROW_FROM as u32 * 2;
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+    let first = 0x10_0000;
+    let crossing = half - 0x1000;
+    let split = len as usize / 2;
+    mem.write_slice(&payload[..split], GuestAddress(first))
+        .expect("first part");
+    mem.write_slice(&payload[split..], GuestAddress(crossing))
+        .expect("crossing part");
+    d.header(0x0F_0000, VIRTIO_BLK_T_OUT, 8);
+    d.chain(&[
+        (0x0F_0000, 16, false),
+        (first, split as u32, false),
+        (crossing, len - split as u32, false),
+        (0x0F_1000, 1, true),
+    ]);
+    // And a short write after it, copied at once.
+    d.request(1, VIRTIO_BLK_T_OUT, 0, Some((4096, false)));
+    let mut q = d.queue();
+    let Next::GuestWrite(write, _) = dev.next(&mem, &mut q).expect("queue") else {
+        panic!("a write of {len} bytes is taken where it lies");
+    };
+    assert_eq!((write.offset, write.bytes()), (8 * 512, u64::from(len)));
+    let host = |at: u64| {
+        let slice = mem
+            .get_slices(GuestAddress(at), 1, vm_memory::Permissions::Read)
+            .expect("in memory")
+            .next()
+            .expect("a slice")
+            .expect("mapped");
+        slice.ptr_guard().as_ptr()
+    };
+    let runs: Vec<(*const u8, usize)> =
+        write.runs().iter().map(|r| (r.as_ptr(), r.len())).collect();
+    assert_eq!(
+        runs,
+        vec![
+            (host(first), split),
+            (host(crossing), 0x1000),
+            (host(half), len as usize - split - 0x1000),
+        ],
+        "the runs are the guest's memory, split where its regions are"
+    );
+    assert_eq!(&write.copy()[..], &payload[..]);
+    assert!(
+        matches!(dev.next(&mem, &mut q).expect("queue"), Next::Request(..)),
+        "a short write is copied at once"
+    );
+}

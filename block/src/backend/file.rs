@@ -2,8 +2,10 @@
 //!
 //! Buffered by default, like QEMU's `cache=writeback`: writes land in the host page
 //! cache and [`Backend::flush`] is `fdatasync`. With [`FileOptions::direct`] the file is
-//! opened `O_DIRECT` and every transfer goes through an aligned bounce buffer, with
-//! read-modify-write at unaligned edges, so callers may still use any offset.
+//! opened `O_DIRECT`: aligned transfers go to the host as they are (a guest write's
+//! [`crate::Bytes`], or guest memory itself, [`SharedIo::write_borrowed_at`]), the
+//! rest through an aligned bounce buffer, with read-modify-write at unaligned edges,
+//! so callers may still use any offset.
 //!
 //! The backend can let go of its image ([`Backend::detach`]: the descriptor is
 //! closed, so the host file system can be unmounted and repaired) and take it back
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{write_zero_chunks, Backend, Capabilities, SharedIo};
+use crate::bytes::{Borrowed, Bytes};
 use crate::{HostError, HostOp};
 
 /// Alignment used for `O_DIRECT` transfers: safe for 512-byte and 4 KiB devices.
@@ -320,9 +323,19 @@ fn write_direct(file: &File, bounce: &mut Vec<u8>, bufs: &[&[u8]], offset: u64) 
 }
 
 fn write_vectored_plain(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    // SAFETY: each run is a live `&[u8]` of `bufs`, readable for the whole call.
+    let runs: Vec<Borrowed> = bufs
+        .iter()
+        .map(|b| unsafe { Borrowed::new(b.as_ptr(), b.len()) })
+        .collect();
+    write_borrowed(file, &runs, offset)
+}
+
+/// `pwritev` until all of `src` is written from `offset`, from where the runs lie.
+fn write_borrowed(file: &File, src: &[Borrowed], offset: u64) -> io::Result<()> {
     {
         let fd = file.as_raw_fd();
-        let mut iovs: Vec<libc::iovec> = bufs
+        let mut iovs: Vec<libc::iovec> = src
             .iter()
             .filter(|b| !b.is_empty())
             .map(|b| libc::iovec {
@@ -334,8 +347,9 @@ fn write_vectored_plain(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<
         let mut at = offset;
         while first < iovs.len() {
             let batch = &iovs[first..iovs.len().min(first + IOV_MAX)];
-            // SAFETY: every iovec points into a live `&[u8]` of `bufs` (or a suffix of
-            // one, see below) for its full `iov_len`; pwritev only reads them.
+            // SAFETY: every iovec points into a run of `src`, readable for its full
+            // `iov_len` (`Borrowed::new`), or a suffix of one (see below); pwritev
+            // only reads them.
             let n = unsafe { libc::pwritev(fd, batch.as_ptr(), batch.len() as i32, at as i64) };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -411,6 +425,19 @@ impl SharedIo for FileIo {
             self.file.write_all_at(buf, offset)
         };
         r.map_err(|e| HostError::from_io(HostOp::Write, &e))
+    }
+
+    fn write_borrowed_at(&self, src: &[Borrowed], offset: u64) -> Result<(), HostError> {
+        let aligned = || {
+            offset % DIRECT_ALIGN == 0
+                && src
+                    .iter()
+                    .all(|b| (b.as_ptr() as u64 | b.len() as u64) % DIRECT_ALIGN == 0)
+        };
+        if self.direct && !aligned() {
+            return self.write_at(&Bytes::copy_of(src), offset);
+        }
+        write_borrowed(&self.file, src, offset).map_err(|e| HostError::from_io(HostOp::Write, &e))
     }
 
     fn flush(&self) -> Result<(), HostError> {
@@ -696,6 +723,44 @@ mod tests {
         b.read_at(&mut back, 1000).expect("large read");
         assert!(back.iter().all(|&x| x == 6));
         assert!(b.bounce_bytes() <= BOUNCE_KEEP, "{}", b.bounce_bytes());
+    }
+
+    #[test]
+    fn borrowed_writes_go_to_the_host_from_where_they_lie() {
+        for direct in [false, true] {
+            let (_dir, path) = image(1 << 20);
+            let options = FileOptions {
+                direct,
+                read_only: false,
+            };
+            let b = FileBackend::open(&path, options).expect("open");
+            let io = b.shared_io().expect("shared calls");
+            let guest = crate::Bytes::copy_from_slice(&[7u8; 65536]);
+            // SAFETY: `guest` outlives the calls and nothing changes it.
+            let run = |from: usize, to: usize| unsafe {
+                Borrowed::new(guest[from..].as_ptr(), to - from)
+            };
+            // Two aligned runs back to back (the pages of a guest write).
+            io.write_borrowed_at(&[run(0, 32768), run(32768, 65536)], 8192)
+                .expect("aligned runs");
+            if direct {
+                let bounced = BOUNCE.with(|b| b.borrow().capacity());
+                assert_eq!(bounced, 0, "aligned runs go to O_DIRECT as they are");
+            }
+            // Runs no O_DIRECT call takes as they are: copied first.
+            io.write_borrowed_at(&[run(512, 1024), run(4096, 8192)], 4096 * 100)
+                .expect("unaligned runs");
+            let on_disk = std::fs::read(&path).expect("read image");
+            assert!(on_disk[8192..8192 + 65536].iter().all(|&x| x == 7));
+            assert_eq!(on_disk[8191], (8191 % 251) as u8);
+            assert_eq!(on_disk[8192 + 65536], ((8192 + 65536) % 251) as u8);
+            let at = 4096 * 100;
+            assert!(
+                on_disk[at..at + 4608].iter().all(|&x| x == 7),
+                "direct={direct}"
+            );
+            assert_eq!(on_disk[at + 4608], ((at + 4608) % 251) as u8);
+        }
     }
 
     #[test]

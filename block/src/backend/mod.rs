@@ -13,6 +13,7 @@ pub use mem::MemBackend;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::bytes::{Borrowed, Bytes};
 use crate::{HostError, HostOp};
 
 /// Host reads and writes that may run beside other calls on the same image, with
@@ -26,6 +27,13 @@ pub trait SharedIo: Send + Sync + std::fmt::Debug {
 
     /// As [`Backend::write_at`].
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError>;
+
+    /// Writes the borrowed runs back to back from `offset`, reading them where they
+    /// lie. The default copies them first; a backend that can hand them to the host
+    /// as they are (an image file) overrides it.
+    fn write_borrowed_at(&self, src: &[Borrowed], offset: u64) -> Result<(), HostError> {
+        self.write_at(&Bytes::copy_of(src), offset)
+    }
 
     /// As [`Backend::flush`]. The disk never runs two flushes at once (two
     /// `fdatasync`s at once could split one error between them).

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_block::{
     AttachmentError, Backend, Begun, Call, CallWatch, Disk, DiskStatus, FaultHandle, Outcome,
-    Outstanding,
+    Outstanding, Request,
 };
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
@@ -34,7 +34,9 @@ use crate::owner::{
     AttachFailure, DiskCall, DiskInfo, Dropped, FaultPoints, Inbox, Input, Replayed, ResumeFailure,
     SimulatedHost,
 };
-use crate::virtio::block::{lock_disk, BlockDevice, Next, QueueRun, SharedDisk};
+use crate::virtio::block::{
+    lock_disk, BlockDevice, GuestWrite, Next, Pending, QueueRun, SharedDisk,
+};
 use crate::virtio::mmio::{Action, MmioTransport, MMIO_SIZE};
 use crate::vm::{error_chain, DiskSpec};
 
@@ -67,7 +69,7 @@ pub(crate) struct MmioSlot {
     /// Signalled (with the disk's lock) when its last call in flight ended.
     idle: Condvar,
     /// Hands calls to the disk's I/O threads (started with the first call).
-    calls: Mutex<Option<std::sync::mpsc::Sender<Call>>>,
+    calls: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     /// The disk's status when its lock was last released (shown while it is busy).
     last_status: Mutex<DiskStatus>,
     /// A replay's outcome and duration, once it finished (see `replay_apart`).
@@ -543,6 +545,12 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
                 continue;
             }
             Next::Request(req, pending) => (req, pending),
+            Next::GuestWrite(write, pending) => {
+                match begin_guest_write(slot, mem, events, write, pending) {
+                    None => continue,
+                    Some(req) => (req, Pending::default()),
+                }
+            }
         };
         let (begun, ahead) = {
             let mut disk = lock_disk(&slot.disk);
@@ -553,16 +561,12 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
             (begun, ahead)
         };
         if let Some(flush) = ahead {
-            if let Err(flush) = slot.hand_over(flush, mem, events) {
-                end_call(slot, mem, events, flush);
-            }
+            slot.run_apart(Job::Call(flush), mem, events);
         }
         let outcome = match begun {
             Begun::Done(outcome) => outcome,
             Begun::Call(call) => {
-                if let Err(call) = slot.hand_over(call, mem, events) {
-                    end_call(slot, mem, events, call);
-                }
+                slot.run_apart(Job::Call(call), mem, events);
                 continue;
             }
             // The host call, with only the disk locked.
@@ -575,6 +579,83 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
         };
         answer(slot, mem, events, outcome);
     }
+}
+
+/// A long write: where the disk would run it beside others, its host write goes to
+/// an I/O thread, from guest memory, while this thread copies it for the buffer
+/// (so the copy does not delay the host write); else it comes back copied, as a
+/// request to begin as usual.
+fn begin_guest_write(
+    slot: &Arc<MmioSlot>,
+    mem: &GuestMemoryMmap,
+    events: &Inbox,
+    write: GuestWrite,
+    pending: Pending,
+) -> Option<Request> {
+    let (call, ahead) = {
+        let mut disk = lock_disk(&slot.disk);
+        pending.apply(&mut disk);
+        let call = disk.begin_borrowed_write(write.tag, write.offset, write.bytes());
+        let ahead = disk.flush_ahead();
+        slot.remember(&disk);
+        (call, ahead)
+    };
+    if let Some(flush) = ahead {
+        slot.run_apart(Job::Call(flush), mem, events);
+    }
+    let Some(call) = call else {
+        return Some(write.into_request());
+    };
+    let write = Arc::new(write);
+    let (copied, copy) = std::sync::mpsc::sync_channel(1);
+    let job = Job::Borrowed(Box::new(BorrowedWrite {
+        call,
+        write: Arc::clone(&write),
+        copy,
+    }));
+    match slot.hand_over(job, mem, events) {
+        Ok(()) => {
+            let _ = copied.send(write.copy());
+        }
+        Err(job) => {
+            let _ = copied.send(write.copy());
+            run_job(slot, mem, events, job);
+        }
+    }
+    None
+}
+
+/// What a disk's I/O threads run.
+enum Job {
+    Call(Call),
+    /// A long write's host call, from guest memory; the worker sends the copy that
+    /// the buffer keeps on `copy` meanwhile ([`begin_guest_write`]).
+    Borrowed(Box<BorrowedWrite>),
+}
+
+struct BorrowedWrite {
+    call: Call,
+    write: Arc<GuestWrite>,
+    copy: std::sync::mpsc::Receiver<holdfast_block::Bytes>,
+}
+
+/// Runs a job's host call (with no lock held), ends it on the disk and answers it.
+fn run_job(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, job: Job) {
+    let call = match job {
+        Job::Call(call) => call,
+        Job::Borrowed(job) => {
+            let BorrowedWrite {
+                mut call,
+                write,
+                copy,
+            } = *job;
+            call.run_borrowed(write.runs());
+            // The worker copies meanwhile; were it gone, the copy is made here.
+            call.supply(copy.recv().unwrap_or_else(|_| write.copy()));
+            call
+        }
+    };
+    end_call(slot, mem, events, call);
 }
 
 /// Runs a call in flight (with no lock held), ends it on the disk and answers it.
@@ -623,16 +704,16 @@ impl MmioSlot {
     /// call back if none could start.
     fn hand_over(
         self: &Arc<Self>,
-        call: Call,
+        call: Job,
         mem: &GuestMemoryMmap,
         events: &Inbox,
-    ) -> Result<(), Call> {
+    ) -> Result<(), Job> {
         let mut calls = self
             .calls
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if calls.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Call>();
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
             let rx = Arc::new(Mutex::new(rx));
             let mut started = 0;
             for _ in 0..CALLS_PER_DISK {
@@ -659,6 +740,13 @@ impl MmioSlot {
         }
     }
 
+    /// Runs a job on the disk's I/O threads, or here if none could start.
+    fn run_apart(self: &Arc<Self>, job: Job, mem: &GuestMemoryMmap, events: &Inbox) {
+        if let Err(job) = self.hand_over(job, mem, events) {
+            run_job(self, mem, events, job);
+        }
+    }
+
     /// Lets the disk's I/O threads end once the calls they have are done.
     pub(crate) fn stop_io_threads(&self) {
         *self
@@ -674,7 +762,7 @@ fn io_thread(
     slot: &MmioSlot,
     mem: &GuestMemoryMmap,
     events: &Inbox,
-    calls: &Mutex<std::sync::mpsc::Receiver<Call>>,
+    calls: &Mutex<std::sync::mpsc::Receiver<Job>>,
 ) {
     let _serving = crate::logging::ServingDisk::new(&slot.id);
     loop {
@@ -683,7 +771,7 @@ fn io_thread(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .recv();
         match call {
-            Ok(call) => end_call(slot, mem, events, call),
+            Ok(job) => run_job(slot, mem, events, job),
             Err(_) => return,
         }
     }
@@ -951,6 +1039,112 @@ mod tests {
         }
         assert_eq!(status(0), 0, "it completes when the storage comes back");
         assert_eq!(lock_disk(&slot.disk).in_flight(), 0);
+    }
+
+    /// Two writes made available: 128 KiB at sector 0 in two 64 KiB descriptors of
+    /// bytes 7 (taken as a [`GuestWrite`]), then 4 KiB of bytes 8 at 512 KiB
+    /// (copied at once). Their status bytes are at `at + 16` and `at + 0x40 + 16`.
+    fn drive_writes(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64) {
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_OUT};
+        let vq = MockSplitQueue::new(mem, 16);
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        let data = at + 0x1_0000;
+        let mut descs = Vec::new();
+        let mut index = 0u16;
+        let mut chain =
+            |head: u64, sector: u64, runs: &[(u64, u32)], descs: &mut Vec<RawDescriptor>| {
+                mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(head))
+                    .expect("type");
+                mem.write_obj(sector, GuestAddress(head + 8))
+                    .expect("sector");
+                mem.write_obj(0xffu8, GuestAddress(head + 16))
+                    .expect("status");
+                index += 1;
+                descs.push(RawDescriptor::from(Descriptor::new(head, 16, next, index)));
+                for &(addr, len) in runs {
+                    index += 1;
+                    descs.push(RawDescriptor::from(Descriptor::new(addr, len, next, index)));
+                }
+                index += 1;
+                descs.push(RawDescriptor::from(Descriptor::new(head + 16, 1, write, 0)));
+            };
+        mem.write_slice(&[7u8; 128 << 10], GuestAddress(data))
+            .expect("long write's bytes");
+        mem.write_slice(&[8u8; 4096], GuestAddress(data + (128 << 10)))
+            .expect("short write's bytes");
+        chain(
+            at,
+            0,
+            &[(data, 64 << 10), (data + (64 << 10), 64 << 10)],
+            &mut descs,
+        );
+        chain(at + 0x40, 1024, &[(data + (128 << 10), 4096)], &mut descs);
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        let queue = vq.create_queue::<Queue>().expect("queue");
+        set_up(slot, queue, 1 << VIRTIO_BLK_F_FLUSH);
+    }
+
+    #[test]
+    fn a_long_write_goes_to_the_host_from_guest_memory_and_its_copy_is_replayed() {
+        use holdfast_block::{FaultOp, FaultRule, Request, RequestOp};
+        let stable = MemBackend::new(1 << 20);
+        let injector = holdfast_block::FaultInjector::new(stable.clone());
+        let faults = injector.handle();
+        let spec = DiskSpec::new("data", Box::new(injector), DiskConfig::default(), "memory");
+        let slot = Arc::new(MmioSlot::new(
+            spec,
+            0,
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        faults.arm(
+            FaultRule::hang(FaultOp::Write)
+                .in_range(0, 4096)
+                .named("stall"),
+        );
+        let at = 0x20_0000;
+        drive_writes(&slot, &mem, at);
+        let status = |head: u64| -> u8 { mem.read_obj(GuestAddress(head + 16)).expect("status") };
+        serve(&slot, &mem, &tx);
+        let until = Instant::now() + Duration::from_secs(5);
+        while status(at + 0x40) != 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            status(at + 0x40),
+            0,
+            "the short write completed beside the long one"
+        );
+        assert_eq!(status(at), 0xff, "the long write's host call hangs");
+        assert_eq!(
+            slot.call().expect("it shows").call.op,
+            holdfast_block::HostOp::Write
+        );
+        faults.clear_named("stall");
+        let until = Instant::now() + Duration::from_secs(5);
+        while status(at) != 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(status(at), 0, "it completes when the storage comes back");
+        assert!(stable.contents()[..128 << 10].iter().all(|&b| b == 7));
+        let mut disk = lock_disk(&slot.disk);
+        assert_eq!(disk.status().buffer.bytes, (128 << 10) + 4096);
+        // The guest reuses its memory; the host loses the write (a failed flush);
+        // the replay writes the copy the buffer kept.
+        mem.write_slice(&[0u8; 128 << 10], GuestAddress(at + 0x1_0000))
+            .expect("reuse");
+        faults.arm(
+            FaultRule::new(FaultOp::Flush, libc::EIO, holdfast_block::Trigger::Always)
+                .named("outage"),
+        );
+        assert!(disk.submit(Request::new(100, RequestOp::Flush)).is_parked());
+        holdfast_block::SharedIo::write_at(&stable, &[0u8; 128 << 10], 0).expect("lost");
+        faults.clear_named("outage");
+        disk.replay().expect("replay");
+        assert!(stable.contents()[..128 << 10].iter().all(|&b| b == 7));
     }
 
     fn faulty_slot(id: &str) -> (Arc<MmioSlot>, FaultHandle) {
