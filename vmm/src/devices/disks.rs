@@ -8,11 +8,14 @@
 //! lock) and begins them on the disk ([`Disk::begin`], disk lock, never both): reads
 //! and write-back writes go to the disk's I/O threads ([`CALLS_PER_DISK`]), which run
 //! the host call holding no lock, end it on the disk and put the completion in the
-//! used ring; what needs the disk alone (a FLUSH, ...) the worker runs itself, with
-//! the disk's lock, once the calls in flight ended, taking nothing else meanwhile. The owner never waits on a
-//! host call that [hangs](HUNG_AFTER): such a disk answers from what its worker saw
-//! last and names the call ([`CallWatch`]), and whatever needs the disk itself (a
-//! replay, a detach, settling at the end) is refused or reported, not waited for.
+//! used ring (a write of [`BORROW_FROM`](crate::virtio::block::BORROW_FROM) or more
+//! runs its host call from guest memory while the worker copies it for the buffer,
+//! `begin_guest_write`); what needs the disk alone (a FLUSH, ...) the worker runs
+//! itself, with the disk's lock, once the calls in flight ended, taking nothing else
+//! meanwhile. The owner never waits on a host call that [hangs](HUNG_AFTER): such a
+//! disk answers from what its worker saw last and names the call ([`CallWatch`]), and
+//! whatever needs the disk itself (a replay, a detach, settling at the end) is
+//! refused or reported, not waited for.
 //! One disk's hang stops nothing but that disk.
 
 use std::os::fd::AsRawFd;
