@@ -362,24 +362,21 @@ impl<B: Backend> BlockDevice<B> {
             if lock_disk(&disk).is_stopped() {
                 break;
             }
-            let next = self.next(mem, queue)?;
-            match next {
+            let (req, pending) = match self.next(mem, queue)? {
                 Next::Empty => break,
-                Next::Refused => run.used += 1,
-                Next::Request(..) | Next::GuestWrite(..) => {
-                    let (req, pending) = match next {
-                        Next::Request(req, pending) => (req, pending),
-                        Next::GuestWrite(w, pending) => (w.into_request(), pending),
-                        _ => unreachable!("matched above"),
-                    };
-                    let outcome = {
-                        let mut disk = lock_disk(&disk);
-                        pending.apply(&mut disk);
-                        disk.submit(req)
-                    };
-                    run.used += self.finish(mem, queue, &mut run, outcome)?;
+                Next::Refused => {
+                    run.used += 1;
+                    continue;
                 }
-            }
+                Next::Request(req, pending) => (req, pending),
+                Next::GuestWrite(write, pending) => (write.into_request(), pending),
+            };
+            let outcome = {
+                let mut disk = lock_disk(&disk);
+                pending.apply(&mut disk);
+                disk.submit(req)
+            };
+            run.used += self.finish(mem, queue, &mut run, outcome)?;
         }
         Ok(run)
     }
