@@ -518,16 +518,16 @@ impl<B: Backend> Disk<B> {
         if self.overlaps_a_call(start, len) {
             return Begun::Alone(req);
         }
+        if let RequestOp::Read { offset, len } = req.op {
+            if self.buffer.covers(offset, len) {
+                return Begun::Done(self.submit(req));
+            }
+        }
         let Some(io) = self.backend.shared_io() else {
             return Begun::Alone(req);
         };
         let kind = match req.op {
-            RequestOp::Read { offset, len } => {
-                if self.buffer.covers(offset, len) {
-                    return Begun::Done(self.submit(req));
-                }
-                CallKind::Read { offset, len }
-            }
+            RequestOp::Read { offset, len } => CallKind::Read { offset, len },
             RequestOp::Write { offset, data }
                 if self.config.writeback && self.has_room_for(data.len() as u64) =>
             {
