@@ -550,14 +550,10 @@ impl<B: Backend> Disk<B> {
         if self.config.imitate.is_some() {
             return None;
         }
-        let in_range = offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.size());
         let callable = !self.stopped
             && self.config.writeback
             && !self.config.read_only
-            && in_range
-            && len <= MAX_REQUEST_BYTES
+            && !self.bad_range(offset, len)
             && !self.overlaps_a_call(offset, len)
             && self.has_room_for(len);
         if !callable {
@@ -837,7 +833,6 @@ impl<B: Backend> Disk<B> {
             }
         }
         if let Some((offset, len)) = op.range() {
-            let out_of_range = offset.checked_add(len).is_none_or(|end| end > self.size());
             // Zeroing or discarding nothing is malformed (the host would answer
             // EINVAL, which must not pass for a host error and stop the disk).
             let empty = len == 0
@@ -845,11 +840,17 @@ impl<B: Backend> Disk<B> {
                     op,
                     RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
                 );
-            if out_of_range || empty || len > MAX_REQUEST_BYTES {
+            if self.bad_range(offset, len) || empty {
                 return Some(Status::IoErr);
             }
         }
         None
+    }
+
+    /// `[offset, offset + len)` runs past the disk's end or is longer than a request
+    /// may be ([`MAX_REQUEST_BYTES`]).
+    fn bad_range(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_none_or(|end| end > self.size()) || len > MAX_REQUEST_BYTES
     }
 
     /// Runs one request on the host. A failure hands the request back with its error.
