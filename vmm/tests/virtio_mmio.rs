@@ -6,6 +6,7 @@ use holdfast_vmm::virtio::mmio::{Action, MmioTransport};
 use holdfast_vmm::virtio::VirtioDevice;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 
 /// A device that records what the transport told it.
@@ -13,6 +14,8 @@ use virtio_queue::QueueT;
 struct Fake {
     acked: Option<u64>,
     config: [u8; 8],
+    /// Ring features offered besides the others.
+    ring: u64,
 }
 
 impl VirtioDevice for Fake {
@@ -23,7 +26,7 @@ impl VirtioDevice for Fake {
         &[256, 64]
     }
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | 0b1010
+        (1 << VIRTIO_F_VERSION_1) | 0b1010 | self.ring
     }
     fn ack_features(&mut self, features: u64) {
         self.acked = Some(features);
@@ -188,6 +191,52 @@ fn reset_returns_to_the_start() {
     assert_eq!(rd(&t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     assert!(!t.queues()[0].ready());
     assert_eq!(t.queues()[0].size(), 256);
+}
+
+#[test]
+fn event_indexes_reach_the_queues_only_where_offered_and_taken() {
+    const EVENT_IDX: u32 = 1 << VIRTIO_RING_F_EVENT_IDX;
+    // (offered, taken by the driver, in the queues)
+    for (offered, taken, on) in [
+        (true, true, true),
+        (true, false, false),
+        (false, true, false),
+    ] {
+        let ring = if offered { u64::from(EVENT_IDX) } else { 0 };
+        let mut t = MmioTransport::new(Fake {
+            ring,
+            ..Fake::default()
+        });
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_DRIVER_FEATURES,
+            if taken { EVENT_IDX } else { 0 },
+        );
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        assert!(
+            t.queues().iter().all(|q| !q.event_idx_enabled()),
+            "before FEATURES_OK"
+        );
+        wr(&mut t, VIRTIO_MMIO_STATUS, UP_TO_FEATURES_OK);
+        assert_eq!(rd(&t, VIRTIO_MMIO_STATUS), UP_TO_FEATURES_OK);
+        let label = format!("offered {offered}, taken {taken}");
+        assert!(
+            t.queues().iter().all(|q| q.event_idx_enabled() == on),
+            "{label}"
+        );
+        assert_eq!(wr(&mut t, VIRTIO_MMIO_STATUS, 0), Action::Reset);
+        assert!(
+            t.queues().iter().all(|q| !q.event_idx_enabled()),
+            "{label}: after a reset"
+        );
+    }
 }
 
 #[test]

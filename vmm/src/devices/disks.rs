@@ -10,8 +10,9 @@
 //! the host call holding no lock, end it on the disk and put the completion in the
 //! used ring (a write of [`BORROW_FROM`](crate::virtio::block::BORROW_FROM) or more
 //! runs its host call from guest memory while the worker copies it for the buffer,
-//! `begin_guest_write`); what needs the disk alone (a FLUSH, ...) the worker runs
-//! itself, with the disk's lock, once the calls in flight ended, taking nothing else
+//! `begin_guest_write`), interrupting the guest where it asked to be (`used_interrupt`:
+//! event indexes); what needs the disk alone (a FLUSH, ...) the worker runs itself,
+//! with the disk's lock, once the calls in flight ended, taking nothing else
 //! meanwhile. The owner never waits on a host call that [hangs](HUNG_AFTER): such a
 //! disk answers from what its worker saw last and names the call ([`CallWatch`]), and
 //! whatever needs the disk itself (a replay, a detach, settling at the end) is
@@ -29,6 +30,7 @@ use holdfast_block::{
     Outstanding, Request,
 };
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -256,9 +258,7 @@ impl MmioSlot {
         let (device, queues) = t.device_and_queues();
         let resumed = device.complete_replay(mem, &mut queues[0], report);
         if resumed.used > 0 {
-            t.interrupt_status()
-                .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-            let _ = self.irq.write(1);
+            used_interrupt(self, &mut t, mem);
         }
         // The bytes are on the host; only the guest's queue cannot take the
         // completions. That is the device's problem, not the VM's.
@@ -544,7 +544,7 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
         let (req, pending) = match next {
             Next::Empty => return,
             Next::Refused => {
-                interrupt(slot);
+                used_interrupt(slot, &mut slot.lock(), mem);
                 continue;
             }
             Next::Request(req, pending) => (req, pending),
@@ -682,14 +682,10 @@ fn answer(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outco
     let mut run = QueueRun::default();
     {
         let mut t = slot.lock();
-        let interrupts = t.interrupt_status();
         let (device, queues) = t.device_and_queues();
         match device.finish(mem, &mut queues[0], &mut run, outcome) {
             Ok(0) => {}
-            Ok(_) => {
-                interrupts.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-                let _ = slot.irq.write(1);
-            }
+            Ok(_) => used_interrupt(slot, &mut t, mem),
             Err(e) => queue_broken(slot, &mut t, &e, events),
         }
     }
@@ -780,12 +776,17 @@ fn io_thread(
     }
 }
 
-/// A used-buffer interrupt for the slot.
-fn interrupt(slot: &MmioSlot) {
-    slot.lock()
-        .interrupt_status()
-        .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
-    let _ = slot.irq.write(1);
+/// After the device put entries in the used ring: a used-buffer interrupt, unless
+/// the driver asked for none yet (with event indexes, its `used_event`; one the
+/// device cannot read gets the interrupt: a missing one would leave the guest
+/// waiting).
+fn used_interrupt(slot: &MmioSlot, t: &mut BlockTransport, mem: &GuestMemoryMmap) {
+    let (_, queues) = t.device_and_queues();
+    if queues[0].needs_notification(mem).unwrap_or(true) {
+        t.interrupt_status()
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        let _ = slot.irq.write(1);
+    }
 }
 
 /// The guest broke a disk's queue: DEVICE_NEEDS_RESET, a config interrupt, and the
@@ -908,6 +909,53 @@ mod tests {
             s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
         );
         assert!(t.live());
+    }
+
+    #[test]
+    fn with_event_indexes_the_worker_interrupts_only_where_the_driver_asked() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        // The driver's used_event (None: no event indexes) and the interrupts its
+        // three FLUSHes get: one each; one as the first or the third completes
+        // (used index 1 or 3); none for an index they do not reach.
+        for (used_event, interrupts) in [(None, 3), (Some(0), 1), (Some(2), 1), (Some(100), 0)] {
+            let d = slot("d");
+            drive_flushes(&d, &mem, 0x20_0000, Broken::Not, 3);
+            let (avail, used) = {
+                let mut t = d.lock();
+                let q = &mut t.queues_mut()[0];
+                q.set_event_idx(used_event.is_some());
+                // Apart from the available ring (the mock's used ring overlaps its
+                // used_event).
+                q.set_used_ring_address(Some(0x1_0000), Some(0));
+                (q.avail_ring(), q.used_ring())
+            };
+            if let Some(e) = used_event {
+                mem.write_obj(e, GuestAddress(avail + 4 + 2 * 16))
+                    .expect("used_event");
+            }
+            serve(&d, &mem, &tx);
+            for i in 0..3u64 {
+                let status: u8 = mem
+                    .read_obj(GuestAddress(0x20_0000 + 32 * i + 16))
+                    .expect("status");
+                assert_eq!(status, 0, "used_event {used_event:?}: FLUSH {i}");
+            }
+            assert_eq!(
+                d.irq.read().unwrap_or(0),
+                interrupts,
+                "used_event {used_event:?}"
+            );
+            let vring = d.lock().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
+            assert_eq!(vring != 0, interrupts > 0, "used_event {used_event:?}");
+            if used_event.is_some() {
+                // Where the driver must notify the worker next: the fourth request.
+                let avail_event: u16 = mem
+                    .read_obj(GuestAddress(used + 4 + 8 * 16))
+                    .expect("avail_event");
+                assert_eq!(avail_event, 3);
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,13 @@
 //! writable status byte to report into, is returned used with length 0). Nothing a
 //! guest writes into a descriptor can make the VMM panic.
 //!
+//! The ring features Linux and QEMU use are offered: indirect descriptor tables
+//! (virtio-queue follows them as part of the chain, so a request of many segments
+//! takes one ring slot and a second request need not wait for the first to leave
+//! the ring) and event indexes (`VIRTIO_RING_F_EVENT_IDX`: when its queue runs empty
+//! the device says where the driver must next notify it, [`BlockDevice::next`], and
+//! the disk's worker interrupts only where the driver asked, see `devices::disks`).
+//!
 //! While the disk is stopped on a host error the device takes no more requests from
 //! the queue: they stay in the available ring, in order, until [`BlockDevice::resume`]
 //! has replayed the disk.
@@ -30,6 +37,7 @@ use holdfast_block::{
     Backend, Completion, Disk, IoErrorReport, ReplayError, Request, RequestOp, Status,
 };
 use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -56,6 +64,10 @@ pub enum Error {
     NotInMemory,
     #[error("cannot update the used ring")]
     UsedRing(#[source] virtio_queue::Error),
+    #[error(
+        "cannot tell the driver where to notify the device next (the used ring's avail_event)"
+    )]
+    AvailEvent(#[source] virtio_queue::Error),
 }
 
 /// What one pass over the queue did.
@@ -216,7 +228,9 @@ impl<B: Backend> BlockDevice<B> {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_BLK_SIZE
-            | 1 << VIRTIO_BLK_F_SEG_MAX;
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX;
         if disk.config().read_only {
             offered |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -383,6 +397,10 @@ impl<B: Backend> BlockDevice<B> {
 
     /// Takes the next available request off the queue (the caller has checked the
     /// disk is not stopped). A chain the device refuses goes to the used ring here.
+    /// An empty queue first asks the driver to notify the device of the next
+    /// request (with event indexes: `avail_event`, which the driver reads before it
+    /// decides to notify), then looks once more: after [`Next::Empty`] the driver
+    /// notifies the device of its next request.
     pub fn next<M: GuestMemory + Clone + Send + Sync + 'static>(
         &mut self,
         mem: &M,
@@ -391,8 +409,17 @@ impl<B: Backend> BlockDevice<B> {
         if !queue.is_valid(mem) {
             return Err(Error::NotInMemory);
         }
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return Ok(Next::Empty);
+        let chain = match queue.pop_descriptor_chain(mem) {
+            Some(chain) => chain,
+            None => {
+                let more = queue.enable_notification(mem).map_err(Error::AvailEvent)?;
+                // Once more, not in a loop: an available index no chain can be taken
+                // at (a broken driver's) stays as it is, as without event indexes.
+                match more.then(|| queue.pop_descriptor_chain(mem)).flatten() {
+                    Some(chain) => chain,
+                    None => return Ok(Next::Empty),
+                }
+            }
         };
         let head = chain.head_index();
         match parse(mem, chain, head, self.acked) {

@@ -11,8 +11,10 @@
 //!   +-------------------- write 0: Action::Reset, from any state --------------------------+
 //! ```
 //!
-//! Queue registers are writable until DRIVER_OK. Interrupt status is shared with the
-//! device thread, which sets bits as it completes requests.
+//! Queue registers are writable until DRIVER_OK. The driver's
+//! `VIRTIO_RING_F_EVENT_IDX` (if the device offers it) goes to the queues at
+//! FEATURES_OK; a reset clears it. Interrupt status is shared with the device
+//! thread, which sets bits as it completes requests.
 //!
 //! A device that finds its queue broken (a used ring outside guest memory, a head
 //! index past the queue's size) sets DEVICE_NEEDS_RESET and raises a config
@@ -24,6 +26,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
 use super::{VirtioDevice, FEATURE_VERSION_1};
@@ -277,8 +280,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if self.driver_features & FEATURE_VERSION_1 == 0 {
                 new &= !VIRTIO_CONFIG_S_FEATURES_OK;
             } else {
-                self.device
-                    .ack_features(self.driver_features & self.device.features());
+                let acked = self.driver_features & self.device.features();
+                self.device.ack_features(acked);
+                // A ring feature: the queues keep the driver's event indexes.
+                let event_idx = acked & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                }
             }
         }
         let activate = added & VIRTIO_CONFIG_S_DRIVER_OK != 0
