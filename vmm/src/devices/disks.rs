@@ -11,7 +11,8 @@
 //! used ring (a write of [`BORROW_FROM`](crate::virtio::block::BORROW_FROM) or more
 //! runs its host call from guest memory while the worker copies it for the buffer,
 //! `begin_guest_write`), interrupting the guest where it asked to be (`used_interrupt`:
-//! event indexes); what needs the disk alone (a FLUSH, ...) the worker runs itself,
+//! event indexes; completions that meet in the used ring share one interrupt,
+//! `answer`); what needs the disk alone (a FLUSH, ...) the worker runs itself,
 //! with the disk's lock, once the calls in flight ended, taking nothing else
 //! meanwhile. The owner never waits on a host call that [hangs](HUNG_AFTER): such a
 //! disk answers from what its worker saw last and names the call ([`CallWatch`]), and
@@ -19,8 +20,9 @@
 //! refused or reported, not waited for.
 //! One disk's hang stops nothing but that disk.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -73,8 +75,15 @@ pub(crate) struct MmioSlot {
     disk: SharedDisk<Box<dyn Backend>>,
     /// Signalled (with the disk's lock) when its last call in flight ended.
     idle: Condvar,
-    /// Hands calls to the disk's I/O threads (started with the first call).
-    calls: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    /// The calls waiting for one of the disk's I/O threads (started with the first).
+    calls: Mutex<Calls>,
+    /// Signalled when a call is queued (one thread wakes) or the threads must end.
+    call_ready: Condvar,
+    /// Threads putting a completion in the used ring now; the last of them raises
+    /// the interrupt for all (see [`answer`]).
+    answering: AtomicUsize,
+    /// The used ring has entries the driver was not told about (transport lock).
+    unsignalled: AtomicBool,
     /// The disk's status when its lock was last released (shown while it is busy).
     last_status: Mutex<DiskStatus>,
     /// A replay's outcome and duration, once it finished (see `replay_apart`).
@@ -118,7 +127,10 @@ impl MmioSlot {
             base,
             disk: device.shared_disk(),
             idle: Condvar::new(),
-            calls: Mutex::new(None),
+            calls: Mutex::new(Calls::default()),
+            call_ready: Condvar::new(),
+            answering: AtomicUsize::new(0),
+            unsignalled: AtomicBool::new(false),
             transport: Mutex::new(MmioTransport::new(device)),
             last_status: Mutex::new(status),
             replay: Mutex::new(None),
@@ -664,6 +676,8 @@ fn run_job(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, job: Job) {
 /// Runs a call in flight (with no lock held), ends it on the disk and answers it.
 fn end_call(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, mut call: Call) {
     call.run();
+    // From here this completion counts for the shared interrupt (see `answer`).
+    slot.answering.fetch_add(1, Ordering::SeqCst);
     let outcome = {
         let mut disk = lock_disk(&slot.disk);
         let outcome = disk.end(call);
@@ -673,20 +687,32 @@ fn end_call(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, mut call: Ca
         }
         outcome
     };
-    answer(slot, mem, events, outcome);
+    answered(slot, mem, events, outcome);
 }
 
 /// Puts what the disk did with a request in the used ring (with an interrupt) and
-/// tells the owner about a host error.
+/// tells the owner about a host error. Completions that reach the used ring at the
+/// same time share one interrupt: the last thread to leave raises it for all.
 fn answer(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outcome) {
+    slot.answering.fetch_add(1, Ordering::SeqCst);
+    answered(slot, mem, events, outcome);
+}
+
+/// [`answer`], for a completion already counted in `answering` (an I/O thread
+/// counts its own from the moment its host call returned).
+fn answered(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outcome) {
     let mut run = QueueRun::default();
     {
         let mut t = slot.lock();
         let (device, queues) = t.device_and_queues();
         match device.finish(mem, &mut queues[0], &mut run, outcome) {
             Ok(0) => {}
-            Ok(_) => used_interrupt(slot, &mut t, mem),
+            Ok(_) => slot.unsignalled.store(true, Ordering::SeqCst),
             Err(e) => queue_broken(slot, &mut t, &e, events),
+        }
+        let last = slot.answering.fetch_sub(1, Ordering::SeqCst) == 1;
+        if last && slot.unsignalled.swap(false, Ordering::SeqCst) {
+            used_interrupt(slot, &mut t, mem);
         }
     }
     if let Some(report) = run.error {
@@ -698,45 +724,53 @@ fn answer(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outco
     }
 }
 
+/// The calls handed to a disk's I/O threads, in order.
+#[derive(Default)]
+struct Calls {
+    waiting: VecDeque<Job>,
+    /// The threads were started.
+    started: bool,
+    /// The worker ended: the threads run what is queued and end.
+    ending: bool,
+}
+
 impl MmioSlot {
-    /// Gives a call to the disk's I/O threads, starting them with the first; the
-    /// call back if none could start.
+    /// Gives a call to the disk's I/O threads (one wakes for it), starting them with
+    /// the first; the call back if none could start or they are ending.
     fn hand_over(
         self: &Arc<Self>,
         call: Job,
         mem: &GuestMemoryMmap,
         events: &Inbox,
     ) -> Result<(), Job> {
-        let mut calls = self
-            .calls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if calls.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let rx = Arc::new(Mutex::new(rx));
+        let mut calls = self.lock_calls();
+        if calls.ending {
+            return Err(call);
+        }
+        if !calls.started {
             let mut started = 0;
             for _ in 0..CALLS_PER_DISK {
-                let (slot, mem, events, rx) = (
-                    Arc::clone(self),
-                    mem.clone(),
-                    events.clone(),
-                    Arc::clone(&rx),
-                );
+                let (slot, mem, events) = (Arc::clone(self), mem.clone(), events.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("{WORKER_PREFIX}{}", self.id))
-                    .spawn(move || io_thread(&slot, &mem, &events, &rx));
+                    .spawn(move || io_thread(&slot, &mem, &events));
                 started += usize::from(spawned.is_ok());
             }
             if started == 0 {
                 return Err(call);
             }
-            *calls = Some(tx);
+            calls.started = true;
         }
-        match calls.as_ref().map(|tx| tx.send(call)) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(std::sync::mpsc::SendError(call))) => Err(call),
-            None => unreachable!("set above"),
-        }
+        calls.waiting.push_back(call);
+        drop(calls);
+        self.call_ready.notify_one();
+        Ok(())
+    }
+
+    fn lock_calls(&self) -> MutexGuard<'_, Calls> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs a job on the disk's I/O threads, or here if none could start.
@@ -748,30 +782,28 @@ impl MmioSlot {
 
     /// Lets the disk's I/O threads end once the calls they have are done.
     pub(crate) fn stop_io_threads(&self) {
-        *self
-            .calls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.lock_calls().ending = true;
+        self.call_ready.notify_all();
     }
 }
 
 /// One of a disk's I/O threads: runs the calls the worker hands over, one at a
-/// time, until the worker stops.
-fn io_thread(
-    slot: &MmioSlot,
-    mem: &GuestMemoryMmap,
-    events: &Inbox,
-    calls: &Mutex<std::sync::mpsc::Receiver<Job>>,
-) {
+/// time, until the worker ends.
+fn io_thread(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox) {
     let _serving = crate::logging::ServingDisk::new(&slot.id);
+    let mut calls = slot.lock_calls();
     loop {
-        let call = calls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .recv();
-        match call {
-            Ok(job) => run_job(slot, mem, events, job),
-            Err(_) => return,
+        if let Some(job) = calls.waiting.pop_front() {
+            drop(calls);
+            run_job(slot, mem, events, job);
+            calls = slot.lock_calls();
+        } else if calls.ending {
+            return;
+        } else {
+            calls = slot
+                .call_ready
+                .wait(calls)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
@@ -782,6 +814,7 @@ fn io_thread(
 /// waiting).
 fn used_interrupt(slot: &MmioSlot, t: &mut BlockTransport, mem: &GuestMemoryMmap) {
     let (_, queues) = t.device_and_queues();
+    slot.unsignalled.store(false, Ordering::SeqCst);
     if queues[0].needs_notification(mem).unwrap_or(true) {
         t.interrupt_status()
             .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
@@ -956,6 +989,42 @@ mod tests {
                 assert_eq!(avail_event, 3);
             }
         }
+    }
+
+    #[test]
+    fn completions_that_meet_in_the_used_ring_share_one_interrupt() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        let d = slot("d");
+        drive_flushes(&d, &mem, 0x20_0000, Broken::Not, 3);
+        // An I/O thread whose host call returned and that is on its way to the
+        // used ring: the worker's three completions leave the interrupt to it.
+        d.answering.fetch_add(1, Ordering::SeqCst);
+        serve(&d, &mem, &tx);
+        for i in 0..3u64 {
+            let status: u8 = mem
+                .read_obj(GuestAddress(0x20_0000 + 32 * i + 16))
+                .expect("status");
+            assert_eq!(status, 0, "FLUSH {i}");
+        }
+        assert_eq!(d.irq.read().unwrap_or(0), 0, "raised before the last left");
+        // It arrives with nothing of its own to add (a parked request): still, as the
+        // last one out, it raises the interrupt the others left to it, once.
+        let parked = Outcome {
+            completion: None,
+            error: None,
+        };
+        answered(&d, &mem, &tx, parked);
+        assert_eq!(d.irq.read().unwrap_or(0), 1);
+        let vring = d.lock().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
+        assert_ne!(vring, 0);
+        // Nothing left unsignalled: the next lone answer with nothing to add raises none.
+        let parked = Outcome {
+            completion: None,
+            error: None,
+        };
+        answer(&d, &mem, &tx, parked);
+        assert_eq!(d.irq.read().unwrap_or(0), 0);
     }
 
     #[test]
