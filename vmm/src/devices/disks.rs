@@ -944,6 +944,16 @@ mod tests {
         assert!(t.live());
     }
 
+    /// The `n` FLUSHes [`drive_flushes`] made at `at` completed OK.
+    fn assert_flushes_ok(mem: &GuestMemoryMmap, at: u64, n: u64, what: &str) {
+        for i in 0..n {
+            let status: u8 = mem
+                .read_obj(GuestAddress(at + 32 * i + 16))
+                .expect("status");
+            assert_eq!(status, 0, "{what}: FLUSH {i}");
+        }
+    }
+
     #[test]
     fn with_event_indexes_the_worker_interrupts_only_where_the_driver_asked() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
@@ -968,12 +978,7 @@ mod tests {
                     .expect("used_event");
             }
             serve(&d, &mem, &tx);
-            for i in 0..3u64 {
-                let status: u8 = mem
-                    .read_obj(GuestAddress(0x20_0000 + 32 * i + 16))
-                    .expect("status");
-                assert_eq!(status, 0, "used_event {used_event:?}: FLUSH {i}");
-            }
+            assert_flushes_ok(&mem, 0x20_0000, 3, &format!("used_event {used_event:?}"));
             assert_eq!(
                 d.irq.read().unwrap_or(0),
                 interrupts,
@@ -1001,12 +1006,7 @@ mod tests {
         // used ring: the worker's three completions leave the interrupt to it.
         d.answering.fetch_add(1, Ordering::SeqCst);
         serve(&d, &mem, &tx);
-        for i in 0..3u64 {
-            let status: u8 = mem
-                .read_obj(GuestAddress(0x20_0000 + 32 * i + 16))
-                .expect("status");
-            assert_eq!(status, 0, "FLUSH {i}");
-        }
+        assert_flushes_ok(&mem, 0x20_0000, 3, "");
         assert_eq!(d.irq.read().unwrap_or(0), 0, "raised before the last left");
         // It arrives with nothing of its own to add (a parked request): still, as the
         // last one out, it raises the interrupt the others left to it, once.
