@@ -711,7 +711,8 @@ fn answered(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Out
             Err(e) => queue_broken(slot, &mut t, &e, events),
         }
         let last = slot.answering.fetch_sub(1, Ordering::SeqCst) == 1;
-        if last && slot.unsignalled.swap(false, Ordering::SeqCst) {
+        // `used_interrupt` clears `unsignalled`.
+        if last && slot.unsignalled.load(Ordering::SeqCst) {
             used_interrupt(slot, &mut t, mem);
         }
     }
@@ -1010,20 +1011,16 @@ mod tests {
         assert_eq!(d.irq.read().unwrap_or(0), 0, "raised before the last left");
         // It arrives with nothing of its own to add (a parked request): still, as the
         // last one out, it raises the interrupt the others left to it, once.
-        let parked = Outcome {
+        let parked = || Outcome {
             completion: None,
             error: None,
         };
-        answered(&d, &mem, &tx, parked);
+        answered(&d, &mem, &tx, parked());
         assert_eq!(d.irq.read().unwrap_or(0), 1);
         let vring = d.lock().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
         assert_ne!(vring, 0);
         // Nothing left unsignalled: the next lone answer with nothing to add raises none.
-        let parked = Outcome {
-            completion: None,
-            error: None,
-        };
-        answer(&d, &mem, &tx, parked);
+        answer(&d, &mem, &tx, parked());
         assert_eq!(d.irq.read().unwrap_or(0), 0);
     }
 
