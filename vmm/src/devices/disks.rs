@@ -1270,6 +1270,15 @@ mod tests {
     /// completes OK and every write's bytes reach the host. Many rounds, to meet
     /// the threads' interleavings (a two-CPU test host once saw a guest's fio lose
     /// two jobs' results; this is the device's side of that).
+    /// A request of [`a_full_queue_of_writes_with_flushes_ahead_completes_every_request_ok`]:
+    /// its header's address, sector, data runs (none: a FLUSH) and the byte it writes.
+    struct Written {
+        head: u64,
+        sector: u64,
+        runs: Vec<(u64, u32)>,
+        byte: u8,
+    }
+
     #[test]
     fn a_full_queue_of_writes_with_flushes_ahead_completes_every_request_ok() {
         use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_OUT};
@@ -1292,8 +1301,7 @@ mod tests {
                 EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
                 EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
             ));
-            // (request header, sector, data runs or none for a FLUSH, byte written)
-            let mut requests: Vec<(u64, u64, Vec<(u64, u32)>, u8)> = Vec::new();
+            let mut requests: Vec<Written> = Vec::new();
             let mut head = at;
             for i in 0..SHORT + LONG + 2 {
                 let (sector, runs, byte) = if i == SHORT / 2 || i == SHORT + LONG + 1 {
@@ -1313,11 +1321,19 @@ mod tests {
                     let runs = vec![(data, 64 << 10), (data + (64 << 10), 64 << 10)];
                     (2048 + j * 512, runs, byte)
                 };
-                requests.push((head, sector, runs, byte));
+                requests.push(Written {
+                    head,
+                    sector,
+                    runs,
+                    byte,
+                });
                 head += 0x40;
             }
             let mut descs = Vec::new();
-            for (head, sector, runs, _) in &requests {
+            for Written {
+                head, sector, runs, ..
+            } in &requests
+            {
                 let kind = if runs.is_empty() {
                     VIRTIO_BLK_T_FLUSH
                 } else {
@@ -1348,11 +1364,20 @@ mod tests {
             let status =
                 |head: u64| -> u8 { mem.read_obj(GuestAddress(head + 16)).expect("status") };
             let until = Instant::now() + Duration::from_secs(10);
-            while requests.iter().any(|r| status(r.0) == 0xff) && Instant::now() < until {
+            while requests.iter().any(|r| status(r.head) == 0xff) && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(1));
             }
             let contents = stable.contents();
-            for (i, (head, sector, runs, byte)) in requests.iter().enumerate() {
+            for (
+                i,
+                Written {
+                    head,
+                    sector,
+                    runs,
+                    byte,
+                },
+            ) in requests.iter().enumerate()
+            {
                 assert_eq!(status(*head), 0, "round {round}: request {i}'s status");
                 let len: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
                 let start = (sector * 512) as usize;
