@@ -878,9 +878,42 @@ mod tests {
     }
 
     /// A driver's set-up, register by register, with one FLUSH request made
-    /// available in the device's queue, broken as `broken` says.
+    /// available in the device's queue (its status byte 0xff), broken as `broken` says.
     fn drive(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64, broken: Broken) {
         drive_flushes(slot, mem, at, broken, 1)
+    }
+
+    /// Writes a request at `head` (type `kind`, `sector`, status byte 0xff at
+    /// `head + 16`) and appends its descriptor chain to `descs`: the 16-byte header,
+    /// the data `runs` (readable; writable for a read), the status byte (writable).
+    fn push_chain(
+        mem: &GuestMemoryMmap,
+        descs: &mut Vec<RawDescriptor>,
+        head: u64,
+        kind: u32,
+        sector: u64,
+        runs: &[(u64, u32)],
+    ) {
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let data = if kind == VIRTIO_BLK_T_IN {
+            next | write
+        } else {
+            next
+        };
+        mem.write_obj(kind, GuestAddress(head)).expect("type");
+        mem.write_obj(sector, GuestAddress(head + 8))
+            .expect("sector");
+        mem.write_obj(0xffu8, GuestAddress(head + 16))
+            .expect("status");
+        let mut index = descs.len() as u16;
+        index += 1;
+        descs.push(RawDescriptor::from(Descriptor::new(head, 16, next, index)));
+        for &(addr, len) in runs {
+            index += 1;
+            descs.push(RawDescriptor::from(Descriptor::new(addr, len, data, index)));
+        }
+        descs.push(RawDescriptor::from(Descriptor::new(head + 16, 1, write, 0)));
     }
 
     /// As [`drive`], with `n` FLUSH requests, the i-th's status byte at
@@ -890,20 +923,7 @@ mod tests {
         let mut descs = Vec::new();
         for i in 0..n {
             let head = at + 32 * u64::from(i);
-            mem.write_obj(VIRTIO_BLK_T_FLUSH, GuestAddress(head))
-                .expect("header");
-            descs.push(RawDescriptor::from(Descriptor::new(
-                head,
-                16,
-                VRING_DESC_F_NEXT as u16,
-                2 * i + 1,
-            )));
-            descs.push(RawDescriptor::from(Descriptor::new(
-                head + 16,
-                1,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )));
+            push_chain(mem, &mut descs, head, VIRTIO_BLK_T_FLUSH, 0, &[]);
         }
         vq.add_desc_chains(&descs, 0).expect("chains");
         if broken == Broken::Head {
@@ -1084,7 +1104,6 @@ mod tests {
         assert_eq!(t.status(), 0);
     }
 
-    /// A slot whose disk has a fault point, as `holdfast run` makes them.
     /// A driver's set-up with FLUSH negotiated (write-back) and `n` reads of 4 KiB
     /// made available, the i-th of sector `8 * i` into `at + 0x2000 * i + 0x1000`,
     /// its status byte at `at + 0x2000 * i + 16`.
@@ -1094,27 +1113,15 @@ mod tests {
         let mut descs = Vec::new();
         for i in 0..n {
             let head = at + 0x2000 * u64::from(i);
-            mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(head))
-                .expect("type");
-            mem.write_obj(8 * u64::from(i), GuestAddress(head + 8))
-                .expect("sector");
-            mem.write_obj(0xffu8, GuestAddress(head + 16))
-                .expect("status");
-            let next = VRING_DESC_F_NEXT as u16;
-            let write = VRING_DESC_F_WRITE as u16;
-            descs.push(RawDescriptor::from(Descriptor::new(
+            let runs = [(head + 0x1000, 4096)];
+            push_chain(
+                mem,
+                &mut descs,
                 head,
-                16,
-                next,
-                3 * i + 1,
-            )));
-            descs.push(RawDescriptor::from(Descriptor::new(
-                head + 0x1000,
-                4096,
-                next | write,
-                3 * i + 2,
-            )));
-            descs.push(RawDescriptor::from(Descriptor::new(head + 16, 1, write, 0)));
+                VIRTIO_BLK_T_IN,
+                8 * u64::from(i),
+                &runs,
+            );
         }
         vq.add_desc_chains(&descs, 0).expect("chains");
         let queue = vq.create_queue::<Queue>().expect("queue");
@@ -1164,27 +1171,11 @@ mod tests {
     fn drive_writes(slot: &MmioSlot, mem: &GuestMemoryMmap, at: u64) {
         use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_OUT};
         let vq = MockSplitQueue::new(mem, 16);
-        let next = VRING_DESC_F_NEXT as u16;
-        let write = VRING_DESC_F_WRITE as u16;
         let data = at + 0x1_0000;
         let mut descs = Vec::new();
-        let mut index = 0u16;
-        let mut chain =
+        let chain =
             |head: u64, sector: u64, runs: &[(u64, u32)], descs: &mut Vec<RawDescriptor>| {
-                mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(head))
-                    .expect("type");
-                mem.write_obj(sector, GuestAddress(head + 8))
-                    .expect("sector");
-                mem.write_obj(0xffu8, GuestAddress(head + 16))
-                    .expect("status");
-                index += 1;
-                descs.push(RawDescriptor::from(Descriptor::new(head, 16, next, index)));
-                for &(addr, len) in runs {
-                    index += 1;
-                    descs.push(RawDescriptor::from(Descriptor::new(addr, len, next, index)));
-                }
-                index += 1;
-                descs.push(RawDescriptor::from(Descriptor::new(head + 16, 1, write, 0)));
+                push_chain(mem, descs, head, VIRTIO_BLK_T_OUT, sector, runs)
             };
         mem.write_slice(&[7u8; 128 << 10], GuestAddress(data))
             .expect("long write's bytes");
@@ -1264,12 +1255,6 @@ mod tests {
         assert!(stable.contents()[..128 << 10].iter().all(|&b| b == 7));
     }
 
-    /// A queue full of writes beside each other, short ones (copied) and long ones
-    /// (from guest memory), with guest FLUSHes among them, under a bound so small
-    /// that the disk flushes ahead and makes room all the time: every request
-    /// completes OK and every write's bytes reach the host. Many rounds, to meet
-    /// the threads' interleavings (a two-CPU test host once saw a guest's fio lose
-    /// two jobs' results; this is the device's side of that).
     /// A request of [`a_full_queue_of_writes_with_flushes_ahead_completes_every_request_ok`]:
     /// its header's address, sector, data runs (none: a FLUSH) and the byte it writes.
     struct Written {
@@ -1279,6 +1264,12 @@ mod tests {
         byte: u8,
     }
 
+    /// A queue full of writes beside each other, short ones (copied) and long ones
+    /// (from guest memory), with guest FLUSHes among them, under a bound so small
+    /// that the disk flushes ahead and makes room all the time: every request
+    /// completes OK and every write's bytes reach the host. Many rounds, to meet
+    /// the threads' interleavings (a two-CPU test host once saw a guest's fio lose
+    /// two jobs' results; this is the device's side of that).
     #[test]
     fn a_full_queue_of_writes_with_flushes_ahead_completes_every_request_ok() {
         use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_OUT};
@@ -1287,7 +1278,6 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("memory");
         let (tx, _rx) = channel();
         let at = 0x20_0000;
-        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
         for round in 0..40u64 {
             let stable = MemBackend::new(4 << 20);
             let config = DiskConfig {
@@ -1339,19 +1329,7 @@ mod tests {
                 } else {
                     VIRTIO_BLK_T_OUT
                 };
-                mem.write_obj(kind, GuestAddress(*head)).expect("type");
-                mem.write_obj(*sector, GuestAddress(head + 8))
-                    .expect("sector");
-                mem.write_obj(0xffu8, GuestAddress(head + 16))
-                    .expect("status");
-                let mut index = descs.len() as u16;
-                index += 1;
-                descs.push(RawDescriptor::from(Descriptor::new(*head, 16, next, index)));
-                for &(addr, len) in runs {
-                    index += 1;
-                    descs.push(RawDescriptor::from(Descriptor::new(addr, len, next, index)));
-                }
-                descs.push(RawDescriptor::from(Descriptor::new(head + 16, 1, write, 0)));
+                push_chain(&mem, &mut descs, *head, kind, *sector, runs);
             }
             let vq = MockSplitQueue::new(&mem, 256);
             vq.add_desc_chains(&descs, 0).expect("chains");
@@ -1397,6 +1375,7 @@ mod tests {
         }
     }
 
+    /// A slot whose disk has a fault point, as `holdfast run` makes them.
     fn faulty_slot(id: &str) -> (Arc<MmioSlot>, FaultHandle) {
         let injector = holdfast_block::FaultInjector::new(MemBackend::new(1 << 20));
         let faults = injector.handle();
@@ -1521,8 +1500,8 @@ mod tests {
         holder.join().expect("holder");
     }
 
-    /// The guest's FLUSH at 0x20_0000 fails on the host (status byte preset to 0xff,
-    /// not one the device writes): the disk stops, the FLUSH is parked, the owner is
+    /// The guest's FLUSH at 0x20_0000 fails on the host (its status byte preset to
+    /// 0xff by [`drive`], not one the device writes): the disk stops, the FLUSH is parked, the owner is
     /// told; then the storage comes back.
     fn stopped_on_a_failed_flush(
         slot: &Arc<MmioSlot>,
@@ -1534,8 +1513,6 @@ mod tests {
         use holdfast_block::{FaultOp, FaultRule, Trigger};
         faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
         drive(slot, mem, 0x20_0000, Broken::Not);
-        mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 16))
-            .expect("status");
         serve(slot, mem, tx);
         assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
         faults.clear_named("outage");
@@ -1677,10 +1654,6 @@ mod tests {
         let (slot, faults) = faulty_slot("data");
         faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("outage"));
         drive_flushes(&slot, &mem, 0x20_0000, Broken::Not, 3);
-        for i in 0..3 {
-            mem.write_obj(0xffu8, GuestAddress(0x20_0000 + 32 * i + 16))
-                .expect("status");
-        }
         serve(&slot, &mem, &tx);
         assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
         // The first is parked; the others stay in the available ring, untaken.
