@@ -657,6 +657,13 @@ fn keys(text: &str, prefix: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The check boot's disk options: a host I/O error reaches its guest (`report`)
+/// instead of pausing it (the default `stop`), so an image the host can no longer
+/// read (a host file system whose outage broke the image's extents, as QEMU's run
+/// of lab-real once left it) fails the check at once; with `stop` the check's VM
+/// paused with no one to `cont` it, and the check waited for its whole timeout.
+const VERIFY_DISK_OPTIONS: &str = ",werror=report,rerror=report";
+
 fn verify(
     plan: &Plan,
     guest: &LinuxGuest,
@@ -665,8 +672,14 @@ fn verify(
 ) -> Result<Found, String> {
     match &plan.verify {
         Verify::Boot(b) => {
-            let mut command =
-                holdfast_command(guest, &b.cmdline, disks, "", dir, "verify-holdfast.log")?;
+            let mut command = holdfast_command(
+                guest,
+                &b.cmdline,
+                disks,
+                VERIFY_DISK_OPTIONS,
+                dir,
+                "verify-holdfast.log",
+            )?;
             let mut child = Reap(
                 command
                     .spawn()
@@ -947,6 +960,47 @@ mod tests {
         rules(OutageKind::FlushEnospc);
         rules(OutageKind::WriteEio);
         assert!(outage_rules(OutageKind::FsDown).is_err());
+    }
+
+    #[test]
+    fn the_check_boot_reports_host_io_errors_to_its_guest() {
+        use holdfast_block::ErrorPolicy;
+        let dir = tempfile::tempdir().expect("dir");
+        let (kernel, image) = (dir.path().join("vmlinuz"), dir.path().join("disk.img"));
+        std::fs::write(&kernel, b"k").expect("kernel");
+        std::fs::write(&image, b"d").expect("image");
+        let guest = LinuxGuest {
+            kernel,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            memory: 256 << 20,
+            cpus: 1,
+            disks: vec![],
+        };
+        let disks = [("data".to_string(), image)];
+        let command = holdfast_command(
+            &guest,
+            "check",
+            &disks,
+            VERIFY_DISK_OPTIONS,
+            dir.path(),
+            "verify-holdfast.log",
+        )
+        .expect("command");
+        // The arguments as `holdfast run` parses them.
+        let args: Vec<String> = command
+            .get_args()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let opts = crate::cli::parse_run(&args)
+            .expect("parses")
+            .expect("not --help");
+        let config = &opts.disks[0].config;
+        assert_eq!(
+            (config.werror, config.rerror),
+            (ErrorPolicy::Report, ErrorPolicy::Report)
+        );
     }
 
     #[test]

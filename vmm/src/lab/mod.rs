@@ -110,7 +110,8 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
   verify      (Linux guests) what survived, after the run:
                 {"boot": {"cmdline": ..., "ok": TEXT, "have": PREFIX}}: boot the guest
                   again on the same disk with this command line (holdfast's own disk,
-                  no simulated cache: what reached the image, as after a host reboot);
+                  no simulated cache: what reached the image, as after a host reboot;
+                  werror=report,rerror=report: a host I/O error reaches the check);
                   it prints TEXT if its check passed and PREFIX KEY for every unit it
                   finds; "corrupt": PREFIX (optional) for every unit found damaged
                 {"host": {"command": [PROGRAM, ARGS...], "have": PREFIX}}: run on the
