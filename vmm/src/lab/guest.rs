@@ -726,6 +726,19 @@ fn verify(
                     );
                 }
                 if Instant::now() > deadline {
+                    // What it last said, and its holdfast's log: a check boot that
+                    // stops talking is otherwise a mystery once the run's files go
+                    // (inside a test host they do).
+                    let show = |what: &str, all: &str| {
+                        eprintln!("lab:   {what}");
+                        let lines: Vec<&str> = all.lines().collect();
+                        for l in &lines[lines.len().saturating_sub(8)..] {
+                            eprintln!("lab:     | {l}");
+                        }
+                    };
+                    show("the check boot timed out; its console's last lines:", &text);
+                    let log = std::fs::read_to_string(dir.join("verify-holdfast.log"));
+                    show("its holdfast's log's last lines:", &log.unwrap_or_default());
                     // Reap kills it when `child` goes.
                     return Ok(Found {
                         have: keys(&text, &b.have),
