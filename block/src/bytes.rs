@@ -80,6 +80,12 @@ pub fn kept_freed() -> usize {
     with_pool(|p| p.bytes)
 }
 
+/// The memory a write of `len` bytes takes in the unflushed buffer (its allocation,
+/// [`Bytes::allocation_len`]), for counting writes not copied yet.
+pub fn weight_of(len: u64) -> u64 {
+    usize::try_from(len).map_or(u64::MAX, |n| allocation_size(n) as u64)
+}
+
 /// The size an allocation for `len` bytes gets: its pool class when pooled.
 fn allocation_size(len: usize) -> usize {
     if len >= POOL_CLASS {

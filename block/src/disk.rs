@@ -26,9 +26,12 @@
 //! [`Disk::end`] takes the result back (a write enters the buffer then, so a flush
 //! covers exactly the writes completed before it). What cannot run beside others
 //! (a FLUSH, zeroes, a discard, a writethrough write, a write that needs room, a
-//! request overlapping a call in flight) comes back as [`Begun::Alone`], to be
-//! submitted once [`Disk::in_flight`] is 0; flushes, replays, detaching and settling
-//! need the disk alone. The engine tells its
+//! request that meets a call in flight where one of the two writes) comes back as
+//! [`Begun::Alone`], to be submitted once [`Disk::in_flight`] is 0; flushes,
+//! replays, detaching and settling need the disk alone. Ranges meet at the host's
+//! [granularity](Backend::granularity), not the guest's: with `O_DIRECT` a 512-byte
+//! write is a read-modify-write of a whole host block, and two of them in one block
+//! at once would each write back the other's old bytes. The engine tells its
 //! owner about host errors through [`Outcome::error`]; pausing the VM and sending
 //! events is the owner's job. The owner must not run vCPUs between a failed
 //! [`Disk::replay`] and a successful one: the parked requests have not completed.
@@ -387,14 +390,30 @@ pub struct Disk<B> {
     flush_poisoned: bool,
 }
 
-/// A call in flight: its request, its range, and the bytes a write will add to the
-/// buffer (counted against the bound before they are there).
+/// A call in flight: its range on the host, widened to the backend's
+/// [granularity](Backend::granularity), and for a write the memory its bytes will
+/// take in the buffer (counted against the bound before they are there).
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     id: u64,
     start: u64,
     end: u64,
     write: bool,
+    weight: u64,
+}
+
+impl InFlight {
+    /// Whether two calls may not run at once: their host ranges meet, and one writes.
+    fn conflicts(&self, start: u64, end: u64, write: bool) -> bool {
+        (self.write || write) && self.start < end && start < self.end
+    }
+}
+
+/// `[start, start + len)` widened to whole blocks of `granularity` bytes.
+fn widen(start: u64, len: u64, granularity: u64) -> (u64, u64) {
+    let g = granularity.max(1);
+    let end = start.saturating_add(len);
+    (start / g * g, end.div_ceil(g).saturating_mul(g))
 }
 
 impl<B: Backend> Disk<B> {
@@ -499,9 +518,11 @@ impl<B: Backend> Disk<B> {
     /// [`Disk::end`]; requests that touch no storage, or find the disk stopped, are
     /// done at once as [`Disk::submit`] does them. The rest (FLUSH, which must cover
     /// exactly the writes completed before it; zeroes, discards, writethrough
-    /// writes, a write that needs room; anything overlapping a call in flight, so
-    /// that the buffer and the host see overlapping writes in one order) need the
-    /// disk alone: [`Begun::Alone`], for [`Disk::submit`] once nothing is in flight.
+    /// writes, a write that needs room; a read or write that meets a call in flight
+    /// at the host's granularity, one of them a write, so that the buffer and the
+    /// host see such writes in one order and no read-modify-write of a host block
+    /// undoes another) need the disk alone: [`Begun::Alone`], for [`Disk::submit`]
+    /// once nothing is in flight.
     pub fn begin(&mut self, req: Request) -> Begun {
         let quick =
             self.stopped || req.op == RequestOp::GetId || self.guest_error(&req.op).is_some();
@@ -515,7 +536,7 @@ impl<B: Backend> Disk<B> {
         let Some((start, len)) = req.op.range() else {
             return Begun::Alone(req);
         };
-        if self.overlaps_a_call(start, len) {
+        if self.meets_a_call(start, len, !req.op.is_read()) {
             return Begun::Alone(req);
         }
         if let RequestOp::Read { offset, len } = req.op {
@@ -554,7 +575,7 @@ impl<B: Backend> Disk<B> {
             && self.config.writeback
             && !self.config.read_only
             && !self.bad_range(offset, len)
-            && !self.overlaps_a_call(offset, len)
+            && !self.meets_a_call(offset, len, true)
             && self.has_room_for(len);
         if !callable {
             return None;
@@ -568,27 +589,41 @@ impl<B: Backend> Disk<B> {
         Some(self.start_call(tag, kind, offset, len, io))
     }
 
-    /// A call in flight touches `[start, start + len)`.
-    fn overlaps_a_call(&self, start: u64, len: u64) -> bool {
-        let end = start + len;
+    /// A call in flight may not run beside one on `[start, start + len)` (a write if
+    /// `write`): their ranges, widened to the backend's granularity, meet, and one of
+    /// them writes (docs/durability.md, "Requests in flight"). Reads meet reads.
+    fn meets_a_call(&self, start: u64, len: u64, write: bool) -> bool {
+        let (start, end) = widen(start, len, self.backend.granularity());
         self.in_flight
             .iter()
-            .any(|c| c.start < end && start < c.end)
+            .any(|c| c.conflicts(start, end, write))
     }
 
-    /// A write of `len` bytes fits under the bound with the writes in flight.
+    /// A write of `len` bytes fits under the bound with the writes in flight, each
+    /// counted by the memory it will take in the buffer.
     fn has_room_for(&self, len: u64) -> bool {
         let room = self
             .config
             .unflushed_limit
             .saturating_sub(self.buffer.weight());
-        let coming: u64 = self
-            .in_flight
-            .iter()
-            .filter(|c| c.write)
-            .map(|c| c.end - c.start)
-            .sum();
-        coming + len <= room
+        let coming: u64 = self.in_flight.iter().map(|c| c.weight).sum();
+        coming + crate::bytes::weight_of(len) <= room
+    }
+
+    /// Checks the rule [`Disk::meets_a_call`] keeps, over every pair of calls in
+    /// flight (debug builds).
+    fn debug_check_in_flight(&self) {
+        if cfg!(debug_assertions) {
+            for (i, a) in self.in_flight.iter().enumerate() {
+                for b in &self.in_flight[i + 1..] {
+                    debug_assert!(
+                        !a.conflicts(b.start, b.end, b.write),
+                        "calls in flight meet at the host's granularity and one writes: \
+                         {a:?} and {b:?}"
+                    );
+                }
+            }
+        }
     }
 
     /// Counts a call in flight over `[start, start + len)` and hands it out.
@@ -600,17 +635,25 @@ impl<B: Backend> Disk<B> {
         len: u64,
         io: std::sync::Arc<dyn SharedIo>,
     ) -> Call {
+        let weight = match &kind {
+            CallKind::Write { data, .. } => data.allocation_len() as u64,
+            CallKind::WriteBorrowed { len, .. } => crate::bytes::weight_of(*len),
+            CallKind::Read { .. } | CallKind::Flush { .. } => 0,
+        };
         let write = matches!(
             kind,
             CallKind::Write { .. } | CallKind::WriteBorrowed { .. }
         );
+        let (start, end) = widen(start, len, self.backend.granularity());
         self.next_call += 1;
         self.in_flight.push(InFlight {
             id: self.next_call,
             start,
-            end: start + len,
+            end,
             write,
+            weight,
         });
+        self.debug_check_in_flight();
         let early_writeback =
             write && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
         Call {
@@ -715,6 +758,7 @@ impl<B: Backend> Disk<B> {
             start: 0,
             end: 0,
             write: false,
+            weight: 0,
         });
         Some(Call {
             id: self.next_call,
@@ -914,8 +958,8 @@ impl<B: Backend> Disk<B> {
                 })
             }
             RequestOp::Write { offset, data } => {
-                let len = data.len() as u64;
-                if let Err(e) = self.make_room(len) {
+                let weight = data.allocation_len() as u64;
+                if let Err(e) = self.make_room(weight) {
                     return Err(
                         self.no_room(Request::new(tag, RequestOp::Write { offset, data }), e)
                     );
@@ -927,7 +971,8 @@ impl<B: Backend> Disk<B> {
                 self.finish_write(tag)
             }
             RequestOp::WriteZeroes { offset, len, unmap } => {
-                if let Err(e) = self.make_room(0) {
+                // Zero extents count their length against the bound.
+                if let Err(e) = self.make_room(len) {
                     return Err(self.no_room(
                         Request::new(tag, RequestOp::WriteZeroes { offset, len, unmap }),
                         e,
@@ -965,7 +1010,8 @@ impl<B: Backend> Disk<B> {
         Ok(Completion::ok(tag))
     }
 
-    /// Keeps the buffer under its bound with flushes the guest does not see.
+    /// Keeps the buffer under its bound with flushes the guest does not see;
+    /// `incoming` is the memory the write will take in it.
     fn make_room(&mut self, incoming: u64) -> Result<(), HostError> {
         let mut tries = if self.config.keep_extra_flush { 2 } else { 1 };
         while tries > 0

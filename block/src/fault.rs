@@ -544,6 +544,10 @@ impl<B: Backend> Backend for FaultInjector<B> {
         self.inner.capabilities()
     }
 
+    fn granularity(&self) -> u64 {
+        self.inner.granularity()
+    }
+
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
         self.handle
             .check(HostOp::Read, Some((offset, buf.len() as u64)))?;

@@ -133,6 +133,10 @@ impl<B: Backend> Backend for Watched<B> {
         self.inner.capabilities()
     }
 
+    fn granularity(&self) -> u64 {
+        self.inner.granularity()
+    }
+
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
         let inner = &mut self.inner;
         self.watch.run(HostOp::Read, || inner.read_at(buf, offset))

@@ -263,11 +263,11 @@ fn options_survive_a_detach_and_an_attach() {
     for options in [
         FileOptions {
             direct: true,
-            read_only: false,
+            ..FileOptions::default()
         },
         FileOptions {
-            direct: false,
             read_only: true,
+            ..FileOptions::default()
         },
     ] {
         let mut r = rig_with(options);
@@ -304,9 +304,27 @@ fn settle_while_detached_says_what_it_drops() {
     empty.disk.settle().expect("nothing to settle");
 }
 
+/// Storage with no image to let go of (a backend that keeps `Backend`'s defaults).
+struct NoImage(MemBackend);
+
+impl Backend for NoImage {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
+        Backend::read_at(&mut self.0, buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError> {
+        Backend::write_at(&mut self.0, buf, offset)
+    }
+    fn flush(&mut self) -> Result<(), HostError> {
+        Backend::flush(&mut self.0)
+    }
+}
+
 #[test]
 fn a_backend_without_an_image_cannot_be_detached() {
-    let mut disk = Disk::new(MemBackend::new(SIZE as u64), DiskConfig::default());
+    let mut disk = Disk::new(NoImage(MemBackend::new(SIZE as u64)), DiskConfig::default());
     let before = disk.status();
     assert!(matches!(
         disk.detach(),

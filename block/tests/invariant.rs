@@ -199,7 +199,9 @@ impl Harness {
         let ok = c.status == Status::Ok;
         match w {
             Waiting::Write(id) => self.oracle.completed(id, ok),
-            Waiting::Flush(t) => self.oracle.flush_completed(t, ok),
+            Waiting::Flush(t) => {
+                self.oracle.flush_completed(t, ok);
+            }
             Waiting::Read(t) => {
                 if ok {
                     let bad = self.oracle.check_read(&t, &c.data);

@@ -31,7 +31,14 @@ Options:
                                                writeback (default): the host page cache,
                                                guest flushes become fdatasync;
                                                writethrough: every write is flushed;
-                                               none: O_DIRECT, write-back semantics
+                                               none: O_DIRECT, write-back semantics,
+                                               aligned as the host file system or
+                                               device asks (statx, else its logical
+                                               block size, else 4096)
+                         x-direct-align=N      with cache=none: align O_DIRECT calls
+                                               to N bytes (512 to 65536, a power of
+                                               two) instead, as 4K-native storage
+                                               would ask
                          werror=stop|report|ignore|enospc   host write/flush errors
                          rerror=stop|report|ignore|enospc   host read errors
                                                (default: stop for both)
@@ -122,6 +129,8 @@ pub struct DiskOpt {
     pub simulated: Option<HostModel>,
     /// `hang-timeout=N`: past it, an outstanding host call pauses the guest.
     pub hang_timeout: Option<std::time::Duration>,
+    /// `x-direct-align=N`: O_DIRECT's alignment, instead of what the host says.
+    pub direct_align: Option<u64>,
 }
 
 /// A parsed `holdfast run`.
@@ -268,6 +277,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     let mut config = DiskConfig::default();
     let mut simulated = None;
     let mut hang_timeout = None;
+    let mut direct_align = None;
     for part in spec.split(',') {
         let (key, v) = part
             .split_once('=')
@@ -301,6 +311,15 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             "serial" => config.serial = v.into(),
             "extra-flush" => config.keep_extra_flush = on_off(key, v)?,
             "hang-timeout" => hang_timeout = Some(seconds(key, v)?),
+            "x-direct-align" => {
+                let n = parse_size(v).map_err(|e| format!("x-direct-align: {e}"))?;
+                if !n.is_power_of_two() || !(512..=65536).contains(&n) {
+                    return Err(format!(
+                        "x-direct-align: `{v}` is not a power of two from 512 to 65536"
+                    ));
+                }
+                direct_align = Some(n);
+            }
             "x-host" => {
                 let model = v.strip_prefix("simulated:").ok_or(format!(
                     "x-host: `{v}` is not simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd)"
@@ -321,6 +340,9 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     if simulated.is_some() && direct {
         return Err("x-host=simulated:... has its own page cache: not with cache=none".into());
     }
+    if direct_align.is_some() && !direct {
+        return Err("x-direct-align: only with cache=none (O_DIRECT)".into());
+    }
     Ok(DiskOpt {
         id,
         path,
@@ -328,6 +350,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
         config,
         simulated,
         hang_timeout,
+        direct_align,
     })
 }
 

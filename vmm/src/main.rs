@@ -101,9 +101,19 @@ fn run(opts: RunOpts) -> ExitCode {
         let options = FileOptions {
             read_only: d.config.read_only,
             direct: d.direct,
+            direct_align: d.direct_align,
         };
         match FileBackend::open(&d.path, options) {
             Ok(f) => {
+                if let Some(a) = f.direct_align() {
+                    log::info!(
+                        "disk {}: O_DIRECT calls aligned to {} bytes{}; writes of less are \
+                         read-modify-writes, run one at a time per block",
+                        d.id,
+                        a.offset,
+                        if d.direct_align.is_some() { " (x-direct-align)" } else { "" }
+                    );
+                }
                 // Every disk has a fault-injection point (x-block-fault); with no rule
                 // armed it costs one uncontended lock per host call.
                 let (backend, faults, simulated) = match d.simulated {

@@ -5,7 +5,10 @@
 //! opened `O_DIRECT`: aligned transfers go to the host as they are (a guest write's
 //! [`crate::Bytes`], or guest memory itself, [`SharedIo::write_borrowed_at`]), the
 //! rest through an aligned bounce buffer, with read-modify-write at unaligned edges,
-//! so callers may still use any offset.
+//! so callers may still use any offset. The alignment is the one the file system or
+//! the device asks for ([`direct_alignment`]: 512 bytes on most disks, 4096 on
+//! 4K-native ones); it is the backend's [`Backend::granularity`], since two writes
+//! within one such block would each write back the other's old bytes.
 //!
 //! The backend can let go of its image ([`Backend::detach`]: the descriptor is
 //! closed, so the host file system can be unmounted and repaired) and take it back
@@ -23,21 +26,87 @@ use super::{write_zero_chunks, Backend, Capabilities, SharedIo};
 use crate::bytes::{Borrowed, Bytes};
 use crate::{HostError, HostOp};
 
-/// Alignment used for `O_DIRECT` transfers: safe for 512-byte and 4 KiB devices.
+/// `O_DIRECT`'s alignment where neither the file system nor the device says
+/// ([`direct_alignment`]): safe for 512-byte and 4 KiB devices. Bounce space is
+/// always aligned to at least this.
 pub const DIRECT_ALIGN: u64 = 4096;
+
+/// Largest `O_DIRECT` alignment holdfast takes ([`FileOptions::direct_align`]).
+pub const MAX_DIRECT_ALIGN: u64 = 64 << 10;
 
 /// Bounce space kept between `O_DIRECT` calls; a larger call's is freed after it.
 const BOUNCE_KEEP: usize = (1 << 20) + DIRECT_ALIGN as usize;
 
-/// An aligned window of `len` bytes in `bounce`, grown as needed; over-allocated by
-/// `DIRECT_ALIGN` so an aligned window always fits.
-fn aligned_window(bounce: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    let need = len + DIRECT_ALIGN as usize;
+/// A window of `len` bytes in `bounce` aligned to `align` (at least
+/// [`DIRECT_ALIGN`]), grown as needed; over-allocated so an aligned window always fits.
+fn aligned_window(bounce: &mut Vec<u8>, len: usize, align: u64) -> &mut [u8] {
+    let align = align.max(DIRECT_ALIGN) as usize;
+    let need = len + align;
     if bounce.len() < need {
         *bounce = vec![0; need];
     }
-    let skew = bounce.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    let skew = bounce.as_ptr().align_offset(align);
     &mut bounce[skew..skew + len]
+}
+
+/// What `O_DIRECT` calls on an image must be aligned to, in bytes (powers of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectAlign {
+    /// File offsets and lengths.
+    pub offset: u64,
+    /// Addresses in memory.
+    pub memory: u64,
+}
+
+impl DirectAlign {
+    fn uniform(align: u64) -> Self {
+        DirectAlign {
+            offset: align,
+            memory: align,
+        }
+    }
+}
+
+/// The alignment `O_DIRECT` calls on `file` need: what the file system says
+/// (`statx`'s `STATX_DIOALIGN`, Linux 6.1 and later for ext4 and XFS, 6.11 for block
+/// devices), else a block device's logical block size (`BLKSSZGET`), else
+/// [`DIRECT_ALIGN`].
+pub fn direct_alignment(file: &File) -> DirectAlign {
+    let fd = file.as_raw_fd();
+    // SAFETY: an all-zero statx is a valid value of the plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the call, the path is an empty C string (with
+    // AT_EMPTY_PATH: the descriptor itself), `stx` is writable and ours.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let valid = |a: u64| a.is_power_of_two() && a <= MAX_DIRECT_ALIGN;
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+        let offset = u64::from(stx.stx_dio_offset_align);
+        let memory = u64::from(stx.stx_dio_mem_align).max(1);
+        if valid(offset) && valid(memory) {
+            return DirectAlign { offset, memory };
+        }
+    }
+    let is_block = file.metadata().is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    if is_block {
+        let mut sector: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer, which is ours.
+        let r = unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut sector) };
+        if r == 0 && sector > 0 && valid(sector as u64) {
+            return DirectAlign::uniform(sector as u64);
+        }
+    }
+    DirectAlign::uniform(DIRECT_ALIGN)
 }
 
 /// How to open an image.
@@ -46,6 +115,10 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`).
     pub direct: bool,
+    /// With `direct`, align calls to this many bytes (a power of two, 512 to
+    /// [`MAX_DIRECT_ALIGN`]) instead of what the host says ([`direct_alignment`]):
+    /// to test 4K-native storage on a 512-byte disk.
+    pub direct_align: Option<u64>,
 }
 
 /// Why an image could not be opened.
@@ -63,8 +136,10 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
-    #[error("image {path} is {size} bytes, not a multiple of {DIRECT_ALIGN} as O_DIRECT needs")]
-    DirectUnaligned { path: PathBuf, size: u64 },
+    #[error("image {path} is {size} bytes, not a multiple of {align} as O_DIRECT needs there")]
+    DirectUnaligned { path: PathBuf, size: u64, align: u64 },
+    #[error("an O_DIRECT alignment of {0} bytes: it must be a power of two from 512 to {MAX_DIRECT_ALIGN}")]
+    BadDirectAlign(u64),
 }
 
 /// Why an image could not be taken back; the backend is left as it was (detached).
@@ -105,7 +180,8 @@ pub struct FileBackend {
     path: PathBuf,
     options: FileOptions,
     size: u64,
-    direct: bool,
+    /// `O_DIRECT`'s alignment, if the image is open so.
+    direct: Option<DirectAlign>,
     regular: bool,
     /// Reused bounce space for `O_DIRECT`; over-allocated by `DIRECT_ALIGN` so an
     /// aligned window always fits.
@@ -129,11 +205,22 @@ impl FileBackend {
                 path: path.to_owned(),
                 source,
             })?;
-        if options.direct && size % DIRECT_ALIGN != 0 {
-            return Err(OpenError::DirectUnaligned {
-                path: path.to_owned(),
-                size,
-            });
+        let direct = match (options.direct, options.direct_align) {
+            (false, _) => None,
+            (true, Some(a)) if !a.is_power_of_two() || !(512..=MAX_DIRECT_ALIGN).contains(&a) => {
+                return Err(OpenError::BadDirectAlign(a))
+            }
+            (true, Some(a)) => Some(DirectAlign::uniform(a)),
+            (true, None) => Some(direct_alignment(&file)),
+        };
+        if let Some(align) = direct {
+            if size % align.offset != 0 {
+                return Err(OpenError::DirectUnaligned {
+                    path: path.to_owned(),
+                    size,
+                    align: align.offset,
+                });
+            }
         }
         let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
         Ok(FileBackend {
@@ -141,13 +228,18 @@ impl FileBackend {
             path: path.to_owned(),
             options,
             size,
-            direct: options.direct,
+            direct,
             regular,
             bounce: Vec::new(),
         })
     }
 
     pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// `O_DIRECT`'s alignment, if the image is open so.
+    pub fn direct_align(&self) -> Option<DirectAlign> {
         self.direct
     }
 
@@ -218,18 +310,18 @@ impl FileBackend {
         }
     }
 
-    fn read_direct(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    fn read_direct(&mut self, align: DirectAlign, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // The image and the bounce space are distinct fields: no dup() of the
         // descriptor to satisfy the borrow checker.
         let file = self.file.as_ref().ok_or_else(detached)?;
-        read_direct(file, &mut self.bounce, buf, offset)?;
+        read_direct(file, align, &mut self.bounce, buf, offset)?;
         self.trim_bounce();
         Ok(())
     }
 
-    fn write_direct(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    fn write_direct(&mut self, align: DirectAlign, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         let file = self.file.as_ref().ok_or_else(detached)?;
-        let written = write_direct(file, &mut self.bounce, bufs, offset);
+        let written = write_direct(file, align, &mut self.bounce, bufs, offset);
         self.trim_bounce();
         written
     }
@@ -281,9 +373,15 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 /// An `O_DIRECT` read through the aligned bounce space `bounce`.
-fn read_direct(file: &File, bounce: &mut Vec<u8>, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let (start, end) = align_out(offset, buf.len() as u64);
-    let window = aligned_window(bounce, (end - start) as usize);
+fn read_direct(
+    file: &File,
+    align: DirectAlign,
+    bounce: &mut Vec<u8>,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<()> {
+    let (start, end) = align_out(offset, buf.len() as u64, align.offset);
+    let window = aligned_window(bounce, (end - start) as usize, align.memory);
     read_plain(file, window, start)?;
     let skip = (offset - start) as usize;
     buf.copy_from_slice(&window[skip..skip + buf.len()]);
@@ -292,27 +390,35 @@ fn read_direct(file: &File, bounce: &mut Vec<u8>, buf: &mut [u8], offset: u64) -
 
 /// An `O_DIRECT` write: straight from the caller's bytes when they are one aligned
 /// run (a guest write's [`crate::Bytes`] of whole blocks), else through the aligned
-/// bounce space `bounce`.
-fn write_direct(file: &File, bounce: &mut Vec<u8>, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+/// bounce space `bounce`. A write that does not cover whole blocks reads and writes
+/// back its edge blocks: the caller must not run another call on those blocks
+/// meanwhile ([`Backend::granularity`]).
+fn write_direct(
+    file: &File,
+    align: DirectAlign,
+    bounce: &mut Vec<u8>,
+    bufs: &[&[u8]],
+    offset: u64,
+) -> io::Result<()> {
     let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
     if len == 0 {
         return Ok(());
     }
     if let [one] = bufs {
-        if (one.as_ptr() as u64 | offset | len) % DIRECT_ALIGN == 0 {
+        if (offset | len) % align.offset == 0 && one.as_ptr() as u64 % align.memory == 0 {
             return file.write_all_at(one, offset);
         }
     }
-    let (start, end) = align_out(offset, len);
-    let window = aligned_window(bounce, (end - start) as usize);
+    let (start, end) = align_out(offset, len, align.offset);
+    let window = aligned_window(bounce, (end - start) as usize, align.memory);
     // Read-modify-write only the edge blocks the caller does not cover.
-    let block = DIRECT_ALIGN as usize;
+    let block = align.offset as usize;
     if offset != start {
         read_plain(file, &mut window[..block], start)?;
     }
-    if offset + len != end && (end - start > DIRECT_ALIGN || offset == start) {
+    if offset + len != end && (end - start > align.offset || offset == start) {
         let w = window.len();
-        read_plain(file, &mut window[w - block..], end - DIRECT_ALIGN)?;
+        read_plain(file, &mut window[w - block..], end - align.offset)?;
     }
     let mut at = (offset - start) as usize;
     for b in bufs {
@@ -388,7 +494,7 @@ const IOV_MAX: usize = 1024;
 #[derive(Debug)]
 struct FileIo {
     file: Arc<File>,
-    direct: bool,
+    direct: Option<DirectAlign>,
     regular: bool,
 }
 
@@ -410,8 +516,8 @@ fn with_bounce<T>(call: impl FnOnce(&mut Vec<u8>) -> T) -> T {
 
 impl SharedIo for FileIo {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
-        let r = if self.direct {
-            with_bounce(|bounce| read_direct(&self.file, bounce, buf, offset))
+        let r = if let Some(align) = self.direct {
+            with_bounce(|bounce| read_direct(&self.file, align, bounce, buf, offset))
         } else {
             read_plain(&self.file, buf, offset)
         };
@@ -419,8 +525,8 @@ impl SharedIo for FileIo {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), HostError> {
-        let r = if self.direct {
-            with_bounce(|bounce| write_direct(&self.file, bounce, &[buf], offset))
+        let r = if let Some(align) = self.direct {
+            with_bounce(|bounce| write_direct(&self.file, align, bounce, &[buf], offset))
         } else {
             self.file.write_all_at(buf, offset)
         };
@@ -428,14 +534,14 @@ impl SharedIo for FileIo {
     }
 
     fn write_borrowed_at(&self, src: &[Borrowed], offset: u64) -> Result<(), HostError> {
-        let aligned = || {
-            offset % DIRECT_ALIGN == 0
-                && src
-                    .iter()
-                    .all(|b| (b.as_ptr() as u64 | b.len() as u64) % DIRECT_ALIGN == 0)
-        };
-        if self.direct && !aligned() {
-            return self.write_at(&Bytes::copy_of(src), offset);
+        if let Some(align) = self.direct {
+            let aligned = offset % align.offset == 0
+                && src.iter().all(|b| {
+                    b.as_ptr() as u64 % align.memory == 0 && b.len() as u64 % align.offset == 0
+                });
+            if !aligned {
+                return self.write_at(&Bytes::copy_of(src), offset);
+            }
         }
         write_borrowed(&self.file, src, offset).map_err(|e| HostError::from_io(HostOp::Write, &e))
     }
@@ -447,7 +553,7 @@ impl SharedIo for FileIo {
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
-        if !self.direct && self.regular {
+        if self.direct.is_none() && self.regular {
             start_writeback(&self.file, offset, len);
         }
     }
@@ -458,10 +564,10 @@ fn detached() -> io::Error {
     io::Error::from_raw_os_error(libc::ENOMEDIUM)
 }
 
-/// The smallest `DIRECT_ALIGN`-aligned range covering `[offset, offset + len)`.
-fn align_out(offset: u64, len: u64) -> (u64, u64) {
-    let start = offset / DIRECT_ALIGN * DIRECT_ALIGN;
-    let end = (offset + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+/// The smallest `align`-aligned range covering `[offset, offset + len)`.
+fn align_out(offset: u64, len: u64, align: u64) -> (u64, u64) {
+    let start = offset / align * align;
+    let end = (offset + len).div_ceil(align) * align;
     (start, end)
 }
 
@@ -484,9 +590,13 @@ impl Backend for FileBackend {
         }
     }
 
+    fn granularity(&self) -> u64 {
+        self.direct.map_or(1, |a| a.offset)
+    }
+
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
-        let r = if self.direct {
-            self.read_direct(buf, offset)
+        let r = if let Some(align) = self.direct {
+            self.read_direct(align, buf, offset)
         } else {
             self.file().and_then(|f| read_plain(f, buf, offset))
         };
@@ -494,8 +604,8 @@ impl Backend for FileBackend {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), HostError> {
-        let r = if self.direct {
-            self.write_direct(&[buf], offset)
+        let r = if let Some(align) = self.direct {
+            self.write_direct(align, &[buf], offset)
         } else {
             self.file().and_then(|f| f.write_all_at(buf, offset))
         };
@@ -503,8 +613,8 @@ impl Backend for FileBackend {
     }
 
     fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> Result<(), HostError> {
-        let r = if self.direct {
-            self.write_direct(bufs, offset)
+        let r = if let Some(align) = self.direct {
+            self.write_direct(align, bufs, offset)
         } else {
             self.write_vectored_plain(bufs, offset)
         };
@@ -528,14 +638,16 @@ impl Backend for FileBackend {
 
     fn start_writeback(&mut self, offset: u64, len: u64) {
         let Some(file) = &self.file else { return };
-        if !self.direct && self.regular {
+        if self.direct.is_none() && self.regular {
             start_writeback(file, offset, len);
         }
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
-        if self.regular && !(self.direct && (offset % DIRECT_ALIGN != 0 || len % DIRECT_ALIGN != 0))
-        {
+        let unaligned = self
+            .direct
+            .is_some_and(|a| (offset | len) % a.offset != 0);
+        if self.regular && !unaligned {
             let mode = if unmap {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
@@ -695,14 +807,21 @@ mod tests {
     fn direct_round_trip() {
         round_trip(FileOptions {
             direct: true,
-            read_only: false,
+            ..FileOptions::default()
+        });
+        // As on 4K-native storage: 512-byte edges are read-modify-writes.
+        round_trip(FileOptions {
+            direct: true,
+            direct_align: Some(4096),
+            ..FileOptions::default()
         });
     }
 
     fn open_direct(path: &Path) -> FileBackend {
         let options = FileOptions {
             direct: true,
-            read_only: false,
+            direct_align: Some(4096),
+            ..FileOptions::default()
         };
         FileBackend::open(path, options).expect("open O_DIRECT")
     }
@@ -731,7 +850,8 @@ mod tests {
             let (_dir, path) = image(1 << 20);
             let options = FileOptions {
                 direct,
-                read_only: false,
+                direct_align: direct.then_some(4096),
+                ..FileOptions::default()
             };
             let b = FileBackend::open(&path, options).expect("open");
             let io = b.shared_io().expect("shared calls");
@@ -834,7 +954,7 @@ mod tests {
             &path,
             FileOptions {
                 read_only: true,
-                direct: false,
+                ..FileOptions::default()
             },
         )
         .expect("open");
@@ -850,7 +970,7 @@ mod tests {
             &path,
             FileOptions {
                 direct: true,
-                read_only: false,
+                ..FileOptions::default()
             },
         )
         .expect_err("unaligned");

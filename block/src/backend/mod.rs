@@ -64,6 +64,17 @@ pub trait Backend: Send {
         Capabilities::default()
     }
 
+    /// The granularity at which this backend's calls meet, in bytes (a power of two):
+    /// two calls whose ranges, widened to it, do not meet never disturb each other;
+    /// two that do may, if one writes. 1 for storage that merges neighbouring writes
+    /// itself (a buffered file: the host page cache); a direct file's `O_DIRECT`
+    /// alignment, where a write of less is a read-modify-write of whole blocks. The
+    /// disk widens ranges by it before it lets calls run beside each other
+    /// ([`crate::Disk::begin`]).
+    fn granularity(&self) -> u64 {
+        1
+    }
+
     /// Fills `buf` from `offset`; bytes past the end of the host image read as zero.
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError>;
 
@@ -161,6 +172,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn capabilities(&self) -> Capabilities {
         (**self).capabilities()
+    }
+    fn granularity(&self) -> u64 {
+        (**self).granularity()
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), HostError> {
         (**self).read_at(buf, offset)

@@ -89,13 +89,26 @@ impl Oracle {
 
     /// The bytes write `id` puts at `offset` (0 for zero writes).
     pub fn byte(id: WriteId, offset: u64) -> u8 {
+        Self::word(id, offset / 8)[(offset % 8) as usize]
+    }
+
+    /// The 8 bytes write `id` puts at `8 * index`.
+    fn word(id: WriteId, index: u64) -> [u8; 8] {
         if id == 0 {
-            return 0;
+            return [0; 8];
         }
-        let x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ (offset / 8).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         let x = x ^ (x >> 31);
-        x.wrapping_mul(0xD6E8_FEB8_6659_FD93).to_le_bytes()[(offset % 8) as usize]
+        x.wrapping_mul(0xD6E8_FEB8_6659_FD93).to_le_bytes()
+    }
+
+    /// Fills `buf` with what write `id` puts at `offset` (sector-aligned).
+    pub fn fill(id: WriteId, offset: u64, buf: &mut [u8]) {
+        debug_assert_eq!(offset % 8, 0);
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            let w = Self::word(id, offset / 8 + i as u64);
+            chunk.copy_from_slice(&w[..chunk.len()]);
+        }
     }
 
     fn submit(&mut self, offset: u64, len: u64, content: Content) -> WriteId {
@@ -120,10 +133,9 @@ impl Oracle {
     /// A guest write of generated content; returns its id and its bytes.
     pub fn write(&mut self, offset: u64, len: u64) -> (WriteId, Vec<u8>) {
         let id = self.submit(offset, len, Content::Pattern);
-        (
-            id,
-            (offset..offset + len).map(|o| Self::byte(id, o)).collect(),
-        )
+        let mut data = vec![0; len as usize];
+        Self::fill(id, offset, &mut data);
+        (id, data)
     }
 
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> WriteId {
@@ -145,10 +157,12 @@ impl Oracle {
         }
     }
 
-    /// A flush completed; `S_OK` acks every write submitted before it that completed `S_OK`.
-    pub fn flush_completed(&mut self, ticket: FlushTicket, ok: bool) {
+    /// A flush completed; `S_OK` acks every write submitted before it that completed
+    /// `S_OK`. Returns the byte ranges `(offset, len)` of the writes it acked.
+    pub fn flush_completed(&mut self, ticket: FlushTicket, ok: bool) -> Vec<(u64, u64)> {
+        let mut newly = Vec::new();
         if !ok {
-            return;
+            return newly;
         }
         for id in 1..=ticket.writes_before {
             let w = &mut self.writes[id as usize - 1];
@@ -160,11 +174,13 @@ impl Oracle {
                 self.acked_writes += 1;
             }
             let (offset, len) = (w.offset, w.len);
+            newly.push((offset, len));
             for s in offset / SECTOR..(offset + len) / SECTOR {
                 let a = &mut self.acked[s as usize];
                 *a = (*a).max(id);
             }
         }
+        newly
     }
 
     /// Acked writes so far (discards not counted).
@@ -217,9 +233,9 @@ impl Oracle {
         {
             None | Some(Content::Zeroes) => got.iter().all(|&b| b == 0),
             Some(Content::Pattern) => got
-                .iter()
+                .chunks(8)
                 .enumerate()
-                .all(|(i, &b)| b == Self::byte(id, base + i as u64)),
+                .all(|(i, c)| c == &Self::word(id, base / 8 + i as u64)[..c.len()]),
             Some(Content::Unspecified) => true,
         }
     }
@@ -227,23 +243,36 @@ impl Oracle {
     /// Checks stable storage (the whole disk image) against every acked write;
     /// returns the sectors that lost their acked content.
     pub fn check_stable(&self, stable: &[u8]) -> Vec<Mismatch> {
+        self.check_stable_sectors(0..self.acked.len() as u64, |s, buf| {
+            let at = (s * SECTOR) as usize;
+            buf.copy_from_slice(&stable[at..at + SECTOR as usize]);
+        })
+    }
+
+    /// As [`Oracle::check_stable`], for the given sectors only; `read(sector, buf)`
+    /// fills `buf` with the sector's stable bytes.
+    pub fn check_stable_sectors(
+        &self,
+        sectors: impl IntoIterator<Item = u64>,
+        mut read: impl FnMut(u64, &mut [u8]),
+    ) -> Vec<Mismatch> {
         let mut bad = Vec::new();
-        for (s, &acked) in self.acked.iter().enumerate() {
+        let mut got = [0u8; SECTOR as usize];
+        for sector in sectors {
+            let s = sector as usize;
+            let acked = self.acked[s];
             if acked == 0 {
                 continue;
             }
-            let sector = s as u64;
-            let got = &stable[s * SECTOR as usize..(s + 1) * SECTOR as usize];
-            let candidates = self.history[s].iter().copied().filter(|&id| id >= acked);
-            let mut matched = false;
-            for id in candidates {
-                if self.writes[id as usize - 1].content == Content::Unspecified
-                    || self.sector_is(id, sector, got)
-                {
-                    matched = true;
-                    break;
-                }
-            }
+            read(sector, &mut got);
+            let matched = self.history[s]
+                .iter()
+                .copied()
+                .filter(|&id| id >= acked)
+                .any(|id| {
+                    self.writes[id as usize - 1].content == Content::Unspecified
+                        || self.sector_is(id, sector, &got)
+                });
             if !matched {
                 bad.push(Mismatch {
                     sector,
