@@ -461,7 +461,11 @@ mod tests {
             .all(|&x| x == 7));
         assert_eq!(&got[(1 << 20) - 488..], &big[(1 << 20) - 488..]);
         assert_eq!(b.bytes(), 1 << 20);
-        assert_eq!(b.weight(), (1 << 20) + 512, "a write adds its own weight, no more");
+        assert_eq!(
+            b.weight(),
+            (1 << 20) + 512,
+            "a write adds its own weight, no more"
+        );
         // Overwrite all but a short piece of the large write: the two short pieces
         // left are copied and the large allocation no longer counts (nor stays alive).
         b.insert(4096 + 100, bytes(&vec![9; (1 << 20) - 1100]));

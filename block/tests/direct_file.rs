@@ -16,8 +16,8 @@ fn run_as_the_worker(disk: &mut Disk<FileBackend>, requests: Vec<Request>) -> Ve
     let mut done = Vec::new();
     let mut running: Vec<std::thread::JoinHandle<Call>> = Vec::new();
     let end_all = |disk: &mut Disk<FileBackend>,
-                       running: &mut Vec<std::thread::JoinHandle<Call>>,
-                       done: &mut Vec<Completion>| {
+                   running: &mut Vec<std::thread::JoinHandle<Call>>,
+                   done: &mut Vec<Completion>| {
         for t in running.drain(..) {
             let call = t.join().expect("call thread");
             done.extend(disk.end(call).completion);
@@ -89,7 +89,11 @@ fn neighbouring_sectors_of_one_host_block_both_reach_the_image() {
     assert!(completions.iter().all(|c| c.status == Status::Ok));
     let flushed = disk.submit(Request::new(u64::MAX, RequestOp::Flush));
     assert_eq!(flushed.completion.expect("flushed").status, Status::Ok);
-    assert_eq!(disk.status().buffer.bytes, 0, "the flush released the buffer");
+    assert_eq!(
+        disk.status().buffer.bytes,
+        0,
+        "the flush released the buffer"
+    );
     drop_cache(&path);
     let f = std::fs::File::open(&path).expect("open");
     let mut lost = Vec::new();
@@ -118,7 +122,11 @@ fn the_granularity_is_the_hosts() {
     let dir = tempfile::tempdir().expect("dir");
     let path = image(dir.path());
     let buffered = FileBackend::open(&path, FileOptions::default()).expect("open");
-    assert_eq!(buffered.granularity(), 1, "the page cache merges neighbours");
+    assert_eq!(
+        buffered.granularity(),
+        1,
+        "the page cache merges neighbours"
+    );
     let direct = FileOptions {
         direct: true,
         ..FileOptions::default()

@@ -85,10 +85,7 @@ impl Recorded {
         let g = self.inner.granularity();
         let start = offset / g * g;
         let end = (offset + len).div_ceil(g) * g;
-        self.written
-            .lock()
-            .expect("log")
-            .push((start, end - start));
+        self.written.lock().expect("log").push((start, end - start));
     }
 }
 
@@ -744,7 +741,11 @@ impl Harness {
                 break;
             }
         }
-        prop_assert_eq!(flushed_ok, 2, "the disk did not recover once the host healed");
+        prop_assert_eq!(
+            flushed_ok,
+            2,
+            "the disk did not recover once the host healed"
+        );
         self.quiesce()?;
         prop_assert!(
             self.waiting.is_empty(),
@@ -755,7 +756,11 @@ impl Harness {
             c.evict();
         }
         let bad = self.oracle.check_stable(&self.stable.contents());
-        prop_assert!(bad.is_empty(), "acked writes not stable at the end: {:?}", bad);
+        prop_assert!(
+            bad.is_empty(),
+            "acked writes not stable at the end: {:?}",
+            bad
+        );
         let t = self.oracle.read_submitted(0, SIZE);
         let c = self.disk.submit(Request::new(
             u64::MAX,
@@ -817,7 +822,11 @@ schedules!(
     4
 );
 schedules!(on_the_btrfs_page_cache, Host::Cache(HostModel::Btrfs), 4);
-schedules!(on_the_freebsd_page_cache, Host::Cache(HostModel::FreeBsd), 4);
+schedules!(
+    on_the_freebsd_page_cache,
+    Host::Cache(HostModel::FreeBsd),
+    4
+);
 
 /// The failure this test exists for, as a fixed schedule: on 4 KiB blocks, two
 /// writes to neighbouring sectors, the second's host call run inside the first's

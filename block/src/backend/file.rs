@@ -137,7 +137,11 @@ pub enum OpenError {
         source: io::Error,
     },
     #[error("image {path} is {size} bytes, not a multiple of {align} as O_DIRECT needs there")]
-    DirectUnaligned { path: PathBuf, size: u64, align: u64 },
+    DirectUnaligned {
+        path: PathBuf,
+        size: u64,
+        align: u64,
+    },
     #[error("an O_DIRECT alignment of {0} bytes: it must be a power of two from 512 to {MAX_DIRECT_ALIGN}")]
     BadDirectAlign(u64),
 }
@@ -644,9 +648,7 @@ impl Backend for FileBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
-        let unaligned = self
-            .direct
-            .is_some_and(|a| (offset | len) % a.offset != 0);
+        let unaligned = self.direct.is_some_and(|a| (offset | len) % a.offset != 0);
         if self.regular && !unaligned {
             let mode = if unmap {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE

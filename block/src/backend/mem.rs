@@ -224,7 +224,10 @@ mod tests {
         paused.write(&[1; 512], 0);
         let bytes = disk.contents();
         assert!(bytes[..512].iter().all(|&b| b == 1));
-        assert!(bytes[512..1024].iter().all(|&b| b == 0), "the neighbour's write was lost");
+        assert!(
+            bytes[512..1024].iter().all(|&b| b == 0),
+            "the neighbour's write was lost"
+        );
         assert!(*lock(&ran));
         // Whole blocks are written as they are.
         paused.write(&[3; 4096], 4096);
