@@ -233,6 +233,22 @@ impl Call {
         }
     }
 
+    /// Writes a [`Disk::begin_borrowed_write`] call's bytes again, from the copy the
+    /// buffer keeps ([`Call::supply`]), once its host write ran: for when the guest
+    /// may have changed them while that write read them (it reset the device, and
+    /// so may reuse the memory), so that the host holds what the buffer holds.
+    pub fn rerun_from_copy(&mut self) {
+        if let CallKind::WriteBorrowed {
+            offset,
+            data: Some(data),
+            ..
+        } = &self.kind
+        {
+            let written = self.io.write_at(data, *offset);
+            self.result = Some(self.written(written));
+        }
+    }
+
     /// A write's result; starts its write-back when the disk asked for that.
     fn written(&self, written: Result<(), HostError>) -> Result<Vec<u8>, HostError> {
         if written.is_ok() && self.early_writeback {

@@ -83,6 +83,9 @@ pub struct DiskSpec {
     pub watch: holdfast_block::CallWatch,
     /// A host call outstanding longer than this pauses the VM (`hang-timeout=N`).
     pub hang_timeout: Option<std::time::Duration>,
+    /// Host calls the disk runs beside each other at most: its I/O threads
+    /// ([`crate::devices::disks::CALLS_PER_DISK`]; fuzzing uses fewer).
+    pub io_threads: usize,
 }
 
 impl DiskSpec {
@@ -105,6 +108,7 @@ impl DiskSpec {
             simulated: None,
             watch,
             hang_timeout: None,
+            io_threads: crate::devices::disks::CALLS_PER_DISK,
         }
     }
 }
@@ -144,6 +148,8 @@ pub struct Vm {
     /// Each disk's I/O worker.
     workers: Vec<JoinHandle<()>>,
     workers_stop: Arc<EventFd>,
+    /// What the owner's settling reported dropped (`X_UNFLUSHED_DROPPED`).
+    reported_dropped: Vec<Dropped>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -296,6 +302,7 @@ impl Vm {
             events_tx,
             workers,
             workers_stop,
+            reported_dropped: Vec::new(),
         })
     }
 
@@ -307,6 +314,13 @@ impl Vm {
     /// The VM's clock (what kvmclock shows the guest), in nanoseconds.
     pub fn clock_ns(&self) -> Option<u64> {
         self.vm.get_clock().ok().map(|c| c.clock)
+    }
+
+    /// What the owner reported dropped when it settled the disks at the end
+    /// (`X_UNFLUSHED_DROPPED`): holdfast exits 1 then, even if a hung call returned
+    /// later and [`Vm::shutdown`] could write them after all.
+    pub fn reported_dropped(&self) -> &[Dropped] {
+        &self.reported_dropped
     }
 
     /// Guest memory (the host's view of it).
@@ -370,14 +384,10 @@ impl Lifecycle for Vm {
     }
 
     fn resume(&mut self, clock: SavedClock) -> Result<Vec<Replayed>, ResumeFailure> {
-        // A detached disk, or one in a host call that hangs, refuses before anything
-        // is replayed, so nothing changes.
+        // A detached disk, or one with a host call or a replay that hangs, refuses
+        // before anything is replayed, so nothing changes.
         for slot in &self.slots {
-            if slot.detached()? {
-                return Err(ResumeFailure::Detached {
-                    disk: slot.id.clone(),
-                });
-            }
+            slot.ready()?;
         }
         let mut replayed = Vec::new();
         for slot in &self.slots {
@@ -394,10 +404,15 @@ impl Lifecycle for Vm {
     }
 
     fn settle(&mut self) -> Vec<Dropped> {
-        self.slots
+        // As long as the disks' host calls return (a long replay too); a call that
+        // hangs is reported, not waited for.
+        let dropped: Vec<Dropped> = self
+            .slots
             .iter()
-            .filter_map(|s| s.settle(HUNG_AFTER, false))
-            .collect()
+            .filter_map(|s| s.settle_at_the_end())
+            .collect();
+        self.reported_dropped.extend(dropped.iter().cloned());
+        dropped
     }
 
     fn disks(&self) -> Vec<DiskInfo> {

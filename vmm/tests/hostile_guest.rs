@@ -244,6 +244,7 @@ fn disk(id: &str) -> DiskSpec {
         simulated: None,
         watch: Default::default(),
         hang_timeout: None,
+        io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
     }
 }
 

@@ -222,6 +222,7 @@ fn spec(id: &str, path: &std::path::Path) -> (DiskSpec, FaultHandle) {
         simulated: None,
         watch: Default::default(),
         hang_timeout: None,
+        io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
     };
     (spec, faults)
 }

@@ -1,10 +1,16 @@
-//! The virtio-blk frontend driven through real split virtqueues in test memory
-//! (virtio-queue's mock), over the holdfast disk engine. No KVM.
+//! The virtio-blk disk driven through real split virtqueues in test memory
+//! (virtio-queue's mock): its virtio-mmio transport, the disk's worker and its I/O
+//! threads ([`serve`], as `holdfast run` has them), over the holdfast disk engine.
+//! No KVM.
 
+mod common;
+
+use common::rig::Rig;
 use holdfast_block::{
     Disk, DiskConfig, ErrorPolicy, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend,
     Trigger,
 };
+use holdfast_vmm::owner::{Input, ResumeFailure};
 use holdfast_vmm::virtio::block::{BlockDevice, QUEUE_SIZE};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{
@@ -28,13 +34,18 @@ fn memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
 }
 
-fn device(config: DiskConfig) -> (Dev, MemBackend, FaultHandle) {
+/// A device alone, to look at what it offers (nothing served).
+fn device(config: DiskConfig) -> Dev {
+    BlockDevice::new(Disk::new(
+        FaultInjector::new(MemBackend::new(DISK_SIZE)),
+        config,
+    ))
+}
+
+fn rig(config: DiskConfig) -> (Rig, MemBackend, FaultHandle) {
     let disk = MemBackend::new(DISK_SIZE);
-    let injector = FaultInjector::new(disk.clone());
-    let faults = injector.handle();
-    let mut dev = BlockDevice::new(Disk::new(injector, config));
-    dev.ack_features(dev.features());
-    (dev, disk, faults)
+    let (rig, faults) = Rig::new(Box::new(disk.clone()), config);
+    (rig, disk, faults)
 }
 
 /// One descriptor: (guest address, length, device-writable).
@@ -166,22 +177,25 @@ impl<'a> Driver<'a> {
 #[test]
 fn write_then_read_back() {
     let mem = memory();
-    let (mut dev, disk, _) = device(DiskConfig::default());
+    let (rig, disk, _) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     mem.write_slice(&[0xAB; 1024], Driver::data_addr(0))
         .expect("data");
     let w = d.request(0, VIRTIO_BLK_T_OUT, 3, Some((1024, false)));
     let f = d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
     let r = d.request(2, VIRTIO_BLK_T_IN, 3, Some((1024, true)));
-    let mut q = d.queue();
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
-    assert_eq!(run.used, 3);
-    assert_eq!(run.error, None);
+    rig.start(d.queue(), 0);
+    let run = rig.serve(&mem);
+    assert_eq!(d.used().len(), 3);
+    assert!(run.errors.is_empty());
     assert_eq!((d.status(0), d.status(1), d.status(2)), (S_OK, S_OK, S_OK));
-    assert_eq!(
-        d.used(),
-        vec![(w as u32, 1), (f as u32, 1), (r as u32, 1025)]
-    );
+    // Answers reach the used ring in the order their calls end, not always the
+    // order they were made in.
+    let mut used = d.used();
+    used.sort_unstable();
+    let mut want = vec![(w as u32, 1), (f as u32, 1), (r as u32, 1025)];
+    want.sort_unstable();
+    assert_eq!(used, want);
     let mut back = [0u8; 1024];
     mem.read_slice(&mut back, Driver::data_addr(2))
         .expect("read back");
@@ -198,7 +212,7 @@ fn a_write_gathers_its_bytes_across_descriptors_and_memory_regions() {
         (GuestAddress(MEM_SIZE as u64 / 2), MEM_SIZE / 2),
     ])
     .expect("guest memory");
-    let (mut dev, disk, _) = device(DiskConfig::default());
+    let (rig, disk, _) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     let payload: Vec<u8> = (0..2048u32).map(|i| (i * 7 % 253) as u8).collect();
     let boundary = MEM_SIZE as u64 / 2;
@@ -217,8 +231,8 @@ fn a_write_gathers_its_bytes_across_descriptors_and_memory_regions() {
         (0x30_0000, 512, false),
         (0x31_0000, 1, true),
     ]);
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
     assert_eq!(d.used(), vec![(head as u32, 1)]);
     assert_eq!(
         mem.read_obj::<u8>(GuestAddress(0x31_0000)).expect("status"),
@@ -235,9 +249,8 @@ fn a_write_gathers_its_bytes_across_descriptors_and_memory_regions() {
         (past, 512, false),
         (0x32_0000, 1, true),
     ]);
-    let mut q = d.queue();
-    q.set_next_avail(1);
-    dev.process_queue(&mem, &mut q).expect("queue");
+    let _ = rig.slot.notify.write(1);
+    rig.serve(&mem);
     assert_eq!(
         mem.read_obj::<u8>(GuestAddress(0x32_0000)).expect("status"),
         S_IOERR
@@ -252,15 +265,15 @@ fn header_data_and_status_in_one_writable_descriptor_pair() {
     // Any layout is legal: header in one descriptor, data and status sharing the
     // last writable one.
     let mem = memory();
-    let (mut dev, disk, _) = device(DiskConfig::default());
+    let (rig, disk, _) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     d.header(0x20_0000, VIRTIO_BLK_T_IN, 0);
     disk_write(&disk, 0, &[7; 512]);
     mem.write_slice(&[0xEE; 513], GuestAddress(0x20_1000))
         .expect("fill");
     let head = d.chain(&[(0x20_0000, 16, false), (0x20_1000, 513, true)]);
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
     assert_eq!(d.used(), vec![(head as u32, 513)]);
     let mut got = [0u8; 513];
     mem.read_slice(&mut got, GuestAddress(0x20_1000))
@@ -281,13 +294,13 @@ fn get_id_is_padded_to_twenty_bytes() {
         serial: "disk-7".into(),
         ..Default::default()
     };
-    let (mut dev, _, _) = device(config);
+    let (rig, _, _) = rig(config);
     let mut d = Driver::new(&mem);
     mem.write_slice(&[0xEE; 20], Driver::data_addr(0))
         .expect("fill");
     d.request(0, VIRTIO_BLK_T_GET_ID, 0, Some((20, true)));
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
     let mut id = [0u8; 20];
     mem.read_slice(&mut id, Driver::data_addr(0)).expect("id");
     assert_eq!(&id[..6], b"disk-7");
@@ -298,7 +311,7 @@ fn get_id_is_padded_to_twenty_bytes() {
 #[test]
 fn write_zeroes_and_discard_segments() {
     let mem = memory();
-    let (mut dev, disk, _) = device(DiskConfig::default());
+    let (rig, disk, _) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     mem.write_slice(&[9; 4096], Driver::data_addr(0))
         .expect("data");
@@ -319,8 +332,8 @@ fn write_zeroes_and_discard_segments() {
     mem.write_slice(&segment(6, 1, 4), Driver::data_addr(3))
         .expect("seg");
     d.request(3, VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false)));
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
     assert_eq!(d.status(1), S_OK);
     assert_eq!(d.status(2), S_UNSUPP, "unmap on a discard");
     assert_eq!(d.status(3), S_UNSUPP, "reserved flag");
@@ -333,7 +346,7 @@ fn write_zeroes_and_discard_segments() {
 #[test]
 fn malformed_chains_end_as_errors_not_crashes() {
     let mem = memory();
-    let (mut dev, disk, _) = device(DiskConfig::default());
+    let (rig, disk, _) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     // Header too short.
     let short = d.chain(&[(0x30_0000, 8, false), (0x30_1000, 1, true)]);
@@ -377,10 +390,10 @@ fn malformed_chains_end_as_errors_not_crashes() {
         (0x0, u32::MAX - 4096, true),
         (0x37_1000, 1, true),
     ]);
-    let mut q = d.queue();
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
-    assert_eq!(run.used, 8);
-    assert_eq!(run.error, None, "guest mistakes are not host errors");
+    rig.start(d.queue(), 0);
+    let run = rig.serve(&mem);
+    assert_eq!(d.used().len(), 8);
+    assert!(run.errors.is_empty(), "guest mistakes are not host errors");
     let used: std::collections::HashMap<u32, u32> = d.used().into_iter().collect();
     assert_eq!(used[&(no_status as u32)], 0);
     for (head, at) in [
@@ -398,7 +411,7 @@ fn malformed_chains_end_as_errors_not_crashes() {
     let status: u8 = mem.read_obj(GuestAddress(0x36_1000)).expect("status");
     assert_eq!(status, S_UNSUPP);
     assert_eq!(used[&(unknown as u32)], 1);
-    assert!(!dev.disk().is_stopped());
+    assert!(!rig.status().stopped);
     assert!(
         disk.contents().iter().all(|&b| b == 0),
         "nothing reached the disk"
@@ -408,7 +421,7 @@ fn malformed_chains_end_as_errors_not_crashes() {
 #[test]
 fn a_looping_chain_terminates() {
     let mem = memory();
-    let (mut dev, _, _) = device(DiskConfig::default());
+    let (rig, _, _) = rig(DiskConfig::default());
     let d = Driver::new(&mem);
     d.header(0x20_0000, VIRTIO_BLK_T_FLUSH, 0);
     // Two descriptors pointing at each other forever.
@@ -424,15 +437,15 @@ fn a_looping_chain_terminates() {
     ];
     d.vq.add_desc_chains(&descs[..1], 0).expect("head");
     d.vq.desc_table().store(1, descs[1]).expect("loop");
-    let mut q = d.queue();
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
-    assert_eq!(run.used, 1);
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
+    assert_eq!(d.used().len(), 1);
 }
 
 #[test]
 fn host_error_stops_taking_requests_until_resume() {
     let mem = memory();
-    let (mut dev, disk, faults) = device(DiskConfig::default());
+    let (rig, disk, faults) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     mem.write_slice(&[5; 512], Driver::data_addr(0))
         .expect("data");
@@ -442,34 +455,35 @@ fn host_error_stops_taking_requests_until_resume() {
     let outage = faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
     d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
     d.request(2, VIRTIO_BLK_T_OUT, 1, Some((512, false)));
-    let mut q = d.queue();
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 0);
+    let run = rig.serve(&mem);
     assert_eq!(
-        run.used, 1,
+        d.used().len(),
+        1,
         "only the write before the failed flush completed"
     );
-    let report = run.error.expect("host error reported");
+    let report = run.errors.first().expect("host error reported");
     assert_eq!(report.action, holdfast_block::ErrorAction::Stop);
-    assert!(dev.disk().is_stopped());
+    assert!(rig.status().stopped);
     assert_eq!(d.status(1), 0xFF, "the failed flush is not completed");
-    assert_eq!(
-        dev.disk().status().parked,
-        1,
-        "only the failed flush is parked"
-    );
+    assert_eq!(rig.status().parked, 1, "only the failed flush is parked");
     assert_eq!(
         d.status(2),
         0xFF,
         "the write after it was not taken from the ring"
     );
     // cont while still broken: nothing completes.
-    assert!(dev.resume(&mem, &mut q).is_err());
+    assert!(matches!(
+        rig.resume(&mem),
+        Err(ResumeFailure::Replay { .. })
+    ));
     assert_eq!(d.used().len(), 1);
     faults.clear(outage);
-    assert_eq!(dev.resume(&mem, &mut q).expect("resume").used, 1);
+    assert!(rig.resume(&mem).expect("resume").is_some(), "replayed");
     assert_eq!(d.status(1), S_OK);
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
-    assert_eq!(run.used, 1);
+    assert_eq!(d.used().len(), 2);
+    rig.serve(&mem);
+    assert_eq!(d.used().len(), 3);
     assert_eq!(d.status(2), S_OK);
     assert_eq!(
         &disk.contents()[..1024],
@@ -480,29 +494,28 @@ fn host_error_stops_taking_requests_until_resume() {
 #[test]
 fn reset_while_parked_keeps_completed_writes() {
     let mem = memory();
-    let (mut dev, _, faults) = device(DiskConfig::default());
+    let (rig, _, faults) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     let outage = faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
     mem.write_slice(&[5; 512], Driver::data_addr(0))
         .expect("data");
     d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
     d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
-    assert_eq!(dev.reset(), 1);
-    assert_eq!(dev.disk().status().buffer.bytes, 512);
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
+    assert_eq!(d.used().len(), 1);
+    assert_eq!(rig.slot.transport().device_mut().reset(), 1);
+    assert_eq!(rig.status().buffer.bytes, 512);
     faults.clear(outage);
-    assert_eq!(
-        dev.resume(&mem, &mut q).expect("resume").used,
-        0,
-        "nobody waits for the dropped flush"
-    );
+    let replayed = rig.resume(&mem).expect("resume").expect("replayed");
+    assert_eq!(replayed.bytes_rewritten, 512);
+    assert_eq!(d.used().len(), 1, "nobody waits for the dropped flush");
 }
 
 #[test]
 fn a_request_in_an_indirect_table_is_served() {
     let mem = memory();
-    let (mut dev, disk, _) = device(DiskConfig::default());
+    let (rig, disk, _) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     // A write of two segments and a read of two, each in a table of its own.
     let (w, r) = (0x10_0000u64, 0x20_0000u64);
@@ -530,12 +543,15 @@ fn a_request_in_an_indirect_table_is_served() {
             (r + 0xF000, 1, true),
         ],
     );
-    let mut q = d.queue();
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
-    assert_eq!(run.used, 2);
-    let used = d.used();
-    assert_eq!(used[0].0, u32::from(wh));
-    assert_eq!(used[1], (u32::from(rh), 1536 + 1));
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
+    // The write and the read overlap: the read ran after the write ended (their
+    // answers may reach the used ring in either order).
+    let mut used = d.used();
+    used.sort_unstable();
+    let mut want = vec![(u32::from(wh), 1), (u32::from(rh), 1536 + 1)];
+    want.sort_unstable();
+    assert_eq!(used, want);
     for at in [w + 0xF000, r + 0xF000] {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(at)).expect("status"), S_OK);
     }
@@ -554,15 +570,19 @@ fn a_request_in_an_indirect_table_is_served() {
 fn an_empty_queue_tells_the_driver_where_to_notify_next() {
     for event_idx in [true, false] {
         let mem = memory();
-        let (mut dev, _, _) = device(DiskConfig::default());
+        let (rig, _, _) = rig(DiskConfig::default());
         let mut d = Driver::new(&mem);
         for slot in 0..3 {
             d.request(slot, VIRTIO_BLK_T_FLUSH, 0, None);
         }
-        let mut q = d.queue();
-        q.set_event_idx(event_idx);
-        let run = dev.process_queue(&mem, &mut q).expect("queue");
-        assert_eq!(run.used, 3);
+        let without = if event_idx {
+            0
+        } else {
+            1 << VIRTIO_RING_F_EVENT_IDX
+        };
+        rig.start(d.queue(), without);
+        rig.serve(&mem);
+        assert_eq!(d.used().len(), 3);
         // With event indexes: notify when the fourth request (index 3) is made
         // available; without, avail_event is not the device's to write.
         let expected = if event_idx { 3 } else { 0 };
@@ -574,7 +594,7 @@ fn an_empty_queue_tells_the_driver_where_to_notify_next() {
 
 #[test]
 fn features_and_config_space() {
-    let (dev, _, _) = device(DiskConfig::default());
+    let dev = device(DiskConfig::default());
     let f = dev.features();
     for bit in [
         VIRTIO_BLK_F_FLUSH,
@@ -596,7 +616,7 @@ fn features_and_config_space() {
     let mut past_end = [0xFFu8; 4];
     dev.read_config(200, &mut past_end);
     assert_eq!(past_end, [0; 4]);
-    let (ro, _, _) = device(DiskConfig {
+    let ro = device(DiskConfig {
         read_only: true,
         ..Default::default()
     });
@@ -607,31 +627,32 @@ fn features_and_config_space() {
 #[test]
 fn cache_mode_follows_flush_feature_and_wce() {
     let mem = memory();
-    let disk = MemBackend::new(DISK_SIZE);
-    let injector = FaultInjector::new(disk.clone());
-    let faults = injector.handle();
     let config = DiskConfig {
         werror: ErrorPolicy::Report,
         ..Default::default()
     };
-    let mut dev = BlockDevice::new(Disk::new(injector, config));
+    let (rig, _, faults) = rig(config);
     // A driver without FLUSH gets writethrough: its write is flushed before it completes.
-    dev.ack_features(dev.features() & !(1 << VIRTIO_BLK_F_FLUSH));
     faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
     let mut d = Driver::new(&mem);
     d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 1 << VIRTIO_BLK_F_FLUSH);
+    rig.serve(&mem);
     assert_eq!(d.status(0), S_IOERR, "the covering flush failed");
-    // With FLUSH and CONFIG_WCE, the guest turns the write cache on and off.
-    dev.ack_features(dev.features());
-    dev.write_config(32, &[0]);
+    assert!(!rig.slot.info().writeback);
+    // With FLUSH and CONFIG_WCE (after a reset), the guest turns the write cache off
+    // and on through the config space.
+    rig.slot.transport().write(0x70, &0u32.to_le_bytes());
+    rig.start(Driver::new(&mem).queue(), 0);
+    assert!(rig.slot.info().writeback);
+    let wce_at = 0x100 + 32;
+    rig.slot.transport().write(wce_at, &[0]);
     let mut wce = [9u8];
-    dev.read_config(32, &mut wce);
+    rig.slot.transport().read(wce_at, &mut wce);
     assert_eq!(wce, [0]);
-    assert!(!dev.disk().config().writeback);
-    dev.write_config(32, &[1]);
-    assert!(dev.disk().config().writeback);
+    assert!(!rig.slot.info().writeback);
+    rig.slot.transport().write(wce_at, &[1]);
+    assert!(rig.slot.info().writeback);
 }
 
 fn segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
@@ -648,7 +669,7 @@ fn segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
 #[test]
 fn discard_and_write_zeroes_obey_negotiation_and_the_config_space_limits() {
     let mem = memory();
-    let (mut dev, disk, faults) = device(DiskConfig::default());
+    let (rig, disk, faults) = rig(DiskConfig::default());
     faults.arm(FaultRule::new(FaultOp::Any, libc::EINVAL, Trigger::Always));
     let mut d = Driver::new(&mem);
     let max = (32u32 << 20) / 512;
@@ -701,24 +722,21 @@ fn discard_and_write_zeroes_obey_negotiation_and_the_config_space_limits() {
             .expect("segment");
         d.request(slot as u64, *kind, 0, Some((seg.len() as u32, false)));
     }
-    let mut q = d.queue();
-    let run = dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(d.queue(), 0);
+    let run = rig.serve(&mem);
     for (slot, (_, _, want, what)) in cases.iter().enumerate() {
         assert_eq!(d.status(slot as u64), *want, "{what}");
     }
-    assert_eq!(run.used, cases.len());
+    assert_eq!(d.used().len(), cases.len());
     assert!(
-        run.error.is_none(),
+        run.errors.is_empty(),
         "a guest's mistake passed for a host error"
     );
-    assert!(!dev.disk().is_stopped());
+    assert!(!rig.status().stopped);
     assert!(disk.contents().iter().all(|&b| b == 0));
 
     // A driver that did not negotiate them gets S_UNSUPP, even for good requests.
-    let disk = MemBackend::new(DISK_SIZE);
-    let mut dev = BlockDevice::new(Disk::new(FaultInjector::new(disk), DiskConfig::default()));
-    let plain = dev.features() & !(1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES);
-    dev.ack_features(plain);
+    let (rig, _, _) = self::rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     for (slot, kind) in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES]
         .into_iter()
@@ -728,8 +746,11 @@ fn discard_and_write_zeroes_obey_negotiation_and_the_config_space_limits() {
             .expect("segment");
         d.request(slot as u64, kind, 0, Some((16, false)));
     }
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
+    rig.start(
+        d.queue(),
+        1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES,
+    );
+    rig.serve(&mem);
     assert_eq!((d.status(0), d.status(1)), (S_UNSUPP, S_UNSUPP));
 }
 
@@ -739,23 +760,30 @@ fn discard_and_write_zeroes_obey_negotiation_and_the_config_space_limits() {
 #[test]
 fn a_broken_used_ring_does_not_undo_a_successful_replay() {
     let mem = memory();
-    let (mut dev, disk, faults) = device(DiskConfig::default());
+    let (rig, disk, faults) = rig(DiskConfig::default());
     let mut d = Driver::new(&mem);
     mem.write_slice(&[7; 512], Driver::data_addr(0))
         .expect("data");
     d.request(0, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
     let outage = faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always));
     d.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
-    let mut q = d.queue();
-    dev.process_queue(&mem, &mut q).expect("queue");
-    assert!(dev.disk().is_stopped());
+    rig.start(d.queue(), 0);
+    rig.serve(&mem);
+    assert!(rig.status().stopped);
     faults.clear(outage);
-    q.set_used_ring_address(Some(0xFFFF_0000), Some(0x10));
-    let resumed = dev.resume(&mem, &mut q).expect("the replay succeeded");
+    rig.slot.transport().queues_mut()[0].set_used_ring_address(Some(0xFFFF_0000), Some(0x10));
+    let resumed = rig
+        .resume(&mem)
+        .expect("the replay succeeded")
+        .expect("replayed");
     assert_eq!(resumed.bytes_rewritten, 512);
-    assert_eq!(resumed.used, 0);
-    assert!(resumed.broken_queue.is_some());
-    assert!(!dev.disk().is_stopped());
+    assert!(
+        rig.events
+            .try_iter()
+            .any(|i| matches!(i, Input::DeviceNeedsReset { .. })),
+        "the broken queue is the device's to report"
+    );
+    assert!(!rig.status().stopped);
     assert_eq!(&disk.contents()[..512], &[7u8; 512][..]);
 }
 
@@ -771,7 +799,8 @@ fn a_long_write_is_taken_where_it_lies_in_guest_memory() {
         (GuestAddress(half), MEM_SIZE / 2),
     ])
     .expect("guest memory");
-    let (mut dev, _, _) = device(DiskConfig::default());
+    let mut dev = device(DiskConfig::default());
+    dev.ack_features(dev.features());
     let mut d = Driver::new(&mem);
     let len = BORROW_FROM as u32 * 2;
     let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();

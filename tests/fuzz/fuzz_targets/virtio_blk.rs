@@ -1,20 +1,28 @@
 //! The virtio-blk request path over hostile guest memory: memory contents,
 //! descriptor table, rings, queue size and negotiated features all come from the
 //! input (mostly shaped as a driver lays a request out, so that the fuzzer reaches
-//! the request types and segments; sometimes anywhere), through virtio-queue's real `Queue` on a `GuestMemoryMmap`, over the real
-//! file backend (an in-memory file: the kernel's own answers, such as fallocate's
-//! EINVAL for a zero length). Nothing may panic, and a guest's mistakes never pass
-//! for host errors (the host here cannot fail unless the input armed a fault).
+//! the request types and segments; sometimes anywhere), through virtio-queue's real
+//! `Queue` on a `GuestMemoryMmap`, served by the disk's own worker and I/O threads
+//! (`holdfast_vmm::devices::disks::serve`, as `holdfast run` has them, with fewer
+//! threads), over the real file backend (an in-memory file: the kernel's own answers,
+//! such as fallocate's EINVAL for a zero length), and `cont` when the input broke
+//! the host. Nothing may panic, and a guest's mistakes never pass for host errors
+//! (the host here cannot fail unless the input armed a fault).
 #![no_main]
 
-use holdfast_block::{
-    Disk, DiskConfig, FaultInjector, FaultOp, FaultRule, FileBackend, FileOptions, Trigger,
-};
-use holdfast_vmm::virtio::block::BlockDevice;
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+use holdfast_block::{DiskConfig, FaultInjector, FaultOp, FaultRule, FileBackend, FileOptions, Trigger};
+use holdfast_vmm::devices::disks::{serve, MmioSlot};
+use holdfast_vmm::owner::Input;
+use holdfast_vmm::vm::DiskSpec;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 64 << 10;
 
@@ -164,24 +172,31 @@ fn run(u: &mut Unstructured) -> Result<()> {
             .handle()
             .arm(FaultRule::new(FaultOp::Any, libc::EIO, Trigger::Always));
     }
-    let mut dev = BlockDevice::new(Disk::new(injector, DiskConfig::default()));
-    dev.ack_features(features & dev.features());
-    for _ in 0..4 {
-        match dev.process_queue(&mem, &mut queue) {
-            Ok(run) => {
-                assert!(
-                    broken_host || run.error.is_none(),
-                    "a guest's request passed for a host error: {:?}",
-                    run.error
-                );
-                if run.error.is_some() {
-                    let _ = dev.resume(&mem, &mut queue);
+    let mut spec = DiskSpec::new("fuzz", Box::new(injector), DiskConfig::default(), "memfd");
+    spec.io_threads = 4;
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+    // A modern driver: VERSION_1, and whichever of the offered features the input says.
+    let version_1 = 1u64 << 32;
+    if slot.set_up(queue, features | version_1) {
+        let (tx, rx) = channel();
+        for _ in 0..4 {
+            serve(&slot, &mem, &tx);
+            assert!(slot.wait_quiet(Duration::from_secs(5)), "the disk never went quiet");
+            let mut error = false;
+            for input in rx.try_iter() {
+                if let Input::DiskError { report, .. } = input {
+                    assert!(broken_host, "a guest's request passed for a host error: {report:?}");
+                    error = true;
                 }
             }
-            Err(_) => break, // the device needs a reset: what the VMM does then
+            if error {
+                let _ = slot.resume(&mem, &tx);
+            }
         }
     }
-    dev.reset();
+    slot.transport().device_mut().reset();
+    slot.stop_io_threads();
     Ok(())
 }
 

@@ -49,8 +49,24 @@ use crate::vm::{error_chain, DiskSpec};
 
 type BlockTransport = MmioTransport<BlockDevice<Box<dyn Backend>>>;
 
-/// What a disk's replay came to.
-type ReplayOutcome = Result<holdfast_block::ReplayReport, holdfast_block::ReplayError>;
+/// Where a disk's replay is. Only the owner starts one (`cont`), and only from
+/// `Idle` or `Ended`: never two at once, and exactly one since the disk stopped
+/// before the VM runs (docs/durability.md, "Requests in flight").
+#[derive(Debug)]
+enum Replay {
+    /// None under way, and no outcome the owner has not taken.
+    Idle,
+    /// A replay thread has the disk (a `cont` that was refused while it hung left it
+    /// running).
+    Running,
+    /// It finished: a success has answered the parked requests already; the next
+    /// `cont` takes the outcome, unless the disk was detached since (then it is
+    /// stale, and dropped).
+    Ended {
+        outcome: Result<u64, holdfast_block::ReplayError>,
+        took: Duration,
+    },
+}
 
 /// Host calls a disk runs beside each other at most (its I/O threads): reads and
 /// write-back writes; the guest may have up to its queue size taken off the queue.
@@ -61,8 +77,8 @@ pub const CALLS_PER_DISK: usize = 32;
 pub const HUNG_AFTER: Duration = Duration::from_secs(1);
 
 /// A virtio-mmio device slot: its transport, its disk, queue notifier and interrupt.
-pub(crate) struct MmioSlot {
-    pub(crate) id: String,
+pub struct MmioSlot {
+    pub id: String,
     path: String,
     direct: bool,
     faults: Option<FaultHandle>,
@@ -70,6 +86,8 @@ pub(crate) struct MmioSlot {
     /// The host call the disk is in, if any.
     watch: CallWatch,
     hang_timeout: Option<Duration>,
+    /// Its I/O threads, started with its first call.
+    io_threads: usize,
     pub(crate) base: u64,
     transport: Mutex<BlockTransport>,
     disk: SharedDisk<Box<dyn Backend>>,
@@ -86,13 +104,23 @@ pub(crate) struct MmioSlot {
     unsignalled: AtomicBool,
     /// The disk's status when its lock was last released (shown while it is busy).
     last_status: Mutex<DiskStatus>,
-    /// A replay's outcome and duration, once it finished (see `replay_apart`).
-    replay: Mutex<Option<(ReplayOutcome, Duration)>>,
+    /// Where the disk's replay is ([`MmioSlot::resume`]).
+    replay: Mutex<Replay>,
+    /// Signalled when a replay ends.
     replay_done: Condvar,
     /// The guest's queue notifications (an ioeventfd).
-    pub(crate) notify: EventFd,
+    pub notify: EventFd,
     /// The device's interrupt (an irqfd).
-    pub(crate) irq: EventFd,
+    pub irq: EventFd,
+}
+
+impl std::fmt::Debug for MmioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioSlot")
+            .field("id", &self.id)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The disk is in a host call that has not returned (see [`HUNG_AFTER`]).
@@ -113,7 +141,7 @@ fn describe(call: Option<Outstanding>) -> String {
 
 impl MmioSlot {
     /// A slot at `base` for the disk `spec` describes.
-    pub(crate) fn new(spec: DiskSpec, base: u64, notify: EventFd, irq: EventFd) -> MmioSlot {
+    pub fn new(spec: DiskSpec, base: u64, notify: EventFd, irq: EventFd) -> MmioSlot {
         let status = spec.disk.status();
         let device = BlockDevice::new(spec.disk);
         MmioSlot {
@@ -124,6 +152,7 @@ impl MmioSlot {
             simulated: spec.simulated,
             watch: spec.watch,
             hang_timeout: spec.hang_timeout,
+            io_threads: spec.io_threads.max(1),
             base,
             disk: device.shared_disk(),
             idle: Condvar::new(),
@@ -133,29 +162,30 @@ impl MmioSlot {
             unsignalled: AtomicBool::new(false),
             transport: Mutex::new(MmioTransport::new(device)),
             last_status: Mutex::new(status),
-            replay: Mutex::new(None),
+            replay: Mutex::new(Replay::Idle),
             replay_done: Condvar::new(),
             notify,
             irq,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BlockTransport> {
+    pub fn transport(&self) -> MutexGuard<'_, BlockTransport> {
         self.transport
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The disk, for the owner: waits at most `wait` while its worker has it (and,
-    /// if `alone`, while calls are in flight on it), and not at all for a call that
-    /// hangs (unless `patient`); else says what the disk is busy with.
+    /// The disk, for the owner: waits at most `wait` (`Duration::MAX`: as long as
+    /// it takes) while its worker has it (and, if `alone`, while calls are in flight
+    /// on it), and not at all for a call that hangs (unless `patient`); else says
+    /// what the disk is busy with.
     fn disk_within(
         &self,
         wait: Duration,
         patient: bool,
         alone: bool,
     ) -> Result<MutexGuard<'_, Disk<Box<dyn Backend>>>, Busy> {
-        let until = Instant::now() + wait;
+        let until = Instant::now().checked_add(wait);
         loop {
             let got = match self.disk.try_lock() {
                 Ok(disk) => Some(disk),
@@ -168,7 +198,7 @@ impl MmioSlot {
                     drop(busy);
                     let call = self.watch.outstanding();
                     let hangs = call.is_some_and(|c| c.age() >= HUNG_AFTER);
-                    if Instant::now() >= until || hangs && !patient {
+                    if until.is_some_and(|u| Instant::now() >= u) || hangs && !patient {
                         return Err(Busy(describe(call)));
                     }
                     std::thread::sleep(Duration::from_millis(1))
@@ -204,22 +234,33 @@ impl MmioSlot {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the disk let go of its image; a busy disk is asked later.
-    pub(crate) fn detached(&self) -> Result<bool, ResumeFailure> {
-        self.disk_within(HUNG_AFTER, false, false)
-            .map(|d| d.is_detached())
-            .map_err(|Busy(call)| ResumeFailure::Busy {
+    /// Whether the disk can be resumed: no replay or host call of its hangs (a
+    /// young one is waited for, up to [`HUNG_AFTER`]), and attached. Asked of every
+    /// disk before any is replayed, so that a refused `cont` changes nothing.
+    pub fn ready(&self) -> Result<(), ResumeFailure> {
+        let busy = |Busy(call)| ResumeFailure::Busy {
+            disk: self.id.clone(),
+            call,
+        };
+        self.wait_for_replay().map_err(busy)?;
+        let disk = self.disk_within(HUNG_AFTER, false, true).map_err(busy)?;
+        if disk.is_detached() {
+            return Err(ResumeFailure::Detached {
                 disk: self.id.clone(),
-                call,
-            })
+            });
+        }
+        Ok(())
     }
 
-    /// Resumes the disk (replays it if it was stopped) and lets it serve what the
-    /// guest queued meanwhile. `Some` if it was replayed. The replay runs on a
-    /// thread of its own: if one of its host calls hangs, the owner is told (Busy)
-    /// rather than held; the replay goes on, and the `cont` after it returns takes
-    /// its outcome.
-    pub(crate) fn resume(
+    /// Resumes the disk (`cont`): replays it if it stopped, then lets it serve what
+    /// the guest queued meanwhile. `Some` if a replay ran since the last `cont`.
+    /// Refused while a host call of the disk is outstanding (one that is young is
+    /// waited for, up to [`HUNG_AFTER`]): the guest must not run beside a call that
+    /// may still change what it reads. The replay runs on a thread of its own: if
+    /// one of its calls hangs, the owner is told (Busy) rather than held; the replay
+    /// goes on, and the next `cont` waits for it (as long as its calls return) and
+    /// takes its outcome, rather than start a second one.
+    pub fn resume(
         self: &Arc<Self>,
         mem: &GuestMemoryMmap,
         events: &Inbox,
@@ -228,45 +269,113 @@ impl MmioSlot {
             disk: self.id.clone(),
             call,
         };
-        let (outcome, took) = match self.finished_replay() {
-            Some(done) => done,
-            None => {
-                let mut disk = self.disk_within(HUNG_AFTER, false, false).map_err(busy)?;
-                // A replay that a refused `cont` left running and that finished while
-                // this one waited for the disk: its outcome (kept before it let go of
-                // the disk) holds the parked requests' completions.
-                if let Some(done) = self.finished_replay() {
-                    drop(disk);
-                    return self.resumed(mem, events, done);
-                }
-                // Disk, then transport: a worker never holds both, a vCPU never
-                // waits on the disk.
-                self.lock().device_mut().take_pending().apply(&mut disk);
-                if !disk.is_stopped() {
-                    drop(disk);
-                    // Requests the guest queued while the VM was paused.
-                    let _ = self.notify.write(1);
-                    return Ok(None);
-                }
-                drop(disk);
-                self.replay_apart().map_err(busy)?
+        self.wait_for_replay().map_err(busy)?;
+        let mut disk = self.disk_within(HUNG_AFTER, false, true).map_err(busy)?;
+        // Disk, then transport: a worker never holds both, a vCPU never waits on the
+        // disk.
+        self.transport()
+            .device_mut()
+            .take_pending()
+            .apply(&mut disk);
+        let ended = std::mem::replace(&mut *self.lock_replay(), Replay::Idle);
+        if !disk.is_stopped() {
+            drop(disk);
+            // Requests the guest queued while the VM was paused.
+            let _ = self.notify.write(1);
+            return Ok(match ended {
+                Replay::Ended {
+                    outcome: Ok(bytes),
+                    took,
+                } => Some(self.replayed(bytes, took)),
+                _ => None,
+            });
+        }
+        if let Replay::Ended {
+            outcome: Err(error),
+            ..
+        } = ended
+        {
+            // A replay a refused `cont` left running failed: this `cont` says so; the
+            // next one replays again.
+            return Err(ResumeFailure::Replay {
+                disk: self.id.clone(),
+                error: error.error,
+            });
+        }
+        // The state changes with the disk held: no replay can start beside this one.
+        *self.lock_replay() = Replay::Running;
+        drop(disk);
+        if let Err(e) = self.spawn_replay(mem.clone(), events.clone()) {
+            *self.lock_replay() = Replay::Idle;
+            return Err(busy(Busy(format!("cannot start its replay: {e}"))));
+        }
+        self.wait_for_replay().map_err(busy)?;
+        match std::mem::replace(&mut *self.lock_replay(), Replay::Idle) {
+            Replay::Ended {
+                outcome: Ok(bytes),
+                took,
+            } => {
+                let _ = self.notify.write(1);
+                Ok(Some(self.replayed(bytes, took)))
             }
-        };
-        self.resumed(mem, events, (outcome, took))
+            Replay::Ended {
+                outcome: Err(error),
+                ..
+            } => Err(ResumeFailure::Replay {
+                disk: self.id.clone(),
+                error: error.error,
+            }),
+            Replay::Idle | Replay::Running => unreachable!("wait_for_replay returned"),
+        }
     }
 
-    /// A replay's outcome, taken: the parked requests' completions go to the guest.
-    fn resumed(
+    fn replayed(&self, bytes_rewritten: u64, duration: Duration) -> Replayed {
+        Replayed {
+            disk: self.id.clone(),
+            bytes_rewritten,
+            duration,
+        }
+    }
+
+    /// Replays the disk on a thread of its own, once no call is in flight on it. A
+    /// success answers the parked requests at once (the guest sees them when its
+    /// vCPUs run); the outcome is kept for the owner ([`Replay::Ended`]).
+    fn spawn_replay(
+        self: &Arc<Self>,
+        mem: GuestMemoryMmap,
+        events: Inbox,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let slot = Arc::clone(self);
+        std::thread::Builder::new()
+            .name(format!("{WORKER_PREFIX}{}", self.id))
+            .spawn(move || {
+                let started = Instant::now();
+                let mut disk = slot.disk_alone();
+                let outcome = disk.replay().map(|report| {
+                    let bytes = report.bytes_rewritten;
+                    slot.answer_replay(&mem, &events, report);
+                    bytes
+                });
+                slot.remember(&disk);
+                // Ended with the disk still held, so that whoever takes the disk next
+                // also finds the outcome.
+                *slot.lock_replay() = Replay::Ended {
+                    outcome,
+                    took: started.elapsed(),
+                };
+                drop(disk);
+                slot.replay_done.notify_all();
+            })
+    }
+
+    /// Puts a successful replay's completions in the used ring, with an interrupt.
+    fn answer_replay(
         &self,
         mem: &GuestMemoryMmap,
         events: &Inbox,
-        (outcome, took): (ReplayOutcome, Duration),
-    ) -> Result<Option<Replayed>, ResumeFailure> {
-        let report = outcome.map_err(|r| ResumeFailure::Replay {
-            disk: self.id.clone(),
-            error: r.error,
-        })?;
-        let mut t = self.lock();
+        report: holdfast_block::ReplayReport,
+    ) {
+        let mut t = self.transport();
         let (device, queues) = t.device_and_queues();
         let resumed = device.complete_replay(mem, &mut queues[0], report);
         if resumed.used > 0 {
@@ -277,60 +386,27 @@ impl MmioSlot {
         if let Some(e) = &resumed.broken_queue {
             queue_broken(self, &mut t, e, events);
         }
-        // Requests the guest queued while the disk was stopped.
-        let _ = self.notify.write(1);
-        Ok(Some(Replayed {
-            disk: self.id.clone(),
-            bytes_rewritten: resumed.bytes_rewritten,
-            duration: took,
-        }))
     }
 
-    /// Replays the disk on a thread of its own and waits for it, for as long as its
-    /// host calls return; Busy once one hangs (the replay goes on; its outcome is
-    /// kept for [`MmioSlot::finished_replay`]).
-    fn replay_apart(self: &Arc<Self>) -> Result<(ReplayOutcome, Duration), Busy> {
-        let slot = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name(format!("{WORKER_PREFIX}{}", self.id))
-            .spawn(move || {
-                let started = Instant::now();
-                let mut disk = slot.disk_alone();
-                let outcome = disk.replay();
-                slot.remember(&disk);
-                // The outcome is kept before the disk is let go (disk, then replay
-                // slot), so that whoever takes the disk next also finds it.
-                let mut done = slot.lock_replay();
-                *done = Some((outcome, started.elapsed()));
-                drop(disk);
-                slot.replay_done.notify_all();
-            });
-        if let Err(e) = spawned {
-            return Err(Busy(format!("cannot start its replay: {e}")));
-        }
-        let mut done = self.lock_replay();
-        loop {
-            if let Some(outcome) = done.take() {
-                return Ok(outcome);
-            }
+    /// Waits while a replay runs, as long as its host calls return; Busy once one
+    /// hangs (the replay goes on).
+    fn wait_for_replay(&self) -> Result<(), Busy> {
+        let mut replay = self.lock_replay();
+        while matches!(*replay, Replay::Running) {
             let call = self.watch.outstanding();
             if call.is_some_and(|c| c.age() >= HUNG_AFTER) {
                 return Err(Busy(format!("its replay is under way: {}", describe(call))));
             }
-            done = self
+            replay = self
                 .replay_done
-                .wait_timeout(done, Duration::from_millis(10))
+                .wait_timeout(replay, Duration::from_millis(10))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
+        Ok(())
     }
 
-    /// The outcome of a replay that finished after the owner stopped waiting for it.
-    fn finished_replay(&self) -> Option<(ReplayOutcome, Duration)> {
-        self.lock_replay().take()
-    }
-
-    fn lock_replay(&self) -> MutexGuard<'_, Option<(ReplayOutcome, Duration)>> {
+    fn lock_replay(&self) -> MutexGuard<'_, Replay> {
         self.replay
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -338,7 +414,7 @@ impl MmioSlot {
 
     /// What the owner shows of the disk; while a host call hangs, the status its
     /// worker saw last and the call.
-    pub(crate) fn info(&self) -> DiskInfo {
+    pub fn info(&self) -> DiskInfo {
         let (status, path, read_only, writeback) =
             match self.disk_within(Duration::ZERO, false, false) {
                 Ok(disk) => (
@@ -351,7 +427,7 @@ impl MmioSlot {
                     disk.config().writeback,
                 ),
                 Err(_) => {
-                    let t = self.lock();
+                    let t = self.transport();
                     let device = t.device();
                     (
                         self.last_status(),
@@ -374,12 +450,61 @@ impl MmioSlot {
     }
 
     /// The host call the disk is in, if any (never waits).
-    pub(crate) fn call(&self) -> Option<DiskCall> {
+    pub fn call(&self) -> Option<DiskCall> {
         self.watch.outstanding().map(|c| DiskCall {
             disk: self.id.clone(),
             call: c,
             hang_timeout: self.hang_timeout,
         })
+    }
+
+    /// Sets the device up as a driver does, register by register (ACKNOWLEDGE,
+    /// DRIVER, the features `features` of those offered, FEATURES_OK), gives it
+    /// `queue` and makes it live (DRIVER_OK): for tests and fuzzing, which then
+    /// [`serve`] it as its worker does. False if the device did not go live.
+    pub fn set_up(&self, queue: virtio_queue::Queue, features: u64) -> bool {
+        use virtio_bindings::virtio_config::*;
+        use virtio_bindings::virtio_mmio::*;
+        let mut t = self.transport();
+        let offered = t.device().features();
+        let w = |t: &mut BlockTransport, reg: u32, v: u32| {
+            t.write(u64::from(reg), &v.to_le_bytes());
+        };
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        w(&mut t, VIRTIO_MMIO_STATUS, s);
+        for sel in 0..2u32 {
+            w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+            let half = (features & offered) >> (32 * sel);
+            w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, half as u32);
+        }
+        // The queue first: FEATURES_OK tells it whether the driver keeps event
+        // indexes.
+        t.queues_mut()[0] = queue;
+        w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
+        let ok = s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+        w(&mut t, VIRTIO_MMIO_STATUS, ok);
+        t.live()
+    }
+
+    /// Waits up to `within` until no host call is in flight on the disk, nothing
+    /// waits for its I/O threads and no completion is on its way to the used ring
+    /// (after [`serve`] handed calls to the I/O threads, for tests and fuzzing).
+    /// True once quiet.
+    pub fn wait_quiet(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        loop {
+            let quiet = self.lock_calls().waiting.is_empty()
+                && self.answering.load(Ordering::SeqCst) == 0
+                && self.disk.try_lock().is_ok_and(|d| d.in_flight() == 0)
+                && !matches!(*self.lock_replay(), Replay::Running);
+            if quiet {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Never takes a lock of the disk's.
@@ -390,8 +515,10 @@ impl MmioSlot {
         }
     }
 
-    /// Runs `change` on the disk, naming the disk in its error.
-    pub(crate) fn change(
+    /// Runs `change` on the disk (`x-block-detach`, `x-block-attach`) once no call
+    /// is in flight on it, naming the disk in its error. A replay's outcome that no
+    /// `cont` took is stale after a change: the next `cont` replays again.
+    pub fn change(
         &self,
         change: impl FnOnce(&mut Disk<Box<dyn Backend>>) -> Result<(), AttachmentError>,
     ) -> Result<(), AttachFailure> {
@@ -403,15 +530,29 @@ impl MmioSlot {
             })?;
         let r = change(&mut disk);
         self.remember(&disk);
+        if r.is_ok() {
+            let mut replay = self.lock_replay();
+            if matches!(*replay, Replay::Ended { .. }) {
+                *replay = Replay::Idle;
+            }
+        }
         r.map_err(|error| AttachFailure::Disk {
             disk: self.id.clone(),
             error,
         })
     }
 
-    /// Makes the disk's buffered bytes stable now, waiting at most `wait` for the
-    /// disk (for a call that hangs too, if `patient`); what it could not, if anything.
-    pub(crate) fn settle(&self, wait: Duration, patient: bool) -> Option<Dropped> {
+    /// Makes the disk's buffered bytes stable at the end (`quit`, a signal), waiting
+    /// for the disk as long as its host calls return (a long replay too); a call that
+    /// hangs is reported, not waited for. What it could not, if anything.
+    pub fn settle_at_the_end(&self) -> Option<Dropped> {
+        self.settle(Duration::MAX, false)
+    }
+
+    /// Makes the disk's buffered bytes stable now, waiting at most `wait`
+    /// (`Duration::MAX`: as long as its host calls return) for the disk (for a call
+    /// that hangs too, if `patient`); what it could not, if anything.
+    pub fn settle(&self, wait: Duration, patient: bool) -> Option<Dropped> {
         let mut disk = match self.disk_within(wait, patient, true) {
             Ok(disk) => disk,
             Err(Busy(call)) => {
@@ -419,7 +560,8 @@ impl MmioSlot {
                     disk: self.id.clone(),
                     bytes: self.last_status().buffer.bytes,
                     why: format!(
-                        "{call}, and a call stuck in the kernel cannot be cancelled:                          the bytes it kept are not known to be on stable storage"
+                        "{call}, and a call stuck in the kernel cannot be cancelled: \
+                         the bytes it kept are not known to be on stable storage"
                     ),
                 })
             }
@@ -450,6 +592,10 @@ impl std::fmt::Debug for MmioBus {
 }
 
 impl MmioBus {
+    pub fn new(slots: Vec<Arc<MmioSlot>>) -> MmioBus {
+        MmioBus { slots }
+    }
+
     fn slot(&self, addr: u64) -> Option<(&Arc<MmioSlot>, u64)> {
         self.slots
             .iter()
@@ -459,7 +605,7 @@ impl MmioBus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.slot(addr) {
-            Some((slot, offset)) => slot.lock().read(offset, data),
+            Some((slot, offset)) => slot.transport().read(offset, data),
             None => data.fill(0),
         }
     }
@@ -468,14 +614,14 @@ impl MmioBus {
         let Some((slot, offset)) = self.slot(addr) else {
             return;
         };
-        let action = slot.lock().write(offset, data);
+        let action = slot.transport().write(offset, data);
         match action {
             // Serve what the driver queued before DRIVER_OK; later kicks come by ioeventfd.
             Action::Activate | Action::Notify(_) => {
                 let _ = slot.notify.write(1);
             }
             Action::Reset => {
-                slot.lock().device_mut().reset();
+                slot.transport().device_mut().reset();
             }
             Action::None => {}
         }
@@ -532,7 +678,7 @@ pub(crate) fn spawn_worker(
 /// and runs here, and the worker takes nothing more off the queue meanwhile.
 /// Completions raise a used-buffer interrupt, a host error goes to the run-state
 /// owner, a broken queue makes the device ask for a reset.
-pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox) {
+pub fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox) {
     let _serving = crate::logging::ServingDisk::new(&slot.id);
     loop {
         {
@@ -543,7 +689,7 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
             }
         }
         let next = {
-            let mut t = slot.lock();
+            let mut t = slot.transport();
             if !t.live() {
                 return;
             }
@@ -556,7 +702,7 @@ pub(crate) fn serve(slot: &Arc<MmioSlot>, mem: &GuestMemoryMmap, events: &Inbox)
         let (req, pending) = match next {
             Next::Empty => return,
             Next::Refused => {
-                used_interrupt(slot, &mut slot.lock(), mem);
+                used_interrupt(slot, &mut slot.transport(), mem);
                 continue;
             }
             Next::Request(req, pending) => (req, pending),
@@ -667,6 +813,11 @@ fn run_job(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, job: Job) {
             call.run_borrowed(write.runs());
             // The worker copies meanwhile; were it gone, the copy is made here.
             call.supply(copy.recv().unwrap_or_else(|_| write.copy()));
+            // A driver that reset the device meanwhile may have reused the memory
+            // while the host write read it: the host gets the buffer's copy again.
+            if slot.transport().device().resets() != write.resets {
+                call.rerun_from_copy();
+            }
             call
         }
     };
@@ -703,7 +854,7 @@ fn answer(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outco
 fn answered(slot: &MmioSlot, mem: &GuestMemoryMmap, events: &Inbox, outcome: Outcome) {
     let mut run = QueueRun::default();
     {
-        let mut t = slot.lock();
+        let mut t = slot.transport();
         let (device, queues) = t.device_and_queues();
         match device.finish(mem, &mut queues[0], &mut run, outcome) {
             Ok(0) => {}
@@ -750,7 +901,7 @@ impl MmioSlot {
         }
         if !calls.started {
             let mut started = 0;
-            for _ in 0..CALLS_PER_DISK {
+            for _ in 0..self.io_threads {
                 let (slot, mem, events) = (Arc::clone(self), mem.clone(), events.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("{WORKER_PREFIX}{}", self.id))
@@ -782,7 +933,7 @@ impl MmioSlot {
     }
 
     /// Lets the disk's I/O threads end once the calls they have are done.
-    pub(crate) fn stop_io_threads(&self) {
+    pub fn stop_io_threads(&self) {
         self.lock_calls().ending = true;
         self.call_ready.notify_all();
     }
@@ -942,27 +1093,10 @@ mod tests {
         set_up(slot, queue, 0);
     }
 
-    /// A driver's set-up, register by register: VERSION_1 and the device features
-    /// `low` (bits 0 to 31), then `queue`, then DRIVER_OK.
+    /// A driver's set-up ([`MmioSlot::set_up`]): VERSION_1 and the device features
+    /// `low` (bits 0 to 31), `queue`, then DRIVER_OK.
     fn set_up(slot: &MmioSlot, queue: Queue, low: u32) {
-        let mut t = slot.lock();
-        let w = |t: &mut BlockTransport, reg: u32, v: u32| {
-            t.write(u64::from(reg), &v.to_le_bytes());
-        };
-        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
-        w(&mut t, VIRTIO_MMIO_STATUS, s);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, low);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
-        w(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
-        t.queues_mut()[0] = queue;
-        w(
-            &mut t,
-            VIRTIO_MMIO_STATUS,
-            s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
-        );
-        assert!(t.live());
+        assert!(slot.set_up(queue, u64::from(low) | crate::virtio::FEATURE_VERSION_1));
     }
 
     /// The `n` FLUSHes [`drive_flushes`] made at `at` completed OK.
@@ -986,7 +1120,7 @@ mod tests {
             let d = slot("d");
             drive_flushes(&d, &mem, 0x20_0000, Broken::Not, 3);
             let (avail, used) = {
-                let mut t = d.lock();
+                let mut t = d.transport();
                 let q = &mut t.queues_mut()[0];
                 q.set_event_idx(used_event.is_some());
                 // Apart from the available ring (the mock's used ring overlaps its
@@ -1005,7 +1139,8 @@ mod tests {
                 interrupts,
                 "used_event {used_event:?}"
             );
-            let vring = d.lock().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
+            let vring =
+                d.transport().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
             assert_eq!(vring != 0, interrupts > 0, "used_event {used_event:?}");
             if used_event.is_some() {
                 // Where the driver must notify the worker next: the fourth request.
@@ -1037,7 +1172,7 @@ mod tests {
         };
         answered(&d, &mem, &tx, parked());
         assert_eq!(d.irq.read().unwrap_or(0), 1);
-        let vring = d.lock().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
+        let vring = d.transport().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
         assert_ne!(vring, 0);
         // Nothing left unsignalled: the next lone answer with nothing to add raises none.
         answer(&d, &mem, &tx, parked());
@@ -1052,7 +1187,7 @@ mod tests {
             let (bad, good) = (slot("bad"), slot("good"));
             drive(&bad, &mem, 0x20_0000, broken);
             serve(&bad, &mem, &tx);
-            let t = bad.lock();
+            let t = bad.transport();
             assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0, "{broken:?}");
             assert_ne!(
                 t.interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_CONFIG,
@@ -1091,7 +1226,7 @@ mod tests {
         let bad = slot("bad");
         drive(&bad, &mem, 0x20_0000, Broken::UsedRing);
         serve(&bad, &mem, &tx);
-        let mut t = bad.lock();
+        let mut t = bad.transport();
         // The driver may write the status back without the device's bit.
         let s = t.status() & !VIRTIO_CONFIG_S_NEEDS_RESET;
         t.write(u64::from(VIRTIO_MMIO_STATUS), &s.to_le_bytes());
@@ -1487,12 +1622,12 @@ mod tests {
         let slot = Arc::clone(&hung);
         assert!(
             returns_within(Duration::from_secs(2), move || {
-                slot.lock().device_mut().reset();
+                slot.transport().device_mut().reset();
             }),
             "a vCPU's reset waited on the hung disk"
         );
         assert_ne!(
-            hung.lock().device_mut().take_pending(),
+            hung.transport().device_mut().take_pending(),
             Default::default(),
             "the reset waits for the disk"
         );
@@ -1571,7 +1706,7 @@ mod tests {
             Err(ResumeFailure::Busy { .. })
         ));
         faults.clear_named("stall");
-        while slot.call().is_some() || slot.lock_replay().is_none() {
+        while slot.call().is_some() || matches!(*slot.lock_replay(), Replay::Running) {
             std::thread::sleep(Duration::from_millis(5));
         }
         let replayed = slot.resume(&mem, &tx).expect("resumed").expect("replayed");
@@ -1628,7 +1763,7 @@ mod tests {
         // The write returns; the replay's flush fails.
         faults.arm(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Always).named("again"));
         faults.clear_named("stall-write");
-        while slot.call().is_some() || slot.lock_replay().is_none() {
+        while slot.call().is_some() || matches!(*slot.lock_replay(), Replay::Running) {
             std::thread::sleep(Duration::from_millis(5));
         }
         match slot.resume(&mem, &tx) {
@@ -1679,5 +1814,334 @@ mod tests {
                 .expect("status");
             assert_eq!(status, 0, "request {i} completed S_OK after cont");
         }
+    }
+
+    /// A driver's set-up (write-back) with one request per `(kind, sector, bytes)`,
+    /// the i-th's header at `at + 0x1_0000 * i`, its data at `+ 0x1000` (bytes
+    /// `i + 1`), its status byte at `+ 16` (preset to 0xff).
+    fn drive_requests(
+        slot: &MmioSlot,
+        mem: &GuestMemoryMmap,
+        at: u64,
+        requests: &[(u32, u64, u32)],
+    ) {
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+        let vq = MockSplitQueue::new(mem, 16);
+        let mut descs = Vec::new();
+        for (i, &(kind, sector, bytes)) in requests.iter().enumerate() {
+            let head = at + 0x1_0000 * i as u64;
+            let runs: &[(u64, u32)] = if bytes == 0 {
+                &[]
+            } else {
+                &[(head + 0x1000, bytes)]
+            };
+            mem.write_slice(
+                &vec![i as u8 + 1; bytes as usize],
+                GuestAddress(head + 0x1000),
+            )
+            .expect("data");
+            push_chain(mem, &mut descs, head, kind, sector, runs);
+        }
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        set_up(
+            slot,
+            vq.create_queue::<Queue>().expect("queue"),
+            1 << VIRTIO_BLK_F_FLUSH,
+        );
+    }
+
+    /// The status byte of [`drive_requests`]'s `i`-th request.
+    fn request_status(mem: &GuestMemoryMmap, at: u64, i: u64) -> u8 {
+        mem.read_obj(GuestAddress(at + 0x1_0000 * i + 16))
+            .expect("status")
+    }
+
+    /// `cont`s until one is not refused as busy (at most 5 s).
+    fn cont_until_not_busy(
+        slot: &Arc<MmioSlot>,
+        mem: &GuestMemoryMmap,
+        tx: &Inbox,
+    ) -> Result<Option<Replayed>, ResumeFailure> {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match slot.resume(mem, tx) {
+                Err(ResumeFailure::Busy { .. }) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until a host call of the disk's has been outstanding for [`HUNG_AFTER`].
+    fn until_a_call_hangs(slot: &MmioSlot) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while slot.call().is_none_or(|c| c.call.age() < HUNG_AFTER) {
+            assert!(Instant::now() < until, "no call hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the disk's host calls all returned.
+    fn until_no_call(slot: &MmioSlot) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while slot.call().is_some() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(slot.call().is_none(), "a host call still outstanding");
+    }
+
+    /// A read hangs; a write beside it fails (the disk stops, the write is parked).
+    /// Two `cont`s are refused while the read hangs; once it returned, one replay
+    /// runs and the `cont` after it answers the parked write. (On 2026-12-06's
+    /// main the first `cont` started a replay that waited for the read, the second
+    /// a second replay that, once the first had answered the write, replayed the
+    /// running disk and kept its empty outcome over the first's: the third `cont`
+    /// took that, and the write was never answered.)
+    #[test]
+    fn a_cont_while_a_call_hangs_starts_no_second_replay() {
+        use holdfast_block::{FaultOp, FaultRule, Trigger};
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (slot, faults) = faulty_slot("data");
+        faults.arm(FaultRule::hang(FaultOp::Read).named("stall-read"));
+        faults.arm(
+            FaultRule::new(FaultOp::Write, libc::EIO, Trigger::Once)
+                .in_range(64 << 10, 4096)
+                .named("outage"),
+        );
+        let at = 0x10_0000;
+        drive_requests(
+            &slot,
+            &mem,
+            at,
+            &[(VIRTIO_BLK_T_IN, 0, 4096), (VIRTIO_BLK_T_OUT, 128, 4096)],
+        );
+        serve(&slot, &mem, &tx);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !lock_disk(&slot.disk).is_stopped() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(matches!(rx.try_recv(), Ok(Input::DiskError { .. })));
+        until_a_call_hangs(&slot);
+        for cont in 1..=2 {
+            match slot.resume(&mem, &tx) {
+                Err(ResumeFailure::Busy { call, .. }) => {
+                    assert!(call.contains("read"), "cont {cont}: {call}")
+                }
+                other => panic!("cont {cont} while the read hangs: {other:?}"),
+            }
+        }
+        faults.clear_named("stall-read");
+        until_no_call(&slot);
+        let replayed = cont_until_not_busy(&slot, &mem, &tx)
+            .expect("resumed")
+            .expect("replayed");
+        assert_eq!(
+            replayed.bytes_rewritten, 4096,
+            "the failed write, rewritten"
+        );
+        assert_eq!(request_status(&mem, at, 0), 0, "the read");
+        assert_eq!(request_status(&mem, at, 1), 0, "the parked write, answered");
+        assert!(!lock_disk(&slot.disk).is_stopped());
+    }
+
+    /// A disk over an image file (it can let go of it), with a fault point.
+    fn file_slot(id: &str) -> (Arc<MmioSlot>, FaultHandle, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).expect("image");
+        let file = holdfast_block::FileBackend::open(&path, Default::default()).expect("open");
+        let injector = holdfast_block::FaultInjector::new(file);
+        let faults = injector.handle();
+        let mut spec = DiskSpec::new(id, Box::new(injector), DiskConfig::default(), "disk.img");
+        spec.faults = Some(faults.clone());
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        (
+            Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd())),
+            faults,
+            dir,
+        )
+    }
+
+    /// A replay left running by a refused `cont` succeeds; then the disk is detached
+    /// and attached: the next `cont` replays again (the image may have lost what no
+    /// flush covered), and the disk runs. (On 2026-12-06's main that `cont` took
+    /// the earlier outcome, resumed without a replay, and the disk stayed stopped.)
+    #[test]
+    fn a_detach_after_a_replay_ended_makes_the_next_cont_replay_again() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, rx) = channel();
+        let (slot, faults, _dir) = file_slot("data");
+        replay_left_running_on_a_hung_write(&slot, &faults, &mem, &tx, &rx);
+        faults.clear_named("stall-write");
+        until_no_call(&slot);
+        std::thread::sleep(Duration::from_millis(50));
+        slot.change(|d| d.detach()).expect("detach");
+        slot.change(|d| d.attach(None)).expect("attach");
+        assert!(
+            lock_disk(&slot.disk).is_stopped(),
+            "detached, the disk stopped"
+        );
+        let replayed = cont_until_not_busy(&slot, &mem, &tx)
+            .expect("resumed")
+            .expect("replayed again");
+        assert_eq!(
+            replayed.bytes_rewritten, 0,
+            "a second replay (the first's flush had released the buffer), not the first's outcome"
+        );
+        assert!(!lock_disk(&slot.disk).is_stopped(), "the disk runs");
+        let status: u8 = mem.read_obj(GuestAddress(0x20_0000 + 16)).expect("status");
+        assert_eq!(status, 0, "the parked FLUSH answered, once");
+    }
+
+    /// `cont` is refused while a read, a write or the disk's own flush ahead of its
+    /// bound is outstanding and hangs, though none of them holds the disk's lock:
+    /// the guest must not run beside a call that may still change what it reads.
+    /// (On 2026-12-06's main it resumed.)
+    #[test]
+    fn cont_is_refused_while_a_call_beside_others_hangs() {
+        use holdfast_block::{FaultOp, FaultRule};
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        for (op, kind) in [
+            (FaultOp::Read, VIRTIO_BLK_T_IN),
+            (FaultOp::Write, VIRTIO_BLK_T_OUT),
+        ] {
+            let (slot, faults) = faulty_slot("data");
+            faults.arm(FaultRule::hang(op).named("stall"));
+            let at = 0x10_0000;
+            drive_requests(&slot, &mem, at, &[(kind, 0, 4096)]);
+            serve(&slot, &mem, &tx);
+            until_a_call_hangs(&slot);
+            match slot.resume(&mem, &tx) {
+                Err(ResumeFailure::Busy { disk, call }) => {
+                    assert_eq!(disk, "data");
+                    assert!(call.contains("outstanding"), "{op:?}: {call}");
+                }
+                other => panic!("cont while a {op:?} hangs: {other:?}"),
+            }
+            faults.clear_named("stall");
+            until_no_call(&slot);
+            assert!(cont_until_not_busy(&slot, &mem, &tx).is_ok());
+            assert_eq!(request_status(&mem, at, 0), 0, "{op:?} answered");
+            slot.stop_io_threads();
+        }
+        // The disk's own flush ahead of its bound: a bound of 6 KiB; 4 KiB written,
+        // read back (alone, once the write ended), then a write elsewhere, taken with
+        // the buffer past half its bound.
+        let injector = holdfast_block::FaultInjector::new(MemBackend::new(1 << 20));
+        let faults = injector.handle();
+        let config = DiskConfig {
+            unflushed_limit: 6144,
+            ..DiskConfig::default()
+        };
+        let spec = DiskSpec::new("data", Box::new(injector), config, "memory");
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+        faults.arm(FaultRule::hang(FaultOp::Flush).named("stall"));
+        let at = 0x10_0000;
+        let requests = [
+            (VIRTIO_BLK_T_OUT, 0, 4096),
+            (VIRTIO_BLK_T_IN, 0, 512),
+            (VIRTIO_BLK_T_OUT, 128, 512),
+        ];
+        drive_requests(&slot, &mem, at, &requests);
+        serve(&slot, &mem, &tx);
+        until_a_call_hangs(&slot);
+        assert_eq!(
+            slot.call().expect("a call").call.op,
+            holdfast_block::HostOp::Flush
+        );
+        assert!(matches!(
+            slot.resume(&mem, &tx),
+            Err(ResumeFailure::Busy { .. })
+        ));
+        faults.clear_named("stall");
+        until_no_call(&slot);
+        assert!(cont_until_not_busy(&slot, &mem, &tx).is_ok());
+        slot.stop_io_threads();
+    }
+
+    /// Settling at the end (`quit`, SIGTERM) waits for a disk that is busy but not
+    /// hung (a long replay): it reports nothing dropped, and then nothing is.
+    /// (On 2026-12-06's main it gave up after a second and reported the buffer
+    /// dropped, "a host write outstanding for 0.0 s", then exited 0 after all.)
+    #[test]
+    fn settling_at_the_end_waits_for_a_disk_that_is_busy_not_hung() {
+        let (slot, _) = faulty_slot("data");
+        let write = holdfast_block::RequestOp::Write {
+            offset: 0,
+            data: vec![7u8; 4096].as_slice().into(),
+        };
+        lock_disk(&slot.disk).submit(holdfast_block::Request::new(1, write));
+        // Something holds the disk for 1.5 s, with no call outstanding long.
+        let disk = Arc::clone(&slot.disk);
+        let (held, holding) = channel();
+        let holder = std::thread::spawn(move || {
+            let _d = lock_disk(&disk);
+            let _ = held.send(());
+            std::thread::sleep(Duration::from_millis(1500));
+        });
+        holding.recv().expect("held");
+        let dropped = slot.settle_at_the_end();
+        assert!(dropped.is_none(), "{dropped:?}");
+        assert_eq!(lock_disk(&slot.disk).status().buffer.bytes, 0, "flushed");
+        holder.join().expect("holder");
+    }
+
+    /// A long write runs its host call from guest memory. The driver resets the
+    /// device while that call is held up, and reuses the memory: the host must end
+    /// up with what the buffer keeps (the bytes as they were when the write was
+    /// taken), not the new ones, or reads would change once a flush releases the
+    /// buffer. (On 2026-12-06's main the host kept the new bytes.)
+    #[test]
+    fn a_reset_during_a_long_write_leaves_the_host_as_the_buffer() {
+        use holdfast_block::{FaultOp, FaultRule, Request, RequestOp};
+        let stable = MemBackend::new(1 << 20);
+        let injector = holdfast_block::FaultInjector::new(stable.clone());
+        let faults = injector.handle();
+        let spec = DiskSpec::new("data", Box::new(injector), DiskConfig::default(), "memory");
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        let (tx, _rx) = channel();
+        faults.arm(
+            FaultRule::hang(FaultOp::Write)
+                .in_range(0, 4096)
+                .named("stall"),
+        );
+        let at = 0x20_0000;
+        drive_writes(&slot, &mem, at);
+        serve(&slot, &mem, &tx);
+        while faults.hanging() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The copy for the buffer is made as the write is taken.
+        std::thread::sleep(Duration::from_millis(50));
+        slot.transport().device_mut().reset();
+        mem.write_slice(&[9u8; 128 << 10], GuestAddress(at + 0x1_0000))
+            .expect("the driver reuses the memory");
+        faults.clear_named("stall");
+        assert!(slot.wait_quiet(Duration::from_secs(5)));
+        let read = lock_disk(&slot.disk).submit(Request::new(
+            1 << 40,
+            RequestOp::Read {
+                offset: 0,
+                len: 128 << 10,
+            },
+        ));
+        let buffered = read.completion.expect("read").data;
+        assert!(
+            buffered.iter().all(|&b| b == 7),
+            "the buffer keeps the bytes as taken"
+        );
+        assert!(
+            stable.contents()[..128 << 10].iter().all(|&b| b == 7),
+            "the host holds what the buffer holds"
+        );
+        slot.stop_io_threads();
     }
 }

@@ -182,18 +182,27 @@ impl Owner {
                     report.action.as_str()
                 );
                 block_io_error(&self.events, &disk, &report);
-                match (self.state, report.action) {
-                    (RunState::Running, ErrorAction::Stop) => {
+                // A `cont` that came while the error was on its way here may have
+                // replayed the disk already: then nothing holds the VM.
+                let stops = report.action == ErrorAction::Stop && disk_stopped(m, &disk);
+                if report.action == ErrorAction::Stop && !stops {
+                    log::info!(
+                        "disk {disk}: a cont replayed it before its error reached here; \
+                         the VM is not paused again"
+                    );
+                }
+                match (self.state, stops) {
+                    (RunState::Running, true) => {
                         self.clock = m.pause();
                         self.timings.error_to_stopped = Some(at.elapsed());
                         self.state = RunState::IoError;
                         self.events.emit("STOP", Value::Null);
                     }
                     // Already paused: the disk's error is now what holds it.
-                    (RunState::Paused | RunState::IoError, ErrorAction::Stop) => {
+                    (RunState::Paused | RunState::IoError, true) => {
                         self.state = RunState::IoError;
                     }
-                    (_, ErrorAction::Report | ErrorAction::Ignore) => {}
+                    (_, false) => {}
                 }
                 Step::Go
             }
@@ -398,6 +407,14 @@ impl Owner {
         );
         Ok(json!({}))
     }
+}
+
+/// Whether the disk is stopped now (a disk the machine does not know is taken to be).
+fn disk_stopped(m: &impl Lifecycle, disk: &str) -> bool {
+    m.disks()
+        .iter()
+        .find(|d| d.id == disk)
+        .is_none_or(|d| d.status.stopped)
 }
 
 fn errno_desc(e: &HostError) -> String {

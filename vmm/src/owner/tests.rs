@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::mpsc::channel;
 
 use holdfast_block::{
-    Disk, DiskConfig, ErrorAction, FaultHandle, FaultOp, FaultRule, HostError, HostOp,
+    Disk, DiskConfig, DiskStatus, ErrorAction, FaultHandle, FaultOp, FaultRule, HostError, HostOp,
     IoErrorReport, MemBackend, Outstanding, Trigger,
 };
 use holdfast_qmp::EventSink;
@@ -33,6 +33,9 @@ struct Fake {
     faults: FaultHandle,
     /// Host calls in progress (`Lifecycle::calls`).
     hanging: Vec<DiskCall>,
+    /// Whether the disk is stopped (as it is when its error arrives, unless a
+    /// `cont` replayed it first).
+    stopped: bool,
 }
 
 const CLOCK: u64 = 42;
@@ -45,6 +48,7 @@ impl Fake {
             resumed_with: None,
             faults: FaultHandle::default(),
             hanging: Vec::new(),
+            stopped: true,
         }
     }
 
@@ -110,7 +114,10 @@ impl Lifecycle for Fake {
             direct: false,
             read_only: false,
             writeback: true,
-            status: Disk::new(MemBackend::new(4096), DiskConfig::default()).status(),
+            status: DiskStatus {
+                stopped: self.stopped,
+                ..Disk::new(MemBackend::new(4096), DiskConfig::default()).status()
+            },
             outstanding: self.hanging.first().map(|c| c.call),
             hang_timeout: self.hanging.first().and_then(|c| c.hang_timeout),
         }]
@@ -149,6 +156,8 @@ enum Case {
     DeviceFailed,
     DeviceNeedsReset,
     DiskErrorStop,
+    /// Under `stop`, but a `cont` replayed the disk before the error arrived.
+    DiskErrorStopReplayed,
     DiskErrorReport,
     ThreadPanicked,
     HostSignal,
@@ -169,7 +178,7 @@ enum Case {
     XBlockAttach,
 }
 
-const CASES: [Case; 26] = [
+const CASES: [Case; 27] = [
     Case::Poweroff,
     Case::Reboot,
     Case::GuestPanic,
@@ -178,6 +187,7 @@ const CASES: [Case; 26] = [
     Case::DeviceFailed,
     Case::DeviceNeedsReset,
     Case::DiskErrorStop,
+    Case::DiskErrorStopReplayed,
     Case::DiskErrorReport,
     Case::ThreadPanicked,
     Case::HostSignal,
@@ -200,7 +210,7 @@ const CASES: [Case; 26] = [
 
 /// Which case an input is. Exhaustive: a new input or command does not compile
 /// until it has a case here (and so an expectation below).
-fn case_of(input: &Input, resume: Resume, hanging: bool) -> Case {
+fn case_of(input: &Input, resume: Resume, hanging: bool, stopped: bool) -> Case {
     match input {
         Input::Poweroff => Case::Poweroff,
         Input::Reboot => Case::Reboot,
@@ -210,7 +220,8 @@ fn case_of(input: &Input, resume: Resume, hanging: bool) -> Case {
         Input::DeviceFailed { .. } => Case::DeviceFailed,
         Input::DeviceNeedsReset { .. } => Case::DeviceNeedsReset,
         Input::DiskError { report, .. } => match report.action {
-            ErrorAction::Stop => Case::DiskErrorStop,
+            ErrorAction::Stop if stopped => Case::DiskErrorStop,
+            ErrorAction::Stop => Case::DiskErrorStopReplayed,
             ErrorAction::Report | ErrorAction::Ignore => Case::DiskErrorReport,
         },
         Input::ThreadPanicked { .. } => Case::ThreadPanicked,
@@ -242,12 +253,11 @@ type Reply = std::sync::mpsc::Receiver<Result<Value, holdfast_qmp::QmpError>>;
 /// The input of a case, the machine it meets, and where a command's answer goes.
 fn input(case: Case) -> (Input, Fake, Option<Reply>) {
     let (input, resume, reply) = input_and_resume(case);
-    let fake = Fake::new(resume);
-    let fake = if case == Case::TickHung {
-        fake.with_hung_flush()
-    } else {
-        fake
-    };
+    let mut fake = Fake::new(resume);
+    if case == Case::TickHung {
+        fake = fake.with_hung_flush();
+    }
+    fake.stopped = case != Case::DiskErrorStopReplayed;
     (input, fake, reply)
 }
 
@@ -282,7 +292,7 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
             disk: "data".into(),
             reason: "used ring out of memory".into(),
         }),
-        Case::DiskErrorStop => plain(disk_error(ErrorAction::Stop)),
+        Case::DiskErrorStop | Case::DiskErrorStopReplayed => plain(disk_error(ErrorAction::Stop)),
         Case::DiskErrorReport => plain(disk_error(ErrorAction::Report)),
         Case::ThreadPanicked => plain(Input::ThreadPanicked {
             thread: "qmp".into(),
@@ -398,6 +408,8 @@ fn expect(state: RunState, case: Case) -> Expect {
             None,
         ),
         Case::DiskErrorStop => e(After::State(IoError), &["BLOCK_IO_ERROR"], &[], None),
+        // The event tells what happened; nothing holds the VM any more.
+        Case::DiskErrorStopReplayed => e(same, &["BLOCK_IO_ERROR"], &[], None),
         Case::DiskErrorReport => e(same, &["BLOCK_IO_ERROR"], &[], None),
         Case::Stop if running => e(After::State(Paused), &["STOP"], &["pause"], Some(true)),
         Case::Stop => e(same, &[], &[], Some(true)),
@@ -453,7 +465,10 @@ fn run(state: RunState, case: Case) -> (Expect, Owner, Fake, Option<Value>) {
     let mut rx = events.subscribe();
     let mut owner = Owner::in_state(state, events);
     let (input, mut fake, answer) = input(case);
-    assert_eq!(case_of(&input, fake.resume, !fake.hanging.is_empty()), case);
+    assert_eq!(
+        case_of(&input, fake.resume, !fake.hanging.is_empty(), fake.stopped),
+        case
+    );
     let step = owner.step(&mut fake, input);
     let after = match step {
         Step::Go => After::State(owner.state()),
@@ -499,7 +514,7 @@ fn every_state_and_input() {
             pairs += 1;
         }
     }
-    assert_eq!(pairs, 3 * 26);
+    assert_eq!(pairs, 3 * CASES.len());
 }
 
 #[test]

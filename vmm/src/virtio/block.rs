@@ -17,8 +17,8 @@
 //! the disk's worker interrupts only where the driver asked, see `devices::disks`).
 //!
 //! While the disk is stopped on a host error the device takes no more requests from
-//! the queue: they stay in the available ring, in order, until [`BlockDevice::resume`]
-//! has replayed the disk.
+//! the queue: they stay in the available ring, in order, until `cont` has replayed
+//! the disk (`devices::disks`, `MmioSlot::resume`).
 //!
 //! The disk engine sits behind its own lock ([`SharedDisk`]), apart from the
 //! device's virtio state: a request is taken off the queue ([`BlockDevice::next`]),
@@ -33,9 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use holdfast_block::disk::MAX_REQUEST_BYTES;
 use holdfast_block::Bytes as WriteBytes;
-use holdfast_block::{
-    Backend, Completion, Disk, IoErrorReport, ReplayError, Request, RequestOp, Status,
-};
+use holdfast_block::{Backend, Completion, Disk, IoErrorReport, Request, RequestOp, Status};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
@@ -159,6 +157,8 @@ pub const BORROW_FROM: usize = 64 << 10;
 pub struct GuestWrite {
     pub tag: u64,
     pub offset: u64,
+    /// The device's resets when it was taken ([`BlockDevice::resets`]).
+    pub resets: u64,
     runs: Vec<holdfast_block::bytes::Borrowed>,
     /// Keeps the guest memory the runs point into mapped.
     _mapped: Box<dyn std::any::Any + Send + Sync>,
@@ -219,6 +219,8 @@ pub struct BlockDevice<B> {
     wce: bool,
     inflight: HashMap<u64, Inflight>,
     next_tag: u64,
+    /// How many times the driver reset the device.
+    resets: u64,
 }
 
 impl<B: Backend> BlockDevice<B> {
@@ -253,6 +255,7 @@ impl<B: Backend> BlockDevice<B> {
             wce,
             inflight: HashMap::new(),
             next_tag: 0,
+            resets: 0,
         }
     }
 
@@ -292,6 +295,12 @@ impl<B: Backend> BlockDevice<B> {
 
     pub fn features(&self) -> u64 {
         self.offered
+    }
+
+    /// How many times the driver reset the device: after a reset it may reuse the
+    /// memory of requests it had made.
+    pub fn resets(&self) -> u64 {
+        self.resets
     }
 
     pub fn read_only(&self) -> bool {
@@ -360,41 +369,6 @@ impl<B: Backend> BlockDevice<B> {
         }
     }
 
-    /// Serves available requests until the queue is empty or the disk stops, running
-    /// each on the disk in this thread, with the device held throughout: for tests
-    /// and fuzzing. The disk's I/O worker ([`crate::devices::disks`]) does the same
-    /// with the device unlocked between [`BlockDevice::next`] and
-    /// [`BlockDevice::finish`].
-    pub fn process_queue<M: GuestMemory + Clone + Send + Sync + 'static>(
-        &mut self,
-        mem: &M,
-        queue: &mut Queue,
-    ) -> Result<QueueRun, Error> {
-        let mut run = QueueRun::default();
-        let disk = self.shared_disk();
-        loop {
-            if lock_disk(&disk).is_stopped() {
-                break;
-            }
-            let (req, pending) = match self.next(mem, queue)? {
-                Next::Empty => break,
-                Next::Refused => {
-                    run.used += 1;
-                    continue;
-                }
-                Next::Request(req, pending) => (req, pending),
-                Next::GuestWrite(write, pending) => (write.into_request(), pending),
-            };
-            let outcome = {
-                let mut disk = lock_disk(&disk);
-                pending.apply(&mut disk);
-                disk.submit(req)
-            };
-            run.used += self.finish(mem, queue, &mut run, outcome)?;
-        }
-        Ok(run)
-    }
-
     /// Takes the next available request off the queue (the caller has checked the
     /// disk is not stopped). A chain the device refuses goes to the used ring here.
     /// An empty queue first asks the driver to notify the device of the next
@@ -438,6 +412,7 @@ impl<B: Backend> BlockDevice<B> {
                         let write = GuestWrite {
                             tag,
                             offset,
+                            resets: self.resets,
                             runs,
                             _mapped: Box::new(mem.clone()),
                         };
@@ -470,24 +445,6 @@ impl<B: Backend> BlockDevice<B> {
         }
     }
 
-    /// `cont`: replays the stopped disk and completes what was parked. On failure
-    /// nothing is completed and the device stays stopped. A successful replay whose
-    /// completions the guest's queue cannot take is still a successful replay: the
-    /// broken queue is reported in [`Resumed::broken_queue`].
-    pub fn resume<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        queue: &mut Queue,
-    ) -> Result<Resumed, ReplayError> {
-        let pending = self.take_pending();
-        let report = {
-            let mut disk = lock_disk(&self.disk);
-            pending.apply(&mut disk);
-            disk.replay()?
-        };
-        Ok(self.complete_replay(mem, queue, report))
-    }
-
     /// Puts a successful replay's completions in the used ring.
     pub fn complete_replay<M: GuestMemory>(
         &mut self,
@@ -516,6 +473,7 @@ impl<B: Backend> BlockDevice<B> {
     /// anything else). Returns how many were dropped now.
     pub fn reset(&mut self) -> usize {
         self.inflight.clear();
+        self.resets += 1;
         self.acked = 0;
         self.wce = self.writeback_default;
         self.apply_or_keep(Pending {
@@ -595,7 +553,7 @@ impl<B: Backend> VirtioDevice for BlockDevice<B> {
     }
 }
 
-/// What [`BlockDevice::resume`] did after a successful replay.
+/// What [`BlockDevice::complete_replay`] did with a successful replay.
 #[derive(Debug)]
 pub struct Resumed {
     /// Used-ring entries added: the guest needs an interrupt if this is not 0.

@@ -1,4 +1,6 @@
-//! Tiny test guests for the machine's tests.
+//! Tiny test guests for the machine's tests, and a disk served by its worker.
+
+pub mod rig;
 
 /// Where a tiny guest's code is loaded and starts.
 pub const ENTRY: u64 = 0x100_0000;
@@ -76,6 +78,7 @@ pub fn counting_vm_config(
             simulated: None,
             watch: Default::default(),
             hang_timeout: None,
+            io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
         }],
     )
 }

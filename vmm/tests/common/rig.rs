@@ -1,0 +1,95 @@
+#![allow(dead_code)]
+//! A disk as `holdfast run` makes one, served by its worker and I/O threads
+//! (`holdfast_vmm::devices::disks::serve`), for tests that drive its virtqueue from
+//! test memory; what it tells the run-state owner arrives on `events`.
+
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::Duration;
+
+use holdfast_block::{Backend, DiskConfig, DiskStatus, FaultHandle, FaultInjector, IoErrorReport};
+use holdfast_vmm::devices::disks::{serve, MmioSlot};
+use holdfast_vmm::owner::{Inbox, Input, Replayed, ResumeFailure};
+use holdfast_vmm::vm::DiskSpec;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub struct Rig {
+    pub slot: Arc<MmioSlot>,
+    tx: Inbox,
+    pub events: Receiver<Input>,
+}
+
+/// What serving the queue once did.
+pub struct Run {
+    /// The host errors the owner heard of.
+    pub errors: Vec<IoErrorReport>,
+}
+
+impl Rig {
+    /// A disk `data` over `backend`, with a fault point in front of it.
+    pub fn new(backend: Box<dyn Backend>, config: DiskConfig) -> (Rig, FaultHandle) {
+        let injector = FaultInjector::new(backend);
+        let faults = injector.handle();
+        let mut spec = DiskSpec::new("data", Box::new(injector), config, "test");
+        spec.faults = Some(faults.clone());
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+        let (tx, events) = channel();
+        (Rig { slot, tx, events }, faults)
+    }
+
+    /// The driver sets the device up with `queue`, negotiating every feature
+    /// offered but those in `without`.
+    pub fn start(&self, queue: Queue, without: u64) {
+        assert!(self.slot.set_up(queue, !without), "the device went live");
+    }
+
+    /// The driver resets the device (status 0).
+    pub fn reset(&self) {
+        use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
+        self.slot
+            .transport()
+            .write(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
+        self.slot.transport().device_mut().reset();
+    }
+
+    /// The worker serves the queue, and its I/O threads finish what it handed them.
+    pub fn serve(&self, mem: &GuestMemoryMmap<()>) -> Run {
+        serve(&self.slot, mem, &self.tx);
+        assert!(
+            self.slot.wait_quiet(Duration::from_secs(60)),
+            "the disk went quiet"
+        );
+        let errors = self
+            .events
+            .try_iter()
+            .filter_map(|i| match i {
+                Input::DiskError { report, .. } => Some(report),
+                _ => None,
+            })
+            .collect();
+        Run { errors }
+    }
+
+    /// `cont` for this disk.
+    pub fn resume(&self, mem: &GuestMemoryMmap<()>) -> Result<Option<Replayed>, ResumeFailure> {
+        let r = self.slot.resume(mem, &self.tx);
+        assert!(
+            self.slot.wait_quiet(Duration::from_secs(60)),
+            "the disk went quiet"
+        );
+        r
+    }
+
+    pub fn status(&self) -> DiskStatus {
+        self.slot.info().status
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.slot.stop_io_threads();
+    }
+}
