@@ -47,6 +47,32 @@
 //! twice: from one 1 MiB buffer, then from MIB MiB of distinct memory (as a replay
 //! reads its whole buffer); prints `SEQWRITE <mib> <ns> <ns-distinct>`.
 //!
+//! `workload sectors DEVICE PHASES WRITES [--threads N] [--gate GATEDEV] [--seed S]`
+//! keeps many writes in flight at 512-byte granularity. DEVICE is split into PHASES
+//! regions (MiB-aligned), each into halves; phase p writes only in region p: threads
+//! 0..N/2 (N = 8 by default) with O_DIRECT in the first half, the others buffered in
+//! the second, WRITES in all, each a range of 1 to 2048 sectors (mostly short, mostly
+//! in the half's first MiB, so neighbours and overlaps are common; chosen by a PRNG
+//! from S, 1 by default) written with one pwrite and then fdatasync'd. Around each
+//! write a thread takes `start` and `ack` from one clock shared by all threads, and
+//! then prints `A <phase> <thread> <seq> <start> <ack> <offset> <len>` (in sectors;
+//! seq counts the thread's writes from 1). With `--gate`, the threads of phase p stop
+//! after WRITES/2 writes, and go on once gate p (as above) opens. Prints `SECTORS
+//! START <phases> <writes> <threads> <bytes>`, `SECTORS PHASE <p> DONE <acked>` and
+//! `SECTORS OK <acked>`; on an error, `SECTORS ERROR <phase> <thread> <seq> <error>`
+//! and that thread stops. Every sector s a write puts holds: `HFSC`, the write's id
+//! (thread << 32 | seq, u64), s (u64), payload derived from both, and an FNV-1a
+//! checksum (u64) of the 504 bytes before it.
+//!
+//! `workload verify-sectors IMAGE CONSOLE` (on the host) reads the `A` lines of the
+//! console log CONSOLE and checks every sector of IMAGE that an acknowledged write W
+//! covered: it must hold W or another write that was in flight at the same time or
+//! later (it did not start after W was acknowledged), or one never acknowledged;
+//! zeroes or damage are lost too. Prints `VERIFY-SECTORS <n> acked writes, <m>
+//! sectors checked, <k> lost, <j> acked writes lost` and a `LOST SECTOR` line for
+//! each of the first 10 lost sectors; exits 1 if any is lost or if CONSOLE has no
+//! `A` line at all.
+//!
 //! A record: magic `HFRC`, its number (u64), its length (u32), payload bytes derived
 //! from the number, and an FNV-1a checksum (u64) of everything before it.
 
@@ -433,6 +459,369 @@ fn seqwrite(path: &str, mib: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// A sector of `workload sectors`: `HFSC`, the write's id (u64), the sector's own
+/// number (u64), payload derived from both, and an FNV-1a checksum (u64) of it all.
+const SECTOR: usize = 512;
+const SECTOR_MAGIC: &[u8; 4] = b"HFSC";
+
+/// The splitmix64 finaliser: payload words and PRNG seeds.
+fn mix(x: u64) -> u64 {
+    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Fills `out` (512 bytes) with what write `id` puts at sector `s`.
+fn sector(id: u64, s: u64, out: &mut [u8]) {
+    out[..4].copy_from_slice(SECTOR_MAGIC);
+    out[4..12].copy_from_slice(&id.to_le_bytes());
+    out[12..20].copy_from_slice(&s.to_le_bytes());
+    for (i, word) in (0u64..).zip(out[20..504].chunks_mut(8)) {
+        let x = mix(id ^ s.rotate_left(24) ^ (i << 56)).to_le_bytes();
+        word.copy_from_slice(&x[..word.len()]);
+    }
+    let sum = fnv1a(&out[..504]);
+    out[504..SECTOR].copy_from_slice(&sum.to_le_bytes());
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Content {
+    Zeroes,
+    Corrupt,
+    Write(u64),
+}
+
+/// What the 512 bytes at sector `s` hold.
+fn content(bytes: &[u8], s: u64) -> Content {
+    if bytes.iter().all(|&b| b == 0) {
+        return Content::Zeroes;
+    }
+    let id = u64::from_le_bytes(bytes[4..12].try_into().unwrap_or_default());
+    let mut want = [0u8; SECTOR];
+    sector(id, s, &mut want);
+    if id != 0 && bytes == want {
+        Content::Write(id)
+    } else {
+        Content::Corrupt
+    }
+}
+
+/// xorshift64*: the ranges `workload sectors` writes, reproducible from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, thread: u64, phase: u64) -> Rng {
+        Rng(mix(mix(seed) ^ (thread << 32) ^ phase).max(1))
+    }
+
+    /// A number in 0..n.
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// `workload sectors`' options.
+struct Plan {
+    phases: u64,
+    writes: u64,
+    threads: u64,
+    gate: Option<String>,
+    seed: u64,
+}
+
+/// Prints a line of `workload sectors` whole, and at once.
+fn print_line(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// `workload sectors`: returns how many writes were acknowledged; `emit` prints.
+fn sectors(device: &str, plan: &Plan, emit: &(dyn Fn(String) + Sync)) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    if plan.threads < 2 || !(1..=255).contains(&plan.phases) {
+        return Err("sectors needs at least 2 threads and 1 to 255 phases".into());
+    }
+    let open = |flags| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(device)
+    };
+    let buffered = open(0).map_err(|e| format!("cannot open {device}: {e}"))?;
+    let direct = match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("workload: {device} refuses O_DIRECT: its direct threads write buffered");
+            open(0)
+        }
+        other => other,
+    }
+    .map_err(|e| format!("cannot open {device} with O_DIRECT: {e}"))?;
+    let size = (&buffered)
+        .seek(SeekFrom::End(0))
+        .map_err(|e| format!("cannot size {device}: {e}"))?;
+    let bound = |p: u64| (p * size / plan.phases) & !(MIB as u64 - 1);
+    if (1..=plan.phases).any(|p| bound(p) == bound(p - 1)) {
+        return Err(format!("{device} is too small for {} phases", plan.phases));
+    }
+    emit(format!(
+        "SECTORS START {} {} {} {size}",
+        plan.phases, plan.writes, plan.threads
+    ));
+    let (clock, acked) = (AtomicU64::new(0), AtomicU64::new(0));
+    let gate_failed = std::sync::OnceLock::new();
+    let barrier = std::sync::Barrier::new(plan.threads as usize);
+    // All threads wait, one runs `f`, all go on.
+    let together = |f: &dyn Fn()| {
+        if barrier.wait().is_leader() {
+            f();
+        }
+        barrier.wait();
+    };
+    let worker = |t: u64| -> Result<(), String> {
+        let is_direct = t < plan.threads / 2;
+        let f = if is_direct { &direct } else { &buffered };
+        let mut buf = AlignedMib::new(0);
+        let (mut seq, mut failed) = (0u64, None);
+        for p in 1..=plan.phases {
+            let (r0, r1) = (bound(p - 1) / SECTOR as u64, bound(p) / SECTOR as u64);
+            let (lo, hi) = if is_direct {
+                (r0, (r0 + r1) / 2)
+            } else {
+                ((r0 + r1) / 2, r1)
+            };
+            let hot = (hi - lo).min(MIB as u64 / SECTOR as u64);
+            let mut rng = Rng::new(plan.seed, t, p);
+            // Two bursts, WRITES/2 and the rest, with the gate (if any) between.
+            for (burst, total) in [plan.writes / 2, plan.writes - plan.writes / 2]
+                .into_iter()
+                .enumerate()
+            {
+                let share = total / plan.threads + u64::from(t < total % plan.threads);
+                for _ in 0..share {
+                    if failed.is_some() {
+                        break;
+                    }
+                    seq += 1;
+                    // 4 times in 5 in the first MiB: neighbours and overlaps.
+                    let zone = if rng.below(5) < 4 { hot } else { hi - lo };
+                    let at = lo + rng.below(zone);
+                    let len = match rng.below(10) {
+                        0..=5 => 1 + rng.below(8),
+                        6..=8 => 9 + rng.below(120),
+                        _ => 129 + rng.below(1920),
+                    }
+                    .min(hi - at);
+                    let id = t << 32 | seq;
+                    let bytes = &mut buf.bytes_mut()[..len as usize * SECTOR];
+                    for (s, out) in (at..).zip(bytes.chunks_mut(SECTOR)) {
+                        sector(id, s, out);
+                    }
+                    let start = clock.fetch_add(1, SeqCst);
+                    let done = f
+                        .write_all_at(bytes, at * SECTOR as u64)
+                        .and_then(|()| f.sync_data());
+                    if let Err(e) = done {
+                        emit(format!("SECTORS ERROR {p} {t} {seq} {e}"));
+                        failed = Some(format!("thread {t}, write {seq} in phase {p}: {e}"));
+                        break;
+                    }
+                    let ack = clock.fetch_add(1, SeqCst);
+                    acked.fetch_add(1, SeqCst);
+                    emit(format!("A {p} {t} {seq} {start} {ack} {at} {len}"));
+                }
+                if let (0, Some(g)) = (burst, &plan.gate) {
+                    together(&|| {
+                        if let Err(e) = gate(g, p as u8) {
+                            let _ = gate_failed.set(format!("phase {p}: {e}"));
+                        }
+                    });
+                }
+            }
+            together(&|| emit(format!("SECTORS PHASE {p} DONE {}", acked.load(SeqCst))));
+            if gate_failed.get().is_some() {
+                break;
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    };
+    let errors: Vec<String> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..plan.threads)
+            .map(|t| scope.spawn(move || worker(t)))
+            .collect();
+        threads
+            .into_iter()
+            .filter_map(|h| h.join().unwrap_or(Err("a thread panicked".into())).err())
+            .collect()
+    });
+    if let Some(e) = gate_failed.into_inner() {
+        return Err(e);
+    }
+    if let Some(first) = errors.first() {
+        return Err(format!(
+            "{} of {} threads stopped (the first: {first})",
+            errors.len(),
+            plan.threads
+        ));
+    }
+    let total = acked.load(SeqCst);
+    emit(format!("SECTORS OK {total}"));
+    Ok(total)
+}
+
+/// An acknowledged write of `workload sectors`, from its `A` line.
+#[derive(Clone, Debug, PartialEq)]
+struct Acked {
+    id: u64,
+    start: u64,
+    ack: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// The `A <phase> <thread> <seq> <start> <ack> <offset> <len>` lines of a console log.
+fn parse_acks(console: &str) -> Vec<Acked> {
+    let max = u64::from(u32::MAX);
+    console
+        .lines()
+        .filter_map(|line| {
+            let fields = line.trim().strip_prefix("A ")?.split_whitespace();
+            let fields: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+            let [_phase, thread, seq, start, ack, offset, len] = fields[..] else {
+                return None;
+            };
+            (thread <= max && (1..=max).contains(&seq) && (1..=max).contains(&len)).then_some(
+                Acked {
+                    id: thread << 32 | seq,
+                    start,
+                    ack,
+                    offset,
+                    len,
+                },
+            )
+        })
+        .collect()
+}
+
+/// `THREAD.SEQ` of a write's id.
+fn write_name(id: u64) -> String {
+    format!("{}.{}", id >> 32, id & 0xffff_ffff)
+}
+
+/// What `verify-sectors` found: the lost sectors, and the first 10 explained.
+#[derive(Debug)]
+struct SectorsVerdict {
+    checked: u64,
+    lost: Vec<u64>,
+    lines: Vec<String>,
+    writes_lost: usize,
+}
+
+/// Checks every sector of `image` that an acknowledged write covered (see the module
+/// comment): it must hold that write, or one in flight at the same time or later, or
+/// one that was never acknowledged.
+fn check_sectors(acks: &[Acked], image: &[u8]) -> Result<SectorsVerdict, String> {
+    let by_id: std::collections::HashMap<u64, &Acked> = acks.iter().map(|w| (w.id, w)).collect();
+    let count = (image.len() / SECTOR) as u64;
+    // For each sector, the covering acknowledged write that started last.
+    let mut latest: Vec<Option<&Acked>> = vec![None; count as usize];
+    for w in acks {
+        if w.offset + w.len > count {
+            return Err(format!(
+                "write {} ends at sector {}, past the image's {count}",
+                write_name(w.id),
+                w.offset + w.len
+            ));
+        }
+        for l in &mut latest[w.offset as usize..(w.offset + w.len) as usize] {
+            if l.is_none_or(|o| o.start < w.start) {
+                *l = Some(w);
+            }
+        }
+    }
+    let (mut checked, mut lost, mut lines) = (0, Vec::new(), Vec::new());
+    let mut writes_lost = std::collections::HashSet::new();
+    for (s, want) in (0..).zip(&latest) {
+        let Some(want) = want else { continue };
+        checked += 1;
+        let at = s as usize * SECTOR;
+        let has = content(&image[at..at + SECTOR], s);
+        let what = match has {
+            Content::Write(id) => match by_id.get(&id) {
+                None => continue, // never acknowledged: it may have reached the disk
+                Some(w) if (w.offset..w.offset + w.len).contains(&s) && w.ack > want.start => {
+                    continue
+                }
+                Some(w) => format!("write {} acked at {}", write_name(id), w.ack),
+            },
+            Content::Zeroes => "zeroes".into(),
+            Content::Corrupt => "corrupt data".into(),
+        };
+        lost.push(s);
+        writes_lost.insert(want.id);
+        if lines.len() < 10 {
+            lines.push(format!(
+                "LOST SECTOR {s}: has {what}, but write {} (started at {}) was acked at {}",
+                write_name(want.id),
+                want.start,
+                want.ack
+            ));
+        }
+    }
+    Ok(SectorsVerdict {
+        checked,
+        lost,
+        lines,
+        writes_lost: writes_lost.len(),
+    })
+}
+
+fn verify_sectors(image: &str, console: &str) -> Result<(), String> {
+    let bytes = std::fs::read(image).map_err(|e| format!("cannot read {image}: {e}"))?;
+    let log = std::fs::read(console).map_err(|e| format!("cannot read {console}: {e}"))?;
+    let acks = parse_acks(&String::from_utf8_lossy(&log));
+    if acks.is_empty() {
+        return Err(format!(
+            "no acknowledged writes in {console}: nothing to check"
+        ));
+    }
+    let v = check_sectors(&acks, &bytes)?;
+    println!(
+        "VERIFY-SECTORS {} acked writes, {} sectors checked, {} lost, {} acked writes lost",
+        acks.len(),
+        v.checked,
+        v.lost.len(),
+        v.writes_lost
+    );
+    for line in &v.lines {
+        println!("{line}");
+    }
+    match v.lost.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} sectors lost, of {} acknowledged writes",
+            v.writes_lost
+        )),
+    }
+}
+
+/// `NAME VALUE` taken out of `args`, if it is there.
+fn take_option(args: &mut Vec<String>, name: &str) -> Result<Option<String>, String> {
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    if i + 1 >= args.len() {
+        return Err(format!("{name} needs a value"));
+    }
+    Ok(args.drain(i..i + 2).nth(1))
+}
+
 /// `--gate DEVICE AT[,AT...]` taken out of `args`, if it is there.
 fn take_gates(args: &mut Vec<String>) -> Result<Option<Gates>, String> {
     let Some(i) = args.iter().position(|a| a == "--gate") else {
@@ -465,7 +854,11 @@ fn run(args: &[String]) -> Result<(), String> {
             .map_err(|_| format!("{what} must be a number, not `{s}`"))
     };
     let mut args = args.to_vec();
-    let gates = take_gates(&mut args)?;
+    // `sectors` has its own `--gate GATEDEV`.
+    let gates = match args.first() {
+        Some(cmd) if cmd == "sectors" => None,
+        _ => take_gates(&mut args)?,
+    };
     if gates.is_some() && args.first().map(String::as_str) != Some("write") {
         return Err("--gate is an option of `workload write`".into());
     }
@@ -533,12 +926,38 @@ fn run(args: &[String]) -> Result<(), String> {
             burst(device, &sizes)
         }
         [cmd, file, mib] if cmd == "seqwrite" => seqwrite(file, num(mib, "MIB")?),
+        [cmd, rest @ ..] if cmd == "sectors" => {
+            let mut rest = rest.to_vec();
+            let mut option = |name, default| match take_option(&mut rest, name)? {
+                Some(v) => num(&v, name),
+                None => Ok(default),
+            };
+            let (threads, seed) = (option("--threads", 8)?, option("--seed", 1)?);
+            let gate = take_option(&mut rest, "--gate")?;
+            let [device, phases, writes] = &rest[..] else {
+                return Err(
+                    "usage: workload sectors DEVICE PHASES WRITES [--threads N] [--gate GATEDEV] [--seed S]"
+                        .into(),
+                );
+            };
+            let plan = Plan {
+                phases: num(phases, "PHASES")?,
+                writes: num(writes, "WRITES")?,
+                threads,
+                gate,
+                seed,
+            };
+            sectors(device, &plan, &print_line).map(|_| ())
+        }
+        [cmd, image, console] if cmd == "verify-sectors" => verify_sectors(image, console),
         [cmd, socket, command] if cmd == "qmp" => qmp(socket, command, None),
         [cmd, socket, command, arguments] if cmd == "qmp" => qmp(socket, command, Some(arguments)),
         _ => Err(
             "usage: workload write FILE COUNT [SIZE] [--gate DEVICE AT[,AT...]] | workload gate DEVICE K | workload verify FILE [ACKED] | workload list FILE | \
                   workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
-                  workload burst DEVICE MIB... | workload seqwrite FILE MIB"
+                  workload burst DEVICE MIB... | workload seqwrite FILE MIB | \
+                  workload sectors DEVICE PHASES WRITES [--threads N] [--gate GATEDEV] [--seed S] | \
+                  workload verify-sectors IMAGE CONSOLE"
                 .into(),
         ),
     }
@@ -693,6 +1112,218 @@ mod tests {
         }
         writer.join().expect("writer").expect("write");
         assert_eq!(written(), 6);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// An image of `count` sectors, holding `writes` (id, first sector, sectors) in order.
+    fn image(count: usize, writes: &[(u64, u64, u64)]) -> Vec<u8> {
+        let mut bytes = vec![0u8; count * SECTOR];
+        for &(id, at, len) in writes {
+            for s in at..at + len {
+                sector(id, s, &mut bytes[s as usize * SECTOR..][..SECTOR]);
+            }
+        }
+        bytes
+    }
+
+    fn acked(thread: u64, seq: u64, start: u64, ack: u64, offset: u64, len: u64) -> Acked {
+        let id = thread << 32 | seq;
+        Acked {
+            id,
+            start,
+            ack,
+            offset,
+            len,
+        }
+    }
+
+    fn lost_sectors(acks: &[Acked], bytes: &[u8]) -> Vec<u64> {
+        check_sectors(acks, bytes).expect("checked").lost
+    }
+
+    #[test]
+    fn sectors_round_trip() {
+        let mut s = [0u8; SECTOR];
+        sector(7 << 32 | 3, 42, &mut s);
+        assert_eq!(content(&s, 42), Content::Write(7 << 32 | 3));
+        assert_eq!(content(&s, 43), Content::Corrupt, "in the wrong place");
+        for at in [0, 5, 13, 300, 510] {
+            let mut bad = s;
+            bad[at] ^= 0x10;
+            assert_eq!(content(&bad, 42), Content::Corrupt, "byte {at} flipped");
+        }
+        assert_eq!(content(&[0; SECTOR], 42), Content::Zeroes);
+    }
+
+    /// Write 0.1 acknowledged, then 1.1 started over half of it: that half must hold 1.1.
+    #[test]
+    fn a_write_started_after_an_ack_must_replace_it() {
+        let (w1, w2) = (acked(0, 1, 0, 1, 0, 4), acked(1, 1, 2, 3, 2, 4));
+        let acks = [w1.clone(), w2.clone()];
+        let stale = image(8, &[(w1.id, 0, 4), (w2.id, 4, 2)]);
+        let v = check_sectors(&acks, &stale).expect("checked");
+        assert_eq!((v.checked, &v.lost[..], v.writes_lost), (6, &[2, 3][..], 1));
+        assert!(v.lines[0].starts_with("LOST SECTOR 2: has write 0.1 acked at 1, but write 1.1"));
+        let good = image(8, &[(w1.id, 0, 4), (w2.id, 2, 4)]);
+        assert_eq!(lost_sectors(&acks, &good), Vec::<u64>::new());
+    }
+
+    /// Two overlapping writes, each started before the other was acknowledged.
+    #[test]
+    fn overlapping_writes_in_flight_together_may_leave_either() {
+        let (w1, w2) = (acked(0, 1, 0, 3, 0, 4), acked(1, 1, 1, 2, 2, 4));
+        let acks = [w1.clone(), w2.clone()];
+        for order in [
+            [(w1.id, 0, 4), (w2.id, 2, 4)],
+            [(w2.id, 2, 4), (w1.id, 0, 4)],
+        ] {
+            assert_eq!(lost_sectors(&acks, &image(8, &order)), Vec::<u64>::new());
+        }
+        // Sector by sector, too: 2 from one, 3 from the other.
+        let mixed = image(8, &[(w1.id, 0, 4), (w2.id, 2, 4), (w1.id, 3, 1)]);
+        assert_eq!(lost_sectors(&acks, &mixed), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn zeroes_damage_and_strangers_where_an_acked_write_was() {
+        let w = acked(2, 5, 10, 11, 1, 3);
+        let acks = [w.clone()];
+        let mut bytes = image(8, &[(w.id, 1, 3)]);
+        bytes[2 * SECTOR..3 * SECTOR].fill(0);
+        bytes[3 * SECTOR + 100] ^= 1;
+        let v = check_sectors(&acks, &bytes).expect("checked");
+        assert_eq!((&v.lost[..], v.writes_lost), (&[2, 3][..], 1));
+        assert_eq!(
+            v.lines,
+            [
+                "LOST SECTOR 2: has zeroes, but write 2.5 (started at 10) was acked at 11",
+                "LOST SECTOR 3: has corrupt data, but write 2.5 (started at 10) was acked at 11"
+            ]
+        );
+        // A write never acknowledged (its line lost, or it failed) may have landed.
+        let stranger = image(8, &[(w.id, 1, 3), (9 << 32 | 1, 2, 2)]);
+        assert_eq!(lost_sectors(&acks, &stranger), Vec::<u64>::new());
+        assert!(
+            check_sectors(&[acked(0, 1, 0, 1, 6, 3)], &bytes).is_err(),
+            "past the end"
+        );
+    }
+
+    #[test]
+    fn console_lines_are_picked_out_of_junk() {
+        let console = "[    1.2] virtio_blk virtio0: [vda] 65536 512-byte sectors\r\n\
+                       A 1 0 1 0 1 2048 8\r\n\
+                       GATE WAIT 1\n  A 1 3 2 5 9 4096 1  \n\
+                       A 1 0 2 3 4\nA 1 x 2 3 4 5 6\nA 1 0 2 3 4 5 6 7\nAB 1 0 2 3 4 5 6\n\
+                       A 1 0 0 3 4 5 6\n\u{fffd}\u{fffd}A 1 0 3 3 4 5 6\nA 2 1 7 20 30 100 2";
+        assert_eq!(
+            parse_acks(console),
+            [
+                acked(0, 1, 0, 1, 2048, 8),
+                acked(3, 2, 5, 9, 4096, 1),
+                acked(1, 7, 20, 30, 100, 2)
+            ]
+        );
+    }
+
+    /// `sectors` on a 4 MiB file (buffered, if it refuses O_DIRECT), then its verifier.
+    #[test]
+    fn sectors_then_verify_sectors() {
+        let dir = std::env::temp_dir().join(format!("workload-sectors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (img, log) = (dir.join("disk.img"), dir.join("console.log"));
+        std::fs::write(&img, vec![0u8; 4 * MIB]).expect("image");
+        let plan = Plan {
+            phases: 2,
+            writes: 64,
+            threads: 4,
+            gate: None,
+            seed: 1,
+        };
+        let lines = std::sync::Mutex::new(Vec::new());
+        let emit = |line| lines.lock().expect("lines").push(line);
+        let path = img.to_str().expect("utf-8");
+        assert_eq!(sectors(path, &plan, &emit), Ok(128));
+        let lines = lines.into_inner().expect("lines");
+        assert_eq!(lines[0], format!("SECTORS START 2 64 4 {}", 4 * MIB));
+        assert!(lines.contains(&"SECTORS PHASE 1 DONE 64".to_string()));
+        assert_eq!(lines.last().map(String::as_str), Some("SECTORS OK 128"));
+        let acks = parse_acks(&lines.join("\n"));
+        assert_eq!(acks.len(), 128);
+        // Phase 1 in the first 2 MiB, the O_DIRECT threads 0 and 1 in its first half.
+        for (line, w) in lines.iter().filter(|l| l.starts_with("A ")).zip(&acks) {
+            let phase: u64 = line
+                .split(' ')
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("phase");
+            let thread = w.id >> 32;
+            let half = w.offset / 2048;
+            assert_eq!(half, (w.offset + w.len - 1) / 2048, "{line}");
+            assert_eq!(half, (phase - 1) * 2 + u64::from(thread >= 2), "{line}");
+        }
+        std::fs::write(&log, lines.join("\r\n")).expect("console");
+        let (img, log) = (img.to_str().expect("utf-8"), log.to_str().expect("utf-8"));
+        let args = strings(&["verify-sectors", img, log]);
+        run(&args).expect("nothing lost");
+        let mut bytes = std::fs::read(img).expect("read");
+        let s = acks[0].offset as usize;
+        bytes[s * SECTOR..(s + 1) * SECTOR].fill(0);
+        assert_eq!(lost_sectors(&acks, &bytes), [s as u64]);
+        std::fs::write(img, &bytes).expect("write");
+        assert!(run(&args)
+            .expect_err("lost")
+            .contains("1 sectors lost, of 1 acknowledged writes"));
+        std::fs::write(log, "GATE WAIT 1\n").expect("console");
+        assert!(run(&args)
+            .expect_err("vacuous")
+            .contains("nothing to check"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// With a gate, each phase stops after WRITES/2 acknowledged writes until it opens.
+    #[test]
+    fn sectors_wait_at_each_phase_gate() {
+        let dir = std::env::temp_dir().join(format!("workload-sgate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (img, gate_file) = (dir.join("disk.img"), dir.join("gate.img"));
+        std::fs::write(&img, vec![0u8; 4 * MIB]).expect("image");
+        std::fs::write(&gate_file, vec![0u8; 4096]).expect("gate");
+        let plan = Plan {
+            phases: 2,
+            writes: 21,
+            threads: 3,
+            gate: Some(gate_file.to_str().expect("utf-8").to_owned()),
+            seed: 7,
+        };
+        let lines = std::sync::Mutex::new(Vec::<String>::new());
+        let acks = || {
+            lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .filter(|l| l.starts_with("A "))
+                .count()
+        };
+        let emit = |line| lines.lock().expect("lines").push(line);
+        let path = img.to_str().expect("utf-8");
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| sectors(path, &plan, &emit));
+            for (k, before) in [(1u8, 10), (2, 31)] {
+                while acks() < before {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                assert_eq!(acks(), before, "passed gate {k} while it was shut");
+                use std::os::unix::fs::FileExt;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&gate_file)
+                    .expect("open");
+                f.write_all_at(&[k], 0).expect("open the gate");
+            }
+            assert_eq!(writer.join().expect("writer"), Ok(42));
+        });
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
