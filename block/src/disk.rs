@@ -68,7 +68,10 @@ pub struct DiskConfig {
     pub writeback: bool,
     pub werror: ErrorPolicy,
     pub rerror: ErrorPolicy,
-    /// When a write would take the buffer past this, the disk flushes first.
+    /// When a write would take the buffer past this, the disk flushes first. The
+    /// bound holds for requests no longer than it: one longer goes in alone, after
+    /// everything else was flushed (`holdfast run` refuses a bound below
+    /// [`MAX_REQUEST_BYTES`]).
     pub unflushed_limit: u64,
     /// Keep extents one extra successful flush (hosts that report errors late).
     pub keep_extra_flush: bool,
@@ -566,7 +569,7 @@ impl<B: Backend> Disk<B> {
         let kind = match req.op {
             RequestOp::Read { offset, len } => CallKind::Read { offset, len },
             RequestOp::Write { offset, data }
-                if self.config.writeback && self.has_room_for(data.len() as u64) =>
+                if self.config.writeback && self.has_room_for(data.allocation_len() as u64) =>
             {
                 CallKind::Write { offset, data }
             }
@@ -592,7 +595,7 @@ impl<B: Backend> Disk<B> {
             && !self.config.read_only
             && !self.bad_range(offset, len)
             && !self.meets_a_call(offset, len, true)
-            && self.has_room_for(len);
+            && self.has_room_for(crate::bytes::weight_of(len));
         if !callable {
             return None;
         }
@@ -615,15 +618,15 @@ impl<B: Backend> Disk<B> {
             .any(|c| c.conflicts(start, end, write))
     }
 
-    /// A write of `len` bytes fits under the bound with the writes in flight, each
-    /// counted by the memory it will take in the buffer.
-    fn has_room_for(&self, len: u64) -> bool {
+    /// A write that will take `weight` bytes of memory in the buffer fits under the
+    /// bound with the writes in flight, each counted so too.
+    fn has_room_for(&self, weight: u64) -> bool {
         let room = self
             .config
             .unflushed_limit
             .saturating_sub(self.buffer.weight());
         let coming: u64 = self.in_flight.iter().map(|c| c.weight).sum();
-        coming + crate::bytes::weight_of(len) <= room
+        coming.saturating_add(weight) <= room
     }
 
     /// Checks the rule [`Disk::meets_a_call`] keeps, over every pair of calls in
@@ -694,7 +697,10 @@ impl<B: Backend> Disk<B> {
         let id = call.id;
         self.in_flight.retain(|c| c.id != id);
         let result = call.result.take().unwrap_or(Ok(Vec::new()));
-        let outcome = match call.kind {
+        // Taken after the request whose failure stopped the disk: parked, whatever
+        // its own call did (one request at a time, it would run after the replay).
+        let after_stop = self.stopped && self.stopped_by.is_some_and(|by| tag > by);
+        let done = match call.kind {
             CallKind::Flush { ticket } => {
                 self.flushing_ahead = false;
                 self.flushed_ahead(ticket, result.map(|_| ()));
@@ -706,7 +712,7 @@ impl<B: Backend> Disk<B> {
             CallKind::Read { offset, len } => match result {
                 Ok(mut buf) => {
                     self.buffer.overlay(offset, &mut buf);
-                    Outcome::done(Completion {
+                    Ok(Completion {
                         tag,
                         status: Status::Ok,
                         data: buf,
@@ -714,7 +720,7 @@ impl<B: Backend> Disk<B> {
                 }
                 Err(e) => {
                     let req = Request::new(tag, RequestOp::Read { offset, len });
-                    return self.host_error(Failed::pending(req, e), true, tag);
+                    Err((Failed::pending(req, e), true))
                 }
             },
             CallKind::Write { offset, data }
@@ -725,23 +731,41 @@ impl<B: Backend> Disk<B> {
             } => {
                 self.buffer.insert(offset, ExtentData::Bytes(data));
                 match result {
-                    Ok(_) => Outcome::done(Completion::ok(tag)),
-                    Err(e) => return self.host_error(Failed::covered(tag, e), false, tag),
+                    Ok(_) => Ok(Completion::ok(tag)),
+                    Err(e) => Err((Failed::covered(tag, e), false)),
                 }
             }
             CallKind::WriteBorrowed { data: None, .. } => {
                 panic!("a borrowed write ends with the copy the buffer keeps (Call::supply)")
             }
         };
-        match outcome.completion {
-            Some(c) if self.stopped && self.stopped_by.is_some_and(|by| tag > by) => {
+        match (done, after_stop) {
+            (Ok(c), false) => Outcome::done(c),
+            (Ok(c), true) => {
                 self.park(Parked::Done(c));
                 Outcome {
                     completion: None,
                     error: None,
                 }
             }
-            _ => outcome,
+            (Err((failed, is_read)), false) => self.host_error(failed, is_read, tag),
+            (Err((failed, is_read)), true) => {
+                // Parked as if under `stop`: a read runs again on the replay, a write's
+                // bytes are in the buffer, which the replay writes again.
+                let error = failed.error;
+                self.last_error = Some(error);
+                if !is_read {
+                    self.rewrite_before_flush = true;
+                }
+                self.park(failed.parked);
+                Outcome {
+                    completion: None,
+                    error: Some(IoErrorReport {
+                        error,
+                        action: ErrorAction::Stop,
+                    }),
+                }
+            }
         }
     }
 

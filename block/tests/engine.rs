@@ -1155,6 +1155,119 @@ mod in_flight {
         ));
     }
 
+    /// A call taken after the request whose failure stopped the disk is parked when
+    /// its own call fails too, whatever its policy says: one request at a time, it
+    /// would have run after the replay. (Found by an adversarial review, 2026-12-06:
+    /// under `werror=enospc` a later write failing with EIO was answered S_IOERR, a
+    /// read under `rerror=report` S_IOERR, and under `rerror=ignore` S_OK with zeroes
+    /// over bytes the guest had written and flushed.)
+    #[test]
+    fn a_call_taken_after_the_stop_is_parked_when_its_own_call_fails() {
+        for (config, second) in [
+            (
+                DiskConfig {
+                    werror: ErrorPolicy::Enospc,
+                    ..DiskConfig::default()
+                },
+                write(2, 8192, 2, 4096),
+            ),
+            (
+                DiskConfig {
+                    rerror: ErrorPolicy::Report,
+                    ..DiskConfig::default()
+                },
+                read(2, 8192, 4096),
+            ),
+            (
+                DiskConfig {
+                    rerror: ErrorPolicy::Ignore,
+                    ..DiskConfig::default()
+                },
+                read(2, 8192, 4096),
+            ),
+        ] {
+            let what = format!("{second:?} under {config:?}");
+            let stable = MemBackend::new(SIZE);
+            let front = FaultInjector::new(stable.clone());
+            let faults = front.handle();
+            let mut disk = Disk::new(front, config);
+            assert!(disk.submit(write(8, 8192, 5, 4096)).completion.is_some());
+            assert!(disk.submit(flush(9)).completion.is_some());
+            let mut first = call(disk.begin(write(10, 0, 1, 4096)));
+            let mut later = call(disk.begin(Request::new(11, second.op.clone())));
+            faults.arm(FaultRule::new(FaultOp::Write, ENOSPC, Trigger::Once).in_range(0, 4096));
+            faults.arm(FaultRule::new(FaultOp::Any, EIO, Trigger::Always).in_range(8192, 4096));
+            first.run();
+            later.run();
+            assert!(
+                disk.end(first).is_parked(),
+                "{what}: the first stops the disk"
+            );
+            let out = disk.end(later);
+            assert!(
+                out.is_parked(),
+                "{what}: answered {:?} while stopped",
+                out.completion
+            );
+            faults.clear_all();
+            let report = disk.replay().expect("replay");
+            let answer = report
+                .completions
+                .iter()
+                .find(|c| c.tag == 11)
+                .expect("answered by the replay");
+            assert_eq!(answer.status, Status::Ok, "{what}");
+            if second.op.is_read() {
+                assert!(
+                    answer.data.iter().all(|&b| b == 5),
+                    "{what}: read what was written"
+                );
+            } else {
+                assert!(
+                    stable.contents()[8192..12288].iter().all(|&b| b == 2),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    /// A write whose bytes keep a larger allocation counts that allocation, in
+    /// flight as in the buffer. (Adversarial review, 2026-12-06: it was counted by
+    /// its length, and the buffer passed its bound.)
+    #[test]
+    fn a_write_is_counted_by_the_allocation_it_keeps() {
+        let limit = 1 << 20;
+        let config = DiskConfig {
+            unflushed_limit: limit,
+            ..DiskConfig::default()
+        };
+        let mut disk = Disk::new(MemBackend::new(SIZE), config);
+        let first = call(disk.begin(write(1, 0, 1, 4096)));
+        let part = Bytes::from(vec![2u8; 1 << 20]).slice(0, 4096);
+        assert_eq!(part.allocation_len(), 1 << 20);
+        let second = disk.begin(Request::new(
+            2,
+            RequestOp::Write {
+                offset: 8192,
+                data: part,
+            },
+        ));
+        assert!(
+            matches!(second, Begun::Alone(_)),
+            "it does not fit beside the first"
+        );
+        disk.end(first);
+        let Begun::Alone(second) = second else {
+            unreachable!()
+        };
+        disk.submit(second);
+        let weight = disk.status().buffer.weight;
+        assert!(
+            weight <= limit,
+            "the buffer weighs {weight}, its bound is {limit}"
+        );
+    }
+
     #[test]
     fn a_backend_that_serves_one_call_at_a_time_runs_everything_alone() {
         let mut r = xfs();

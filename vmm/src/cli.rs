@@ -44,7 +44,8 @@ Options:
                                                (default: stop for both)
                          unflushed-limit=SIZE  bound of the unflushed buffer's memory;
                                                past it holdfast flushes on its own
-                                               (default: 128M). Memory a flush frees
+                                               (default: 128M, at least 32M: the
+                                               longest request). Memory a flush frees
                                                is kept for later writes, up to the
                                                disks' bounds (the kernel may take it
                                                back under memory pressure)
@@ -305,8 +306,14 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             "werror" => config.werror = policy(key, v)?,
             "rerror" => config.rerror = policy(key, v)?,
             "unflushed-limit" => {
-                config.unflushed_limit =
-                    parse_size(v).map_err(|e| format!("unflushed-limit: {e}"))?
+                let limit = parse_size(v).map_err(|e| format!("unflushed-limit: {e}"))?;
+                if limit < holdfast_block::disk::MAX_REQUEST_BYTES {
+                    return Err(format!(
+                        "unflushed-limit: `{v}` is less than the longest request the disk \
+                         takes (32M): the bound must hold each request"
+                    ));
+                }
+                config.unflushed_limit = limit;
             }
             "serial" => config.serial = v.into(),
             "extra-flush" => config.keep_extra_flush = on_off(key, v)?,
@@ -420,7 +427,7 @@ mod tests {
     fn a_full_command_line() {
         let (_d, f) = file();
         let disk =
-            format!("path={f},id=data,cache=none,werror=enospc,rerror=report,unflushed-limit=16M,extra-flush=on");
+            format!("path={f},id=data,cache=none,werror=enospc,rerror=report,unflushed-limit=32M,extra-flush=on");
         let o = parse_run(&args(&[
             "--kernel",
             &f,
@@ -447,7 +454,7 @@ mod tests {
         assert_eq!(o.disks[0].id, "data");
         assert!(o.disks[0].direct && o.disks[0].config.writeback);
         assert_eq!(o.disks[0].config.werror, ErrorPolicy::Enospc);
-        assert_eq!(o.disks[0].config.unflushed_limit, 16 << 20);
+        assert_eq!(o.disks[0].config.unflushed_limit, 32 << 20);
         assert!(o.disks[0].config.keep_extra_flush);
         assert_eq!(o.disks[1].id, "disk1");
         assert!(!o.disks[1].config.keep_extra_flush);
@@ -509,6 +516,15 @@ mod tests {
             (
                 &["--kernel", &f, "--disk", &format!("path={f},colour=red")],
                 "--disk: unknown key `colour`",
+            ),
+            (
+                &[
+                    "--kernel",
+                    &f,
+                    "--disk",
+                    &format!("path={f},unflushed-limit=16M"),
+                ],
+                "--disk: unflushed-limit: `16M` is less than the longest request",
             ),
             (
                 &[
