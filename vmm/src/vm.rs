@@ -150,6 +150,9 @@ pub struct Vm {
     workers_stop: Arc<EventFd>,
     /// What the owner's settling reported dropped (`X_UNFLUSHED_DROPPED`).
     reported_dropped: Vec<Dropped>,
+    /// Disks a refused `cont` replayed before another disk refused: the next `cont`
+    /// that resumes reports them.
+    replayed_before_a_refusal: Vec<Replayed>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -303,6 +306,7 @@ impl Vm {
             workers,
             workers_stop,
             reported_dropped: Vec::new(),
+            replayed_before_a_refusal: Vec::new(),
         })
     }
 
@@ -389,9 +393,15 @@ impl Lifecycle for Vm {
         for slot in &self.slots {
             slot.ready()?;
         }
-        let mut replayed = Vec::new();
+        let mut replayed = std::mem::take(&mut self.replayed_before_a_refusal);
         for slot in &self.slots {
-            replayed.extend(slot.resume(&self.mem, &self.events_tx)?);
+            match slot.resume(&self.mem, &self.events_tx) {
+                Ok(r) => replayed.extend(r),
+                Err(e) => {
+                    self.replayed_before_a_refusal = replayed;
+                    return Err(e);
+                }
+            }
         }
         if let Some(mut clock) = clock {
             clock.flags = 0;

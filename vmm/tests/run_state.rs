@@ -105,3 +105,44 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
     assert!(advances(&vm, again));
     assert!(vm.shutdown().is_empty(), "no disk dropped bytes");
 }
+
+/// Two stopped disks; the first replays, the second's replay fails: `cont` is refused,
+/// and the next `cont` that resumes reports both disks' replays (the first's was not
+/// lost with the refused `cont`). Found by an adversarial review, 2026-12-06.
+#[test]
+fn a_refused_resume_keeps_the_replays_it_made_for_the_next() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let spec = |id: &str| {
+        let (disk, faults) = stopped_disk();
+        let spec = holdfast_vmm::vm::DiskSpec {
+            id: id.into(),
+            disk,
+            path: "memory".into(),
+            direct: false,
+            faults: Some(faults.clone()),
+            simulated: None,
+            watch: Default::default(),
+            hang_timeout: None,
+            io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
+        };
+        (spec, faults)
+    };
+    let (a, a_faults) = spec("a");
+    let (b, b_faults) = spec("b");
+    let config = common::counting_vm_with_disks(dir.path(), vec![a, b]);
+    let mut vm = Vm::start(config).expect("start");
+    let clock = vm.pause();
+    a_faults.clear_all();
+    assert!(matches!(
+        vm.resume(clock),
+        Err(ResumeFailure::Replay { ref disk, .. }) if disk == "b"
+    ));
+    b_faults.clear_all();
+    let replayed = vm.resume(clock).expect("resumed");
+    let disks: Vec<&str> = replayed.iter().map(|r| r.disk.as_str()).collect();
+    assert_eq!(disks, ["a", "b"], "{replayed:?}");
+    assert!(vm.shutdown().is_empty());
+}
