@@ -5,7 +5,8 @@
 # 4 KiB block and overlaps on purpose, fdatasync after each, every acknowledged write
 # printed (A lines). Three phases, the host's doing in each, halfway through (the
 # guest waits at its gate, vdb, then the second half's writes meet it):
-#   1. nothing: many writes in flight on healthy storage;
+#   1. slow storage (dm-delay, 2 ms a call): many writes in flight, and host calls
+#      that sleep, so that others run between them even on the test host's one CPU;
 #   2. an error outage: the dm table fails every call for a few seconds, then `cont`
 #      (if the host ext4 went down with it, the operator's repair under holdfast);
 #   3. a hang: the dm device suspended with --noflush for 8 s; holdfast with
@@ -25,7 +26,7 @@ NAME=inflight
 . "$(dirname "$0")/outage.lib"
 WRITES=${INFLIGHT_WRITES:-240}
 RAW="$WORK/host/raw.img"
-CMDLINE_SECTORS="console=ttyS0 panic=-1 holdfast.workload=sectors holdfast.sectors=3,$WRITES,8 holdfast.gate=vdb:1"
+CMDLINE_SECTORS="console=ttyS0 panic=-1 holdfast.workload=sectors holdfast.sectors=3,$WRITES,16 holdfast.gate=vdb:1"
 suspend_host() { dmsetup suspend --noflush --nolockfs "$DM_HOST" || fail "cannot suspend the host device"; }
 resume_host() { dmsetup resume "$DM_HOST" || fail "cannot resume the host device"; }
 sector_acks() { n=$(grep -c "^A " "$CONSOLE" 2>/dev/null); echo "${n:-0}"; }
@@ -71,10 +72,14 @@ cont_until_running() {
 run_phases() { # label, holdfast|qemu, extra disk options
     label=$1 kind=$2
     start_vmm "$kind" "$3"
+    # Phase 1, slow storage (every call waits 2 ms in dm-delay): host calls that
+    # sleep let others run between them, as on a machine with many CPUs.
     at_phase_gate 1
+    table "delay /dev/mapper/$DM_INNER 0 2" || fail "cannot slow the host device down"
     open_gate
-    echo "INFLIGHT $label phase 1 (no outage) under way"
+    echo "INFLIGHT $label phase 1 (slow storage, no outage) under way"
     at_phase_gate 2
+    linear || fail "cannot end the slow phase"
     echo "INFLIGHT $label phase 2: $(sector_acks) writes acknowledged; the outage starts"
     table error || fail "cannot start the outage"
     open_gate

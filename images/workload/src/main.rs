@@ -47,14 +47,17 @@
 //! twice: from one 1 MiB buffer, then from MIB MiB of distinct memory (as a replay
 //! reads its whole buffer); prints `SEQWRITE <mib> <ns> <ns-distinct>`.
 //!
-//! `workload sectors DEVICE PHASES WRITES [--threads N] [--gate GATEDEV] [--seed S]`
-//! keeps many writes in flight at 512-byte granularity. DEVICE is split into PHASES
-//! regions (MiB-aligned), each into halves; phase p writes only in region p: threads
-//! 0..N/2 (N = 8 by default) with O_DIRECT in the first half, the others buffered in
-//! the second, WRITES in all, each a range of 1 to 2048 sectors (mostly short, mostly
-//! in the half's first MiB, so neighbours and overlaps are common; chosen by a PRNG
-//! from S, 1 by default) written with one pwrite and then fdatasync'd. Around each
-//! write a thread takes `start` and `ack` from one clock shared by all threads, and
+//! `workload sectors DEVICE PHASES WRITES [--threads N] [--sync-every K] [--gate GATEDEV]
+//! [--seed S]` keeps many writes in flight at 512-byte granularity. DEVICE is split
+//! into PHASES regions (MiB-aligned), each into halves; phase p writes only in region
+//! p: three quarters of the N threads (N = 16 by default) with O_DIRECT in the first
+//! half, the others buffered in the second, WRITES in all, each a range of 1 to 2048
+//! sectors (mostly short, mostly in the half's first MiB, so neighbours and overlaps
+//! are common; chosen by a PRNG from S, 1 by default) written with one pwrite; a
+//! buffered write is then fdatasync'd, an O_DIRECT one every K-th time (8 by
+//! default) and before each gate and the phase's end, so that many of them are in
+//! flight at once. Around each write a thread takes `start` and `ack` from one clock
+//! shared by all threads, and
 //! then prints `A <phase> <thread> <seq> <start> <ack> <offset> <len>` (in sectors;
 //! seq counts the thread's writes from 1). With `--gate`, the threads of phase p stop
 //! after WRITES/2 writes, and go on once gate p (as above) opens. Prints `SECTORS
@@ -528,6 +531,8 @@ struct Plan {
     phases: u64,
     writes: u64,
     threads: u64,
+    /// An O_DIRECT thread fdatasyncs after every this many writes.
+    sync_every: u64,
     gate: Option<String>,
     seed: u64,
 }
@@ -585,7 +590,7 @@ fn sectors(device: &str, plan: &Plan, emit: &(dyn Fn(String) + Sync)) -> Result<
         barrier.wait();
     };
     let worker = |t: u64| -> Result<(), String> {
-        let is_direct = t < plan.threads / 2;
+        let is_direct = t < plan.threads - (plan.threads / 4).max(1);
         let f = if is_direct { &direct } else { &buffered };
         let mut buf = AlignedMib::new(0);
         let (mut seq, mut failed) = (0u64, None);
@@ -624,9 +629,14 @@ fn sectors(device: &str, plan: &Plan, emit: &(dyn Fn(String) + Sync)) -> Result<
                         sector(id, s, out);
                     }
                     let start = clock.fetch_add(1, SeqCst);
-                    let done = f
-                        .write_all_at(bytes, at * SECTOR as u64)
-                        .and_then(|()| f.sync_data());
+                    let sync = !is_direct || seq % plan.sync_every.max(1) == 0;
+                    let done = f.write_all_at(bytes, at * SECTOR as u64).and_then(|()| {
+                        if sync {
+                            f.sync_data()
+                        } else {
+                            Ok(())
+                        }
+                    });
                     if let Err(e) = done {
                         emit(format!("SECTORS ERROR {p} {t} {seq} {e}"));
                         failed = Some(format!("thread {t}, write {seq} in phase {p}: {e}"));
@@ -635,6 +645,14 @@ fn sectors(device: &str, plan: &Plan, emit: &(dyn Fn(String) + Sync)) -> Result<
                     let ack = clock.fetch_add(1, SeqCst);
                     acked.fetch_add(1, SeqCst);
                     emit(format!("A {p} {t} {seq} {start} {ack} {at} {len}"));
+                }
+                // What the O_DIRECT threads wrote is flushed before the host breaks
+                // its storage (and at the phase's end).
+                if failed.is_none() {
+                    if let Err(e) = f.sync_data() {
+                        emit(format!("SECTORS ERROR {p} {t} {seq} {e}"));
+                        failed = Some(format!("thread {t}, fdatasync in phase {p}: {e}"));
+                    }
                 }
                 if let (0, Some(g)) = (burst, &plan.gate) {
                     together(&|| {
@@ -932,11 +950,12 @@ fn run(args: &[String]) -> Result<(), String> {
                 Some(v) => num(&v, name),
                 None => Ok(default),
             };
-            let (threads, seed) = (option("--threads", 8)?, option("--seed", 1)?);
+            let (threads, seed) = (option("--threads", 16)?, option("--seed", 1)?);
+            let sync_every = option("--sync-every", 8)?;
             let gate = take_option(&mut rest, "--gate")?;
             let [device, phases, writes] = &rest[..] else {
                 return Err(
-                    "usage: workload sectors DEVICE PHASES WRITES [--threads N] [--gate GATEDEV] [--seed S]"
+                    "usage: workload sectors DEVICE PHASES WRITES [--threads N] [--sync-every K] [--gate GATEDEV] [--seed S]"
                         .into(),
                 );
             };
@@ -944,6 +963,7 @@ fn run(args: &[String]) -> Result<(), String> {
                 phases: num(phases, "PHASES")?,
                 writes: num(writes, "WRITES")?,
                 threads,
+                sync_every,
                 gate,
                 seed,
             };
@@ -956,7 +976,7 @@ fn run(args: &[String]) -> Result<(), String> {
             "usage: workload write FILE COUNT [SIZE] [--gate DEVICE AT[,AT...]] | workload gate DEVICE K | workload verify FILE [ACKED] | workload list FILE | \
                   workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
                   workload burst DEVICE MIB... | workload seqwrite FILE MIB | \
-                  workload sectors DEVICE PHASES WRITES [--threads N] [--gate GATEDEV] [--seed S] | \
+                  workload sectors DEVICE PHASES WRITES [--threads N] [--sync-every K] [--gate GATEDEV] [--seed S] | \
                   workload verify-sectors IMAGE CONSOLE"
                 .into(),
         ),
@@ -1237,6 +1257,7 @@ mod tests {
             phases: 2,
             writes: 64,
             threads: 4,
+            sync_every: 3,
             gate: None,
             seed: 1,
         };
@@ -1250,7 +1271,7 @@ mod tests {
         assert_eq!(lines.last().map(String::as_str), Some("SECTORS OK 128"));
         let acks = parse_acks(&lines.join("\n"));
         assert_eq!(acks.len(), 128);
-        // Phase 1 in the first 2 MiB, the O_DIRECT threads 0 and 1 in its first half.
+        // Phase 1 in the first 2 MiB, the O_DIRECT threads 0 to 2 in its first half.
         for (line, w) in lines.iter().filter(|l| l.starts_with("A ")).zip(&acks) {
             let phase: u64 = line
                 .split(' ')
@@ -1260,7 +1281,7 @@ mod tests {
             let thread = w.id >> 32;
             let half = w.offset / 2048;
             assert_eq!(half, (w.offset + w.len - 1) / 2048, "{line}");
-            assert_eq!(half, (phase - 1) * 2 + u64::from(thread >= 2), "{line}");
+            assert_eq!(half, (phase - 1) * 2 + u64::from(thread >= 3), "{line}");
         }
         std::fs::write(&log, lines.join("\r\n")).expect("console");
         let (img, log) = (img.to_str().expect("utf-8"), log.to_str().expect("utf-8"));
@@ -1293,6 +1314,7 @@ mod tests {
             phases: 2,
             writes: 21,
             threads: 3,
+            sync_every: 8,
             gate: Some(gate_file.to_str().expect("utf-8").to_owned()),
             seed: 7,
         };
