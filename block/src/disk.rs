@@ -323,6 +323,11 @@ pub struct DiskStatus {
     pub internal_flushes: u64,
     /// Host calls running beside each other now ([`Disk::begin`]).
     pub in_flight: usize,
+    /// The most host calls that ever ran beside each other.
+    pub peak_in_flight: usize,
+    /// Requests that met a call in flight at the host's granularity, one of the two
+    /// a write, and so waited to run alone.
+    pub held_back: u64,
 }
 
 /// A parked request. `Done` ones have already had their effect, in order: a failed
@@ -398,6 +403,8 @@ pub struct Disk<B> {
     room_failed: Option<HostError>,
     /// Host calls running beside each other ([`Disk::begin`]), not yet ended.
     in_flight: Vec<InFlight>,
+    peak_in_flight: usize,
+    held_back: u64,
     next_call: u64,
     /// A flush ahead of the bound is in flight.
     flushing_ahead: bool,
@@ -450,6 +457,8 @@ impl<B: Backend> Disk<B> {
             internal_flushes: 0,
             room_failed: None,
             in_flight: Vec::new(),
+            peak_in_flight: 0,
+            held_back: 0,
             next_call: 0,
             flushing_ahead: false,
             stopped_by: None,
@@ -498,6 +507,8 @@ impl<B: Backend> Disk<B> {
             last_error: self.last_error,
             internal_flushes: self.internal_flushes,
             in_flight: self.in_flight.len(),
+            peak_in_flight: self.peak_in_flight,
+            held_back: self.held_back,
         }
     }
 
@@ -556,6 +567,7 @@ impl<B: Backend> Disk<B> {
             return Begun::Alone(req);
         };
         if self.meets_a_call(start, len, !req.op.is_read()) {
+            self.held_back += 1;
             return Begun::Alone(req);
         }
         if let RequestOp::Read { offset, len } = req.op {
@@ -672,6 +684,7 @@ impl<B: Backend> Disk<B> {
             write,
             weight,
         });
+        self.peak_in_flight = self.peak_in_flight.max(self.in_flight.len());
         self.debug_check_in_flight();
         let early_writeback =
             write && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;

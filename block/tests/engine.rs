@@ -1268,6 +1268,28 @@ mod in_flight {
         );
     }
 
+    /// Neighbouring sectors of one host block meet; the disk says how often a request
+    /// waited for that, and how many calls ran beside each other at most.
+    #[test]
+    fn writes_that_meet_in_a_host_block_run_one_after_the_other_and_are_counted() {
+        let mut disk = Disk::new(
+            MemBackend::new(SIZE).with_blocks(4096),
+            DiskConfig::default(),
+        );
+        let a = call(disk.begin(write(1, 0, 1, 512)));
+        let b = disk.begin(write(2, 512, 2, 512));
+        assert!(matches!(b, Begun::Alone(_)), "the same 4 KiB block: alone");
+        let r1 = call(disk.begin(read(3, 8192, 512)));
+        let r2 = call(disk.begin(read(4, 8192 + 512, 512)));
+        let status = disk.status();
+        assert_eq!((status.held_back, status.peak_in_flight), (1, 3));
+        disk.end(a);
+        disk.end(r1);
+        disk.end(r2);
+        let Begun::Alone(b) = b else { unreachable!() };
+        assert!(disk.submit(b).completion.is_some());
+    }
+
     #[test]
     fn a_backend_that_serves_one_call_at_a_time_runs_everything_alone() {
         let mut r = xfs();

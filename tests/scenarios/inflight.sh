@@ -1,9 +1,12 @@
 # Many writes in flight at 512-byte granularity (docs/durability.md, "Requests in
-# flight"): the guest's `workload sectors` runs 8 threads on its raw disk (vda, a
-# 32 MiB image on the host's ext4 over device-mapper), 4 with O_DIRECT and 4
-# buffered, each write 512 bytes to 1 MiB at 512-byte offsets, neighbours in one
-# 4 KiB block and overlaps on purpose, fdatasync after each, every acknowledged write
-# printed (A lines). Three phases, the host's doing in each, halfway through (the
+# flight"): the guest's `workload sectors` runs 16 threads on its raw disk (vda, a
+# 32 MiB image on the host's ext4 over device-mapper), 12 with O_DIRECT (fdatasync
+# every 8th write) and 4 buffered (fdatasync each), each write 512 bytes to 1 MiB at
+# 512-byte offsets, neighbours in one 4 KiB block and overlaps on purpose, every
+# acknowledged write printed (A lines). holdfast must have had at least 4 host calls
+# in flight at once (x-query-unflushed's peak-in-flight), and with 4 KiB blocks
+# requests that waited for a call they met in one (held-back), or the scenario
+# fails: it cannot pass without what it tests. Three phases, the host's doing in each, halfway through (the
 # guest waits at its gate, vdb, then the second half's writes meet it):
 #   1. slow storage (dm-delay, 2 ms a call): many writes in flight, and host calls
 #      that sleep, so that others run between them even on the test host's one CPU;
@@ -99,6 +102,15 @@ run_phases() { # label, holdfast|qemu, extra disk options
     echo "OUTAGE $label ended; resumed: $resumed"
     if [ "$resumed" = yes ]; then
         at_phase_gate 3
+        # holdfast says how many host calls ran beside each other at most, and how
+        # many requests waited because they met one in a host block (x-query-unflushed).
+        if [ "$kind" = holdfast ]; then
+            u=$(q x-query-unflushed)
+            # The data disk comes first.
+            row_peak=$(echo "$u" | grep -o '"peak-in-flight": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')
+            row_held=$(echo "$u" | grep -o '"held-back": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')
+            echo "INFLIGHT $label: at most ${row_peak:-?} host calls in flight at once; ${row_held:-?} requests waited for a call they met"
+        fi
         echo "INFLIGHT $label phase 3: $(sector_acks) writes acknowledged; the host device hangs"
         suspend_host
         open_gate
@@ -150,22 +162,26 @@ check_sectors() {
     [ -n "$lost" ] || lost="unknown: $(echo "$out" | tail -n 1)"
 }
 
-holdfast_run() { # label, options
+holdfast_run() { # label, options, least requests that must have waited (met a call)
     run_phases "$1" holdfast ",hang-timeout=3$2"
     [ "$status" -eq 0 ] || fail "$1: holdfast exited with $status"
+    # The scenario is about many calls at once: it must have had them.
+    [ "${row_peak:-0}" -ge 4 ] || fail "$1: at most ${row_peak:-0} host calls were in flight at once: not what this scenario tests"
+    [ "${row_held:-0}" -ge "$3" ] || fail "$1: only ${row_held:-0} requests met a call in flight (at least $3 expected)"
     [ "$row_finished" = yes ] || fail "$1: the guest's workload did not finish"
     [ "$row_lost" = 0 ] || fail "$1: acknowledged writes lost: $row_lost"
     echo "$1|$row_resumed|$row_finished|$row_acked|$row_lost" >> "$ROWS"
-    summary="$summary; $1: $row_acked acknowledged writes intact ($row_paused)"
+    summary="$summary; $1: $row_acked acknowledged writes intact, up to $row_peak calls in flight, $row_held held back ($row_paused)"
 }
 
 ROWS="$WORK/rows"
 : > "$ROWS"
 summary=
 host_setup
-holdfast_run "holdfast cache=none, 4 KiB" ",cache=none,x-direct-align=4096"
-holdfast_run "holdfast writeback" ""
-[ "${INFLIGHT_VARIANTS:-}" != all ] || holdfast_run "holdfast cache=none" ",cache=none"
+# With 4 KiB host blocks, neighbouring sectors in one must have met.
+holdfast_run "holdfast cache=none, 4 KiB" ",cache=none,x-direct-align=4096" 1
+holdfast_run "holdfast writeback" "" 0
+[ "${INFLIGHT_VARIANTS:-}" != all ] || holdfast_run "holdfast cache=none" ",cache=none" 0
 for cache in none ""; do
     label="QEMU werror=stop${cache:+ cache=$cache}"
     # A host file system that went down under QEMU was repaired in check_sectors;
@@ -181,4 +197,4 @@ compare_row "many writes in flight" resumed "workload finished" "acked writes" "
 while IFS='|' read -r a b c d e; do
     compare_row "$a" "$b" "$c" "$d" "$e"
 done < "$ROWS"
-echo "SCENARIO OK $NAME: 8 threads, writes of 512 bytes to 1 MiB at 512-byte offsets, through no outage, an error outage and a hang${summary}"
+echo "SCENARIO OK $NAME: 16 threads, writes of 512 bytes to 1 MiB at 512-byte offsets, through no outage, an error outage and a hang${summary}"

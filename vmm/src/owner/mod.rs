@@ -484,7 +484,8 @@ fn query_unflushed(disks: &[DiskInfo]) -> Value {
                     "bytes": s.buffer.bytes, "weight": s.buffer.weight, "extents": s.buffer.extents,
                     "peak-bytes": s.buffer.peak_bytes,
                     "parked": s.parked, "io-status": s.io_status.as_str(), "internal-flushes": s.internal_flushes,
-                    "in-flight": s.in_flight, "detached": s.detached,
+                    "in-flight": s.in_flight, "peak-in-flight": s.peak_in_flight,
+                    "held-back": s.held_back, "detached": s.detached,
                     "last-error": s.last_error.map(|e| json!({
                         "operation": e.op.to_string(), "errno": e.errno_name(), "desc": errno_desc(&e),
                     })),
