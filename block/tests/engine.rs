@@ -1231,6 +1231,42 @@ mod in_flight {
         }
     }
 
+    /// Writes in flight count against the bound by the memory they will take, not
+    /// their length: three writes of 64 KiB + 512 (each a 128 KiB allocation) under a
+    /// bound of 256 KiB. (On 9aa1b7d all three ran at once, counted by length, and the
+    /// buffer ended at 384 KiB; counted so again, the test fails.)
+    #[test]
+    fn writes_in_flight_count_the_memory_they_will_take() {
+        let limit = 256 << 10;
+        let config = DiskConfig {
+            unflushed_limit: limit,
+            ..DiskConfig::default()
+        };
+        let mut disk = Disk::new(MemBackend::new(SIZE), config);
+        let len = (64 << 10) + 512;
+        let mut calls = Vec::new();
+        let mut alone = Vec::new();
+        for i in 0..3u64 {
+            match disk.begin(write(i + 1, i * (128 << 10), i as u8 + 1, len)) {
+                Begun::Call(c) => calls.push(c),
+                Begun::Alone(r) => alone.push(r),
+                Begun::Done(out) => panic!("{out:?}"),
+            }
+        }
+        assert_eq!((calls.len(), alone.len()), (2, 1), "the third waits");
+        for c in calls {
+            disk.end(c);
+        }
+        for r in alone {
+            assert!(disk.submit(r).completion.is_some());
+        }
+        let weight = disk.status().buffer.weight;
+        assert!(
+            weight <= limit,
+            "the buffer weighs {weight}, its bound is {limit}"
+        );
+    }
+
     /// A write whose bytes keep a larger allocation counts that allocation, in
     /// flight as in the buffer. (Adversarial review, 2026-12-06: it was counted by
     /// its length, and the buffer passed its bound.)
