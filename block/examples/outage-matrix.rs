@@ -7,7 +7,8 @@
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use holdfast_block::sim::matrix::{self, Outage, Strategy};
+use holdfast_block::sim::matrix::{self, Outage};
+use holdfast_block::sim::strategy::Strategy;
 use holdfast_block::sim::HostModel;
 
 const HELP: &str = "\
@@ -17,8 +18,8 @@ on simulated host page caches, and print what each lost.
 Usage: outage-matrix [--strategy NAME]... [--host NAME]... [--outage NAME]...
 
 Each option may be repeated; without it, all of its kind run.
-  --strategy  holdfast | retry-flush | sticky
-  --host      ext4-ordered | xfs | ext4-data | btrfs | freebsd
+  --strategy  {STRATEGIES}
+  --host      {MODELS}
   --outage    write-eio | flush-eio | writeback-eio | write-enospc | flush-enospc |
               repeat-in-replay
   -h, --help  print this text
@@ -67,7 +68,10 @@ fn main() -> ExitCode {
     let sel = match parse(&args) {
         Ok(Some(sel)) => sel,
         Ok(None) => {
-            print!("{HELP}");
+            let help = HELP
+                .replace("{STRATEGIES}", &Strategy::names())
+                .replace("{MODELS}", &HostModel::names());
+            print!("{help}");
             return ExitCode::SUCCESS;
         }
         Err(e) => {

@@ -1,23 +1,24 @@
 //! The disk engine: runs guest [`Request`]s against a [`Backend`] as docs/durability.md says.
 //!
 //! ```text
-//!                 host write/flush error, action stop
-//!   +---------+  (request parked, io-status failed|nospace)   +---------+
-//!   | Running | ------------------------------------------->  | Stopped | --+
-//!   +---------+                                               +---------+   | replay()
-//!        ^        replay(): rewrite buffer, flush, run parked      |        | failed:
-//!        +---------------------------------------------------------+        | all kept
-//!                         all succeeded                         ^-----------+
+//!   Running  --a host write or flush fails under `stop`: it parks-->  Stopped
+//!   Stopped  --replay(): Replaying (rewrite the buffer, flush, run
+//!              the parked requests), all of it succeeded----------->  Running
+//!                                          one step failed--------->  Stopped, all kept
+//!   Running, Stopped  --detach()-->  Detached  --attach()-->  Stopped
+//!   Detached  --replay()-->  refused (ENOMEDIUM), nothing changes
 //! ```
 //!
-//! While `Stopped`, every request submitted is parked behind the one that failed,
-//! except guest errors (bad range, write to a read-only disk, unsupported op) and
-//! GET_ID, which touch no storage and complete at once.
+//! While the disk is not Running, every request submitted is parked behind the one
+//! that failed, except guest errors (bad range, write to a read-only disk,
+//! unsupported op) and GET_ID, which touch no storage and complete at once. Beside
+//! its state the disk knows what the host may have lost of its buffer (`Host`):
+//! after a failed host write or flush, the next flush rewrites the buffer first.
 //!
 //! A disk can let go of its image and take it back ([`Disk::detach`],
 //! [`Disk::attach`]) when the host file system under it must be unmounted and
-//! repaired: a detached disk is `Stopped`, keeps its buffer and parked requests, and
-//! cannot replay until it is attached again. Its replay then rewrites the whole buffer,
+//! repaired: a detached disk keeps its buffer and parked requests, and cannot replay
+//! until it is attached again. Its replay then rewrites the whole buffer,
 //! since the repaired file may have lost anything that no host flush had covered.
 //!
 //! The engine is synchronous and sits behind its owner's lock. [`Disk::submit`] runs a
@@ -78,10 +79,6 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// What GET_ID returns (at most 20 bytes are used).
     pub serial: String,
-    /// (feature `sim`) Behave like another device after a host error, for
-    /// `holdfast lab`'s comparisons; `None` is holdfast.
-    #[cfg(feature = "sim")]
-    pub imitate: Option<crate::sim::Imitate>,
 }
 
 impl Default for DiskConfig {
@@ -94,8 +91,6 @@ impl Default for DiskConfig {
             keep_extra_flush: false,
             read_only: false,
             serial: String::new(),
-            #[cfg(feature = "sim")]
-            imitate: None,
         }
     }
 }
@@ -117,7 +112,8 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn done(completion: Completion) -> Self {
+    /// Completed, with no host error.
+    pub fn done(completion: Completion) -> Self {
         Outcome {
             completion: Some(completion),
             error: None,
@@ -126,6 +122,11 @@ impl Outcome {
 
     pub fn is_parked(&self) -> bool {
         self.completion.is_none()
+    }
+
+    /// Parked, with no host error (the disk was stopped already).
+    pub fn parked() -> Self {
+        Outcome::default()
     }
 }
 
@@ -386,34 +387,74 @@ pub struct Disk<B> {
     backend: B,
     config: DiskConfig,
     buffer: UnflushedBuffer,
-    parked: VecDeque<Parked>,
-    stopped: bool,
-    io_status: IoStatus,
-    last_error: Option<HostError>,
-    /// A host write or flush failed since the buffer was last rewritten: the host may
-    /// have dropped buffered bytes, so the next flush rewrites the buffer first.
-    rewrite_before_flush: bool,
-    /// During replay, successful flushes are recorded here and released only once the
-    /// whole replay succeeded.
-    deferred_release: Option<Vec<FlushTicket>>,
-    internal_flushes: u64,
-    /// A flush to make room failed and none succeeded since: until one does (the
-    /// guest's FLUSH, a replay), writes at the bound fail at once instead of each
-    /// rewriting the whole buffer into a host that is still broken.
-    room_failed: Option<HostError>,
+    /// Where the disk is: running, stopped, detached or replaying (the module's
+    /// diagram), with what that state owns.
+    state: State,
+    /// What the host may have lost of the buffer.
+    host: Host,
     /// Host calls running beside each other ([`Disk::begin`]), not yet ended.
     in_flight: Vec<InFlight>,
+    next_call: u64,
+    /// What `x-query-unflushed` counts: the last host error, flushes the disk made on
+    /// its own, the most calls in flight at once, requests held back to run alone.
+    last_error: Option<HostError>,
+    internal_flushes: u64,
     peak_in_flight: usize,
     held_back: u64,
-    next_call: u64,
-    /// A flush ahead of the bound is in flight.
-    flushing_ahead: bool,
+}
+
+/// The disk's states (the module's diagram).
+#[derive(Debug)]
+enum State {
+    /// Serving requests.
+    Running,
+    /// A host error under `stop` stopped it (or a detach, now attached again):
+    /// requests park behind the one that failed until a replay succeeds.
+    Stopped(Stop),
+    /// It let go of its image ([`Disk::detach`]): stopped, and no replay until it is
+    /// attached again.
+    Detached(Stop),
+    /// In [`Disk::replay`]: the flushes that succeed release their extents only once
+    /// the whole replay has (`release`).
+    Replaying {
+        stop: Stop,
+        release: Vec<FlushTicket>,
+    },
+}
+
+/// What a stopped disk keeps.
+#[derive(Debug, Default)]
+struct Stop {
+    /// In the order the device took them (tags grow in that order).
+    parked: VecDeque<Parked>,
+    io_status: IoStatus,
     /// The request whose failure stopped the disk: a call in flight beside it that
     /// was taken after it and ends later is parked, not completed.
-    stopped_by: Option<u64>,
-    /// (feature `sim`, imitating `Sticky`) a flush failed: every later one fails.
-    #[cfg(feature = "sim")]
-    flush_poisoned: bool,
+    by: Option<u64>,
+}
+
+/// What the host may have lost of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Host {
+    /// Nothing failed since the buffer was last rewritten: a flush vouches for it.
+    Trusted,
+    /// A host write or flush failed since the buffer was last rewritten: the host
+    /// may have dropped buffered bytes, so the next flush rewrites the buffer first.
+    Suspect,
+    /// As `Suspect`, and a flush to make room failed and none succeeded since: until
+    /// one does (the guest's FLUSH, a replay), writes at the bound fail at once
+    /// instead of each rewriting the whole buffer into a host that is still broken.
+    Failing(HostError),
+}
+
+impl Host {
+    /// A host write or flush failed.
+    fn failed(self) -> Host {
+        match self {
+            Host::Failing(e) => Host::Failing(e),
+            Host::Trusted | Host::Suspect => Host::Suspect,
+        }
+    }
 }
 
 /// A call in flight: its range on the host, widened to the backend's
@@ -426,6 +467,8 @@ struct InFlight {
     end: u64,
     write: bool,
     weight: u64,
+    /// The disk's own flush ahead of its bound.
+    flush: bool,
 }
 
 impl InFlight {
@@ -448,22 +491,14 @@ impl<B: Backend> Disk<B> {
             backend,
             buffer: UnflushedBuffer::new(config.keep_extra_flush),
             config,
-            parked: VecDeque::new(),
-            stopped: false,
-            io_status: IoStatus::Ok,
-            last_error: None,
-            rewrite_before_flush: false,
-            deferred_release: None,
-            internal_flushes: 0,
-            room_failed: None,
+            state: State::Running,
+            host: Host::Trusted,
             in_flight: Vec::new(),
+            next_call: 0,
+            last_error: None,
+            internal_flushes: 0,
             peak_in_flight: 0,
             held_back: 0,
-            next_call: 0,
-            flushing_ahead: false,
-            stopped_by: None,
-            #[cfg(feature = "sim")]
-            flush_poisoned: false,
         }
     }
 
@@ -493,16 +528,37 @@ impl<B: Backend> Disk<B> {
         self.config.rerror = rerror;
     }
 
+    /// Whether requests park (stopped, detached or replaying).
     pub fn is_stopped(&self) -> bool {
-        self.stopped
+        !matches!(self.state, State::Running)
+    }
+
+    /// What a stopped disk keeps; `None` while it runs.
+    fn stop(&self) -> Option<&Stop> {
+        match &self.state {
+            State::Running => None,
+            State::Stopped(stop) | State::Detached(stop) | State::Replaying { stop, .. } => {
+                Some(stop)
+            }
+        }
+    }
+
+    fn stop_mut(&mut self) -> Option<&mut Stop> {
+        match &mut self.state {
+            State::Running => None,
+            State::Stopped(stop) | State::Detached(stop) | State::Replaying { stop, .. } => {
+                Some(stop)
+            }
+        }
     }
 
     pub fn status(&self) -> DiskStatus {
+        let stop = self.stop();
         DiskStatus {
-            io_status: self.io_status,
-            stopped: self.stopped,
-            detached: self.backend.is_detached(),
-            parked: self.parked.len(),
+            io_status: stop.map_or(IoStatus::Ok, |s| s.io_status),
+            stopped: stop.is_some(),
+            detached: self.is_detached(),
+            parked: stop.map_or(0, |s| s.parked.len()),
             buffer: self.buffer.stats(),
             last_error: self.last_error,
             internal_flushes: self.internal_flushes,
@@ -519,20 +575,11 @@ impl<B: Backend> Disk<B> {
             return Outcome::done(Completion::with_status(req.tag, status));
         }
         if req.op == RequestOp::GetId {
-            let mut id = self.config.serial.as_bytes().to_vec();
-            id.truncate(ID_BYTES);
-            return Outcome::done(Completion {
-                tag: req.tag,
-                status: Status::Ok,
-                data: id,
-            });
+            return Outcome::done(get_id(req.tag, &self.config.serial));
         }
-        if self.stopped {
+        if self.is_stopped() {
             self.park(Parked::Pending(req));
-            return Outcome {
-                completion: None,
-                error: None,
-            };
+            return Outcome::parked();
         }
         let is_read = req.op.is_read();
         let tag = req.tag;
@@ -555,13 +602,9 @@ impl<B: Backend> Disk<B> {
     /// once nothing is in flight.
     pub fn begin(&mut self, req: Request) -> Begun {
         let quick =
-            self.stopped || req.op == RequestOp::GetId || self.guest_error(&req.op).is_some();
+            self.is_stopped() || req.op == RequestOp::GetId || self.guest_error(&req.op).is_some();
         if quick {
             return Begun::Done(self.submit(req));
-        }
-        #[cfg(feature = "sim")]
-        if self.config.imitate.is_some() {
-            return Begun::Alone(req);
         }
         let Some((start, len)) = req.op.range() else {
             return Begun::Alone(req);
@@ -598,11 +641,7 @@ impl<B: Backend> Disk<B> {
     /// disk is stopped, the write is the guest's error, needs the disk alone, ...):
     /// then copy the bytes and `begin` the request.
     pub fn begin_borrowed_write(&mut self, tag: u64, offset: u64, len: u64) -> Option<Call> {
-        #[cfg(feature = "sim")]
-        if self.config.imitate.is_some() {
-            return None;
-        }
-        let callable = !self.stopped
+        let callable = !self.is_stopped()
             && self.config.writeback
             && !self.config.read_only
             && !self.bad_range(offset, len)
@@ -683,6 +722,7 @@ impl<B: Backend> Disk<B> {
             end,
             write,
             weight,
+            flush: false,
         });
         self.peak_in_flight = self.peak_in_flight.max(self.in_flight.len());
         self.debug_check_in_flight();
@@ -712,15 +752,11 @@ impl<B: Backend> Disk<B> {
         let result = call.result.take().unwrap_or(Ok(Vec::new()));
         // Taken after the request whose failure stopped the disk: parked, whatever
         // its own call did (one request at a time, it would run after the replay).
-        let after_stop = self.stopped && self.stopped_by.is_some_and(|by| tag > by);
+        let after_stop = self.stop().is_some_and(|s| s.by.is_some_and(|by| tag > by));
         let done = match call.kind {
             CallKind::Flush { ticket } => {
-                self.flushing_ahead = false;
                 self.flushed_ahead(ticket, result.map(|_| ()));
-                return Outcome {
-                    completion: None,
-                    error: None,
-                };
+                return Outcome::parked();
             }
             CallKind::Read { offset, len } => match result {
                 Ok(mut buf) => {
@@ -756,10 +792,7 @@ impl<B: Backend> Disk<B> {
             (Ok(c), false) => Outcome::done(c),
             (Ok(c), true) => {
                 self.park(Parked::Done(c));
-                Outcome {
-                    completion: None,
-                    error: None,
-                }
+                Outcome::parked()
             }
             (Err((failed, is_read)), false) => self.host_error(failed, is_read, tag),
             (Err((failed, is_read)), true) => {
@@ -768,7 +801,7 @@ impl<B: Backend> Disk<B> {
                 let error = failed.error;
                 self.last_error = Some(error);
                 if !is_read {
-                    self.rewrite_before_flush = true;
+                    self.host = self.host.failed();
                 }
                 self.park(failed.parked);
                 Outcome {
@@ -789,22 +822,15 @@ impl<B: Backend> Disk<B> {
     /// a failed host call left the buffer to be rewritten first (the flush that
     /// makes room, alone, does that).
     pub fn flush_ahead(&mut self) -> Option<Call> {
-        #[cfg(feature = "sim")]
-        if self.config.imitate.is_some() {
-            return None;
-        }
-        let wanted = !self.stopped
-            && !self.flushing_ahead
-            && !self.rewrite_before_flush
-            && self.room_failed.is_none()
-            && self.deferred_release.is_none()
+        let wanted = matches!(self.state, State::Running)
+            && self.host == Host::Trusted
+            && !self.in_flight.iter().any(|c| c.flush)
             && self.buffer.weight() > self.config.unflushed_limit / FLUSH_AHEAD_AT;
         if !wanted {
             return None;
         }
         let io = self.backend.shared_io()?;
         self.next_call += 1;
-        self.flushing_ahead = true;
         self.internal_flushes += 1;
         self.in_flight.push(InFlight {
             id: self.next_call,
@@ -812,6 +838,7 @@ impl<B: Backend> Disk<B> {
             end: 0,
             write: false,
             weight: 0,
+            flush: true,
         });
         Some(Call {
             id: self.next_call,
@@ -831,13 +858,12 @@ impl<B: Backend> Disk<B> {
     /// a write that needs room fails as after any failed flush for room.
     fn flushed_ahead(&mut self, ticket: FlushTicket, result: Result<(), HostError>) {
         match result {
-            Ok(()) if !self.rewrite_before_flush => {
+            Ok(()) if self.host == Host::Trusted => {
                 self.buffer.flushed(ticket);
             }
             Ok(()) => {}
             Err(e) => {
-                self.rewrite_before_flush = true;
-                self.room_failed = Some(e);
+                self.host = Host::Failing(e);
                 self.last_error = Some(e);
             }
         }
@@ -852,13 +878,14 @@ impl<B: Backend> Disk<B> {
     /// Parks a request in the order the device took it (tags grow in that order): a
     /// call that was in flight beside others may fail after later requests parked.
     fn park(&mut self, parked: Parked) {
+        let stop = self.stop_mut().expect("only a stopped disk parks");
         let tag = parked.tag();
-        let at = self
+        let at = stop
             .parked
             .iter()
             .rposition(|p| p.tag() <= tag)
             .map_or(0, |i| i + 1);
-        self.parked.insert(at, parked);
+        stop.parked.insert(at, parked);
     }
 
     /// Applies the error policy to a failed request.
@@ -874,17 +901,23 @@ impl<B: Backend> Disk<B> {
         if !is_read {
             // The host may not have the buffered bytes: whatever the policy, the next
             // flush must write them again before it can vouch for them.
-            self.rewrite_before_flush = true;
+            self.host = self.host.failed();
         }
         let report = Some(IoErrorReport { error, action });
         let status = match action {
             ErrorAction::Report | ErrorAction::Ignore if failed.at_bound => Status::IoErr,
             ErrorAction::Stop => {
-                if !self.stopped {
-                    self.stopped_by = Some(tag);
+                let io_status = IoStatus::of(&error);
+                match self.stop_mut() {
+                    Some(stop) => stop.io_status = io_status,
+                    None => {
+                        self.state = State::Stopped(Stop {
+                            parked: VecDeque::new(),
+                            io_status,
+                            by: Some(tag),
+                        })
+                    }
                 }
-                self.stopped = true;
-                self.io_status = IoStatus::of(&error);
                 self.park(failed.parked);
                 return Outcome {
                     completion: None,
@@ -917,82 +950,22 @@ impl<B: Backend> Disk<B> {
 
     /// Mistakes of the guest: they never reach the host and never stop the disk.
     fn guest_error(&self, op: &RequestOp) -> Option<Status> {
-        let writes = matches!(
+        guest_mistake(
             op,
-            RequestOp::Write { .. } | RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
-        );
-        if writes && self.config.read_only {
-            return Some(Status::IoErr);
-        }
-        if let RequestOp::Discard { .. } = op {
-            if !self.backend.capabilities().discard {
-                return Some(Status::Unsupp);
-            }
-        }
-        if let Some((offset, len)) = op.range() {
-            // Zeroing or discarding nothing is malformed (the host would answer
-            // EINVAL, which must not pass for a host error and stop the disk).
-            let empty = len == 0
-                && matches!(
-                    op,
-                    RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
-                );
-            if self.bad_range(offset, len) || empty {
-                return Some(Status::IoErr);
-            }
-        }
-        None
+            self.size(),
+            self.config.read_only,
+            self.backend.capabilities(),
+        )
     }
 
     /// `[offset, offset + len)` runs past the disk's end or is longer than a request
     /// may be ([`MAX_REQUEST_BYTES`]).
     fn bad_range(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_none_or(|end| end > self.size()) || len > MAX_REQUEST_BYTES
+        bad_range(offset, len, self.size())
     }
 
     /// Runs one request on the host. A failure hands the request back with its error.
     fn execute(&mut self, req: Request) -> Result<Completion, Failed> {
-        #[cfg(feature = "sim")]
-        if let Some(imitate) = self.config.imitate {
-            let req = match self.execute_imitated(imitate, req) {
-                Ok(done) => return done,
-                Err(req) => req,
-            };
-            return self.execute_own(req);
-        }
-        self.execute_own(req)
-    }
-
-    /// (feature `sim`) The requests an imitated device runs its own way: `Ok` with
-    /// the result, or `Err` handing the request back to holdfast's way.
-    #[cfg(feature = "sim")]
-    fn execute_imitated(
-        &mut self,
-        imitate: crate::sim::Imitate,
-        req: Request,
-    ) -> Result<Result<Completion, Failed>, Request> {
-        let tag = req.tag;
-        let result = match (&req.op, imitate.bufferless()) {
-            (RequestOp::Flush, _) if imitate == crate::sim::Imitate::LyingFlush => Ok(()),
-            (RequestOp::Flush, true) if self.flush_poisoned => {
-                Err(HostError::new(crate::HostOp::Flush, libc::EIO))
-            }
-            (RequestOp::Flush, true) => self.backend.flush().inspect_err(|_| {
-                self.flush_poisoned = imitate == crate::sim::Imitate::Sticky;
-            }),
-            (RequestOp::Write { offset, data }, true) => self.backend.write_at(data, *offset),
-            (RequestOp::WriteZeroes { offset, len, unmap }, true) => {
-                self.backend.write_zeroes(*offset, *len, *unmap)
-            }
-            _ => return Err(req),
-        };
-        // A failed request is parked as it is: `cont` issues it again.
-        Ok(result
-            .map(|()| Completion::ok(tag))
-            .map_err(|e| Failed::pending(req, e)))
-    }
-
-    fn execute_own(&mut self, req: Request) -> Result<Completion, Failed> {
         let tag = req.tag;
         match req.op {
             RequestOp::Read { offset, len } => {
@@ -1071,12 +1044,12 @@ impl<B: Backend> Disk<B> {
             && !self.buffer.is_empty()
             && self.buffer.weight().saturating_add(incoming) > self.config.unflushed_limit
         {
-            if let Some(e) = self.room_failed {
+            if let Host::Failing(e) = self.host {
                 return Err(e);
             }
             self.internal_flushes += 1;
             if let Err(e) = self.host_flush() {
-                self.room_failed = Some(e);
+                self.host = Host::Failing(e);
                 return Err(e);
             }
             tries -= 1;
@@ -1112,19 +1085,19 @@ impl<B: Backend> Disk<B> {
     /// cost the host buffered bytes.
     fn host_flush(&mut self) -> Result<(), HostError> {
         debug_assert!(self.in_flight.is_empty(), "the disk is not alone");
-        if self.rewrite_before_flush {
+        if self.host != Host::Trusted {
             self.rewrite_buffer()?;
         }
         let ticket = self.buffer.begin_flush();
         let flushed = self.backend.flush();
         if let Err(e) = flushed {
-            self.rewrite_before_flush = true;
+            self.host = self.host.failed();
             return Err(e);
         }
-        self.room_failed = None;
-        match &mut self.deferred_release {
-            Some(tickets) => tickets.push(ticket),
-            None => {
+        self.host = Host::Trusted;
+        match &mut self.state {
+            State::Replaying { release, .. } => release.push(ticket),
+            _ => {
                 self.buffer.flushed(ticket);
             }
         }
@@ -1134,7 +1107,10 @@ impl<B: Backend> Disk<B> {
     /// Writes every buffered extent to the host again, adjacent extents in one
     /// vectored call. Returns (bytes, extents) written.
     fn rewrite_buffer(&mut self) -> Result<(u64, usize), HostError> {
-        self.rewrite_before_flush = true;
+        // Until it is done, a failure leaves the host as suspect as before.
+        if self.host == Host::Trusted {
+            self.host = Host::Suspect;
+        }
         let mut bytes = 0;
         let mut extents = 0;
         let mut run: Vec<&[u8]> = Vec::new();
@@ -1160,12 +1136,12 @@ impl<B: Backend> Disk<B> {
         }
         write_run(&mut self.backend, &run, run_start)?;
         self.buffer.mark_all_rewritten();
-        self.rewrite_before_flush = false;
+        self.host = Host::Trusted;
         Ok((bytes, extents))
     }
 
     pub fn is_detached(&self) -> bool {
-        self.backend.is_detached()
+        matches!(self.state, State::Detached(_))
     }
 
     /// Lets go of the image (QMP `x-block-detach`): the backend closes every
@@ -1178,9 +1154,13 @@ impl<B: Backend> Disk<B> {
             return Err(AttachmentError::AlreadyDetached);
         }
         self.backend.detach()?;
-        self.stopped = true;
+        let stop = match std::mem::replace(&mut self.state, State::Running) {
+            State::Stopped(stop) | State::Detached(stop) | State::Replaying { stop, .. } => stop,
+            State::Running => Stop::default(),
+        };
+        self.state = State::Detached(stop);
         // The image that comes back may lack whatever no host flush had covered.
-        self.rewrite_before_flush = true;
+        self.host = self.host.failed();
         Ok(())
     }
 
@@ -1191,6 +1171,9 @@ impl<B: Backend> Disk<B> {
             return Err(AttachmentError::NotDetached);
         }
         self.backend.attach(path)?;
+        if let State::Detached(stop) = std::mem::replace(&mut self.state, State::Running) {
+            self.state = State::Stopped(stop);
+        }
         Ok(())
     }
 
@@ -1203,58 +1186,71 @@ impl<B: Backend> Disk<B> {
     /// disk cannot replay: it fails with `ENOMEDIUM` and nothing changes.
     pub fn replay(&mut self) -> Result<ReplayReport, ReplayError> {
         debug_assert!(self.in_flight.is_empty(), "the disk is not alone");
-        if !self.stopped {
-            return Ok(ReplayReport::default());
-        }
-        if self.is_detached() {
-            return Err(ReplayError {
-                error: HostError::new(crate::HostOp::Write, libc::ENOMEDIUM),
-            });
-        }
-        self.deferred_release = Some(Vec::new());
-        let result = self.replay_steps();
-        let tickets = self.deferred_release.take().unwrap_or_default();
+        let stop = match std::mem::replace(&mut self.state, State::Running) {
+            State::Running => return Ok(ReplayReport::default()),
+            detached @ State::Detached(_) => {
+                self.state = detached;
+                return Err(ReplayError {
+                    error: HostError::new(crate::HostOp::Write, libc::ENOMEDIUM),
+                });
+            }
+            State::Stopped(stop) | State::Replaying { stop, .. } => stop,
+        };
+        let mut stop = stop;
+        let parked = std::mem::take(&mut stop.parked);
+        self.state = State::Replaying {
+            stop,
+            release: Vec::new(),
+        };
+        let result = self.replay_steps(parked);
+        let State::Replaying { mut stop, release } =
+            std::mem::replace(&mut self.state, State::Running)
+        else {
+            unreachable!("only a replay leaves the Replaying state");
+        };
         match result {
             Ok(report) => {
-                for t in tickets {
+                for t in release {
                     self.buffer.flushed(t);
                 }
-                self.stopped = false;
-                self.stopped_by = None;
-                self.io_status = IoStatus::Ok;
                 Ok(report)
             }
-            Err(error) => {
+            Err((error, parked)) => {
+                stop.parked = parked;
+                stop.io_status = IoStatus::of(&error);
                 self.last_error = Some(error);
-                self.io_status = IoStatus::of(&error);
+                self.state = State::Stopped(stop);
                 Err(ReplayError { error })
             }
         }
     }
 
-    fn replay_steps(&mut self) -> Result<ReplayReport, HostError> {
-        #[cfg(feature = "sim")]
-        let imitated = self.config.imitate.is_some_and(|i| i.bufferless());
-        #[cfg(not(feature = "sim"))]
-        let imitated = false;
-        let (bytes_rewritten, extents_rewritten) = if imitated {
-            // QEMU's `cont`: the parked requests only.
-            (0, 0)
-        } else {
-            self.rewrite_buffer()?
+    /// The replay's steps over the parked requests; on failure, the error and the
+    /// parked requests as they now stand (what ran keeps its completion).
+    fn replay_steps(
+        &mut self,
+        mut parked: VecDeque<Parked>,
+    ) -> Result<ReplayReport, (HostError, VecDeque<Parked>)> {
+        let (bytes_rewritten, extents_rewritten) = match self.rewrite_buffer() {
+            Ok(rewritten) => rewritten,
+            Err(e) => return Err((e, parked)),
         };
-        if !imitated {
-            self.host_flush()?;
-        }
-        if self.config.keep_extra_flush && !imitated {
+        let flushes = if self.config.keep_extra_flush {
             // A host that reports errors one flush late would let the first flush
             // succeed while storage is still broken; the second tells the truth
             // before the guest runs again.
-            self.host_flush()?;
+            2
+        } else {
+            1
+        };
+        for _ in 0..flushes {
+            if let Err(e) = self.host_flush() {
+                return Err((e, parked));
+            }
         }
-        let mut completions = Vec::with_capacity(self.parked.len());
-        while let Some(parked) = self.parked.pop_front() {
-            let failed = match parked {
+        let mut completions = Vec::with_capacity(parked.len());
+        while let Some(next) = parked.pop_front() {
+            let failed = match next {
                 Parked::Done(c) => {
                     completions.push(c);
                     continue;
@@ -1267,12 +1263,11 @@ impl<B: Backend> Disk<B> {
                     Err(failed) => failed,
                 },
             };
-            // Put the queue back as it now stands: what ran keeps its completion.
-            self.parked.push_front(failed.parked);
+            parked.push_front(failed.parked);
             for c in completions.into_iter().rev() {
-                self.parked.push_front(Parked::Done(c));
+                parked.push_front(Parked::Done(c));
             }
-            return Err(failed.error);
+            return Err((failed.error, parked));
         }
         Ok(ReplayReport {
             completions,
@@ -1300,8 +1295,8 @@ impl<B: Backend> Disk<B> {
                 HostError::new(crate::HostOp::Flush, libc::ENOMEDIUM),
             ));
         }
-        if self.stopped {
-            self.rewrite_before_flush = true;
+        if self.is_stopped() {
+            self.host = self.host.failed();
         }
         let flushes = if self.config.keep_extra_flush { 2 } else { 1 };
         for _ in 0..flushes {
@@ -1316,9 +1311,65 @@ impl<B: Backend> Disk<B> {
     /// buffer stays (it holds writes the guest saw complete) and so does the error
     /// state. Returns how many requests were dropped.
     pub fn drop_parked(&mut self) -> usize {
-        let n = self.parked.len();
-        self.parked.clear();
-        n
+        self.stop_mut().map_or(0, |stop| {
+            let n = stop.parked.len();
+            stop.parked.clear();
+            n
+        })
+    }
+}
+
+/// What a disk of `size` bytes answers at once to a request that is the guest's
+/// mistake (a write to a read-only disk, a range past the end, an op the backend
+/// cannot do): it never reaches the host and never stops the disk. `None` if the
+/// request is not one.
+pub fn guest_mistake(
+    op: &RequestOp,
+    size: u64,
+    read_only: bool,
+    caps: crate::Capabilities,
+) -> Option<Status> {
+    let writes = matches!(
+        op,
+        RequestOp::Write { .. } | RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
+    );
+    if writes && read_only {
+        return Some(Status::IoErr);
+    }
+    if let RequestOp::Discard { .. } = op {
+        if !caps.discard {
+            return Some(Status::Unsupp);
+        }
+    }
+    if let Some((offset, len)) = op.range() {
+        // Zeroing or discarding nothing is malformed (the host would answer
+        // EINVAL, which must not pass for a host error and stop the disk).
+        let empty = len == 0
+            && matches!(
+                op,
+                RequestOp::WriteZeroes { .. } | RequestOp::Discard { .. }
+            );
+        if bad_range(offset, len, size) || empty {
+            return Some(Status::IoErr);
+        }
+    }
+    None
+}
+
+/// `[offset, offset + len)` runs past the end of a disk of `size` bytes or is longer
+/// than a request may be ([`MAX_REQUEST_BYTES`]).
+fn bad_range(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_none_or(|end| end > size) || len > MAX_REQUEST_BYTES
+}
+
+/// What GET_ID answers: the serial, cut to [`ID_BYTES`].
+pub fn get_id(tag: u64, serial: &str) -> Completion {
+    let mut id = serial.as_bytes().to_vec();
+    id.truncate(ID_BYTES);
+    Completion {
+        tag,
+        status: Status::Ok,
+        data: id,
     }
 }
 

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod buffer;
 pub mod bytes;
 pub mod disk;
+pub mod engine;
 pub mod fault;
 mod host_error;
 pub mod policy;
@@ -40,6 +41,7 @@ pub use disk::{
     AttachmentError, Begun, Call, Disk, DiskConfig, DiskStatus, IoErrorReport, Outcome,
     ReplayError, ReplayReport, SettleError,
 };
+pub use engine::Engine;
 pub use fault::{FaultHandle, FaultInjector, FaultOp, FaultPlan, FaultRule, Trigger};
 pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};
 pub use policy::{ErrorAction, ErrorPolicy, IoStatus};

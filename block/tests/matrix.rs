@@ -1,7 +1,8 @@
 //! The outage matrix must show holdfast keeping every acked byte, and must be able to
 //! show loss: the QEMU-like peers lose data where real hosts make them.
 
-use holdfast_block::sim::matrix::{run_all, run_cell, Outage, Start, Strategy, Synthetic};
+use holdfast_block::sim::matrix::{run_all, run_cell, Outage, Start, Synthetic};
+use holdfast_block::sim::strategy::Strategy;
 use holdfast_block::sim::timeline::{HostState, VmState};
 use holdfast_block::sim::HostModel;
 

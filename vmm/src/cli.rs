@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use holdfast_block::sim::matrix::Strategy;
+use holdfast_block::sim::strategy::Strategy;
 use holdfast_block::sim::HostModel;
 use holdfast_block::{DiskConfig, ErrorPolicy};
 
@@ -10,6 +10,11 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
 pub const DEFAULT_MEM: u64 = 512 << 20;
 const MIN_MEM: u64 = 64 << 20;
 const MAX_MEM: u64 = 1 << 40;
+
+/// `holdfast run --help`, with the simulated host models' names.
+pub fn run_help() -> String {
+    RUN_HELP.replace("{MODELS}", &HostModel::names())
+}
 
 pub const RUN_HELP: &str = "\
 Usage: holdfast run --kernel PATH [options]
@@ -69,8 +74,8 @@ Options:
                                                data=journal) (default: off)
                          x-host=simulated:MODEL  (holdfast lab) a simulated host page
                                                cache with the failure behaviour of
-                                               MODEL: ext4-ordered, xfs, ext4-data,
-                                               btrfs or freebsd; x-block-fault's
+                                               MODEL: {MODELS};
+                                               x-block-fault's
                                                layer=writeback breaks its write-back
                          x-strategy=holdfast|retry-flush|sticky|x-lying-flush
                                                (holdfast lab) what the disk does after
@@ -132,6 +137,9 @@ pub struct DiskOpt {
     pub hang_timeout: Option<std::time::Duration>,
     /// `x-direct-align=N`: O_DIRECT's alignment, instead of what the host says.
     pub direct_align: Option<u64>,
+    /// `x-strategy=S`: how the disk handles host errors (holdfast, or another
+    /// device's way, for `holdfast lab`'s comparisons).
+    pub strategy: Strategy,
 }
 
 /// A parsed `holdfast run`.
@@ -277,6 +285,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     let mut direct = false;
     let mut config = DiskConfig::default();
     let mut simulated = None;
+    let mut strategy = Strategy::Holdfast;
     let mut hang_timeout = None;
     let mut direct_align = None;
     for part in spec.split(',') {
@@ -329,13 +338,13 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             }
             "x-host" => {
                 let model = v.strip_prefix("simulated:").ok_or(format!(
-                    "x-host: `{v}` is not simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd)"
+                    "x-host: `{v}` is not simulated:MODEL ({})",
+                    HostModel::names()
                 ))?;
                 simulated = Some(model.parse().map_err(|e| format!("x-host: {e}"))?);
             }
             "x-strategy" => {
-                let s: Strategy = v.parse().map_err(|e| format!("x-strategy: {e}"))?;
-                config.imitate = s.imitate();
+                strategy = v.parse().map_err(|e| format!("x-strategy: {e}"))?;
             }
             _ => return Err(format!("unknown key `{key}`")),
         }
@@ -358,6 +367,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
         simulated,
         hang_timeout,
         direct_align,
+        strategy,
     })
 }
 
@@ -471,7 +481,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(d.simulated, Some(HostModel::Ext4Data));
-        assert_eq!(d.config.imitate, Some(holdfast_block::sim::Imitate::Sticky));
+        assert_eq!(d.strategy, Strategy::Sticky);
         for (spec, want) in [
             ("x-host=xfs", "simulated:MODEL"),
             ("x-host=simulated:zfs", "zfs"),

@@ -14,7 +14,7 @@ use crate::owner::Input;
 const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 /// A signal's name, as `kill -l` spells it with the `SIG` prefix.
-pub fn signal_name(signal: i32) -> &'static str {
+fn signal_name(signal: i32) -> &'static str {
     match signal {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
@@ -64,7 +64,8 @@ pub fn forward_termination_signals(
             if r != 0 {
                 continue;
             }
-            if owner.send(Input::HostSignal { signal }).is_err() {
+            let name = signal_name(signal);
+            if owner.send(Input::HostSignal { name }).is_err() {
                 return;
             }
         })

@@ -6,10 +6,10 @@ use holdfast_block::sim::HostCache;
 use holdfast_block::{Backend, FaultInjector, FileBackend, FileOptions};
 use holdfast_qmp::{EventSink, Machine, Server};
 use holdfast_vmm::cli::{self, RunOpts, SerialOut};
+use holdfast_vmm::disk::{DiskSpec, SimulatedHost};
 use holdfast_vmm::host_signals;
-use holdfast_vmm::owner::{self, QmpBridge};
-use holdfast_vmm::owner::{Exit, SimulatedHost};
-use holdfast_vmm::vm::{error_chain, DiskSpec, Vm, VmConfig};
+use holdfast_vmm::owner::{self, Exit, QmpBridge};
+use holdfast_vmm::vm::{error_chain, Vm, VmConfig};
 
 const HELP: &str = "\
 holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host storage
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         }
         Some("run") => match cli::parse_run(&args[1..]) {
             Ok(None) => {
-                print!("{}", cli::RUN_HELP);
+                print!("{}", cli::run_help());
                 ExitCode::SUCCESS
             }
             Ok(Some(opts)) => run(opts),
@@ -146,12 +146,11 @@ fn run(opts: RunOpts) -> ExitCode {
                         )
                     }
                 };
-                let mut spec = DiskSpec::new(
-                    &d.id,
-                    backend,
-                    d.config.clone(),
-                    &d.path.display().to_string(),
-                );
+                let (strategy, config) = (d.strategy, d.config.clone());
+                let mut spec =
+                    DiskSpec::with_engine(&d.id, backend, &d.path.display().to_string(), |b| {
+                        strategy.engine(b, config)
+                    });
                 spec.direct = d.direct;
                 spec.faults = Some(faults);
                 spec.simulated = simulated;
@@ -200,21 +199,22 @@ fn run(opts: RunOpts) -> ExitCode {
             }
         }
     };
-    let mut vm = match Vm::start(config) {
+    let (inbox, inputs) = owner::inbox::inbox();
+    let mut vm = match Vm::start(config, inbox.clone()) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("holdfast run: {}", error_chain(&e));
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = host_signals::forward_termination_signals(vm.event_sender()) {
+    if let Err(e) = host_signals::forward_termination_signals(inbox.clone()) {
         eprintln!("holdfast run: cannot start the signal thread: {e}");
         return ExitCode::from(1);
     }
     let events = EventSink::new();
     if let Some((rt, server)) = qmp {
         let bridge: std::sync::Arc<dyn Machine> =
-            std::sync::Arc::new(QmpBridge(std::sync::Mutex::new(vm.event_sender())));
+            std::sync::Arc::new(QmpBridge(std::sync::Mutex::new(inbox.clone())));
         let sink = events.clone();
         let spawned = std::thread::Builder::new()
             .name("qmp".into())
@@ -224,10 +224,10 @@ fn run(opts: RunOpts) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    holdfast_vmm::panics::report_panics_to(vm.event_sender());
+    holdfast_vmm::panics::report_panics_to(inbox);
     // The owner's own panic: reported by the hook; the disks are settled below.
     let exit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        owner::run(&mut vm, &events)
+        owner::run(&mut vm, &inputs, &events)
     }))
     .unwrap_or_else(|_| Exit::Failed("the run-state owner panicked".into()));
     // Let QMP clients have the last reply and events (a quit's X_UNFLUSHED_DROPPED

@@ -52,7 +52,7 @@ pub fn report_panics_to(owner: Sender<Input>) {
 /// A panic in a disk's I/O worker is that device's failure; any other thread's is
 /// that thread's.
 fn input_for(thread: String, message: String) -> Input {
-    match thread.strip_prefix(crate::devices::disks::WORKER_PREFIX) {
+    match thread.strip_prefix(crate::disk::WORKER_PREFIX) {
         Some(disk) => Input::DeviceFailed {
             device: format!("virtio-blk disk {disk} (its I/O worker)"),
             message,
@@ -70,7 +70,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         report_panics_to(tx);
         let r = std::thread::Builder::new()
-            .name(format!("{}data", crate::devices::disks::WORKER_PREFIX))
+            .name(format!("{}data", crate::disk::WORKER_PREFIX))
             .spawn(|| panic!("an overflowing fault rule"))
             .expect("spawn")
             .join();

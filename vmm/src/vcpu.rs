@@ -18,8 +18,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_run, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
-use crate::devices::disks::MmioBus;
 use crate::devices::legacy::{PortBus, Request};
+use crate::devices::mmio::MmioBus;
 use crate::owner::Input;
 
 /// The signal that kicks vCPUs out of `KVM_RUN`.

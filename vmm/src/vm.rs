@@ -1,41 +1,29 @@
 //! The machine: KVM VM, guest memory, vCPUs and devices, and the [`Lifecycle`] the
-//! run-state owner drives it through.
-//!
-//! One thread owns the run state ([`crate::owner`]); vCPU threads and the device
-//! thread send it [`Input`]s over a channel and never change the state themselves.
-//!
-//! Ordering contract (written here, relied on by pause-on-error and `cont`):
-//! - pause: vCPUs first (each kicked out of `KVM_RUN` and parked), then devices;
-//!   the guest clock is saved so it does not jump over the pause;
-//! - resume: devices first (a stopped disk is replayed before anything else), then
-//!   the clock is restored, then vCPUs.
-//!
-//! ```text
-//!   running --STOP/disk error--> paused --cont (devices, then vCPUs)--> running
-//!      |                            |
-//!      +--poweroff/reboot/panic-----+--> shutdown (disks settled, threads joined)
-//! ```
+//! run-state owner drives it through. Its run states, and the order of a pause and
+//! a resume (vCPUs, then the clock; every stopped disk replayed, then the clock,
+//! then the vCPUs), are the owner's diagram ([`crate::owner`]); the vCPU threads and
+//! the disks send the owner `Input`s and never change the state themselves.
 
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use holdfast_block::{Backend, Disk, FaultHandle};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::disks::{spawn_worker, MmioBus, MmioSlot, HUNG_AFTER};
 use crate::devices::legacy::PortBus;
+use crate::devices::mmio::MmioBus;
+use crate::disk::{
+    spawn_worker, AttachFailure, DiskCall, DiskEvents, DiskInfo, DiskSpec, Dropped, FaultPoints,
+    Replayed, ResumeFailure, Slot, HUNG_AFTER,
+};
 pub use crate::error_chain;
 use crate::layout::*;
-use crate::owner::{
-    AttachFailure, DiskCall, DiskInfo, Dropped, FaultPoints, Inbox, Input, Lifecycle, Replayed,
-    ResumeFailure, SavedClock, SimulatedHost,
-};
+use crate::owner::inbox::disk_events;
+use crate::owner::{Inbox, Lifecycle, SavedClock};
 use crate::vcpu::{self, Control, Want};
 use crate::virtio::mmio::MMIO_SIZE;
 
@@ -66,59 +54,6 @@ impl std::fmt::Debug for VmConfig {
 /// How long holdfast's exit waits for disks whose host calls hang.
 pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// One disk: its name, its engine and where it lives.
-pub struct DiskSpec {
-    pub id: String,
-    pub disk: Disk<Box<dyn Backend>>,
-    /// The image, for `query-block`.
-    pub path: String,
-    pub direct: bool,
-    /// The fault-injection point in front of the image (`x-block-fault`).
-    pub faults: Option<FaultHandle>,
-    /// (`x-host=simulated:MODEL`) the simulated page cache between the engine and
-    /// the image.
-    pub simulated: Option<SimulatedHost>,
-    /// Sees the host call the disk is in: the disk's backend is a
-    /// [`holdfast_block::Watched`] whose watch this is.
-    pub watch: holdfast_block::CallWatch,
-    /// A host call outstanding longer than this pauses the VM (`hang-timeout=N`).
-    pub hang_timeout: Option<std::time::Duration>,
-    /// Host calls the disk runs beside each other at most: its I/O threads
-    /// ([`crate::devices::disks::CALLS_PER_DISK`]; fuzzing uses fewer).
-    pub io_threads: usize,
-}
-
-impl DiskSpec {
-    /// A disk named `id` over `backend` at `path` (for `query-block`), its host calls
-    /// watched; no fault point, no simulated host, no hang-timeout.
-    pub fn new(
-        id: &str,
-        backend: Box<dyn Backend>,
-        config: holdfast_block::DiskConfig,
-        path: &str,
-    ) -> DiskSpec {
-        let watched = holdfast_block::Watched::new(backend);
-        let watch = watched.watch();
-        DiskSpec {
-            id: id.to_owned(),
-            disk: Disk::new(Box::new(watched), config),
-            path: path.to_owned(),
-            direct: false,
-            faults: None,
-            simulated: None,
-            watch,
-            hang_timeout: None,
-            io_threads: crate::devices::disks::CALLS_PER_DISK,
-        }
-    }
-}
-
-impl std::fmt::Debug for DiskSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DiskSpec({})", self.id)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
@@ -142,9 +77,9 @@ pub struct Vm {
     vm: VmFd,
     mem: GuestMemoryMmap,
     vcpus: Vec<(Arc<Control>, JoinHandle<()>)>,
-    slots: Vec<Arc<MmioSlot>>,
-    events: Receiver<Input>,
-    events_tx: Inbox,
+    slots: Vec<Arc<Slot>>,
+    /// Where the disks' events go (the owner's inbox).
+    events: DiskEvents,
     /// Each disk's I/O worker.
     workers: Vec<JoinHandle<()>>,
     workers_stop: Arc<EventFd>,
@@ -167,8 +102,9 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    /// Builds the machine and starts its vCPUs.
-    pub fn start(config: VmConfig) -> Result<Vm, Error> {
+    /// Builds the machine and starts its vCPUs; they and the disks send the run-state
+    /// owner's inputs to `inbox`.
+    pub fn start(config: VmConfig, inbox: Inbox) -> Result<Vm, Error> {
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         let vm = kvm
             .create_vm()
@@ -213,10 +149,10 @@ impl Vm {
             config
                 .disks
                 .iter()
-                .map(|d| d.disk.config().unflushed_limit as usize)
+                .map(|d| d.engine.config().unflushed_limit as usize)
                 .sum(),
         );
-        let (events_tx, events) = channel();
+        let events = disk_events(&inbox);
         let mut slots = Vec::new();
         let mut acpi_devices = Vec::new();
         for (i, spec) in config.disks.into_iter().enumerate() {
@@ -229,7 +165,7 @@ impl Vm {
                 .map_err(|e| Error::Create("KVM_IRQFD", e))?;
             vm.register_ioevent(&notify, &IoEventAddress::Mmio(base + 0x50), NoDatamatch)
                 .map_err(|e| Error::Create("KVM_IOEVENTFD", e))?;
-            slots.push(Arc::new(MmioSlot::new(spec, base, notify, irq)));
+            slots.push(Arc::new(Slot::new(spec, base, notify, irq)));
             acpi_devices.push(crate::acpi::MmioDevice {
                 base,
                 size: MMIO_SIZE,
@@ -250,9 +186,7 @@ impl Vm {
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| Error::Create("KVM_IRQFD", e))?;
         let ports = Arc::new(PortBus::new(serial_irq, config.serial));
-        let mmio = Arc::new(MmioBus {
-            slots: slots.clone(),
-        });
+        let mmio = Arc::new(MmioBus::new(slots.clone()));
 
         let workers_stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?);
         let mut workers = Vec::new();
@@ -261,7 +195,7 @@ impl Vm {
                 mem.clone(),
                 Arc::clone(slot),
                 Arc::clone(&workers_stop),
-                events_tx.clone(),
+                events.clone(),
             );
             workers.push(worker.map_err(Error::Plumbing)?);
         }
@@ -288,7 +222,7 @@ impl Vm {
                 Arc::clone(&control),
                 Arc::clone(&ports),
                 Arc::clone(&mmio),
-                events_tx.clone(),
+                inbox.clone(),
             );
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
@@ -302,17 +236,11 @@ impl Vm {
             vcpus,
             slots,
             events,
-            events_tx,
             workers,
             workers_stop,
             reported_dropped: Vec::new(),
             replayed_before_a_refusal: Vec::new(),
         })
-    }
-
-    /// A sender for inputs to the run-state owner (the QMP bridge uses it).
-    pub fn event_sender(&self) -> Inbox {
-        self.events_tx.clone()
     }
 
     /// The VM's clock (what kvmclock shows the guest), in nanoseconds.
@@ -330,15 +258,6 @@ impl Vm {
     /// Guest memory (the host's view of it).
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.mem
-    }
-
-    /// Waits up to `within` for the next input for the owner (from the vCPUs, the
-    /// devices, QMP).
-    pub fn next_input(
-        &self,
-        within: std::time::Duration,
-    ) -> Result<Input, std::sync::mpsc::RecvTimeoutError> {
-        self.events.recv_timeout(within)
     }
 
     /// Stops everything and makes every disk's buffered bytes stable. Returns, per
@@ -395,7 +314,7 @@ impl Lifecycle for Vm {
         }
         let mut replayed = std::mem::take(&mut self.replayed_before_a_refusal);
         for slot in &self.slots {
-            match slot.resume(&self.mem, &self.events_tx) {
+            match slot.resume(&self.mem, &self.events) {
                 Ok(r) => replayed.extend(r),
                 Err(e) => {
                     self.replayed_before_a_refusal = replayed;
@@ -447,7 +366,7 @@ impl Lifecycle for Vm {
 }
 
 impl Vm {
-    fn slot(&self, id: &str) -> Result<&Arc<MmioSlot>, AttachFailure> {
+    fn slot(&self, id: &str) -> Result<&Arc<Slot>, AttachFailure> {
         self.slots
             .iter()
             .find(|s| s.id == id)

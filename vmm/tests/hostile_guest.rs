@@ -9,9 +9,10 @@
 use std::time::{Duration, Instant};
 
 use holdfast_block::{Backend, Disk, DiskConfig, FaultInjector, MemBackend};
+use holdfast_vmm::disk::DiskSpec;
 use holdfast_vmm::layout::VIRTIO_MMIO_BASE;
 use holdfast_vmm::owner::Exit;
-use holdfast_vmm::vm::{DiskSpec, Vm};
+use holdfast_vmm::vm::Vm;
 use serde_json::json;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
@@ -237,14 +238,14 @@ fn disk(id: &str) -> DiskSpec {
     let backend: Box<dyn Backend> = Box::new(FaultInjector::new(MemBackend::new(1 << 20)));
     DiskSpec {
         id: id.into(),
-        disk: Disk::new(backend, DiskConfig::default()),
+        engine: Box::new(Disk::new(backend, DiskConfig::default())),
         path: "memory".into(),
         direct: false,
         faults: None,
         simulated: None,
         watch: Default::default(),
         hang_timeout: None,
-        io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
+        io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
     }
 }
 
@@ -257,8 +258,13 @@ fn start() -> Option<(Guest, common::OwnerThread, tempfile::TempDir)> {
     let kernel = dir.path().join("mailbox.elf");
     std::fs::write(&kernel, mailbox_guest()).expect("guest");
     config.kernel = kernel;
-    let vm = Vm::start(config).expect("start");
-    let mem = vm.guest_memory().clone();
+    let mut mem = None;
+    let owner = common::OwnerThread::start(|inbox| {
+        let vm = Vm::start(config, inbox).expect("start");
+        mem = Some(vm.guest_memory().clone());
+        vm
+    });
+    let mem = mem.expect("started");
     // Map the MMIO hole so that the guest can reach the devices.
     for i in 0..512u64 {
         mem.write_obj(
@@ -269,7 +275,7 @@ fn start() -> Option<(Guest, common::OwnerThread, tempfile::TempDir)> {
     }
     mem.write_obj(MMIO_PD | 0x03, GuestAddress(PDPT + 3 * 8))
         .expect("pdpt");
-    Some((Guest { mem, seq: 0 }, common::OwnerThread::start(vm), dir))
+    Some((Guest { mem, seq: 0 }, owner, dir))
 }
 
 /// The good disk writes a block and flushes it, both S_OK.

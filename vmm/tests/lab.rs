@@ -239,7 +239,8 @@ fn the_shipped_matrix_scenario_reproduces_the_outage_matrix() {
     let runs = v["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 90);
     // The same cells as holdfast_block::sim::matrix, read the same way.
-    use holdfast_block::sim::matrix::{run_cell, Outage, Strategy};
+    use holdfast_block::sim::matrix::{run_cell, Outage};
+    use holdfast_block::sim::strategy::Strategy;
     for r in runs {
         let strategy: Strategy = r["strategy"]
             .as_str()

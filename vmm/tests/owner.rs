@@ -13,9 +13,10 @@ use holdfast_block::{
     FileBackend, FileOptions, HostError, HostOp, IoErrorReport, MemBackend, Request, RequestOp,
     Trigger,
 };
+use holdfast_vmm::disk::{DiskEvent, DiskSpec};
 use holdfast_vmm::owner;
 use holdfast_vmm::owner::{Exit, Input};
-use holdfast_vmm::vm::{DiskSpec, Vm};
+use holdfast_vmm::vm::Vm;
 use serde_json::{json, Value};
 
 mod common;
@@ -75,7 +76,7 @@ fn start_vm(
     dir: tempfile::TempDir,
 ) -> Running {
     Running {
-        o: common::OwnerThread::start(Vm::start(config).expect("start")),
+        o: common::OwnerThread::start(|inbox| Vm::start(config, inbox).expect("start")),
         faults,
         _dir: dir,
     }
@@ -93,11 +94,11 @@ impl Running {
             action: ErrorAction::Stop,
         };
         self.tx
-            .send(Input::DiskError {
+            .send(Input::Disk(DiskEvent::Error {
                 disk: disk.into(),
                 report,
                 at: std::time::Instant::now(),
-            })
+            }))
             .expect("owner alive");
     }
 }
@@ -173,10 +174,8 @@ fn quit_with_bytes_it_cannot_flush_says_how_many() {
 fn sigterm_while_stopped_on_an_error_settles_and_says_what_it_drops() {
     let Some(mut r) = start() else { return };
     r.disk_error();
-    r.tx.send(Input::HostSignal {
-        signal: libc::SIGTERM,
-    })
-    .expect("owner alive");
+    r.tx.send(Input::HostSignal { name: "SIGTERM" })
+        .expect("owner alive");
     assert_eq!(r.join(), Exit::Signal("SIGTERM"));
     let mut seen = Vec::new();
     while let Ok(text) = r.events.try_recv() {
@@ -215,14 +214,14 @@ fn spec(id: &str, path: &std::path::Path) -> (DiskSpec, FaultHandle) {
     let (disk, faults) = image_disk(path);
     let spec = DiskSpec {
         id: id.into(),
-        disk,
+        engine: Box::new(disk),
         path: path.display().to_string(),
         direct: false,
         faults: Some(faults.clone()),
         simulated: None,
         watch: Default::default(),
         hang_timeout: None,
-        io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
+        io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
     };
     (spec, faults)
 }
@@ -244,13 +243,13 @@ fn two_disks() -> Option<TwoDisks> {
             },
         )
     };
-    assert!(!a_spec.disk.submit(write(1, 0xA, 4096)).is_parked());
+    assert!(!a_spec.engine.submit(write(1, 0xA, 4096)).is_parked());
     a_faults.arm(FaultRule::new(FaultOp::Flush, libc::EROFS, Trigger::Always).named("ro"));
     assert!(a_spec
-        .disk
+        .engine
         .submit(Request::new(2, RequestOp::Flush))
         .is_parked());
-    assert!(!b_spec.disk.submit(write(1, 0xB, 512)).is_parked());
+    assert!(!b_spec.engine.submit(write(1, 0xB, 512)).is_parked());
     let config = common::counting_vm_with_disks(dir.path(), vec![a_spec, b_spec]);
     let r = start_vm(config, a_faults.clone(), dir);
     Some(TwoDisks { r, a_faults, a, b })

@@ -11,7 +11,8 @@ use holdfast_block::{
     Backend, Disk, DiskConfig, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend, Request,
     RequestOp, Trigger,
 };
-use holdfast_vmm::owner::{Lifecycle, ResumeFailure};
+use holdfast_vmm::disk::ResumeFailure;
+use holdfast_vmm::owner::Lifecycle;
 use holdfast_vmm::vm::Vm;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -51,7 +52,8 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
     let dir = tempfile::tempdir().expect("dir");
     let (disk, faults) = stopped_disk();
     let config = counting_vm_config(dir.path(), disk, faults.clone());
-    let mut vm = Vm::start(config).expect("start");
+    let (inbox, _inputs) = holdfast_vmm::owner::inbox::inbox();
+    let mut vm = Vm::start(config, inbox).expect("start");
     assert!(advances(&vm, 0), "the guest runs");
 
     let clock = vm.pause();
@@ -117,23 +119,24 @@ fn a_refused_resume_keeps_the_replays_it_made_for_the_next() {
     let dir = tempfile::tempdir().expect("dir");
     let spec = |id: &str| {
         let (disk, faults) = stopped_disk();
-        let spec = holdfast_vmm::vm::DiskSpec {
+        let spec = holdfast_vmm::disk::DiskSpec {
             id: id.into(),
-            disk,
+            engine: Box::new(disk),
             path: "memory".into(),
             direct: false,
             faults: Some(faults.clone()),
             simulated: None,
             watch: Default::default(),
             hang_timeout: None,
-            io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
+            io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
         };
         (spec, faults)
     };
     let (a, a_faults) = spec("a");
     let (b, b_faults) = spec("b");
     let config = common::counting_vm_with_disks(dir.path(), vec![a, b]);
-    let mut vm = Vm::start(config).expect("start");
+    let (inbox, _inputs) = holdfast_vmm::owner::inbox::inbox();
+    let mut vm = Vm::start(config, inbox).expect("start");
     let clock = vm.pause();
     a_faults.clear_all();
     assert!(matches!(

@@ -10,7 +10,7 @@ use holdfast_block::{
     Disk, DiskConfig, ErrorPolicy, FaultHandle, FaultInjector, FaultOp, FaultRule, MemBackend,
     Trigger,
 };
-use holdfast_vmm::owner::{Input, ResumeFailure};
+use holdfast_vmm::disk::{DiskEvent, ResumeFailure};
 use holdfast_vmm::virtio::block::{BlockDevice, QUEUE_SIZE};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{
@@ -28,7 +28,7 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-type Dev = BlockDevice<FaultInjector<MemBackend>>;
+type Dev = BlockDevice;
 
 fn memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
@@ -36,7 +36,7 @@ fn memory() -> GuestMemoryMmap<()> {
 
 /// A device alone, to look at what it offers (nothing served).
 fn device(config: DiskConfig) -> Dev {
-    BlockDevice::new(Disk::new(
+    BlockDevice::new(&Disk::new(
         FaultInjector::new(MemBackend::new(DISK_SIZE)),
         config,
     ))
@@ -504,7 +504,9 @@ fn reset_while_parked_keeps_completed_writes() {
     rig.start(d.queue(), 0);
     rig.serve(&mem);
     assert_eq!(d.used().len(), 1);
-    assert_eq!(rig.slot.transport().device_mut().reset(), 1);
+    assert_eq!(rig.status().parked, 1);
+    rig.reset();
+    assert_eq!(rig.status().parked, 0, "the reset dropped the parked FLUSH");
     assert_eq!(rig.status().buffer.bytes, 512);
     faults.clear(outage);
     let replayed = rig.resume(&mem).expect("resume").expect("replayed");
@@ -642,16 +644,16 @@ fn cache_mode_follows_flush_feature_and_wce() {
     assert!(!rig.slot.info().writeback);
     // With FLUSH and CONFIG_WCE (after a reset), the guest turns the write cache off
     // and on through the config space.
-    rig.slot.transport().write(0x70, &0u32.to_le_bytes());
+    rig.slot.write_register(0x70, &0u32.to_le_bytes());
     rig.start(Driver::new(&mem).queue(), 0);
     assert!(rig.slot.info().writeback);
     let wce_at = 0x100 + 32;
-    rig.slot.transport().write(wce_at, &[0]);
+    rig.slot.write_register(wce_at, &[0]);
     let mut wce = [9u8];
-    rig.slot.transport().read(wce_at, &mut wce);
+    rig.slot.read_register(wce_at, &mut wce);
     assert_eq!(wce, [0]);
     assert!(!rig.slot.info().writeback);
-    rig.slot.transport().write(wce_at, &[1]);
+    rig.slot.write_register(wce_at, &[1]);
     assert!(rig.slot.info().writeback);
 }
 
@@ -780,7 +782,7 @@ fn a_broken_used_ring_does_not_undo_a_successful_replay() {
     assert!(
         rig.events
             .try_iter()
-            .any(|i| matches!(i, Input::DeviceNeedsReset { .. })),
+            .any(|i| matches!(i, DiskEvent::NeedsReset { .. })),
         "the broken queue is the device's to report"
     );
     assert!(!rig.status().stopped);

@@ -287,7 +287,7 @@ fn config_space_and_odd_accesses() {
 fn block_device_behind_the_transport() {
     use holdfast_block::{Disk, DiskConfig, MemBackend};
     use holdfast_vmm::virtio::block::BlockDevice;
-    let t = MmioTransport::new(BlockDevice::new(Disk::new(
+    let t = MmioTransport::new(BlockDevice::new(&Disk::new(
         MemBackend::new(1 << 20),
         DiskConfig::default(),
     )));

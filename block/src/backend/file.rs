@@ -116,7 +116,7 @@ pub struct FileOptions {
     /// Bypass the host page cache (`O_DIRECT`).
     pub direct: bool,
     /// With `direct`, align calls to this many bytes (a power of two, 512 to
-    /// [`MAX_DIRECT_ALIGN`]) instead of what the host says ([`direct_alignment`]):
+    /// `MAX_DIRECT_ALIGN`) instead of what the host says (`direct_alignment`):
     /// to test 4K-native storage on a 512-byte disk.
     pub direct_align: Option<u64>,
 }

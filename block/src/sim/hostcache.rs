@@ -50,6 +50,11 @@ impl HostModel {
         HostModel::FreeBsd,
     ];
 
+    /// Every model's name, `, `-separated (for help texts and errors).
+    pub fn names() -> String {
+        HostModel::ALL.map(HostModel::as_str).join(", ")
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             HostModel::Ext4Ordered => "ext4-ordered",
@@ -75,9 +80,10 @@ impl fmt::Display for HostModel {
 impl FromStr for HostModel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        HostModel::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
-            format!("unknown host model `{s}` (expected ext4-ordered, xfs, ext4-data, btrfs or freebsd)")
-        })
+        HostModel::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown host model `{s}` (expected {})", HostModel::names()))
     }
 }
 

@@ -8,23 +8,18 @@
 //! again. At the end it evicts the host cache and checks the stable disk with the
 //! [`Oracle`].
 //!
-//! Device strategies, all on the [`Disk`] engine (the others through
-//! [`DiskConfig::imitate`], as `holdfast lab` runs them in real guests):
-//! - `holdfast`: replay from the unflushed buffer; the extra flush on hosts that
-//!   report late;
-//! - `retry-flush`: no buffer; on `cont`, re-issue only the parked requests, as
-//!   QEMU's `werror=stop` does, without its sticky flag;
-//! - `sticky`: QEMU's default file backend: after a failed flush every later flush
-//!   fails (`page_cache_inconsistent`), so the VM cannot resume.
+//! The device strategies are [`super::strategy`]'s, as `holdfast lab` runs them in
+//! real guests; holdfast gets the extra flush on hosts that report late.
 
 use std::fmt;
 
 use super::hostcache::SimulatedHost;
 use super::hostcache::{HostCache, HostModel};
-use super::imitate::Imitate;
 use super::oracle::{FlushTicket, Oracle, ReadTicket, WriteId};
+use super::strategy::Strategy;
 use super::timeline::{HostState, Timeline, VmState};
-use crate::disk::{Disk, DiskConfig};
+use crate::disk::DiskConfig;
+use crate::engine::Engine;
 use crate::fault::{FaultHandle, FaultInjector, FaultOp, FaultRule, Trigger};
 use crate::request::{Completion, Request, RequestOp, Status};
 use crate::MemBackend;
@@ -37,67 +32,6 @@ const WRITES_PER_ROUND: usize = 8;
 const OUTAGE_ROUND: usize = 4;
 /// `cont`s the operator tries after the outage has ended before giving up.
 const CONT_TRIES: usize = 3;
-
-/// How a device handles host errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Strategy {
-    Holdfast,
-    RetryFlush,
-    Sticky,
-    /// Deliberately broken, for tests of whoever judges the results: holdfast's engine
-    /// behind a device that completes every FLUSH at once without a host flush. It
-    /// claims holdfast's guarantee and loses data in any outage that meets a flush.
-    XLyingFlush,
-}
-
-impl Strategy {
-    /// The strategies the matrix compares (not the deliberately broken one).
-    pub const ALL: [Strategy; 3] = [Strategy::Holdfast, Strategy::RetryFlush, Strategy::Sticky];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Holdfast => "holdfast",
-            Strategy::RetryFlush => "retry-flush",
-            Strategy::Sticky => "sticky",
-            Strategy::XLyingFlush => "x-lying-flush",
-        }
-    }
-
-    /// How the engine imitates this strategy (`None`: it is holdfast).
-    pub fn imitate(self) -> Option<Imitate> {
-        match self {
-            Strategy::Holdfast => None,
-            Strategy::RetryFlush => Some(Imitate::RetryFlush),
-            Strategy::Sticky => Some(Imitate::Sticky),
-            Strategy::XLyingFlush => Some(Imitate::LyingFlush),
-        }
-    }
-
-    /// Whether the strategy claims holdfast's guarantee (no acknowledged unit lost),
-    /// so that a loss is a failure rather than a finding.
-    pub fn promises_no_loss(self) -> bool {
-        matches!(self, Strategy::Holdfast | Strategy::XLyingFlush)
-    }
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Strategy::ALL
-            .into_iter()
-            .chain([Strategy::XLyingFlush])
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown strategy `{s}` (expected holdfast, retry-flush or sticky)")
-            })
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// How the host storage breaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -196,8 +130,6 @@ pub struct CellResult {
     /// `cont`s that failed.
     pub failed_conts: usize,
 }
-
-type Host = FaultInjector<HostCache<FaultInjector<MemBackend>>>;
 
 /// A deterministic pseudo-random sequence (xorshift64*), for workloads that must be
 /// the same in every run. The seed must not be 0.
@@ -309,7 +241,7 @@ pub struct SyntheticRun {
 }
 
 struct Cell {
-    device: Disk<Host>,
+    device: Box<dyn Engine>,
     spec: Synthetic,
     calls: FaultHandle,
     writeback: FaultHandle,
@@ -340,11 +272,10 @@ impl Cell {
             stable,
         } = SimulatedHost::new(spec.host, spec.disk_size);
         let config = DiskConfig {
-            keep_extra_flush: spec.strategy == Strategy::Holdfast && spec.host.reports_late(),
-            imitate: spec.strategy.imitate(),
+            keep_extra_flush: spec.strategy.is_holdfast() && spec.host.reports_late(),
             ..Default::default()
         };
-        let device = Disk::new(front, config);
+        let device = spec.strategy.engine(front, config);
         Cell {
             device,
             spec: spec.clone(),

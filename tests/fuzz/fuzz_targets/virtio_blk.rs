@@ -3,7 +3,7 @@
 //! input (mostly shaped as a driver lays a request out, so that the fuzzer reaches
 //! the request types and segments; sometimes anywhere), through virtio-queue's real
 //! `Queue` on a `GuestMemoryMmap`, served by the disk's own worker and I/O threads
-//! (`holdfast_vmm::devices::disks::serve`, as `holdfast run` has them, with fewer
+//! (`holdfast_vmm::disk::serve`, as `holdfast run` has them, with fewer
 //! threads), over the real file backend (an in-memory file: the kernel's own answers,
 //! such as fallocate's EINVAL for a zero length), and `cont` when the input broke
 //! the host. Nothing may panic, and a guest's mistakes never pass for host errors
@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast_block::{DiskConfig, FaultInjector, FaultOp, FaultRule, FileBackend, FileOptions, Trigger};
-use holdfast_vmm::devices::disks::{serve, MmioSlot};
-use holdfast_vmm::owner::Input;
-use holdfast_vmm::vm::DiskSpec;
+use holdfast_vmm::disk::{serve, DiskEvent, DiskEvents, DiskSpec, Slot};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
@@ -175,17 +173,18 @@ fn run(u: &mut Unstructured) -> Result<()> {
     let mut spec = DiskSpec::new("fuzz", Box::new(injector), DiskConfig::default(), "memfd");
     spec.io_threads = 4;
     let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
     // A modern driver: VERSION_1, and whichever of the offered features the input says.
     let version_1 = 1u64 << 32;
     if slot.set_up(queue, features | version_1) {
         let (tx, rx) = channel();
+        let tx = DiskEvents::from(tx);
         for _ in 0..4 {
             serve(&slot, &mem, &tx);
             assert!(slot.wait_quiet(Duration::from_secs(5)), "the disk never went quiet");
             let mut error = false;
             for input in rx.try_iter() {
-                if let Input::DiskError { report, .. } = input {
+                if let DiskEvent::Error { report, .. } = input {
                     assert!(broken_host, "a guest's request passed for a host error: {report:?}");
                     error = true;
                 }
@@ -195,7 +194,8 @@ fn run(u: &mut Unstructured) -> Result<()> {
             }
         }
     }
-    slot.transport().device_mut().reset();
+    let status = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
+    slot.write_register(status, &0u32.to_le_bytes());
     slot.stop_io_threads();
     Ok(())
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast_block::{DiskConfig, MemBackend};
-use holdfast_vmm::devices::disks::{serve, MmioBus, MmioSlot};
-use holdfast_vmm::vm::DiskSpec;
+use holdfast_vmm::devices::mmio::MmioBus;
+use holdfast_vmm::disk::{serve, DiskEvents, DiskSpec, Slot};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -33,9 +33,10 @@ fn run(u: &mut Unstructured) -> Result<()> {
     );
     spec.io_threads = 4;
     let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
     let bus = MmioBus::new(vec![Arc::clone(&slot)]);
     let (tx, _rx) = channel();
+    let tx = DiskEvents::from(tx);
     let steps = u.int_in_range(0..=128u8)?;
     let result = (|| {
         for _ in 0..steps {

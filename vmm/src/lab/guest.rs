@@ -849,7 +849,7 @@ pub fn run(
         (Host::Simulated(model), LabStrategy::Engine(s)) => {
             // holdfast as its operator would set it up on such a host (the matrix does
             // the same): an extra flush where the host reports failures late.
-            let extra = if model.reports_late() && s.imitate().is_none() {
+            let extra = if model.reports_late() && s.is_holdfast() {
                 ",extra-flush=on"
             } else {
                 ""

@@ -119,7 +119,7 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                   passed; PREFIX KEY for every unit it finds; "corrupt" as above
               An acknowledged unit the check does not find is lost.
               (the synthetic guest is checked by its oracle, with no verify)
-  hosts       a list of simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd:
+  hosts       a list of simulated:MODEL ({MODELS}:
               the engine's simulated page cache with that file system's behaviour after
               a failed write-back, between the disk and the image; while the VM is
               paused the operator's host evicts its clean pages) and real: needs
@@ -201,7 +201,8 @@ pub fn main(args: &[String]) -> ExitCode {
     let args = match parse_args(args) {
         Ok(Some(a)) => a,
         Ok(None) => {
-            print!("{HELP}{FORMAT_HELP}");
+            let models = holdfast_block::sim::HostModel::names();
+            print!("{HELP}{}", FORMAT_HELP.replace("{MODELS}", &models));
             return ExitCode::SUCCESS;
         }
         Err(e) => {

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use holdfast_block::sim::matrix::{Outage, Strategy};
+use holdfast_block::sim::matrix::Outage;
+use holdfast_block::sim::strategy::Strategy;
 use holdfast_block::sim::HostModel;
 use serde::Deserialize;
 
@@ -711,7 +712,13 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         } else if let Some(model) = h.strip_prefix("simulated:") {
             Host::Simulated(model.parse().or_else(|m| err(&field, m))?)
         } else {
-            return err(&field, format!("`{h}`: expected simulated:MODEL (ext4-ordered, xfs, ext4-data, btrfs, freebsd) or real"));
+            return err(
+                &field,
+                format!(
+                    "`{h}`: expected simulated:MODEL ({}) or real",
+                    HostModel::names()
+                ),
+            );
         };
         if synthetic && host == Host::Real {
             return err(&field, "the synthetic guest runs on simulated hosts only");

@@ -4,10 +4,7 @@
 //! the fuzz target all read it.
 
 use holdfast_block::FaultRule;
-use holdfast_qmp::{Args, Machine, QmpError};
-use serde_json::Value;
-
-use super::inbox::{Inbox, Input};
+use holdfast_qmp::{Args, QmpError};
 
 /// A command for the run-state owner.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,25 +126,5 @@ impl Command {
             Some((_, parse)) => parse(args),
             None => Err(QmpError::command_not_found(name)),
         }
-    }
-}
-
-/// QMP's side of the owner: parses each command in the server's thread, forwards it
-/// and waits for the answer.
-#[derive(Debug)]
-pub struct QmpBridge(pub std::sync::Mutex<Inbox>);
-
-impl Machine for QmpBridge {
-    fn commands(&self) -> Vec<&'static str> {
-        Command::names()
-    }
-
-    fn execute(&self, command: &str, args: &Args) -> Result<Value, QmpError> {
-        let command = Command::parse(command, args)?;
-        let (reply, answer) = std::sync::mpsc::channel();
-        let gone = || QmpError::generic("the machine has shut down");
-        let tx = self.0.lock().map_err(|_| gone())?.clone();
-        tx.send(Input::Qmp { command, reply }).map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
     }
 }

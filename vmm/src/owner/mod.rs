@@ -1,22 +1,33 @@
 //! The run-state owner: the one loop that changes the machine's run state. vCPUs,
-//! the disks' device thread, the QMP server, the signal thread and the panic hook
-//! send it [`Input`]s ([`inbox`]); [`Owner::step`] is its one transition function,
-//! over the machine's [`Lifecycle`] (so every transition is unit-tested without KVM).
-//! QMP commands arrive parsed ([`command::Command`]).
+//! the disks' workers, the QMP server, the signal thread and the panic hook send it
+//! [`Input`]s ([`inbox`]); [`Owner::step`] is its one transition function, a table
+//! over (run state, input), acting on the machine through [`Lifecycle`] (so every
+//! transition is unit-tested without KVM). QMP commands arrive parsed
+//! ([`command::Command`]); the events it sends are typed ([`events`]).
+//!
+//! The machine's run states (QMP `query-status`), and what moves it:
 //!
 //! ```text
-//!   running --stop--> paused --cont--> running
-//!      |                 ^  (cont replays stopped disks first; if a replay
-//!      |                 |   fails: BLOCK_IO_ERROR again, cont errors, io-error)
-//!      +--disk error (stop), or a host call outstanding past its disk's
-//!      |  hang-timeout--> io-error --cont--> running (refused while a call hangs)
-//!   any --poweroff/reboot/panic/quit/SIGTERM/a holdfast thread's or device's failure--> end
+//!   running --stop---------------------------------------------> paused
+//!   running --a disk error under stop, or a host call past its
+//!             disk's hang-timeout: BLOCK_IO_ERROR, STOP---------> io-error
+//!   paused  --the same: BLOCK_IO_ERROR--------------------------> io-error
+//!   paused, io-error --cont: every stopped disk replayed, then
+//!             the guest clock, then the vCPUs: RESUME-----------> running
+//!   paused, io-error --cont refused (a disk detached, or a call
+//!             of its hangs): nothing changes---------------------> (the same)
+//!   paused, io-error --cont, a replay failed: BLOCK_IO_ERROR----> io-error
+//!   any     --poweroff, reboot, panic, quit, SIGTERM, a failure
+//!             of holdfast's: SHUTDOWN---------------------------> the end
 //! ```
 //!
-//! While paused (either way), `x-block-detach` lets a disk go of its image and
-//! `x-block-attach` takes it back; the run state does not change, but `cont` is
-//! refused, with nothing changed, while any disk is detached. After an attach `cont`
-//! replays that disk like any stopped one.
+//! Pausing stops the vCPUs first (each kicked out of `KVM_RUN` and parked), then
+//! saves the guest clock, so that the guest does not see the pause as time that
+//! passed; the disks keep their state (a stopped disk stays stopped). While paused
+//! (either way), `x-block-detach` lets a disk go of its image and `x-block-attach`
+//! takes it back; the run state does not change, but `cont` is refused, with nothing
+//! changed, while any disk is detached. After an attach `cont` replays that disk like
+//! any stopped one.
 //!
 //! Events, in order: a host error sends `BLOCK_IO_ERROR` then (if the VM stops)
 //! `STOP`; a successful `cont` sends `X_BLOCK_REPLAY` per replayed disk, then
@@ -25,21 +36,23 @@
 //! guest broke sends `X_DEVICE_NEEDS_RESET` and changes no run state.
 
 pub mod command;
+pub mod events;
 pub mod inbox;
 pub mod lifecycle;
 
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use holdfast_block::{ErrorAction, HostError, HostOp, IoErrorReport};
+use holdfast_block::{ErrorAction, HostError, IoErrorReport};
 use holdfast_qmp::{EventSink, QmpError};
 use serde_json::{json, Value};
 
-pub use command::{Command, Fault, Layer, QmpBridge};
-pub use inbox::{Exit, Inbox, Input};
-pub use lifecycle::{
-    AttachFailure, DiskCall, DiskInfo, Dropped, FaultPoints, Lifecycle, Replayed, ResumeFailure,
-    SavedClock, SimulatedHost,
-};
+pub use command::{Command, Fault, Layer};
+pub use inbox::{Exit, Inbox, Input, QmpBridge};
+pub use lifecycle::{Lifecycle, SavedClock};
+
+use crate::disk::{AttachFailure, DiskEvent, DiskInfo, ResumeFailure};
+use events::{emit, BlockIoError, BlockReplay};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -73,6 +86,17 @@ struct Timings {
     replay: Duration,
 }
 
+impl Timings {
+    fn to_json(self) -> Value {
+        json!({
+            "error-to-stopped-ns": self.error_to_stopped.map(|d| d.as_nanos() as u64),
+            "cont-to-running-ns": self.cont_to_running.map(|d| d.as_nanos() as u64),
+            "replay-bytes": self.replay_bytes,
+            "replay-ns": self.replay.as_nanos() as u64,
+        })
+    }
+}
+
 /// How often the owner looks for host calls past their hang-timeout.
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -95,19 +119,19 @@ pub struct Owner {
     hung: Vec<(String, Instant)>,
 }
 
-/// Runs the machine until it ends; returns how.
-pub fn run(vm: &mut crate::vm::Vm, events: &EventSink) -> Exit {
-    use std::sync::mpsc::RecvTimeoutError;
+/// Runs the machine until it ends, taking its inputs from `inputs` (a [`TICK`]
+/// when none came); returns how it ended.
+pub fn run(machine: &mut impl Lifecycle, inputs: &Receiver<Input>, events: &EventSink) -> Exit {
     let mut owner = Owner::new(events.clone());
     loop {
-        let input = match vm.next_input(TICK) {
+        let input = match inputs.recv_timeout(TICK) {
             Ok(input) => input,
             Err(RecvTimeoutError::Timeout) => Input::Tick,
             Err(RecvTimeoutError::Disconnected) => {
-                return Exit::Failed("every vCPU is gone".into())
+                return Exit::Failed("every sender of inputs is gone".into())
             }
         };
-        if let Step::End(exit) = owner.step(vm, input) {
+        if let Step::End(exit) = owner.step(machine, input) {
             return exit;
         }
     }
@@ -134,54 +158,58 @@ impl Owner {
         self.state
     }
 
-    /// The transition function: one input, in the current state.
+    /// The transition function: one input, in the current state. Commands have
+    /// their own table (`Owner::command`).
     pub fn step(&mut self, m: &mut impl Lifecycle, input: Input) -> Step {
-        match input {
-            Input::Poweroff => self.guest_ended(Exit::Poweroff, "guest-shutdown"),
-            Input::Reboot => self.guest_ended(Exit::Reboot, "guest-reset"),
-            Input::GuestPanic => {
-                self.events
-                    .emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+        use RunState::{IoError, Paused, Running};
+        match (self.state, input) {
+            // The guest ends the machine.
+            (_, Input::Poweroff) => self.guest_ended(Exit::Poweroff, "guest-shutdown"),
+            (_, Input::Reboot) => self.guest_ended(Exit::Reboot, "guest-reset"),
+            (_, Input::GuestPanic) => {
+                emit(&self.events, events::GuestPanicked { action: "poweroff" });
                 self.guest_ended(Exit::GuestPanic, "guest-panic")
             }
-            Input::EmulationFailure { cpu } => Step::End(Exit::EmulationFailure { cpu }),
-            Input::VcpuFailed { cpu, message } => {
+            (_, Input::EmulationFailure { cpu }) => Step::End(Exit::EmulationFailure { cpu }),
+            (_, Input::VcpuFailed { cpu, message }) => {
                 Step::End(Exit::Failed(format!("vCPU {cpu}: {message}")))
             }
-            Input::DeviceFailed { device, message } => {
+            // The host ends it: the disks settle first.
+            (_, Input::DeviceFailed { device, message }) => {
                 log::error!("ending: pausing the guest and settling its disks");
                 self.settle_and_end(m, "host-error");
                 Step::End(Exit::Failed(format!("device {device} failed: {message}")))
             }
-            Input::ThreadPanicked { thread, message } => {
+            (_, Input::ThreadPanicked { thread, message }) => {
                 log::error!("ending: pausing the guest and settling its disks");
                 self.settle_and_end(m, "host-error");
                 Step::End(Exit::Failed(format!("thread {thread} panicked: {message}")))
             }
-            Input::HostSignal { signal } => {
-                let name = crate::host_signals::signal_name(signal);
+            (_, Input::HostSignal { name }) => {
                 log::info!("{name}: pausing the guest and settling its disks");
                 self.settle_and_end(m, "host-signal");
                 Step::End(Exit::Signal(name))
             }
-            Input::DeviceNeedsReset { disk, reason } => {
+            // A disk's events.
+            (_, Input::Disk(DiskEvent::NeedsReset { disk, reason })) => {
                 log::error!(
                     "disk {disk}: the guest's queue is broken ({reason}); the device \
                      needs a reset by the guest's driver, the VM and the other disks go on"
                 );
-                self.events.emit(
-                    "X_DEVICE_NEEDS_RESET",
-                    json!({"device": disk, "reason": reason}),
-                );
+                let event = events::DeviceNeedsReset {
+                    device: disk,
+                    reason,
+                };
+                emit(&self.events, event);
                 Step::Go
             }
-            Input::DiskError { disk, report, at } => {
+            (state, Input::Disk(DiskEvent::Error { disk, report, at })) => {
                 log::warn!(
                     "disk {disk}: {} (action: {})",
                     report.error,
                     report.action.as_str()
                 );
-                block_io_error(&self.events, &disk, &report);
+                emit(&self.events, BlockIoError::failed(&disk, &report));
                 // A `cont` that came while the error was on its way here may have
                 // replayed the disk already: then nothing holds the VM.
                 let stops = report.action == ErrorAction::Stop && disk_stopped(m, &disk);
@@ -191,44 +219,57 @@ impl Owner {
                          the VM is not paused again"
                     );
                 }
-                match (self.state, stops) {
-                    (RunState::Running, true) => {
-                        self.clock = m.pause();
+                match (state, stops) {
+                    (Running, true) => {
+                        self.pause_on_error(m);
                         self.timings.error_to_stopped = Some(at.elapsed());
-                        self.state = RunState::IoError;
-                        self.events.emit("STOP", Value::Null);
                     }
                     // Already paused: the disk's error is now what holds it.
-                    (RunState::Paused | RunState::IoError, true) => {
-                        self.state = RunState::IoError;
-                    }
-                    (_, false) => {}
+                    (Paused | IoError, true) => self.state = IoError,
+                    (Running | Paused | IoError, false) => {}
                 }
                 Step::Go
             }
-            Input::Tick => {
-                self.look_for_hangs(m);
+            // Time passed: a host call past its hang-timeout pauses the VM.
+            (Running, Input::Tick) => {
+                if self.report_hangs(m) {
+                    self.pause_on_error(m);
+                }
                 Step::Go
             }
-            Input::Qmp { command, reply } => {
-                let (answer, step) = self.command(m, command);
+            (Paused | IoError, Input::Tick) => {
+                if self.report_hangs(m) {
+                    self.state = IoError;
+                }
+                Step::Go
+            }
+            (state, Input::Qmp { command, reply }) => {
+                let (answer, step) = self.command(m, state, command);
                 let _ = reply.send(answer);
                 step
             }
         }
     }
 
+    /// Pauses the running VM on a host error: io-error, `STOP`.
+    fn pause_on_error(&mut self, m: &mut impl Lifecycle) {
+        self.clock = m.pause();
+        self.state = RunState::IoError;
+        emit(&self.events, events::Stop);
+    }
+
     /// A host call outstanding longer than its disk's hang-timeout is an outage:
-    /// `BLOCK_IO_ERROR` saying which call for how long, and the VM pauses as on a
-    /// host error (io-error), once per call. The call goes on; `cont` is refused
-    /// until it returns.
-    fn look_for_hangs(&mut self, m: &mut impl Lifecycle) {
+    /// `BLOCK_IO_ERROR` saying which call for how long, once per call. The call goes
+    /// on; `cont` is refused until it returns. True if there was a new one (the VM
+    /// must stop).
+    fn report_hangs(&mut self, m: &impl Lifecycle) -> bool {
         let calls = m.calls();
         self.hung.retain(|(disk, since)| {
             calls
                 .iter()
                 .any(|c| &c.disk == disk && c.call.since == *since)
         });
+        let mut any = false;
         for c in calls {
             let Some(limit) = c.hang_timeout else {
                 continue;
@@ -245,110 +286,100 @@ impl Owner {
                 limit.as_secs_f64()
             );
             log::warn!("disk {}: {reason}: pausing the guest", c.disk);
-            let operation = if c.call.op == HostOp::Read {
-                "read"
-            } else {
-                "write"
-            };
-            self.events.emit(
-                "BLOCK_IO_ERROR",
-                json!({
-                    "device": c.disk, "node-name": c.disk, "operation": operation,
-                    "action": "stop", "nospace": false, "reason": reason,
-                }),
-            );
-            if self.state == RunState::Running {
-                self.clock = m.pause();
-                self.events.emit("STOP", Value::Null);
-            }
-            self.state = RunState::IoError;
+            emit(&self.events, BlockIoError::hangs(&c, reason));
+            any = true;
         }
+        any
     }
 
-    fn guest_ended(&self, exit: Exit, reason: &str) -> Step {
-        self.events
-            .emit("SHUTDOWN", json!({"guest": true, "reason": reason}));
+    fn guest_ended(&self, exit: Exit, reason: &'static str) -> Step {
+        emit(
+            &self.events,
+            events::Shutdown {
+                guest: true,
+                reason,
+            },
+        );
         Step::End(exit)
     }
 
     /// The end the host asked for (`quit`, a signal, a failure of holdfast's): stop
     /// the vCPUs, make every disk's buffered bytes stable, say per disk how many
     /// bytes could not be and are dropped (`X_UNFLUSHED_DROPPED`), send `SHUTDOWN`.
-    fn settle_and_end(&mut self, m: &mut impl Lifecycle, reason: &str) {
+    fn settle_and_end(&mut self, m: &mut impl Lifecycle, reason: &'static str) {
         if self.state == RunState::Running {
             m.pause();
         }
         // holdfast's exit (Vm::shutdown) settles once more and prints what it drops.
         for d in m.settle() {
-            self.events.emit(
-                "X_UNFLUSHED_DROPPED",
-                json!({"device": d.disk, "bytes": d.bytes, "reason": d.why}),
-            );
+            emit(&self.events, events::UnflushedDropped::from(&d));
         }
-        self.events
-            .emit("SHUTDOWN", json!({"guest": false, "reason": reason}));
+        emit(
+            &self.events,
+            events::Shutdown {
+                guest: false,
+                reason,
+            },
+        );
     }
 
+    /// A QMP command, in the run state `state`: its answer, and whether the machine
+    /// goes on.
     fn command(
         &mut self,
         m: &mut impl Lifecycle,
+        state: RunState,
         command: Command,
     ) -> (Result<Value, QmpError>, Step) {
-        let answer = match command {
-            Command::QueryStatus => Ok(json!({
-                "status": self.state.as_str(),
-                "running": self.state == RunState::Running,
+        use RunState::{IoError, Paused, Running};
+        let answer = match (state, command) {
+            (_, Command::QueryStatus) => Ok(json!({
+                "status": state.as_str(),
+                "running": state == Running,
                 "singlestep": false,
             })),
-            Command::Stop => {
-                if self.state == RunState::Running {
-                    self.clock = m.pause();
-                    self.state = RunState::Paused;
-                    self.events.emit("STOP", Value::Null);
-                }
+            (Running, Command::Stop) => {
+                self.clock = m.pause();
+                self.state = Paused;
+                emit(&self.events, events::Stop);
                 Ok(json!({}))
             }
-            Command::Cont => self.cont(m).map(|()| json!({})),
-            Command::Quit => {
+            (Paused | IoError, Command::Stop) => Ok(json!({})),
+            (Running, Command::Cont) => Ok(json!({})),
+            (Paused | IoError, Command::Cont) => self.cont(m).map(|()| json!({})),
+            (_, Command::Quit) => {
                 self.settle_and_end(m, "host-qmp-quit");
                 return (Ok(json!({})), Step::End(Exit::Quit));
             }
-            Command::QueryBlock => Ok(query_block(&m.disks())),
-            Command::XQueryUnflushed => Ok(query_unflushed(&m.disks())),
-            Command::XQueryTimings => {
-                let t = &self.timings;
-                Ok(json!({
-                    "error-to-stopped-ns": t.error_to_stopped.map(|d| d.as_nanos() as u64),
-                    "cont-to-running-ns": t.cont_to_running.map(|d| d.as_nanos() as u64),
-                    "replay-bytes": t.replay_bytes,
-                    "replay-ns": t.replay.as_nanos() as u64,
-                }))
+            (_, Command::QueryBlock) => Ok(query_block(&m.disks())),
+            (_, Command::XQueryUnflushed) => Ok(query_unflushed(&m.disks())),
+            (_, Command::XQueryTimings) => Ok(self.timings.to_json()),
+            (_, Command::XBlockFault { device, fault }) => block_fault(m, &device, fault),
+            (Running, Command::XBlockDetach { device }) => Err(match find(m, &device) {
+                None => QmpError::device_not_found(&device),
+                Some(_) => QmpError::generic(format!(
+                    "disk {device}: the VM is running; a disk can let go of its image only \
+                     while the VM is paused (stop, or a pause on an I/O error)"
+                )),
+            }),
+            (Paused | IoError, Command::XBlockDetach { device }) => detach(m, &device),
+            (_, Command::XBlockAttach { device, filename }) => {
+                attach(m, &device, filename.as_deref())
             }
-            Command::XBlockFault { device, fault } => block_fault(m, &device, fault),
-            Command::XBlockDetach { device } => self.detach(m, &device),
-            Command::XBlockAttach { device, filename } => attach(m, &device, filename.as_deref()),
         };
         (answer, Step::Go)
     }
 
+    /// `cont` while paused: resumes if every disk could be replayed.
     fn cont(&mut self, m: &mut impl Lifecycle) -> Result<(), QmpError> {
-        if self.state == RunState::Running {
-            return Ok(());
-        }
         let started = Instant::now();
         match m.resume(self.clock) {
             Ok(replayed) => {
                 for r in &replayed {
-                    self.events.emit(
-                        "X_BLOCK_REPLAY",
-                        json!({
-                            "device": r.disk, "bytes-rewritten": r.bytes_rewritten, "outcome": "ok",
-                            "duration-ns": r.duration.as_nanos() as u64,
-                        }),
-                    );
+                    emit(&self.events, BlockReplay::ok(r));
                 }
                 self.state = RunState::Running;
-                self.events.emit("RESUME", Value::Null);
+                emit(&self.events, events::Resume);
                 if self.timings.error_to_stopped.is_some() {
                     self.timings.cont_to_running = Some(started.elapsed());
                 }
@@ -372,11 +403,8 @@ impl Owner {
                     error,
                     action: ErrorAction::Stop,
                 };
-                self.events.emit(
-                    "X_BLOCK_REPLAY",
-                    json!({"device": disk, "outcome": "failed", "errno": error.errno_name()}),
-                );
-                block_io_error(&self.events, &disk, &report);
+                emit(&self.events, BlockReplay::failed(&disk, &error));
+                emit(&self.events, BlockIoError::failed(&disk, &report));
                 Err(QmpError::generic(format!(
                     "disk {disk}: replay failed: {} ({}); the VM stays paused{}",
                     error.errno_name(),
@@ -386,29 +414,28 @@ impl Owner {
             }
         }
     }
-
-    fn detach(&mut self, m: &mut impl Lifecycle, device: &str) -> Result<Value, QmpError> {
-        let Some(disk) = m.disks().into_iter().find(|d| d.id == device) else {
-            return Err(QmpError::device_not_found(device));
-        };
-        if self.state == RunState::Running {
-            return Err(QmpError::generic(format!(
-                "disk {device}: the VM is running; a disk can let go of its image only while \
-                 the VM is paused (stop, or a pause on an I/O error)"
-            )));
-        }
-        m.detach(device).map_err(attach_error)?;
-        log::info!(
-            "disk {device}: detached from {}; {} buffered bytes and {} parked requests \
-             kept in memory",
-            disk.path,
-            disk.status.buffer.bytes,
-            disk.status.parked
-        );
-        Ok(json!({}))
-    }
 }
 
+/// The disk named `device`, if the machine has it.
+fn find(m: &impl Lifecycle, device: &str) -> Option<DiskInfo> {
+    m.disks().into_iter().find(|d| d.id == device)
+}
+
+/// `x-block-detach` while paused.
+fn detach(m: &mut impl Lifecycle, device: &str) -> Result<Value, QmpError> {
+    let Some(disk) = find(m, device) else {
+        return Err(QmpError::device_not_found(device));
+    };
+    m.detach(device).map_err(attach_error)?;
+    log::info!(
+        "disk {device}: detached from {}; {} buffered bytes and {} parked requests \
+         kept in memory",
+        disk.path,
+        disk.status.buffer.bytes,
+        disk.status.parked
+    );
+    Ok(json!({}))
+}
 /// Whether the disk is stopped now (a disk the machine does not know is taken to be).
 fn disk_stopped(m: &impl Lifecycle, disk: &str) -> bool {
     m.disks()
@@ -419,25 +446,6 @@ fn disk_stopped(m: &impl Lifecycle, disk: &str) -> bool {
 
 fn errno_desc(e: &HostError) -> String {
     holdfast_block::strerror(e.errno)
-}
-
-fn block_io_error(events: &EventSink, disk: &str, report: &IoErrorReport) {
-    let operation = if report.error.op == HostOp::Read {
-        "read"
-    } else {
-        "write"
-    };
-    events.emit(
-        "BLOCK_IO_ERROR",
-        json!({
-            "device": disk,
-            "node-name": disk,
-            "operation": operation,
-            "action": report.action.as_str(),
-            "nospace": report.error.is_nospace(),
-            "reason": errno_desc(&report.error),
-        }),
-    );
 }
 
 fn query_block(disks: &[DiskInfo]) -> Value {

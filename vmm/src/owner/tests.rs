@@ -13,6 +13,7 @@ use holdfast_qmp::EventSink;
 use serde_json::Value;
 
 use super::*;
+use crate::disk::{DiskCall, Dropped, FaultPoints, Replayed};
 
 /// How `resume` goes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -218,8 +219,8 @@ fn case_of(input: &Input, resume: Resume, hanging: bool, stopped: bool) -> Case 
         Input::EmulationFailure { .. } => Case::EmulationFailure,
         Input::VcpuFailed { .. } => Case::VcpuFailed,
         Input::DeviceFailed { .. } => Case::DeviceFailed,
-        Input::DeviceNeedsReset { .. } => Case::DeviceNeedsReset,
-        Input::DiskError { report, .. } => match report.action {
+        Input::Disk(DiskEvent::NeedsReset { .. }) => Case::DeviceNeedsReset,
+        Input::Disk(DiskEvent::Error { report, .. }) => match report.action {
             ErrorAction::Stop if stopped => Case::DiskErrorStop,
             ErrorAction::Stop => Case::DiskErrorStopReplayed,
             ErrorAction::Report | ErrorAction::Ignore => Case::DiskErrorReport,
@@ -262,13 +263,15 @@ fn input(case: Case) -> (Input, Fake, Option<Reply>) {
 }
 
 fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
-    let disk_error = |action| Input::DiskError {
-        disk: "data".into(),
-        report: IoErrorReport {
-            error: HostError::new(HostOp::Flush, libc::EIO),
-            action,
-        },
-        at: Instant::now(),
+    let disk_error = |action| {
+        Input::Disk(DiskEvent::Error {
+            disk: "data".into(),
+            report: IoErrorReport {
+                error: HostError::new(HostOp::Flush, libc::EIO),
+                action,
+            },
+            at: Instant::now(),
+        })
     };
     let qmp = |command, resume| {
         let (reply, answer) = channel();
@@ -288,19 +291,17 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
             device: "virtio-blk".into(),
             message: "overflow".into(),
         }),
-        Case::DeviceNeedsReset => plain(Input::DeviceNeedsReset {
+        Case::DeviceNeedsReset => plain(Input::Disk(DiskEvent::NeedsReset {
             disk: "data".into(),
             reason: "used ring out of memory".into(),
-        }),
+        })),
         Case::DiskErrorStop | Case::DiskErrorStopReplayed => plain(disk_error(ErrorAction::Stop)),
         Case::DiskErrorReport => plain(disk_error(ErrorAction::Report)),
         Case::ThreadPanicked => plain(Input::ThreadPanicked {
             thread: "qmp".into(),
             message: "boom".into(),
         }),
-        Case::HostSignal => plain(Input::HostSignal {
-            signal: libc::SIGTERM,
-        }),
+        Case::HostSignal => plain(Input::HostSignal { name: "SIGTERM" }),
         Case::TickQuiet | Case::TickHung => plain(Input::Tick),
         Case::QueryStatus => qmp(Command::QueryStatus, Resume::Replays),
         Case::Stop => qmp(Command::Stop, Resume::Replays),

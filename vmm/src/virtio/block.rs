@@ -14,26 +14,25 @@
 //! takes one ring slot and a second request need not wait for the first to leave
 //! the ring) and event indexes (`VIRTIO_RING_F_EVENT_IDX`: when its queue runs empty
 //! the device says where the driver must next notify it, [`BlockDevice::next`], and
-//! the disk's worker interrupts only where the driver asked, see `devices::disks`).
+//! the disk's worker interrupts only where the driver asked, see [`crate::disk`]).
 //!
-//! While the disk is stopped on a host error the device takes no more requests from
-//! the queue: they stay in the available ring, in order, until `cont` has replayed
-//! the disk (`devices::disks`, `MmioSlot::resume`).
+//! While the disk is stopped on a host error the disk's worker takes no more
+//! requests from the queue: they stay in the available ring, in order, until `cont`
+//! has replayed the disk ([`crate::disk`]).
 //!
-//! The disk engine sits behind its own lock ([`SharedDisk`]), apart from the
-//! device's virtio state: a request is taken off the queue ([`BlockDevice::next`]),
-//! run on the disk (beside others, see `devices::disks`) with the device unlocked (so a host call that hangs never blocks a
-//! vCPU reading the device's registers), and its completion put in the used ring
-//! ([`BlockDevice::finish`]). What a vCPU changes on the disk (the write cache mode,
-//! a reset's dropping of parked requests) is applied at once if the disk is free,
-//! else when the device next holds it: a vCPU never waits on the disk.
+//! The device holds no engine and no lock: the disk's slot holds both, and its worker
+//! takes a request off the queue ([`BlockDevice::next`]), runs it on the engine with
+//! the device unlocked (so a host call that hangs never blocks a vCPU reading the
+//! device's registers), and puts its completion in the used ring
+//! ([`BlockDevice::finish`]). What the driver changes on the engine (the write cache
+//! mode, a reset's dropping of parked requests) waits in the device as [`Pending`]
+//! until the slot applies it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use holdfast_block::disk::MAX_REQUEST_BYTES;
 use holdfast_block::Bytes as WriteBytes;
-use holdfast_block::{Backend, Completion, Disk, IoErrorReport, Request, RequestOp, Status};
+use holdfast_block::{Completion, Engine, IoErrorReport, Request, RequestOp, Status};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
@@ -99,18 +98,7 @@ struct Rejected {
     code: Status,
 }
 
-/// A disk engine shared by its device, the disk's I/O worker and the run-state
-/// owner; each takes it for as long as it runs the disk, never with the device's
-/// transport locked.
-pub type SharedDisk<B> = Arc<Mutex<Disk<B>>>;
-
-/// Locks a shared disk (a panic elsewhere leaves the engine consistent).
-pub fn lock_disk<B>(disk: &SharedDisk<B>) -> MutexGuard<'_, Disk<B>> {
-    disk.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Changes a vCPU made that wait for the disk to be free.
+/// Changes the driver made that the engine has not had yet.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {
     writeback: Option<bool>,
@@ -118,8 +106,20 @@ pub struct Pending {
 }
 
 impl Pending {
+    pub fn is_empty(&self) -> bool {
+        *self == Pending::default()
+    }
+
+    /// `self`, then `later`.
+    fn then(self, later: Pending) -> Pending {
+        Pending {
+            writeback: later.writeback.or(self.writeback),
+            drop_parked: self.drop_parked || later.drop_parked,
+        }
+    }
+
     /// Applies them; returns how many parked requests were dropped.
-    pub fn apply<B: Backend>(self, disk: &mut Disk<B>) -> usize {
+    pub fn apply(self, disk: &mut dyn Engine) -> usize {
         if let Some(writeback) = self.writeback {
             disk.set_writeback(writeback);
         }
@@ -190,7 +190,7 @@ impl GuestWrite {
         WriteBytes::copy_of(&self.runs)
     }
 
-    /// The request with its bytes copied, for [`Disk::begin`] or [`Disk::submit`].
+    /// The request with its bytes copied, for [`Engine::begin`] or [`Engine::submit`].
     pub fn into_request(self) -> Request {
         let data = self.copy();
         Request::new(
@@ -203,14 +203,13 @@ impl GuestWrite {
     }
 }
 
-/// A virtio-blk device over one holdfast disk.
+/// A virtio-blk device: its virtio state, over a disk engine it does not hold.
 #[derive(Debug)]
-pub struct BlockDevice<B> {
-    disk: SharedDisk<B>,
-    /// Fixed at creation (a vCPU reads them without the disk).
+pub struct BlockDevice {
+    /// Fixed at creation.
     size: u64,
     writeback_default: bool,
-    /// The mode last set on the disk, or pending for it.
+    /// The mode the driver chose (applied on the engine, or pending for it).
     writeback_now: bool,
     pending: Pending,
     offered: u64,
@@ -223,9 +222,10 @@ pub struct BlockDevice<B> {
     resets: u64,
 }
 
-impl<B: Backend> BlockDevice<B> {
-    pub fn new(disk: Disk<B>) -> Self {
-        let caps = disk.backend().capabilities();
+impl BlockDevice {
+    /// A device for `disk`, offering what it can do.
+    pub fn new(disk: &dyn Engine) -> Self {
+        let caps = disk.capabilities();
         let mut offered = FEATURE_VERSION_1
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
@@ -248,7 +248,6 @@ impl<B: Backend> BlockDevice<B> {
             size: disk.size(),
             writeback_default: wce,
             writeback_now: wce,
-            disk: Arc::new(Mutex::new(disk)),
             pending: Pending::default(),
             offered,
             acked: 0,
@@ -259,38 +258,15 @@ impl<B: Backend> BlockDevice<B> {
         }
     }
 
-    /// The disk, locked (waits while a host call runs on it).
-    pub fn disk(&self) -> MutexGuard<'_, Disk<B>> {
-        lock_disk(&self.disk)
-    }
-
-    /// The disk, shared (for its I/O worker and the run-state owner).
-    pub fn shared_disk(&self) -> SharedDisk<B> {
-        Arc::clone(&self.disk)
-    }
-
-    /// The vCPUs' changes not yet applied to the disk; the caller applies them.
+    /// The driver's changes not yet applied to the engine; the caller applies them.
     pub fn take_pending(&mut self) -> Pending {
         std::mem::take(&mut self.pending)
     }
 
-    /// Applies `pending` now if the disk is free, else keeps it for later.
-    fn apply_or_keep(&mut self, pending: Pending) -> usize {
-        match self.disk.try_lock() {
-            Ok(mut disk) => {
-                let both = Pending {
-                    writeback: pending.writeback.or(self.pending.writeback),
-                    drop_parked: pending.drop_parked || self.pending.drop_parked,
-                };
-                self.pending = Pending::default();
-                both.apply(&mut disk)
-            }
-            Err(_) => {
-                self.pending.writeback = pending.writeback.or(self.pending.writeback);
-                self.pending.drop_parked |= pending.drop_parked;
-                0
-            }
-        }
+    /// Keeps changes taken with [`BlockDevice::take_pending`] that could not be
+    /// applied yet, before any made since.
+    pub fn keep_pending(&mut self, earlier: Pending) {
+        self.pending = earlier.then(self.pending);
     }
 
     pub fn features(&self) -> u64 {
@@ -325,10 +301,7 @@ impl<B: Backend> BlockDevice<B> {
     fn apply_cache_mode(&mut self) {
         let writeback = self.has(VIRTIO_BLK_F_FLUSH) && self.wce;
         self.writeback_now = writeback;
-        self.apply_or_keep(Pending {
-            writeback: Some(writeback),
-            drop_parked: false,
-        });
+        self.pending.writeback = Some(writeback);
     }
 
     fn config(&self) -> [u8; CONFIG_SIZE] {
@@ -468,18 +441,14 @@ impl<B: Backend> BlockDevice<B> {
     }
 
     /// The driver reset the device: in-flight requests will never be answered. The
-    /// disk keeps its buffer (writes the guest saw complete) and its error state; its
-    /// parked requests are dropped (now if the disk is free, else before it runs
-    /// anything else). Returns how many were dropped now.
-    pub fn reset(&mut self) -> usize {
+    /// engine keeps its buffer (writes the guest saw complete) and its error state;
+    /// its parked requests are to be dropped ([`Pending`]).
+    pub fn reset(&mut self) {
         self.inflight.clear();
         self.resets += 1;
         self.acked = 0;
         self.wce = self.writeback_default;
-        self.apply_or_keep(Pending {
-            writeback: None,
-            drop_parked: true,
-        })
+        self.pending.drop_parked = true;
     }
 
     fn complete<M: GuestMemory>(
@@ -527,7 +496,7 @@ impl<B: Backend> BlockDevice<B> {
     }
 }
 
-impl<B: Backend> VirtioDevice for BlockDevice<B> {
+impl VirtioDevice for BlockDevice {
     fn device_type(&self) -> u32 {
         virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
     }

@@ -69,16 +69,16 @@ pub fn counting_vm_config(
 ) -> holdfast_vmm::vm::VmConfig {
     counting_vm_with_disks(
         dir,
-        vec![holdfast_vmm::vm::DiskSpec {
+        vec![holdfast_vmm::disk::DiskSpec {
             id: "data".into(),
-            disk,
+            engine: Box::new(disk),
             path: "memory".into(),
             direct: false,
             faults: Some(faults),
             simulated: None,
             watch: Default::default(),
             hang_timeout: None,
-            io_threads: holdfast_vmm::devices::disks::CALLS_PER_DISK,
+            io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
         }],
     )
 }
@@ -87,7 +87,7 @@ pub fn counting_vm_config(
 #[allow(dead_code)]
 pub fn counting_vm_with_disks(
     dir: &std::path::Path,
-    disks: Vec<holdfast_vmm::vm::DiskSpec>,
+    disks: Vec<holdfast_vmm::disk::DiskSpec>,
 ) -> holdfast_vmm::vm::VmConfig {
     let kernel = dir.join("counting.elf");
     std::fs::write(&kernel, counting_guest()).expect("guest");
@@ -123,12 +123,14 @@ pub struct OwnerThread {
 
 #[allow(dead_code)]
 impl OwnerThread {
-    pub fn start(mut vm: holdfast_vmm::vm::Vm) -> Self {
-        let tx = vm.event_sender();
+    /// The machine `start` builds, sending its inputs to the owner's inbox.
+    pub fn start(start: impl FnOnce(holdfast_vmm::owner::Inbox) -> holdfast_vmm::vm::Vm) -> Self {
+        let (tx, inputs) = holdfast_vmm::owner::inbox::inbox();
+        let mut vm = start(tx.clone());
         let sink = holdfast_qmp::EventSink::new();
         let events = sink.subscribe();
         let owner = std::thread::spawn(move || {
-            let exit = holdfast_vmm::owner::run(&mut vm, &sink);
+            let exit = holdfast_vmm::owner::run(&mut vm, &inputs, &sink);
             vm.shutdown();
             exit
         });

@@ -1,6 +1,6 @@
 #![allow(dead_code)]
 //! A disk as `holdfast run` makes one, served by its worker and I/O threads
-//! (`holdfast_vmm::devices::disks::serve`), for tests that drive its virtqueue from
+//! (`holdfast_vmm::disk::serve`), for tests that drive its virtqueue from
 //! test memory; what it tells the run-state owner arrives on `events`.
 
 use std::sync::mpsc::{channel, Receiver};
@@ -8,17 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast_block::{Backend, DiskConfig, DiskStatus, FaultHandle, FaultInjector, IoErrorReport};
-use holdfast_vmm::devices::disks::{serve, MmioSlot};
-use holdfast_vmm::owner::{Inbox, Input, Replayed, ResumeFailure};
-use holdfast_vmm::vm::DiskSpec;
+use holdfast_vmm::disk::{serve, DiskEvent, DiskEvents, DiskSpec, Replayed, ResumeFailure, Slot};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub struct Rig {
-    pub slot: Arc<MmioSlot>,
-    tx: Inbox,
-    pub events: Receiver<Input>,
+    pub slot: Arc<Slot>,
+    tx: DiskEvents,
+    pub events: Receiver<DiskEvent>,
 }
 
 /// What serving the queue once did.
@@ -35,8 +33,9 @@ impl Rig {
         let mut spec = DiskSpec::new("data", Box::new(injector), config, "test");
         spec.faults = Some(faults.clone());
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let slot = Arc::new(MmioSlot::new(spec, 0, eventfd(), eventfd()));
+        let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
         let (tx, events) = channel();
+        let tx = DiskEvents::from(tx);
         (Rig { slot, tx, events }, faults)
     }
 
@@ -50,9 +49,7 @@ impl Rig {
     pub fn reset(&self) {
         use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
         self.slot
-            .transport()
-            .write(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
-        self.slot.transport().device_mut().reset();
+            .write_register(u64::from(VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
     }
 
     /// The worker serves the queue, and its I/O threads finish what it handed them.
@@ -66,7 +63,7 @@ impl Rig {
             .events
             .try_iter()
             .filter_map(|i| match i {
-                Input::DiskError { report, .. } => Some(report),
+                DiskEvent::Error { report, .. } => Some(report),
                 _ => None,
             })
             .collect();
