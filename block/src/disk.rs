@@ -51,8 +51,7 @@ pub const DEFAULT_UNFLUSHED_LIMIT: u64 = 128 << 20;
 
 /// Past 1/FLUSH_AHEAD_AT of its bound, a disk flushes ahead of it, beside the guest's
 /// writes, and starts each write's write-back at once ([`Disk::flush_ahead`]). Half:
-/// a quarter measured worse in tests/bench-fio's sequential write (0.53 and 0.51 of
-/// QEMU against 0.73 and 0.63, one run each, 2026-11-26).
+/// what measured best in tests/bench-fio's sequential write (docs/fio-history.md).
 pub const FLUSH_AHEAD_AT: u64 = 2;
 
 /// Largest range one request may cover; larger ones complete `S_IOERR` rather than

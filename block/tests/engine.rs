@@ -1157,10 +1157,9 @@ mod in_flight {
 
     /// A call taken after the request whose failure stopped the disk is parked when
     /// its own call fails too, whatever its policy says: one request at a time, it
-    /// would have run after the replay. (Found by an adversarial review, 2026-12-06:
-    /// under `werror=enospc` a later write failing with EIO was answered S_IOERR, a
-    /// read under `rerror=report` S_IOERR, and under `rerror=ignore` S_OK with zeroes
-    /// over bytes the guest had written and flushed.)
+    /// would have run after the replay: neither `werror=enospc` with an EIO, nor
+    /// `rerror=report`, nor `rerror=ignore` (zeroes over bytes the guest had written
+    /// and flushed) answers it.
     #[test]
     fn a_call_taken_after_the_stop_is_parked_when_its_own_call_fails() {
         for (config, second) in [
@@ -1268,8 +1267,7 @@ mod in_flight {
     }
 
     /// A write whose bytes keep a larger allocation counts that allocation, in
-    /// flight as in the buffer. (Adversarial review, 2026-12-06: it was counted by
-    /// its length, and the buffer passed its bound.)
+    /// flight as in the buffer (counted by its length, the buffer passes its bound).
     #[test]
     fn a_write_is_counted_by_the_allocation_it_keeps() {
         let limit = 1 << 20;

@@ -1038,8 +1038,8 @@ fn neighbouring_sectors_in_one_host_block() {
 /// handed to the host after that flush began: the flush does not cover it, and must
 /// not release it. Here the host then loses what no flush covered (and says so at
 /// its next flush): the guest's FLUSH fails, the disk stops, and `cont`'s replay must
-/// still have the write to write again. (With the flush releasing everything that
-/// ended before it did, the write is lost: checked by mutation, 2026-12-06.)
+/// still have the write to write again (a flush that released everything that ended
+/// before it did would lose the write).
 #[test]
 fn a_write_that_ends_during_a_flush_ahead_stays_buffered() {
     let config = DiskConfig {

@@ -1,5 +1,5 @@
-//! SIGTERM, SIGINT and SIGHUP end holdfast the way QMP `quit` does: the run-state
-//! owner pauses the vCPUs, settles every disk (replays and flushes what it can, says
+//! The termination signals' thread. SIGTERM, SIGINT and SIGHUP end holdfast the way
+//! QMP `quit` does: the run-state owner pauses the vCPUs, settles every disk (replays and flushes what it can, says
 //! how many bytes it must drop) and sends `SHUTDOWN` with reason `host-signal`.
 //!
 //! The signals are blocked in every thread ([`block_termination_signals`], called

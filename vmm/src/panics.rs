@@ -1,9 +1,9 @@
-//! A panic in any holdfast thread is reported and ends holdfast the way `quit`
-//! does, never silently: the hook prints the thread's name and the panic's message
-//! on stderr and tells the run-state owner ([`Input::ThreadPanicked`], or
-//! [`Input::DeviceFailed`] for a disk's I/O worker), which
-//! pauses the vCPUs, settles every disk (writes and flushes what it can, says how
-//! many bytes it drops) and sends `SHUTDOWN`. A vCPU thread that died counts as
+//! holdfast's panic hook. A panic in any holdfast thread is reported and ends
+//! holdfast the way `quit` does, never silently: the hook prints the thread's name
+//! and the panic's message on stderr and tells the run-state owner
+//! ([`Input::ThreadPanicked`], or [`Input::DeviceFailed`] for a disk's I/O worker),
+//! which pauses the vCPUs, settles every disk (writes and flushes what it can, says
+//! how many bytes it drops) and sends `SHUTDOWN`. A vCPU thread that died counts as
 //! parked, so the pause does not wait for it. A panic in the owner's own thread is
 //! caught around the owner in `main`, whose `Vm::shutdown` settles the disks.
 

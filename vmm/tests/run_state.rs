@@ -110,7 +110,7 @@ fn pause_stops_vcpus_and_resume_replays_disks_before_they_run() {
 
 /// Two stopped disks; the first replays, the second's replay fails: `cont` is refused,
 /// and the next `cont` that resumes reports both disks' replays (the first's was not
-/// lost with the refused `cont`). Found by an adversarial review, 2026-12-06.
+/// lost with the refused `cont`).
 #[test]
 fn a_refused_resume_keeps_the_replays_it_made_for_the_next() {
     if !kvm_available() {

@@ -896,11 +896,9 @@ fn until_no_call(slot: &Slot) {
 
 /// A read hangs; a write beside it fails (the disk stops, the write is parked).
 /// Two `cont`s are refused while the read hangs; once it returned, one replay
-/// runs and the `cont` after it answers the parked write. (On 2026-12-06's
-/// main the first `cont` started a replay that waited for the read, the second
-/// a second replay that, once the first had answered the write, replayed the
-/// running disk and kept its empty outcome over the first's: the third `cont`
-/// took that, and the write was never answered.)
+/// runs and the `cont` after it answers the parked write (a second replay
+/// started beside the first would replay the running disk and keep its empty
+/// outcome over the first's, and the write would never be answered).
 #[test]
 fn a_cont_while_a_call_hangs_starts_no_second_replay() {
     use holdfast_block::{FaultOp, FaultRule, Trigger};
@@ -970,8 +968,7 @@ fn file_slot(id: &str) -> (Arc<Slot>, FaultHandle, tempfile::TempDir) {
 
 /// A replay left running by a refused `cont` succeeds; then the disk is detached
 /// and attached: the next `cont` replays again (the image may have lost what no
-/// flush covered), and the disk runs. (On 2026-12-06's main that `cont` took
-/// the earlier outcome, resumed without a replay, and the disk stayed stopped.)
+/// flush covered), and the disk runs: the earlier outcome is stale.
 #[test]
 fn a_detach_after_a_replay_ended_makes_the_next_cont_replay_again() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
@@ -999,7 +996,6 @@ fn a_detach_after_a_replay_ended_makes_the_next_cont_replay_again() {
 /// `cont` is refused while a read, a write or the disk's own flush ahead of its
 /// bound is outstanding and hangs, though none of them holds the disk's lock:
 /// the guest must not run beside a call that may still change what it reads.
-/// (On 2026-12-06's main it resumed.)
 #[test]
 fn cont_is_refused_while_a_call_beside_others_hangs() {
     use holdfast_block::{FaultOp, FaultRule};
@@ -1066,9 +1062,8 @@ fn cont_is_refused_while_a_call_beside_others_hangs() {
 }
 
 /// Settling at the end (`quit`, SIGTERM) waits for a disk that is busy but not
-/// hung (a long replay): it reports nothing dropped, and then nothing is.
-/// (On 2026-12-06's main it gave up after a second and reported the buffer
-/// dropped, "a host write outstanding for 0.0 s", then exited 0 after all.)
+/// hung (a long replay): it reports nothing dropped, and then nothing is (not
+/// "a host write outstanding for 0.0 s" after a second).
 #[test]
 fn settling_at_the_end_waits_for_a_disk_that_is_busy_not_hung() {
     let (slot, _) = faulty_slot("data");
@@ -1096,7 +1091,7 @@ fn settling_at_the_end_waits_for_a_disk_that_is_busy_not_hung() {
 /// device while that call is held up, and reuses the memory: the host must end
 /// up with what the buffer keeps (the bytes as they were when the write was
 /// taken), not the new ones, or reads would change once a flush releases the
-/// buffer. (On 2026-12-06's main the host kept the new bytes.)
+/// buffer.
 #[test]
 fn a_reset_during_a_long_write_leaves_the_host_as_the_buffer() {
     use holdfast_block::{FaultOp, FaultRule, Request, RequestOp};

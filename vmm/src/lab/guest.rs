@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use holdfast_block::sim::timeline::{HostState, Timeline, VmState};
 use serde_json::{json, Value};
 
+use super::error::{Error, QmpFailure, Unsupported};
 use super::realhost::RealHost;
 use super::report::RunRecord;
 use super::scenario::{
@@ -44,23 +45,33 @@ struct Qmp {
 impl Qmp {
     /// Connects (the socket appears once holdfast started), negotiates, and passes
     /// every event on to `events`.
-    fn connect(path: &Path, events: Sender<Msg>, child: &mut Child) -> Result<Qmp, String> {
+    fn connect(path: &Path, events: Sender<Msg>, child: &mut Child) -> Result<Qmp, Error> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let failed = |failure| Error::Qmp {
+            command: "connect".into(),
+            failure,
+        };
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) => {
+                Err(source) => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        return Err(format!("holdfast exited ({status}) before its QMP socket"));
+                        return Err(Error::ExitedEarly {
+                            vmm: "the VMM".into(),
+                            status,
+                        });
                     }
                     if Instant::now() > deadline {
-                        return Err(format!("QMP socket {}: {e}", path.display()));
+                        return Err(failed(QmpFailure::NoSocket {
+                            path: path.to_owned(),
+                            source,
+                        }));
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
         };
-        let reader = stream.try_clone().map_err(|e| format!("QMP: {e}"))?;
+        let reader = stream.try_clone().map_err(|e| failed(QmpFailure::Io(e)))?;
         let (reply_tx, replies) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(reader).lines() {
@@ -80,22 +91,29 @@ impl Qmp {
         Ok(q)
     }
 
-    /// Sends a command; `Ok` with its return value, `Err` with the error's text.
-    fn call(&mut self, command: &str, args: Value) -> Result<Value, String> {
+    /// Sends a command; `Ok` with its return value, or how it failed (the VMM's
+    /// error is [`QmpFailure::Refused`]).
+    fn call(&mut self, command: &str, args: Value) -> Result<Value, Error> {
+        let failed = |failure| Error::Qmp {
+            command: command.to_owned(),
+            failure,
+        };
         let line = json!({"execute": command, "arguments": args}).to_string() + "\n";
         self.stream
             .write_all(line.as_bytes())
-            .map_err(|e| format!("QMP {command}: {e}"))?;
+            .map_err(|e| failed(QmpFailure::Io(e)))?;
         let reply = self
             .replies
             .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| format!("QMP {command}: no answer in 30 s"))?;
+            .map_err(|_| failed(QmpFailure::NoAnswer))?;
         match reply.get("return") {
             Some(v) => Ok(v.clone()),
-            None => Err(reply["error"]["desc"]
-                .as_str()
-                .unwrap_or("an error without a description")
-                .to_string()),
+            None => Err(failed(QmpFailure::Refused(
+                reply["error"]["desc"]
+                    .as_str()
+                    .unwrap_or("an error without a description")
+                    .to_string(),
+            ))),
         }
     }
 }
@@ -112,15 +130,21 @@ impl Drop for Reap {
     }
 }
 
-fn holdfast_exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| format!("cannot find the holdfast binary: {e}"))
+fn holdfast_exe() -> Result<PathBuf, Error> {
+    std::env::current_exe().map_err(|source| Error::Start {
+        program: "holdfast (this binary: not found)".into(),
+        source,
+    })
 }
 
 /// Copies `from` to `to`, leaving zeroed MiBs as holes (images are mostly empty).
-fn copy_image(from: &Path, to: &Path) -> Result<(), String> {
+fn copy_image(from: &Path, to: &Path) -> Result<(), Error> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
-    let fail = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    let fail = |what: &Path, source| Error::File {
+        path: what.to_owned(),
+        source,
+    };
     let mut src = std::fs::File::open(from).map_err(|e| fail(from, e))?;
     let dst = std::fs::File::create(to).map_err(|e| fail(to, e))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -153,7 +177,7 @@ fn holdfast_command(
     disk_options: &str,
     dir: &Path,
     log_name: &str,
-) -> Result<Command, String> {
+) -> Result<Command, Error> {
     let mut c = Command::new(holdfast_exe()?);
     c.arg("run")
         .arg("--kernel")
@@ -173,7 +197,8 @@ fn holdfast_command(
         c.arg("--disk")
             .arg(format!("path={},id={id}{disk_options}", path.display()));
     }
-    let log = std::fs::File::create(dir.join(log_name)).map_err(|e| format!("{log_name}: {e}"))?;
+    let log_path = dir.join(log_name);
+    let log = std::fs::File::create(&log_path).map_err(Error::file(&log_path))?;
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
     Ok(c)
 }
@@ -195,7 +220,7 @@ fn qemu_command(
     cache_none: bool,
     sock: &Path,
     dir: &Path,
-) -> Result<Command, String> {
+) -> Result<Command, Error> {
     // QEMU: the one on PATH, or $QEMU (and $QEMU_DATA for its firmware, -L), as the
     // nested test host bundles it.
     let mut c = Command::new(std::env::var_os("QEMU").unwrap_or("qemu-system-x86_64".into()));
@@ -235,7 +260,8 @@ fn qemu_command(
             .arg("-device")
             .arg(format!("virtio-blk-device,drive={id}"));
     }
-    let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| format!("qemu.log: {e}"))?;
+    let log_path = dir.join("qemu.log");
+    let log = std::fs::File::create(&log_path).map_err(Error::file(&log_path))?;
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
     Ok(c)
 }
@@ -249,7 +275,7 @@ enum Breaker<'a> {
 }
 
 impl Breaker<'_> {
-    fn start(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), String> {
+    fn start(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), Error> {
         match self {
             Breaker::Simulated { target } => {
                 for (layer, rule) in outage_rules(kind)? {
@@ -274,7 +300,7 @@ impl Breaker<'_> {
         }
     }
 
-    fn end(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), String> {
+    fn end(&self, qmp: &mut Qmp, kind: OutageKind) -> Result<(), Error> {
         match self {
             Breaker::Simulated { target } => {
                 for layer in ["calls", "writeback"] {
@@ -293,9 +319,9 @@ impl Breaker<'_> {
 }
 
 /// Reads the child's console into `tx` (and into `log`), line by line.
-fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), String> {
-    let out = child.stdout.take().ok_or("no console pipe")?;
-    let mut file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), Error> {
+    let out = child.stdout.take().ok_or(Error::NoConsole)?;
+    let mut file = std::fs::File::create(&log).map_err(Error::file(&log))?;
     std::thread::spawn(move || {
         let mut reader = BufReader::new(out);
         let mut raw = Vec::new();
@@ -318,7 +344,7 @@ fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), 
 }
 
 /// The `x-block-fault` rules that start an outage: (layer, op, errno).
-fn outage_rules(kind: OutageKind) -> Result<Vec<(&'static str, Value)>, String> {
+fn outage_rules(kind: OutageKind) -> Result<Vec<(&'static str, Value)>, Unsupported> {
     let fail = |op: &str, errno: &str| json!({"name": "lab-outage", "op": op, "errno": errno});
     Ok(match kind {
         // Write-back of the host's cache fails: the next fdatasync reports it.
@@ -333,12 +359,7 @@ fn outage_rules(kind: OutageKind) -> Result<Vec<(&'static str, Value)>, String> 
             "writeback",
             json!({"name": "lab-outage", "op": "any", "hang": true}),
         )],
-        other => {
-            return Err(format!(
-                "outage `{}` cannot run on a simulated host",
-                other.as_str()
-            ))
-        }
+        other => return Err(Unsupported::OutageOnSimulatedHost(other)),
     })
 }
 
@@ -365,257 +386,381 @@ struct Seen {
     exit: Option<std::process::ExitStatus>,
 }
 
-/// Runs the workload part: boot, outage, operator, until the guest ends.
-#[allow(clippy::too_many_arguments)]
-fn workload(
-    plan: &Plan,
-    guest: &LinuxGuest,
-    progress: &Progress,
-    outage: &OutagePlan,
-    disks: &[(String, PathBuf)],
-    vmm: &Vmm,
-    breaker: &Breaker,
-    dir: &Path,
-    timeline: &mut Timeline,
-) -> Result<Seen, String> {
-    let sock = dir.join("qmp.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut command = match vmm {
-        Vmm::Holdfast(options) => {
-            let mut c =
-                holdfast_command(guest, &guest.cmdline, disks, options, dir, "holdfast.log")?;
-            c.arg("--qmp").arg(&sock);
-            c
-        }
-        Vmm::Qemu { cache_none } => qemu_command(guest, disks, *cache_none, &sock, dir)?,
-    };
-    let mut child = Reap(command.spawn().map_err(|e| format!("{vmm:?}: {e}"))?);
-    let start = Instant::now();
-    let ms = |at: Instant| at.duration_since(start).as_millis() as u64;
-    let (tx, rx) = mpsc::channel();
-    read_console(&mut child.0, tx.clone(), dir.join("console.log"))?;
-    let mut qmp = Qmp::connect(&sock, tx, &mut child.0)?;
+/// The workload part of a run: boot, outage, operator, until the guest ends. Each
+/// turn of its loop takes the steps below in order ([`Workload::turn`]), then one
+/// console line or QMP event.
+struct Workload<'a> {
+    plan: &'a Plan,
+    progress: &'a Progress,
+    outage: &'a OutagePlan,
+    disks: &'a [(String, PathBuf)],
+    vmm: &'a Vmm,
+    breaker: &'a Breaker<'a>,
+    timeline: &'a mut Timeline,
+    child: Reap,
+    qmp: Qmp,
+    messages: Receiver<Msg>,
+    start: Instant,
+    heartbeat: Instant,
+    seen: Seen,
+    /// When the guest printed its ready marker.
+    ready: Option<Instant>,
+    /// Console lines that matched the outage's `when.line` since then.
+    matches: u32,
+    /// The outage is on (since then).
+    outage_since: Option<Instant>,
+    outage_over: bool,
+    /// The VM is stopped (since then), and the operator's last step.
+    stopped_since: Option<Instant>,
+    last_step: Option<Instant>,
+    /// `cont`s since the outage ended.
+    tries_after: usize,
+    console_open: bool,
+}
 
-    let mut seen = Seen::default();
-    let mut ready: Option<Instant> = None;
-    let mut matches = 0u32;
-    let mut outage_since: Option<Instant> = None;
-    let mut outage_over = false;
-    let mut stopped_since: Option<Instant> = None;
-    let mut last_step: Option<Instant> = None;
-    let mut tries_after = 0usize;
-    let mut console_open = true;
-    let mut heartbeat = start;
-    loop {
-        let now = Instant::now();
-        if now.duration_since(heartbeat) >= Duration::from_secs(30) {
-            heartbeat = now;
-            eprintln!(
-                "lab:   {:>6.1} s  {} acknowledged so far",
-                now.duration_since(start).as_secs_f64(),
-                seen.acked.len()
-            );
-        }
-        if now.duration_since(start) > plan.timeout {
-            seen.timed_out = true;
-            note(timeline, ms(now), "timed out");
-            break;
-        }
-        // Start the outage when its time has come.
-        let due = match (&outage.when, ready) {
-            (When::At(d), Some(r)) => now.duration_since(r) >= *d,
-            (When::Line { nth, .. }, Some(_)) => matches >= *nth,
-            _ => false,
+/// Whether the loop goes on.
+enum Turn {
+    Next,
+    Done,
+}
+
+impl<'a> Workload<'a> {
+    /// Boots the guest under `vmm` and connects to its QMP socket.
+    #[allow(clippy::too_many_arguments)]
+    fn boot(
+        plan: &'a Plan,
+        guest: &LinuxGuest,
+        progress: &'a Progress,
+        outage: &'a OutagePlan,
+        disks: &'a [(String, PathBuf)],
+        vmm: &'a Vmm,
+        breaker: &'a Breaker<'a>,
+        dir: &Path,
+        timeline: &'a mut Timeline,
+    ) -> Result<Workload<'a>, Error> {
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut command = match vmm {
+            Vmm::Holdfast(options) => {
+                let mut c =
+                    holdfast_command(guest, &guest.cmdline, disks, options, dir, "holdfast.log")?;
+                c.arg("--qmp").arg(&sock);
+                c
+            }
+            Vmm::Qemu { cache_none } => qemu_command(guest, disks, *cache_none, &sock, dir)?,
         };
-        if due && outage_since.is_none() && !outage_over {
-            breaker.start(&mut qmp, outage.kind)?;
-            outage_since = Some(now);
-            seen.outage_started = true;
-            let state = if outage.kind == OutageKind::Hang {
-                HostState::Hung
-            } else {
-                HostState::Broken
-            };
-            timeline.host(ms(now), state);
-            let at = match &outage.when {
-                When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
-                When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
-            };
-            note(
-                timeline,
-                ms(now),
-                format!("outage: {}{at}", outage.kind.as_str()),
-            );
+        let mut child = Reap(command.spawn().map_err(|source| Error::Start {
+            program: format!("{vmm:?}"),
+            source,
+        })?);
+        let start = Instant::now();
+        let (tx, messages) = mpsc::channel();
+        read_console(&mut child.0, tx.clone(), dir.join("console.log"))?;
+        let qmp = Qmp::connect(&sock, tx, &mut child.0)?;
+        Ok(Workload {
+            plan,
+            progress,
+            outage,
+            disks,
+            vmm,
+            breaker,
+            timeline,
+            child,
+            qmp,
+            messages,
+            start,
+            heartbeat: start,
+            seen: Seen::default(),
+            ready: None,
+            matches: 0,
+            outage_since: None,
+            outage_over: false,
+            stopped_since: None,
+            last_step: None,
+            tries_after: 0,
+            console_open: true,
+        })
+    }
+
+    /// Milliseconds since the VMM started (the timeline's clock).
+    fn ms(&self, at: Instant) -> u64 {
+        at.duration_since(self.start).as_millis() as u64
+    }
+
+    fn note(&mut self, at: Instant, what: impl Into<String>) {
+        let ms = self.ms(at);
+        note(self.timeline, ms, what);
+    }
+
+    /// Runs the guest until it ends (or the plan's timeout); what it saw.
+    fn run(mut self) -> Result<Seen, Error> {
+        while let Turn::Next = self.turn()? {}
+        let end = self.ms(Instant::now());
+        self.timeline.end = end;
+        if self.outage_since.is_some() {
+            self.timeline.host(end, HostState::Ok);
         }
-        // The real host's file system can go down in any outage that meets its
-        // journal (ext4 aborts it at its next commit). fs-down: the outage lasts until
-        // it does (the kernel says so), at most `lasts`; a run where it never does
-        // fails. Once down, the operator's recovery (with `detach`) runs below.
-        if let (false, Breaker::Real(host)) = (seen.fs_went_down, breaker) {
-            let said = host.down_messages();
-            if !said.is_empty() {
-                seen.fs_went_down = true;
-                note(timeline, ms(now), "host fs down");
-                eprintln!("lab: host file system down: {}", said.join("; "));
-                if outage.kind == OutageKind::FsDown && outage_since.is_some() {
-                    breaker.end(&mut qmp, outage.kind)?;
-                    outage_since = None;
-                    outage_over = true;
-                }
-            }
+        Ok(self.seen)
+    }
+
+    /// One turn: the steps that look at the clock and the host, then one message.
+    fn turn(&mut self) -> Result<Turn, Error> {
+        let now = Instant::now();
+        self.say_progress(now);
+        if now.duration_since(self.start) > self.plan.timeout {
+            self.seen.timed_out = true;
+            self.note(now, "timed out");
+            return Ok(Turn::Done);
         }
-        if seen.fs_went_down && !seen.repaired {
-            // Down, and it stays so when the device works again.
-            timeline.host(ms(now), HostState::Down);
+        self.start_outage_when_due(now)?;
+        self.watch_the_host_fs(now)?;
+        self.end_outage_when_over(now)?;
+        if let Some(since) = self.stopped_since {
+            self.operate(now, since)?;
         }
-        if let (Some(since), Some(lasts)) = (outage_since, outage.lasts) {
-            if now.duration_since(since) >= lasts {
-                breaker.end(&mut qmp, outage.kind)?;
-                outage_since = None;
-                outage_over = true;
-                if !seen.fs_went_down {
-                    timeline.host(ms(now), HostState::Ok);
-                }
-                note(timeline, ms(now), "outage over");
-            }
-        }
-        // The operator: while stopped, a `cont` every cont_after.
-        if let Some(since) = stopped_since {
-            let from = last_step.unwrap_or(since);
-            if now.duration_since(from) >= plan.operator.cont_after && !seen.gave_up {
-                last_step = Some(now);
-                if outage_over && tries_after >= plan.operator.tries {
-                    // Every `cont` since the outage ended failed, or stopped again.
-                    seen.gave_up = true;
-                    note(timeline, ms(now), "quit");
-                    let _ = qmp.call("quit", json!({}));
-                    continue;
-                }
-                if outage_over {
-                    tries_after += 1;
-                }
-                if let (true, true, false, Breaker::Real(host), Vmm::Holdfast(_)) =
-                    (seen.fs_went_down, outage_over, seen.repaired, breaker, vmm)
-                {
-                    if plan.operator.detach {
-                        // The operator's steps (docs/durability.md): detach, unmount,
-                        // repair, mount, attach; then cont.
-                        for (id, _) in disks {
-                            qmp.call("x-block-detach", json!({"device": id}))?;
-                        }
-                        note(timeline, ms(now), "detach");
-                        let said = host.remount()?;
-                        note(timeline, ms(Instant::now()), format!("repaired: {said}"));
-                        for (id, path) in disks {
-                            qmp.call("x-block-attach", json!({"device": id, "filename": path}))?;
-                        }
-                        note(timeline, ms(Instant::now()), "attach");
-                        timeline.host(ms(Instant::now()), HostState::Ok);
-                        seen.repaired = true;
-                    }
-                }
-                let hanging = outage.kind == OutageKind::Hang && outage_since.is_some();
-                if matches!(breaker, Breaker::Simulated { .. }) && !hanging {
-                    // (Not during a hang: the cache waits on the device below it.)
-                    // The guest is paused; the host reclaims memory.
-                    for (id, _) in disks {
-                        qmp.call("x-block-fault", json!({"device": id, "evict": true}))?;
-                    }
-                }
-                note(timeline, ms(now), "cont");
-                match qmp.call("cont", json!({})) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        note(timeline, ms(now), "cont failed");
-                        log::debug!("lab: cont refused: {e}");
-                    }
-                }
-            }
-        }
-        if !console_open {
-            match child.0.try_wait() {
+        if !self.console_open {
+            match self.child.0.try_wait() {
                 Ok(Some(status)) => {
-                    seen.exit = Some(status);
-                    break;
+                    self.seen.exit = Some(status);
+                    return Ok(Turn::Done);
                 }
                 Ok(None) => {}
-                Err(e) => return Err(format!("holdfast run: {e}")),
+                Err(source) => {
+                    return Err(Error::Wait {
+                        vmm: format!("{:?}", self.vmm),
+                        source,
+                    })
+                }
             }
         }
-        let msg = match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => {
-                console_open = false;
-                continue;
+        match self.messages.recv_timeout(Duration::from_millis(50)) {
+            Ok(Msg::Line(line)) => self.console_line(&line),
+            Ok(Msg::Event(name)) => self.qmp_event(name),
+            Ok(Msg::ConsoleClosed) | Err(RecvTimeoutError::Disconnected) => {
+                self.console_open = false
             }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        Ok(Turn::Next)
+    }
+
+    /// Every 30 s, how many units were acknowledged (a test host's watchdog counts
+    /// silence).
+    fn say_progress(&mut self, now: Instant) {
+        if now.duration_since(self.heartbeat) >= Duration::from_secs(30) {
+            self.heartbeat = now;
+            eprintln!(
+                "lab:   {:>6.1} s  {} acknowledged so far",
+                now.duration_since(self.start).as_secs_f64(),
+                self.seen.acked.len()
+            );
+        }
+    }
+
+    /// Starts the outage when its time or line has come.
+    fn start_outage_when_due(&mut self, now: Instant) -> Result<(), Error> {
+        let due = match (&self.outage.when, self.ready) {
+            (When::At(d), Some(r)) => now.duration_since(r) >= *d,
+            (When::Line { nth, .. }, Some(_)) => self.matches >= *nth,
+            _ => false,
         };
+        if !due || self.outage_since.is_some() || self.outage_over {
+            return Ok(());
+        }
+        self.breaker.start(&mut self.qmp, self.outage.kind)?;
+        self.outage_since = Some(now);
+        self.seen.outage_started = true;
+        let state = if self.outage.kind == OutageKind::Hang {
+            HostState::Hung
+        } else {
+            HostState::Broken
+        };
+        let ms = self.ms(now);
+        self.timeline.host(ms, state);
+        let at = match &self.outage.when {
+            When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
+            When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
+        };
+        let what = format!("outage: {}{at}", self.outage.kind.as_str());
+        self.note(now, what);
+        Ok(())
+    }
+
+    /// The real host's file system can go down in any outage that meets its journal
+    /// (ext4 aborts it at its next commit). fs-down: the outage lasts until it does
+    /// (the kernel says so), at most `lasts`; a run where it never does fails. Once
+    /// down, the operator's recovery (with `detach`) runs in [`Workload::operate`].
+    fn watch_the_host_fs(&mut self, now: Instant) -> Result<(), Error> {
+        if let (false, Breaker::Real(host)) = (self.seen.fs_went_down, self.breaker) {
+            let said = host.down_messages();
+            if !said.is_empty() {
+                self.seen.fs_went_down = true;
+                self.note(now, "host fs down");
+                eprintln!("lab: host file system down: {}", said.join("; "));
+                if self.outage.kind == OutageKind::FsDown && self.outage_since.is_some() {
+                    self.breaker.end(&mut self.qmp, self.outage.kind)?;
+                    self.outage_since = None;
+                    self.outage_over = true;
+                }
+            }
+        }
+        if self.seen.fs_went_down && !self.seen.repaired {
+            // Down, and it stays so when the device works again.
+            let ms = self.ms(now);
+            self.timeline.host(ms, HostState::Down);
+        }
+        Ok(())
+    }
+
+    /// Ends the outage once it lasted `lasts`.
+    fn end_outage_when_over(&mut self, now: Instant) -> Result<(), Error> {
+        let (Some(since), Some(lasts)) = (self.outage_since, self.outage.lasts) else {
+            return Ok(());
+        };
+        if now.duration_since(since) < lasts {
+            return Ok(());
+        }
+        self.breaker.end(&mut self.qmp, self.outage.kind)?;
+        self.outage_since = None;
+        self.outage_over = true;
+        if !self.seen.fs_went_down {
+            let ms = self.ms(now);
+            self.timeline.host(ms, HostState::Ok);
+        }
+        self.note(now, "outage over");
+        Ok(())
+    }
+
+    /// The operator while the VM is stopped (since `since`): every `cont_after`,
+    /// repair the host if it went down, let the host reclaim memory, `cont`; `quit`
+    /// after `tries` `cont`s since the outage ended.
+    fn operate(&mut self, now: Instant, since: Instant) -> Result<(), Error> {
+        let from = self.last_step.unwrap_or(since);
+        let plan = self.plan;
+        let operator = &plan.operator;
+        if now.duration_since(from) < operator.cont_after || self.seen.gave_up {
+            return Ok(());
+        }
+        self.last_step = Some(now);
+        if self.outage_over && self.tries_after >= operator.tries {
+            // Every `cont` since the outage ended failed, or stopped again.
+            self.seen.gave_up = true;
+            self.note(now, "quit");
+            let _ = self.qmp.call("quit", json!({}));
+            return Ok(());
+        }
+        if self.outage_over {
+            self.tries_after += 1;
+        }
+        self.repair_the_host(now)?;
+        let hanging = self.outage.kind == OutageKind::Hang && self.outage_since.is_some();
+        if matches!(self.breaker, Breaker::Simulated { .. }) && !hanging {
+            // (Not during a hang: the cache waits on the device below it.)
+            // The guest is paused; the host reclaims memory.
+            for (id, _) in self.disks {
+                self.qmp
+                    .call("x-block-fault", json!({"device": id, "evict": true}))?;
+            }
+        }
+        self.note(now, "cont");
+        if let Err(e) = self.qmp.call("cont", json!({})) {
+            self.note(now, "cont failed");
+            log::debug!("lab: cont refused: {e}");
+        }
+        Ok(())
+    }
+
+    /// The operator's steps once the real host's file system went down and its
+    /// device works again (docs/durability.md): detach, unmount, repair, mount,
+    /// attach; `cont` follows.
+    fn repair_the_host(&mut self, now: Instant) -> Result<(), Error> {
+        let due = self.seen.fs_went_down && self.outage_over && !self.seen.repaired;
+        let (true, Breaker::Real(host), Vmm::Holdfast(_)) = (due, self.breaker, self.vmm) else {
+            return Ok(());
+        };
+        if !self.plan.operator.detach {
+            return Ok(());
+        }
+        for (id, _) in self.disks {
+            self.qmp.call("x-block-detach", json!({"device": id}))?;
+        }
+        self.note(now, "detach");
+        let said = host.remount()?;
+        self.note(Instant::now(), format!("repaired: {said}"));
+        for (id, path) in self.disks {
+            self.qmp
+                .call("x-block-attach", json!({"device": id, "filename": path}))?;
+        }
+        self.note(Instant::now(), "attach");
+        let ms = self.ms(Instant::now());
+        self.timeline.host(ms, HostState::Ok);
+        self.seen.repaired = true;
+        Ok(())
+    }
+
+    /// A console line: the ready marker, an acknowledged unit, an application error,
+    /// a line the outage waits for.
+    fn console_line(&mut self, line: &str) {
         let at = Instant::now();
-        match msg {
-            Msg::Line(line) => {
-                if ready.is_none() {
-                    if line.contains(&progress.ready) {
-                        ready = Some(at);
-                        note(timeline, ms(at), "ready");
-                    }
-                    continue;
-                }
-                if let Some(rest) = line.strip_prefix(progress.ack.as_str()) {
-                    let key = rest.split_whitespace().next().unwrap_or("").to_string();
-                    seen.acked.push(key);
-                    timeline.acks.push(ms(at));
-                }
-                if let Some(e) = &progress.error {
-                    if line.starts_with(e.as_str()) {
-                        seen.app_errors += 1;
-                    }
-                }
-                if let When::Line { text, .. } = &outage.when {
-                    if line.contains(text.as_str()) {
-                        matches += 1;
-                    }
-                }
+        if self.ready.is_none() {
+            if line.contains(&self.progress.ready) {
+                self.ready = Some(at);
+                self.note(at, "ready");
             }
-            Msg::Event(name) => {
-                note(timeline, ms(at), name.clone());
-                match name.as_str() {
-                    "STOP" => {
-                        let io_error = timeline
-                            .events
-                            .iter()
-                            .rev()
-                            .nth(1)
-                            .is_some_and(|(_, e)| e == "BLOCK_IO_ERROR");
-                        timeline.vm(
-                            ms(at),
-                            if io_error {
-                                VmState::IoError
-                            } else {
-                                VmState::Paused
-                            },
-                        );
-                        seen.paused += 1;
-                        stopped_since = Some(at);
-                        last_step = None;
-                    }
-                    "RESUME" => {
-                        timeline.vm(ms(at), VmState::Running);
-                        if seen.paused > 0 {
-                            seen.resumed_after_pause = true;
-                        }
-                        stopped_since = None;
-                    }
-                    _ => {}
-                }
+            return;
+        }
+        if let Some(rest) = line.strip_prefix(self.progress.ack.as_str()) {
+            let key = rest.split_whitespace().next().unwrap_or("").to_string();
+            self.seen.acked.push(key);
+            let ms = self.ms(at);
+            self.timeline.acks.push(ms);
+        }
+        if let Some(e) = &self.progress.error {
+            if line.starts_with(e.as_str()) {
+                self.seen.app_errors += 1;
             }
-            Msg::ConsoleClosed => console_open = false,
+        }
+        if let When::Line { text, .. } = &self.outage.when {
+            if line.contains(text.as_str()) {
+                self.matches += 1;
+            }
         }
     }
-    timeline.end = ms(Instant::now());
-    if outage_since.is_some() {
-        timeline.host(timeline.end, HostState::Ok);
+
+    /// A QMP event: the VM's state on the timeline; a stop starts the operator.
+    fn qmp_event(&mut self, name: String) {
+        let at = Instant::now();
+        self.note(at, name.clone());
+        let ms = self.ms(at);
+        match name.as_str() {
+            "STOP" => {
+                let io_error = self
+                    .timeline
+                    .events
+                    .iter()
+                    .rev()
+                    .nth(1)
+                    .is_some_and(|(_, e)| e == "BLOCK_IO_ERROR");
+                let state = if io_error {
+                    VmState::IoError
+                } else {
+                    VmState::Paused
+                };
+                self.timeline.vm(ms, state);
+                self.seen.paused += 1;
+                self.stopped_since = Some(at);
+                self.last_step = None;
+            }
+            "RESUME" => {
+                self.timeline.vm(ms, VmState::Running);
+                if self.seen.paused > 0 {
+                    self.seen.resumed_after_pause = true;
+                }
+                self.stopped_since = None;
+            }
+            _ => {}
+        }
     }
-    Ok(seen)
 }
 
 /// What the verification found: the units present, the check's verdict.
@@ -669,7 +814,7 @@ fn verify(
     guest: &LinuxGuest,
     disks: &[(String, PathBuf)],
     dir: &Path,
-) -> Result<Found, String> {
+) -> Result<Found, Error> {
     match &plan.verify {
         Verify::Boot(b) => {
             let mut command = holdfast_command(
@@ -680,11 +825,10 @@ fn verify(
                 dir,
                 "verify-holdfast.log",
             )?;
-            let mut child = Reap(
-                command
-                    .spawn()
-                    .map_err(|e| format!("holdfast run (verify): {e}"))?,
-            );
+            let mut child = Reap(command.spawn().map_err(|source| Error::Start {
+                program: "holdfast run (the check boot)".into(),
+                source,
+            })?);
             let (tx, rx) = mpsc::channel();
             read_console(&mut child.0, tx, dir.join("verify-console.log"))?;
             let started = Instant::now();
@@ -768,7 +912,10 @@ fn verify(
                 .args(disks.iter().map(|(_, p)| p))
                 .stdin(Stdio::null())
                 .output()
-                .map_err(|e| format!("{}: {e}", command[0]))?;
+                .map_err(|source| Error::Start {
+                    program: command[0].clone(),
+                    source,
+                })?;
             let text = String::from_utf8_lossy(&out.stdout);
             let _ = std::fs::write(dir.join("verify.out"), out.stdout.as_slice());
             let passed = out.status.success();
@@ -781,7 +928,7 @@ fn verify(
                 why,
             ))
         }
-        Verify::Oracle => Err("the synthetic guest's oracle cannot check a Linux guest".into()),
+        Verify::Oracle => Err(Unsupported::OracleForLinux.into()),
     }
 }
 
@@ -794,12 +941,9 @@ pub fn run(
     strategy: LabStrategy,
     index: usize,
     out: &Path,
-) -> Result<RunRecord, String> {
+) -> Result<RunRecord, Error> {
     let outage = &plan.outages[index];
-    let progress = plan
-        .progress
-        .as_ref()
-        .ok_or("a Linux guest needs `progress`")?;
+    let progress = plan.progress.as_ref().ok_or(Unsupported::NoProgress)?;
     let mut record = RunRecord {
         host,
         strategy,
@@ -817,7 +961,7 @@ pub fn run(
     };
     record.svg = format!("{}.svg", record.slug());
     let dir = out.join("runs").join(record.slug());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(Error::file(&dir))?;
     // The real host: a file system of its own for the run's images.
     let mut real = match host {
         Host::Real => {
@@ -859,7 +1003,7 @@ pub fn run(
         (Host::Real, LabStrategy::Engine(s)) => Vmm::Holdfast(format!(",x-strategy={s}")),
         (Host::Real, LabStrategy::Qemu { cache_none }) => Vmm::Qemu { cache_none },
         (Host::Simulated(_), LabStrategy::Qemu { .. }) => {
-            return Err(format!("{strategy} runs on the real host only"))
+            return Err(Unsupported::QemuOnSimulatedHost(strategy).into())
         }
     };
     let breaker = match &real {
@@ -869,7 +1013,7 @@ pub fn run(
         },
     };
     let mut timeline = Timeline::default();
-    let seen = workload(
+    let seen = Workload::boot(
         plan,
         guest,
         progress,
@@ -879,7 +1023,8 @@ pub fn run(
         &breaker,
         &dir,
         &mut timeline,
-    );
+    )
+    .and_then(Workload::run);
     // Whatever happened, the host storage works again before anything else.
     if let Some(r) = &real {
         let _ = r.resume_device();

@@ -8,6 +8,7 @@
 //! run, an SVG timeline per run ([`svg`]). The synthetic guest ([`synthetic`]) is the
 //! outage matrix's workload in virtual time.
 
+pub mod error;
 pub mod guest;
 pub mod realhost;
 pub mod report;
@@ -18,6 +19,8 @@ pub mod synthetic;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+pub use error::Error;
+use error::{Unsupported, Usage};
 use report::RunRecord;
 use scenario::{Guest, Plan};
 
@@ -158,7 +161,7 @@ struct Args {
     strategies: Vec<String>,
 }
 
-fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
+fn parse_args(args: &[String]) -> Result<Option<Args>, Usage> {
     let mut scenario = None;
     let mut out = None;
     let mut check_only = false;
@@ -169,24 +172,29 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
         match a.as_str() {
             "-h" | "--help" => return Ok(None),
             "--check" => check_only = true,
-            "--host" => hosts.push(it.next().ok_or("--host needs a host")?.clone()),
-            "--strategy" => {
-                strategies.push(it.next().ok_or("--strategy needs a strategy")?.clone())
-            }
+            "--host" => hosts.push(
+                it.next()
+                    .ok_or(Usage::MissingValue("--host", "a host"))?
+                    .clone(),
+            ),
+            "--strategy" => strategies.push(
+                it.next()
+                    .ok_or(Usage::MissingValue("--strategy", "a strategy"))?
+                    .clone(),
+            ),
             "--out" => {
-                out = Some(PathBuf::from(
-                    it.next().ok_or("--out needs a folder")?.as_str(),
-                ))
+                let folder = it.next().ok_or(Usage::MissingValue("--out", "a folder"))?;
+                out = Some(PathBuf::from(folder))
             }
-            s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
+            s if s.starts_with('-') => return Err(Usage::UnknownOption(s.to_owned())),
             s => {
                 if scenario.replace(PathBuf::from(s)).is_some() {
-                    return Err("one scenario file at a time".into());
+                    return Err(Usage::TwoScenarios);
                 }
             }
         }
     }
-    let scenario = scenario.ok_or("which scenario file?")?;
+    let scenario = scenario.ok_or(Usage::NoScenario)?;
     Ok(Some(Args {
         scenario,
         out,
@@ -329,17 +337,18 @@ fn combinations(plan: &Plan) -> Vec<(scenario::Host, scenario::LabStrategy)> {
 
 /// Every host x strategy x outage, with a progress line per run; stops at the first
 /// run that cannot run, returning what ran and why it stopped.
-pub fn run_all(plan: &Plan, out: &Path) -> (Vec<RunRecord>, Option<String>) {
+pub fn run_all(plan: &Plan, out: &Path) -> (Vec<RunRecord>, Option<Error>) {
     let mut records = Vec::new();
     let failure = run_into(plan, out, &mut records).err();
     (records, failure)
 }
 
-fn run_into(plan: &Plan, out: &Path, records: &mut Vec<RunRecord>) -> Result<(), String> {
+fn run_into(plan: &Plan, out: &Path, records: &mut Vec<RunRecord>) -> Result<(), Error> {
     let total = combinations(plan).len() * plan.outages.len();
     for (host, strategy) in combinations(plan) {
         for index in 0..plan.outages.len() {
-            let kind = plan.outages[index].kind.as_str();
+            let outage = plan.outages[index].kind;
+            let kind = outage.as_str();
             let n = records.len() + 1;
             // A Linux guest's run says what happens while it lasts (a line each); a
             // synthetic one takes no time.
@@ -348,11 +357,13 @@ fn run_into(plan: &Plan, out: &Path, records: &mut Vec<RunRecord>) -> Result<(),
                 Guest::Linux(_) => eprintln!("lab: [{n}/{total}] {host} {strategy} {kind}"),
             }
             let record = match &plan.guest {
-                Guest::Synthetic(g) => {
-                    synthetic::run(plan, g, host, strategy, index).ok_or_else(|| {
-                        format!("the synthetic guest cannot run {host} {strategy} {kind}")
-                    })?
-                }
+                Guest::Synthetic(g) => synthetic::run(plan, g, host, strategy, index).ok_or(
+                    Unsupported::Synthetic {
+                        host,
+                        strategy,
+                        outage,
+                    },
+                )?,
                 Guest::Linux(g) => {
                     let r = guest::run(plan, g, host, strategy, index, out)?;
                     eprint!("lab: [{n}/{total}] ");

@@ -7,52 +7,53 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::error::{Error, Preflight};
+
 /// `LOOP_CTL_GET_FREE`, `LOOP_SET_FD`, `LOOP_CLR_FD` (linux/loop.h).
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
+/// Runs a host tool; its output, or how it failed.
+fn run(program: &str, args: &[&str]) -> Result<String, Error> {
     let out = Command::new(program)
         .args(args)
         .env("DM_DISABLE_UDEV", "1")
         .output()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(|source| Error::Start {
+            program: program.to_owned(),
+            source,
+        })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "{program} {}: {} {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(Error::Tool {
+            command: format!("{program} {}", args.join(" ")),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
 /// Whether this process may make loop and dm devices (root), and the tools exist.
-pub fn preflight() -> Result<(), String> {
+pub fn preflight() -> Result<(), Preflight> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(
-            "needs root (it makes a loop device, a device-mapper device and a mount)".into(),
-        );
+        return Err(Preflight::NotRoot);
     }
     for tool in ["dmsetup", "mke2fs", "mount", "umount"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
         if !found {
-            return Err(format!("needs `{tool}`, which is not installed here"));
+            return Err(Preflight::NoTool(tool));
         }
     }
     if run("dmsetup", &["version"]).is_err() {
-        return Err(
-            "needs the kernel's device-mapper (dmsetup version fails: modprobe dm-mod)".into(),
-        );
+        return Err(Preflight::NoDeviceMapper);
     }
     if !Path::new("/dev/loop-control").exists() {
-        return Err("needs loop devices (/dev/loop-control is missing: modprobe loop)".into());
+        return Err(Preflight::NoLoopDevices);
     }
     Ok(())
 }
@@ -74,7 +75,7 @@ pub struct RealHost {
 
 impl RealHost {
     /// Makes a `size`-byte ext4 host in `dir` and mounts it at `dir/host`.
-    pub fn set_up(dir: &Path, size: u64, tag: &str) -> Result<RealHost, String> {
+    pub fn set_up(dir: &Path, size: u64, tag: &str) -> Result<RealHost, Error> {
         let backing = dir.join("host-device.img");
         // Read and write: the loop device does both through this descriptor.
         let f = std::fs::OpenOptions::new()
@@ -83,9 +84,8 @@ impl RealHost {
             .create(true)
             .truncate(true)
             .open(&backing)
-            .map_err(|e| format!("{}: {e}", backing.display()))?;
-        f.set_len(size)
-            .map_err(|e| format!("{}: {e}", backing.display()))?;
+            .map_err(Error::file(&backing))?;
+        f.set_len(size).map_err(Error::file(&backing))?;
         let mut host = RealHost {
             klog_mark: kernel_log().lines().count(),
             backing,
@@ -111,7 +111,7 @@ impl RealHost {
         host.dm_name = Some(name.clone());
         let dev = format!("/dev/mapper/{name}");
         run("mke2fs", &["-q", "-t", "ext4", "-F", &dev])?;
-        std::fs::create_dir_all(&host.mnt).map_err(|e| format!("{}: {e}", host.mnt.display()))?;
+        std::fs::create_dir_all(&host.mnt).map_err(Error::file(&host.mnt))?;
         run("mount", &["-t", "ext4", &dev, &host.mnt.to_string_lossy()])?;
         host.mounted.set(true);
         eprintln!(
@@ -131,8 +131,13 @@ impl RealHost {
         &self.mnt
     }
 
-    fn swap(&self, table: &str) -> Result<(), String> {
-        let name = self.dm_name.as_deref().ok_or("no dm device")?;
+    /// The dm device's name (made in `set_up`, gone only when dropped).
+    fn dm_name(&self) -> &str {
+        self.dm_name.as_deref().unwrap_or_default()
+    }
+
+    fn swap(&self, table: &str) -> Result<(), Error> {
+        let name = self.dm_name();
         run("dmsetup", &["suspend", "--nolockfs", name])?;
         let loaded = run(
             "dmsetup",
@@ -148,21 +153,21 @@ impl RealHost {
     }
 
     /// Every I/O to the host device fails (EIO) from now on.
-    pub fn break_device(&self) -> Result<(), String> {
+    pub fn break_device(&self) -> Result<(), Error> {
         self.swap("error")
     }
 
     /// Every I/O to the host device waits from now on (a suspended dm table with
     /// `--noflush`: what a hard NFS mount or a lost iSCSI path does), until
     /// [`RealHost::resume_device`].
-    pub fn hang_device(&self) -> Result<(), String> {
-        let name = self.dm_name.as_deref().ok_or("no dm device")?;
+    pub fn hang_device(&self) -> Result<(), Error> {
+        let name = self.dm_name();
         run("dmsetup", &["suspend", "--noflush", "--nolockfs", name]).map(|_| ())
     }
 
     /// I/O flows again after [`RealHost::hang_device`].
-    pub fn resume_device(&self) -> Result<(), String> {
-        let name = self.dm_name.as_deref().ok_or("no dm device")?;
+    pub fn resume_device(&self) -> Result<(), Error> {
+        let name = self.dm_name();
         run("dmsetup", &["resume", name]).map(|_| ())
     }
 
@@ -170,7 +175,7 @@ impl RealHost {
     /// takes them: the blocks ext4 reserves for root too), so that a write into a
     /// hole of an image fails with ENOSPC, as on a thin volume or a shared file
     /// system that filled up. Returns the bytes it took.
-    pub fn fill_up(&self) -> Result<u64, String> {
+    pub fn fill_up(&self) -> Result<u64, Error> {
         use std::os::fd::AsRawFd;
         let path = self.filler();
         let f = std::fs::OpenOptions::new()
@@ -178,7 +183,7 @@ impl RealHost {
             .create(true)
             .truncate(true)
             .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(Error::file(&path))?;
         // Large steps first, then smaller ones for what the extent tree leaves.
         let mut taken: u64 = 0;
         let mut step: u64 = 1 << 30;
@@ -191,19 +196,21 @@ impl RealHost {
             }
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ENOSPC) {
-                return Err(format!("fallocate {}: {e}", path.display()));
+                return Err(Error::Kernel {
+                    call: format!("fallocate {}", path.display()),
+                    source: e,
+                });
             }
             step /= 2;
         }
-        f.sync_all()
-            .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+        f.sync_all().map_err(Error::file(&path))?;
         Ok(taken)
     }
 
     /// Frees what [`RealHost::fill_up`] took.
-    pub fn free_up(&self) -> Result<(), String> {
+    pub fn free_up(&self) -> Result<(), Error> {
         let path = self.filler();
-        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::remove_file(&path).map_err(Error::file(&path))
     }
 
     fn filler(&self) -> PathBuf {
@@ -211,8 +218,8 @@ impl RealHost {
     }
 
     /// The device works again.
-    pub fn repair_device(&self) -> Result<(), String> {
-        let loop_dev = self.loop_dev.as_deref().ok_or("no loop device")?;
+    pub fn repair_device(&self) -> Result<(), Error> {
+        let loop_dev = self.loop_dev.as_deref().unwrap_or_default();
         self.swap(&format!("linear {loop_dev} 0"))
     }
 
@@ -247,34 +254,32 @@ impl RealHost {
     /// Unmounts (dropping its page cache), repairs with e2fsck if it went down, and
     /// mounts again: what the operator does after an outage, and what makes the
     /// check read what reached the device.
-    pub fn remount(&self) -> Result<String, String> {
+    pub fn remount(&self) -> Result<String, Error> {
         let down = self.fs_down();
         self.unmount()?;
-        let dev = format!(
-            "/dev/mapper/{}",
-            self.dm_name.as_deref().ok_or("no dm device")?
-        );
+        let dev = format!("/dev/mapper/{}", self.dm_name());
         let mut said = String::new();
         if down {
             // e2fsck exits 1 when it corrected errors.
             let out = Command::new("e2fsck")
                 .args(["-fy", &dev])
                 .output()
-                .map_err(|e| format!("e2fsck: {e}"))?;
-            said = format!(
-                "host ext4 went down; e2fsck -fy exited {}",
-                out.status.code().unwrap_or(-1)
-            );
-            if out.status.code().is_some_and(|c| c > 2) {
-                return Err(said);
+                .map_err(|source| Error::Start {
+                    program: "e2fsck".into(),
+                    source,
+                })?;
+            let code = out.status.code().unwrap_or(-1);
+            if !(0..=2).contains(&code) {
+                return Err(Error::Unrepaired(code));
             }
+            said = format!("host ext4 went down; e2fsck -fy exited {code}");
         }
         run("mount", &["-t", "ext4", &dev, &self.mnt.to_string_lossy()])?;
         self.mounted.set(true);
         Ok(said)
     }
 
-    fn unmount(&self) -> Result<(), String> {
+    fn unmount(&self) -> Result<(), Error> {
         if !self.mounted.get() {
             return Ok(());
         }
@@ -322,22 +327,22 @@ fn kernel_log() -> String {
     run("dmesg", &[]).unwrap_or_default()
 }
 
-fn attach_loop(file: &std::fs::File) -> Result<String, String> {
+fn attach_loop(file: &std::fs::File) -> Result<String, Error> {
     use std::os::fd::AsRawFd;
     let ctl = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/loop-control")
-        .map_err(|e| format!("/dev/loop-control: {e}"))?;
+        .map_err(Error::file("/dev/loop-control"))?;
     // The free device may be taken by someone else between the two calls: try again.
     for _ in 0..10 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
-            return Err(format!(
-                "LOOP_CTL_GET_FREE: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Kernel {
+                call: "LOOP_CTL_GET_FREE".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         let dev = format!("/dev/loop{n}");
         let Ok(lo) = std::fs::OpenOptions::new()
@@ -353,18 +358,21 @@ fn attach_loop(file: &std::fs::File) -> Result<String, String> {
             return Ok(dev);
         }
     }
-    Err("no free loop device".into())
+    Err(Error::NoLoopDevice)
 }
 
-fn detach_loop(dev: &str) -> Result<(), String> {
+fn detach_loop(dev: &str) -> Result<(), Error> {
     use std::os::fd::AsRawFd;
-    let lo = std::fs::File::open(dev).map_err(|e| format!("{dev}: {e}"))?;
+    let lo = std::fs::File::open(dev).map_err(Error::file(dev))?;
     // SAFETY: LOOP_CLR_FD takes no argument.
     let r = unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CLR_FD, 0) };
     if r == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error().to_string())
+        Err(Error::Kernel {
+            call: format!("LOOP_CLR_FD {dev}"),
+            source: std::io::Error::last_os_error(),
+        })
     }
 }
 

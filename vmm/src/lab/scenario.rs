@@ -14,20 +14,22 @@ use serde::Deserialize;
 use crate::cli::parse_size;
 
 /// A scenario or plan error: the field it is about (`outages[1].when.at`), and what.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
 pub struct FieldError {
     pub field: String,
     pub message: String,
 }
 
-impl std::fmt::Display for FieldError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.field.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.field, self.message)
-        }
-    }
+/// A duration a scenario gives that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` is negative")]
+    Negative(String),
+    #[error("`{0}` is not a duration (like 500ms, 5s or 2m)")]
+    NotOne(String),
+    #[error("`{0}` is too long")]
+    TooLong(String),
 }
 
 fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
@@ -339,7 +341,7 @@ fn mix(seed: u64) -> u64 {
 }
 
 /// `500ms`, `5s`, `2m`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let (digits, unit_ms) = if let Some(d) = s.strip_suffix("ms") {
         (d, 1)
@@ -351,14 +353,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         (s, 1000)
     };
     if digits.starts_with('-') {
-        return Err(format!("`{s}` is negative"));
+        return Err(DurationError::Negative(s.to_owned()));
     }
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration (like 500ms, 5s or 2m)"))?;
+        .map_err(|_| DurationError::NotOne(s.to_owned()))?;
     n.checked_mul(unit_ms)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{s}` is too long"))
+        .ok_or_else(|| DurationError::TooLong(s.to_owned()))
 }
 
 /// Parses and checks a scenario file; relative paths in it are relative to its
@@ -426,7 +428,7 @@ fn existing_file(field: &str, base: &Path, p: &Path) -> Result<PathBuf, FieldErr
 }
 
 fn duration(field: &str, s: &str) -> Result<Duration, FieldError> {
-    parse_duration(s).or_else(|m| err(field, m))
+    parse_duration(s).or_else(|m| err(field, m.to_string()))
 }
 
 /// Whether `program` can be run: a path to an executable file, or a name on PATH.
@@ -447,32 +449,55 @@ fn runnable(program: &str) -> bool {
 
 /// Checks everything that can be checked before a guest boots.
 pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
-    if f.name.trim().is_empty()
-        || !f
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    check_name(&f.name)?;
+    let guest = check_guest(&f.guest, base)?;
+    let progress = check_progress(f.progress.as_ref(), &guest)?;
+    let outages = check_outages(&f, &guest, progress.as_ref())?;
+    let operator = check_operator(&f.operator, &guest)?;
+    let verify = check_verify(f.verify.as_ref(), &guest, base)?;
+    let hosts = check_hosts(&f.hosts, &guest, &outages)?;
+    let strategies = check_strategies(&f.strategies, &guest, &hosts)?;
+    let timeout = match &f.timeout {
+        Some(t) => duration("timeout", t)?,
+        None => Duration::from_secs(600),
+    };
+    Ok(Plan {
+        name: f.name,
+        seed: f.seed,
+        guest,
+        progress,
+        outages,
+        operator,
+        verify,
+        hosts,
+        strategies,
+        timeout,
+    })
+}
+
+/// The name names the results folder.
+fn check_name(name: &str) -> Result<(), FieldError> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if name.trim().is_empty() || !name.chars().all(fine) {
         return err(
             "name",
-            format!(
-                "`{}`: use letters, digits, `-`, `_` or `.` (it names the results folder)",
-                f.name
-            ),
+            format!("`{name}`: use letters, digits, `-`, `_` or `.` (it names the results folder)"),
         );
     }
-    let guest = check_guest(&f.guest, base)?;
-    let synthetic = matches!(guest, Guest::Synthetic(_));
+    Ok(())
+}
 
-    let progress = match (&f.progress, synthetic) {
-        (Some(_), true) => {
-            return err(
-                "progress",
-                "the synthetic guest reports its own progress (`ready`, `round N`, acks by its flushes); remove this",
-            )
-        }
-        (None, false) => return err("progress", "missing: say how the guest reports progress (`ready` and `ack`)"),
-        (None, true) => None,
+/// How a Linux guest says it is ready and acknowledges a unit; the synthetic guest
+/// says it itself.
+fn check_progress(p: Option<&ProgressFile>, guest: &Guest) -> Result<Option<Progress>, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+    match (p, synthetic) {
+        (Some(_), true) => err(
+            "progress",
+            "the synthetic guest reports its own progress (`ready`, `round N`, acks by its flushes); remove this",
+        ),
+        (None, false) => err("progress", "missing: say how the guest reports progress (`ready` and `ack`)"),
+        (None, true) => Ok(None),
         (Some(p), false) => {
             if p.ready.is_empty() {
                 return err("progress.ready", "empty: the line the guest prints when its workload is ready");
@@ -480,166 +505,215 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             if p.ack.is_empty() {
                 return err("progress.ack", "empty: the prefix of the line the guest prints per acknowledged unit");
             }
-            Some(Progress {
+            Ok(Some(Progress {
                 ready: p.ready.clone(),
                 ack: p.ack.clone(),
                 error: p.error.clone().filter(|e| !e.is_empty()),
-            })
+            }))
         }
-    };
+    }
+}
 
+/// Every outage: its kind, when it starts, how long it lasts, which disk.
+fn check_outages(
+    f: &ScenarioFile,
+    guest: &Guest,
+    progress: Option<&Progress>,
+) -> Result<Vec<OutagePlan>, FieldError> {
     if f.outages.is_empty() {
         return err("outages", "empty: name at least one outage");
     }
-    let disk_ids: Vec<&str> = match &f.guest.disks[..] {
-        [] => Vec::new(),
-        disks => disks.iter().map(|d| d.id.as_str()).collect(),
+    f.outages
+        .iter()
+        .enumerate()
+        .map(|(i, o)| check_outage(f, i, o, guest, progress))
+        .collect()
+}
+
+/// The `i`-th outage.
+fn check_outage(
+    f: &ScenarioFile,
+    i: usize,
+    o: &OutageFile,
+    guest: &Guest,
+    progress: Option<&Progress>,
+) -> Result<OutagePlan, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+    let at = |k: &str| format!("outages[{i}].{k}");
+    let kind = check_outage_kind(f, &at("kind"), &o.kind, synthetic)?;
+    let when = check_when(f, i, &o.when, guest, progress)?;
+    let lasts = match &o.lasts {
+        None if synthetic => None,
+        None => return err(at("lasts"), "missing: how long the storage stays broken (like 10s)"),
+        Some(_) if synthetic => return err(at("lasts"), "the synthetic guest's outage ends after the operator's first `cont` is refused; remove this"),
+        Some(l) => Some(duration(&at("lasts"), l)?),
     };
-    let mut outages = Vec::new();
-    for (i, o) in f.outages.iter().enumerate() {
-        let at = |k: &str| format!("outages[{i}].{k}");
-        let kind = OutageKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == o.kind)
-            .ok_or_else(|| FieldError {
-                field: at("kind"),
-                message: format!(
-                    "unknown outage `{}` (expected one of {})",
-                    o.kind,
-                    OutageKind::ALL.map(OutageKind::as_str).join(", ")
-                ),
-            })?;
-        if synthetic && kind.synthetic().is_none() {
-            return err(at("kind"), format!("`{}` needs a real guest; the synthetic guest's outages are flush-eio, write-eio, write-enospc, flush-enospc, writeback-eio and repeat-in-replay", o.kind));
+    let disk_ids: Vec<&str> = f.guest.disks.iter().map(|d| d.id.as_str()).collect();
+    let disk = match &o.disk {
+        None => None,
+        Some(_) if synthetic => {
+            return err(at("disk"), "the synthetic guest has one disk; remove this")
         }
-        if !synthetic && matches!(kind, OutageKind::WritebackEio | OutageKind::RepeatInReplay) {
+        Some(d) if !disk_ids.contains(&d.as_str()) => {
             return err(
-                at("kind"),
-                format!("`{}` is the synthetic guest's only", o.kind),
-            );
+                at("disk"),
+                format!("no disk `{d}` in guest.disks ({})", disk_ids.join(", ")),
+            )
         }
-        if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
+        Some(d) => Some(d.clone()),
+    };
+    Ok(OutagePlan {
+        kind,
+        when,
+        lasts,
+        disk,
+    })
+}
+
+/// An outage's kind, and whether this guest and these hosts can have it.
+fn check_outage_kind(
+    f: &ScenarioFile,
+    field: &str,
+    name: &str,
+    synthetic: bool,
+) -> Result<OutageKind, FieldError> {
+    let kind = OutageKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == name)
+        .ok_or_else(|| FieldError {
+            field: field.to_owned(),
+            message: format!(
+                "unknown outage `{name}` (expected one of {})",
+                OutageKind::ALL.map(OutageKind::as_str).join(", ")
+            ),
+        })?;
+    if synthetic && kind.synthetic().is_none() {
+        return err(field, format!("`{name}` needs a real guest; the synthetic guest's outages are flush-eio, write-eio, write-enospc, flush-enospc, writeback-eio and repeat-in-replay"));
+    }
+    if !synthetic && matches!(kind, OutageKind::WritebackEio | OutageKind::RepeatInReplay) {
+        return err(field, format!("`{name}` is the synthetic guest's only"));
+    }
+    if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
+        return err(
+            field,
+            "`fs-down` needs a host file system to take down: hosts must be [\"real\"] only",
+        );
+    }
+    Ok(kind)
+}
+
+/// When the `i`-th outage starts: a time, or the nth console line with a text,
+/// after the ready marker.
+fn check_when(
+    f: &ScenarioFile,
+    i: usize,
+    w: &WhenFile,
+    guest: &Guest,
+    progress: Option<&Progress>,
+) -> Result<When, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+    let at = |k: &str| format!("outages[{i}].{k}");
+    let when = match (&w.at, &w.line) {
+        (Some(_), Some(_)) => return err(at("when"), "give `at` or `line`, not both"),
+        (None, None) => {
             return err(
-                at("kind"),
-                "`fs-down` needs a host file system to take down: hosts must be [\"real\"] only",
-            );
+                at("when"),
+                "give `at` (a time after the ready marker) or `line` (a console line after it)",
+            )
         }
-        let when = match (&o.when.at, &o.when.line) {
-            (Some(_), Some(_)) => return err(at("when"), "give `at` or `line`, not both"),
-            (None, None) => {
+        (Some(t), None) => {
+            if w.nth.is_some() || w.nth_between.is_some() {
+                return err(at("when.nth"), "goes with `line`, not `at`");
+            }
+            if t.trim_start().starts_with('-') {
                 return err(
-                    at("when"),
-                    "give `at` (a time after the ready marker) or `line` (a console line after it)",
-                )
-            }
-            (Some(t), None) => {
-                if o.when.nth.is_some() || o.when.nth_between.is_some() {
-                    return err(at("when.nth"), "goes with `line`, not `at`");
-                }
-                if t.trim_start().starts_with('-') {
-                    return err(at("when.at"), format!("`{t}` is before the guest is ready (times count from its ready marker)"));
-                }
-                When::At(duration(&at("when.at"), t)?)
-            }
-            (None, Some(text)) => {
-                if text.is_empty() {
-                    return err(at("when.line"), "empty");
-                }
-                if let Some(p) = &progress {
-                    if p.ready.contains(text.as_str()) {
-                        return err(at("when.line"), format!("`{text}` matches the ready marker `{}`: that is before the guest is ready (lines count after it)", p.ready));
-                    }
-                }
-                if synthetic && !text.starts_with("round ") {
-                    return err(
-                        at("when.line"),
-                        format!("the synthetic guest prints only `round N` lines, never `{text}`"),
-                    );
-                }
-                let nth = match (o.when.nth, o.when.nth_between) {
-                    (Some(_), Some(_)) => {
-                        return err(at("when"), "give `nth` or `nth_between`, not both")
-                    }
-                    (Some(0), None) => return err(at("when.nth"), "counts from 1"),
-                    (Some(n), None) => n,
-                    (None, None) => 1,
-                    (None, Some([lo, hi])) if lo == 0 || hi < lo => {
-                        return err(at("when.nth_between"), "[first, last], counting from 1")
-                    }
-                    // Chosen by the seed: the same scenario and seed meet the fault at
-                    // the same line, on every host and for every strategy.
-                    (None, Some([lo, hi])) => {
-                        lo + (mix(f.seed ^ (i as u64 + 1)) % u64::from(hi - lo + 1)) as u32
-                    }
-                };
-                if synthetic && nth != 1 {
-                    return err(
-                        at("when.nth"),
-                        "the synthetic guest prints each `round N` once",
-                    );
-                }
-                When::Line {
-                    text: text.clone(),
-                    nth,
-                }
-            }
-        };
-        if let (true, When::Line { text, .. }) = (synthetic, &when) {
-            let n: usize = text["round ".len()..].trim().parse().or_else(|_| {
-                err(
-                    at("when.line"),
-                    format!("`{text}`: the synthetic guest's lines are `round N`"),
-                )
-            })?;
-            let rounds = match &guest {
-                Guest::Synthetic(s) => s.rounds,
-                Guest::Linux(_) => unreachable!("synthetic"),
-            };
-            if n == 0 || n > rounds {
-                return err(
-                    at("when.line"),
-                    format!("`{text}`: the guest runs rounds 1 to {rounds}"),
+                    at("when.at"),
+                    format!(
+                        "`{t}` is before the guest is ready (times count from its ready marker)"
+                    ),
                 );
             }
+            When::At(duration(&at("when.at"), t)?)
         }
-        let lasts = match &o.lasts {
-            None if synthetic => None,
-            None => return err(at("lasts"), "missing: how long the storage stays broken (like 10s)"),
-            Some(_) if synthetic => return err(at("lasts"), "the synthetic guest's outage ends after the operator's first `cont` is refused; remove this"),
-            Some(l) => Some(duration(&at("lasts"), l)?),
-        };
-        let disk = match &o.disk {
-            None => None,
-            Some(_) if synthetic => {
-                return err(at("disk"), "the synthetic guest has one disk; remove this")
+        (None, Some(text)) => {
+            if text.is_empty() {
+                return err(at("when.line"), "empty");
             }
-            Some(d) if !disk_ids.contains(&d.as_str()) => {
+            if let Some(p) = progress {
+                if p.ready.contains(text.as_str()) {
+                    return err(at("when.line"), format!("`{text}` matches the ready marker `{}`: that is before the guest is ready (lines count after it)", p.ready));
+                }
+            }
+            if synthetic && !text.starts_with("round ") {
                 return err(
-                    at("disk"),
-                    format!("no disk `{d}` in guest.disks ({})", disk_ids.join(", ")),
-                )
+                    at("when.line"),
+                    format!("the synthetic guest prints only `round N` lines, never `{text}`"),
+                );
             }
-            Some(d) => Some(d.clone()),
-        };
-        outages.push(OutagePlan {
-            kind,
-            when,
-            lasts,
-            disk,
-        });
+            let nth = check_nth(f.seed, i, w)?;
+            if synthetic && nth != 1 {
+                return err(
+                    at("when.nth"),
+                    "the synthetic guest prints each `round N` once",
+                );
+            }
+            When::Line {
+                text: text.clone(),
+                nth,
+            }
+        }
+    };
+    if let (Guest::Synthetic(s), When::Line { text, .. }) = (guest, &when) {
+        let n: usize = text["round ".len()..].trim().parse().or_else(|_| {
+            err(
+                at("when.line"),
+                format!("`{text}`: the synthetic guest's lines are `round N`"),
+            )
+        })?;
+        if n == 0 || n > s.rounds {
+            return err(
+                at("when.line"),
+                format!("`{text}`: the guest runs rounds 1 to {}", s.rounds),
+            );
+        }
     }
+    Ok(when)
+}
 
+/// Which matching line starts the `i`-th outage: `nth`, or one of `nth_between`
+/// chosen by the seed (the same scenario and seed meet the fault at the same line,
+/// on every host and for every strategy).
+fn check_nth(seed: u64, i: usize, w: &WhenFile) -> Result<u32, FieldError> {
+    let at = |k: &str| format!("outages[{i}].{k}");
+    match (w.nth, w.nth_between) {
+        (Some(_), Some(_)) => err(at("when"), "give `nth` or `nth_between`, not both"),
+        (Some(0), None) => err(at("when.nth"), "counts from 1"),
+        (Some(n), None) => Ok(n),
+        (None, None) => Ok(1),
+        (None, Some([lo, hi])) if lo == 0 || hi < lo => {
+            err(at("when.nth_between"), "[first, last], counting from 1")
+        }
+        (None, Some([lo, hi])) => {
+            Ok(lo + (mix(seed ^ (i as u64 + 1)) % u64::from(hi - lo + 1)) as u32)
+        }
+    }
+}
+
+/// The operator: how often `cont`, how many times after the outage, whether to
+/// detach and repair a host file system that went down.
+fn check_operator(o: &OperatorFile, guest: &Guest) -> Result<Operator, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
     let operator = Operator {
-        cont_after: match &f.operator.cont_after {
+        cont_after: match &o.cont_after {
             Some(s) => duration("operator.cont_after", s)?,
             None => Duration::from_secs(if synthetic { 1 } else { 2 }),
         },
-        tries: match f.operator.tries {
+        tries: match o.tries {
             Some(0) => return err("operator.tries", "at least 1"),
             Some(n) => n,
             None => 3,
         },
-        detach: f.operator.detach,
+        detach: o.detach,
     };
     if synthetic && operator.detach {
         return err(
@@ -647,9 +721,15 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             "the synthetic guest's host file system never goes down",
         );
     }
+    Ok(operator)
+}
 
-    let verify = match (&f.verify, synthetic) {
-        (None, true) => Verify::Oracle,
+/// What says what survived: a second boot or a host command (a Linux guest), the
+/// oracle (the synthetic guest).
+fn check_verify(v: Option<&VerifyFile>, guest: &Guest, base: &Path) -> Result<Verify, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+    let v = match (v, synthetic) {
+        (None, true) => return Ok(Verify::Oracle),
         (Some(_), true) => {
             return err(
                 "verify",
@@ -660,52 +740,61 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
             "verify",
             "missing: a second boot (`boot`) or a host command (`host`) that says what survived",
         ),
-        (Some(v), false) => match (&v.boot, &v.host) {
-            (Some(_), Some(_)) => return err("verify", "give `boot` or `host`, not both"),
-            (None, None) => return err("verify", "give `boot` or `host`"),
-            (Some(b), None) => {
-                if b.ok.is_empty() || b.have.is_empty() {
-                    return err("verify.boot", "`ok` and `have` must not be empty");
-                }
-                Verify::Boot(b.clone())
-            }
-            (None, Some(h)) => {
-                let Some(program) = h.command.first() else {
-                    return err("verify.host.command", "empty");
-                };
-                let program = if program.contains('/') {
-                    base.join(program).to_string_lossy().into_owned()
-                } else {
-                    program.clone()
-                };
-                if !runnable(&program) {
-                    return err(
-                        "verify.host.command",
-                        format!("`{program}` is not an executable file or a command on PATH"),
-                    );
-                }
-                if h.have.is_empty() {
-                    return err("verify.host.have", "empty");
-                }
-                let mut command = h.command.clone();
-                command[0] = program;
-                Verify::Host {
-                    command,
-                    have: h.have.clone(),
-                    corrupt: h.corrupt.clone(),
-                }
-            }
-        },
+        (Some(v), false) => v,
     };
+    match (&v.boot, &v.host) {
+        (Some(_), Some(_)) => err("verify", "give `boot` or `host`, not both"),
+        (None, None) => err("verify", "give `boot` or `host`"),
+        (Some(b), None) => {
+            if b.ok.is_empty() || b.have.is_empty() {
+                return err("verify.boot", "`ok` and `have` must not be empty");
+            }
+            Ok(Verify::Boot(b.clone()))
+        }
+        (None, Some(h)) => {
+            let Some(program) = h.command.first() else {
+                return err("verify.host.command", "empty");
+            };
+            let program = if program.contains('/') {
+                base.join(program).to_string_lossy().into_owned()
+            } else {
+                program.clone()
+            };
+            if !runnable(&program) {
+                return err(
+                    "verify.host.command",
+                    format!("`{program}` is not an executable file or a command on PATH"),
+                );
+            }
+            if h.have.is_empty() {
+                return err("verify.host.have", "empty");
+            }
+            let mut command = h.command.clone();
+            command[0] = program;
+            Ok(Verify::Host {
+                command,
+                have: h.have.clone(),
+                corrupt: h.corrupt.clone(),
+            })
+        }
+    }
+}
 
-    if f.hosts.is_empty() {
+/// The hosts: simulated models, and `real` where this machine can have it.
+fn check_hosts(
+    names: &[String],
+    guest: &Guest,
+    outages: &[OutagePlan],
+) -> Result<Vec<Host>, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+    if names.is_empty() {
         return err(
             "hosts",
             "empty: name at least one (simulated:MODEL or real)",
         );
     }
     let mut hosts = Vec::new();
-    for (i, h) in f.hosts.iter().enumerate() {
+    for (i, h) in names.iter().enumerate() {
         let field = format!("hosts[{i}]");
         let host = if h == "real" {
             Host::Real
@@ -741,21 +830,35 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         }
         hosts.push(host);
     }
+    Ok(hosts)
+}
 
-    if f.strategies.is_empty() {
+/// The strategies: holdfast's engine and its imitations, and QEMU itself (on the
+/// real host, where it is installed).
+fn check_strategies(
+    names: &[String],
+    guest: &Guest,
+    hosts: &[Host],
+) -> Result<Vec<LabStrategy>, FieldError> {
+    let synthetic = matches!(guest, Guest::Synthetic(_));
+    let expected = format!("{}, qemu, qemu-cache-none", Strategy::names());
+    if names.is_empty() {
         return err(
             "strategies",
-            "empty: name at least one (holdfast, retry-flush, sticky, qemu, qemu-cache-none)",
+            format!("empty: name at least one ({expected})"),
         );
     }
     let mut strategies = Vec::new();
-    for (i, s) in f.strategies.iter().enumerate() {
+    for (i, s) in names.iter().enumerate() {
         let field = format!("strategies[{i}]");
         let strategy = match s.as_str() {
             "qemu" => LabStrategy::Qemu { cache_none: false },
             "qemu-cache-none" => LabStrategy::Qemu { cache_none: true },
             other => LabStrategy::Engine(other.parse().or_else(|_| {
-                err(&field, format!("unknown strategy `{other}` (expected holdfast, retry-flush, sticky, qemu or qemu-cache-none)"))
+                err(
+                    &field,
+                    format!("unknown strategy `{other}` (expected {expected})"),
+                )
             })?),
         };
         if let LabStrategy::Qemu { .. } = strategy {
@@ -778,23 +881,7 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         }
         strategies.push(strategy);
     }
-
-    let timeout = match &f.timeout {
-        Some(t) => duration("timeout", t)?,
-        None => Duration::from_secs(600),
-    };
-    Ok(Plan {
-        name: f.name,
-        seed: f.seed,
-        guest,
-        progress,
-        outages,
-        operator,
-        verify,
-        hosts,
-        strategies,
-        timeout,
-    })
+    Ok(strategies)
 }
 
 fn check_guest(g: &GuestFile, base: &Path) -> Result<Guest, FieldError> {

@@ -1,0 +1,146 @@
+//! Why the lab could not do something: a run that could not run (the machine's
+//! fault: a full disk, a VMM that did not start, a host tool that failed), a run the
+//! plan cannot have, or a command line it does not understand. What a run finds (lost
+//! units, a check that failed) is a result ([`super::report::RunRecord`]), not an
+//! error.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+use super::scenario::{Host, LabStrategy, OutageKind};
+
+/// A run that could not run; the lab stops there.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder of the run's.
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program the lab starts (holdfast, QEMU, a host check, e2fsck).
+    #[error("cannot start {program}: {source}")]
+    Start {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM exited before its QMP socket appeared.
+    #[error("{vmm} exited ({status}) before its QMP socket")]
+    ExitedEarly { vmm: String, status: ExitStatus },
+    /// The VMM's console is not a pipe the lab reads.
+    #[error("the VMM's console is not piped to the lab")]
+    NoConsole,
+    /// Waiting for the VMM's process.
+    #[error("{vmm}: {source}")]
+    Wait {
+        vmm: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A QMP command to the VMM.
+    #[error("QMP {command}: {failure}")]
+    Qmp {
+        command: String,
+        failure: QmpFailure,
+    },
+    /// A host tool failed (dmsetup, mke2fs, mount, umount).
+    #[error("{command}: {status} {stderr}")]
+    Tool {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// A call into the kernel (loop devices, fallocate).
+    #[error("{call}: {source}")]
+    Kernel {
+        call: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No loop device was free.
+    #[error("no free loop device")]
+    NoLoopDevice,
+    /// The real host's file system went down and its repair failed.
+    #[error("host ext4 went down; e2fsck -fy exited {0}: it could not repair it")]
+    Unrepaired(i32),
+    /// This machine cannot have the real host.
+    #[error("the real host {0}")]
+    Preflight(#[from] Preflight),
+    /// The plan asks for a run that cannot be.
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn file(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::File { path, source }
+    }
+}
+
+/// How a QMP command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpFailure {
+    /// The socket never appeared.
+    #[error("no socket at {} after 30 s: {source}", path.display())]
+    NoSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    #[error("no answer in 30 s")]
+    NoAnswer,
+    /// The VMM answered with an error (its description).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What this machine lacks for the real host.
+#[derive(Debug, thiserror::Error)]
+pub enum Preflight {
+    #[error("needs root (it makes a loop device, a device-mapper device and a mount)")]
+    NotRoot,
+    #[error("needs `{0}`, which is not installed here")]
+    NoTool(&'static str),
+    #[error("needs the kernel's device-mapper (dmsetup version fails: modprobe dm-mod)")]
+    NoDeviceMapper,
+    #[error("needs loop devices (/dev/loop-control is missing: modprobe loop)")]
+    NoLoopDevices,
+}
+
+/// A run the plan cannot have.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsupported {
+    #[error("outage `{}` cannot run on a simulated host", .0.as_str())]
+    OutageOnSimulatedHost(OutageKind),
+    #[error("{0} runs on the real host only")]
+    QemuOnSimulatedHost(LabStrategy),
+    #[error("a Linux guest needs `progress`")]
+    NoProgress,
+    #[error("the synthetic guest's oracle cannot check a Linux guest")]
+    OracleForLinux,
+    #[error("the synthetic guest cannot run {host} {strategy} {}", .outage.as_str())]
+    Synthetic {
+        host: Host,
+        strategy: LabStrategy,
+        outage: OutageKind,
+    },
+}
+
+/// `holdfast lab`'s command line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Usage {
+    #[error("unknown option `{0}`")]
+    UnknownOption(String),
+    #[error("{0} needs {1}")]
+    MissingValue(&'static str, &'static str),
+    #[error("one scenario file at a time")]
+    TwoScenarios,
+    #[error("which scenario file?")]
+    NoScenario,
+}
