@@ -45,29 +45,9 @@ pub enum Error {
         command: String,
         failure: QmpFailure,
     },
-    /// A host tool failed (dmsetup, mke2fs, mount, umount).
-    #[error("{command}: {status} {stderr}")]
-    Tool {
-        command: String,
-        status: ExitStatus,
-        stderr: String,
-    },
-    /// A call into the kernel (loop devices, fallocate).
-    #[error("{call}: {source}")]
-    Kernel {
-        call: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// No loop device was free.
-    #[error("no free loop device")]
-    NoLoopDevice,
-    /// The real host's file system went down and its repair failed.
-    #[error("host ext4 went down; e2fsck -fy exited {0}: it could not repair it")]
-    Unrepaired(i32),
-    /// This machine cannot have the real host.
-    #[error("the real host {0}")]
-    Preflight(#[from] Preflight),
+    /// The real host (its devices, its file system, its tools).
+    #[error("the real host: {0}")]
+    RealHost(#[from] super::realhost::Error),
     /// The plan asks for a run that cannot be.
     #[error(transparent)]
     Unsupported(#[from] Unsupported),
@@ -98,19 +78,6 @@ pub enum QmpFailure {
     /// The VMM answered with an error (its description).
     #[error("{0}")]
     Refused(String),
-}
-
-/// What this machine lacks for the real host.
-#[derive(Debug, thiserror::Error)]
-pub enum Preflight {
-    #[error("needs root (it makes a loop device, a device-mapper device and a mount)")]
-    NotRoot,
-    #[error("needs `{0}`, which is not installed here")]
-    NoTool(&'static str),
-    #[error("needs the kernel's device-mapper (dmsetup version fails: modprobe dm-mod)")]
-    NoDeviceMapper,
-    #[error("needs loop devices (/dev/loop-control is missing: modprobe loop)")]
-    NoLoopDevices,
 }
 
 /// A run the plan cannot have.

@@ -286,7 +286,7 @@ impl Breaker<'_> {
                 }
                 Ok(())
             }
-            Breaker::Real(host) if kind == OutageKind::Hang => host.hang_device(),
+            Breaker::Real(host) if kind == OutageKind::Hang => Ok(host.hang_device()?),
             Breaker::Real(host) if kind == OutageKind::WriteEnospc => {
                 let took = host.fill_up()?;
                 eprintln!(
@@ -296,7 +296,7 @@ impl Breaker<'_> {
                 Ok(())
             }
             // Every I/O of the host device fails: write-back, and so fdatasync.
-            Breaker::Real(host) => host.break_device(),
+            Breaker::Real(host) => Ok(host.break_device()?),
         }
     }
 
@@ -311,9 +311,9 @@ impl Breaker<'_> {
                 }
                 Ok(())
             }
-            Breaker::Real(host) if kind == OutageKind::Hang => host.resume_device(),
-            Breaker::Real(host) if kind == OutageKind::WriteEnospc => host.free_up(),
-            Breaker::Real(host) => host.repair_device(),
+            Breaker::Real(host) if kind == OutageKind::Hang => Ok(host.resume_device()?),
+            Breaker::Real(host) if kind == OutageKind::WriteEnospc => Ok(host.free_up()?),
+            Breaker::Real(host) => Ok(host.repair_device()?),
         }
     }
 }

@@ -7,7 +7,64 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::error::{Error, Preflight};
+/// What went wrong with the real host.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file of its own.
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool it runs could not start.
+    #[error("cannot start {program}: {source}")]
+    Start {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool failed (dmsetup, mke2fs, mount, umount).
+    #[error("{command}: {status} {stderr}")]
+    Tool {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    /// A call into the kernel (loop devices, fallocate).
+    #[error("{call}: {source}")]
+    Kernel {
+        call: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free loop device")]
+    NoLoopDevice,
+    /// Its file system went down and its repair failed.
+    #[error("host ext4 went down; e2fsck -fy exited {0}: it could not repair it")]
+    Unrepaired(i32),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    fn file(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::File { path, source }
+    }
+}
+
+/// What this machine lacks for the real host.
+#[derive(Debug, thiserror::Error)]
+pub enum Preflight {
+    #[error("needs root (it makes a loop device, a device-mapper device and a mount)")]
+    NotRoot,
+    #[error("needs `{0}`, which is not installed here")]
+    NoTool(&'static str),
+    #[error("needs the kernel's device-mapper (dmsetup version fails: modprobe dm-mod)")]
+    NoDeviceMapper,
+    #[error("needs loop devices (/dev/loop-control is missing: modprobe loop)")]
+    NoLoopDevices,
+}
 
 /// `LOOP_CTL_GET_FREE`, `LOOP_SET_FD`, `LOOP_CLR_FD` (linux/loop.h).
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
