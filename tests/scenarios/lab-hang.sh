@@ -2,8 +2,8 @@
 # the storage under the host's page cache stops answering for 20 s, then answers
 # again: on the simulated XFS host (write-back, fdatasync and uncached reads wait) and
 # on the lab's real ext4 host (every I/O of the host device waits: a dm device
-# suspended with --noflush, as a hard NFS mount or a lost iSCSI path). holdfast has
-# no hang-timeout yet: the guest waits with it, nothing fails, nothing may be lost.
+# suspended with --noflush, as a hard NFS mount or a lost iSCSI path). The scenario
+# sets no hang_timeout: the guest waits with it, nothing fails, nothing may be lost.
 # QEMU 10 beside it on the real host. Root.
 set -u -o pipefail
 NAME=lab-hang N=120

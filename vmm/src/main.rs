@@ -27,7 +27,7 @@ What holdfast promises a guest's data through host storage outages, and what the
 operator does when the host file system itself goes down: docs/durability.md.
 
 To rerun storage outages against QEMU-like strategies on simulated host file systems:
-  cargo run --release -p holdfast-block --features sim --example outage-matrix
+  holdfast lab images/lab/matrix.json
 
 Options:
   -h, --help       print this text

@@ -11,7 +11,7 @@ fn help_explains_what_works() {
     let (code, out, _) = holdfast(&["--help"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("Usage: holdfast") && out.contains("outage-matrix"),
+        out.contains("Usage: holdfast") && out.contains("holdfast lab images/lab/matrix.json"),
         "{out}"
     );
 }

@@ -444,3 +444,27 @@ fn the_seed_picks_the_line_the_outage_meets() {
         "counting from 1",
     );
 }
+
+#[test]
+fn a_hang_timeout_is_whole_seconds_for_a_linux_guest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = scenario(dir.path(), &linux(|v| v["hang_timeout"] = "3s".into()));
+    let (code, out, err) = holdfast(&["lab", "--check", path.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let plan = holdfast_vmm::lab::scenario::load(&path).expect("plan");
+    assert_eq!(plan.hang_timeout, Some(std::time::Duration::from_secs(3)));
+    refused(
+        &linux(|v| v["hang_timeout"] = "1500ms".into()),
+        "hang_timeout",
+        "whole seconds",
+    );
+    refused(
+        &synthetic(
+            &["holdfast"],
+            r#"[{"kind": "flush-eio", "when": {"line": "round 3"}}]"#,
+        )
+        .replace(r#""seed": 7,"#, r#""seed": 7, "hang_timeout": "3s","#),
+        "hang_timeout",
+        "never hangs",
+    );
+}

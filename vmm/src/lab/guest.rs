@@ -989,6 +989,10 @@ pub fn run(
         copy_image(image, &copy)?;
         disks.push((id.clone(), copy));
     }
+    let hang = plan
+        .hang_timeout
+        .map(|t| format!(",hang-timeout={}", t.as_secs()))
+        .unwrap_or_default();
     let vmm = match (host, strategy) {
         (Host::Simulated(model), LabStrategy::Engine(s)) => {
             // holdfast as its operator would set it up on such a host (the matrix does
@@ -998,9 +1002,11 @@ pub fn run(
             } else {
                 ""
             };
-            Vmm::Holdfast(format!(",x-host=simulated:{model},x-strategy={s}{extra}"))
+            Vmm::Holdfast(format!(
+                ",x-host=simulated:{model},x-strategy={s}{extra}{hang}"
+            ))
         }
-        (Host::Real, LabStrategy::Engine(s)) => Vmm::Holdfast(format!(",x-strategy={s}")),
+        (Host::Real, LabStrategy::Engine(s)) => Vmm::Holdfast(format!(",x-strategy={s}{hang}")),
         (Host::Real, LabStrategy::Qemu { cache_none }) => Vmm::Qemu { cache_none },
         (Host::Simulated(_), LabStrategy::Qemu { .. }) => {
             return Err(Unsupported::QemuOnSimulatedHost(strategy).into())

@@ -94,8 +94,8 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       | hang (Linux guests: the storage under the host's page cache
                       stops answering for `lasts`: write-back, fdatasync and reads
                       of uncached pages wait; on the real host a dm device suspended
-                      with --noflush; holdfast has no hang-timeout yet, so the
-                      guest waits with it)
+                      with --noflush; without hang_timeout the guest waits with
+                      it)
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N"), or
@@ -141,6 +141,9 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
               qemu and qemu-cache-none run on the `real` host only (QEMU 10:
               -M microvm,acpi=on, virtio-blk-device, werror=stop,rerror=stop)
   timeout     longest one run may take (default 10m)
+  hang_timeout  holdfast's hang-timeout on every disk, whole seconds (like "3s"):
+              a host call outstanding longer pauses the guest (io-error) until it
+              returns (holdfast run --help); default none
 
 Each Linux-guest run has a folder, runs/HOST_STRATEGY_N-OUTAGE/, with the consoles
 and holdfast's logs of both boots; the disk images are kept there only when the run

@@ -57,6 +57,8 @@ pub struct ScenarioFile {
     pub strategies: Vec<String>,
     /// Longest one run may take (a real guest's boot, workload, outage and check).
     pub timeout: Option<String>,
+    /// holdfast's `hang-timeout` on every disk (whole seconds; none by default).
+    pub hang_timeout: Option<String>,
 }
 
 fn default_seed() -> u64 {
@@ -167,6 +169,8 @@ pub struct Plan {
     pub hosts: Vec<Host>,
     pub strategies: Vec<LabStrategy>,
     pub timeout: Duration,
+    /// holdfast's `hang-timeout` on every disk.
+    pub hang_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -461,6 +465,7 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         Some(t) => duration("timeout", t)?,
         None => Duration::from_secs(600),
     };
+    let hang_timeout = check_hang_timeout(f.hang_timeout.as_deref(), &guest)?;
     Ok(Plan {
         name: f.name,
         seed: f.seed,
@@ -472,7 +477,27 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         hosts,
         strategies,
         timeout,
+        hang_timeout,
     })
+}
+
+/// holdfast's hang-timeout: whole seconds, for a Linux guest (the synthetic guest's
+/// host never hangs).
+fn check_hang_timeout(t: Option<&str>, guest: &Guest) -> Result<Option<Duration>, FieldError> {
+    let Some(t) = t else {
+        return Ok(None);
+    };
+    if matches!(guest, Guest::Synthetic(_)) {
+        return err(
+            "hang_timeout",
+            "the synthetic guest's host never hangs; remove this",
+        );
+    }
+    let d = duration("hang_timeout", t)?;
+    if d.subsec_nanos() != 0 || d.is_zero() {
+        return err("hang_timeout", format!("`{t}`: whole seconds, at least 1s"));
+    }
+    Ok(Some(d))
 }
 
 /// The name names the results folder.
