@@ -29,7 +29,9 @@ Options:
   --cmdline STR        kernel command line (default: \"console=ttyS0 panic=-1\")
   --cpus N             vCPUs, 1 to 254 (default: 1); the guest learns them from ACPI
   --mem SIZE           guest memory, K/M/G suffixes, at least 64M (default: 512M)
-  --disk SPEC          a virtio-blk disk; repeatable. SPEC is path=IMG followed by any of
+  --disk SPEC          a virtio-blk disk; repeatable. SPEC is path=IMG (a file, or a block
+                       device: a dm device such as dm-flakey's, a partition, an LVM
+                       volume, a loop device) followed by any of
                          id=NAME               name in messages and QMP (default: diskN)
                          readonly=on|off       (default: off)
                          cache=writeback|writethrough|none
@@ -250,6 +252,20 @@ fn existing(name: &str, path: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// A disk's image: a regular file or a block device (a dm device, a partition, a
+/// loop device).
+fn image(path: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let p = PathBuf::from(path);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(p),
+        Ok(_) => Err(format!(
+            "path: {path} is neither a regular file nor a block device"
+        )),
+        Err(e) => Err(format!("path: {path}: {e}")),
+    }
+}
+
 /// `512`, `64K`, `512M`, `2G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, shift) = match s.as_bytes().last() {
@@ -293,7 +309,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             .split_once('=')
             .ok_or(format!("`{part}` is not key=value"))?;
         match key {
-            "path" => path = Some(existing("path", v)?),
+            "path" => path = Some(image(v)?),
             "id" if !v.is_empty()
                 && v.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
@@ -470,6 +486,30 @@ mod tests {
         assert!(!o.disks[1].config.keep_extra_flush);
         assert!(o.disks[1].config.read_only);
         assert_eq!(o.serial, SerialOut::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn a_disk_is_a_file_or_a_block_device() {
+        let e = parse_disk("path=/dev/null", 0).expect_err("a character device");
+        assert_eq!(
+            e,
+            "path: /dev/null is neither a regular file nor a block device"
+        );
+        let e = parse_disk("path=/nonexistent/disk.img", 0).expect_err("missing");
+        assert!(e.starts_with("path: /nonexistent/disk.img: "), "{e}");
+        // Any block device this machine has (a loop device's node is there even
+        // unattached).
+        let block = std::fs::read_dir("/dev")
+            .expect("/dev")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                use std::os::unix::fs::FileTypeExt;
+                std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+            })
+            .expect("a block device in /dev");
+        let d = parse_disk(&format!("path={}", block.display()), 0).expect("a block device");
+        assert_eq!(d.path, block);
     }
 
     #[test]

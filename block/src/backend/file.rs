@@ -94,19 +94,26 @@ pub fn direct_alignment(file: &File) -> DirectAlign {
             return DirectAlign { offset, memory };
         }
     }
-    let is_block = file.metadata().is_ok_and(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_block_device()
-    });
-    if is_block {
-        let mut sector: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one int through the pointer, which is ours.
-        let r = unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut sector) };
-        if r == 0 && sector > 0 && valid(sector as u64) {
-            return DirectAlign::uniform(sector as u64);
-        }
+    match logical_block_size(file) {
+        Some(sector) if valid(sector) => DirectAlign::uniform(sector),
+        _ => DirectAlign::uniform(DIRECT_ALIGN),
     }
-    DirectAlign::uniform(DIRECT_ALIGN)
+}
+
+/// A block device's logical block size (`BLKSSZGET`); `None` for anything else.
+fn logical_block_size(file: &File) -> Option<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    if !file
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
+    {
+        return None;
+    }
+    let mut sector: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is ours; the
+    // descriptor is open for the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut sector) };
+    (r == 0 && sector > 0).then_some(sector as u64)
 }
 
 /// How to open an image.
@@ -186,7 +193,14 @@ pub struct FileBackend {
     size: u64,
     /// `O_DIRECT`'s alignment, if the image is open so.
     direct: Option<DirectAlign>,
+    /// A regular file (its page cache's write-back can be started early).
     regular: bool,
+    /// A regular file or a block device: fallocate punches and zeroes ranges (on a
+    /// block device the kernel discards or zeroes them on the device).
+    punches: bool,
+    /// What such a range must be aligned to: a block device's logical block size
+    /// (else the kernel refuses it, EINVAL, and the range is zeroed by writes).
+    punch_align: u64,
     /// Reused bounce space for `O_DIRECT`; over-allocated by `DIRECT_ALIGN` so an
     /// aligned window always fits.
     bounce: Vec<u8>,
@@ -226,7 +240,17 @@ impl FileBackend {
                 });
             }
         }
-        let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let kind = file.metadata().map(|m| m.file_type());
+        let regular = kind.as_ref().is_ok_and(|k| k.is_file());
+        let block = kind.is_ok_and(|k| {
+            use std::os::unix::fs::FileTypeExt;
+            k.is_block_device()
+        });
+        let punch_align = if block {
+            logical_block_size(&file).unwrap_or(4096)
+        } else {
+            1
+        };
         Ok(FileBackend {
             file: Some(Arc::new(file)),
             path: path.to_owned(),
@@ -234,6 +258,8 @@ impl FileBackend {
             size,
             direct,
             regular,
+            punches: regular || block,
+            punch_align,
             bounce: Vec::new(),
         })
     }
@@ -589,8 +615,8 @@ impl Backend for FileBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            discard: self.regular,
-            write_zeroes: self.regular,
+            discard: self.punches,
+            write_zeroes: self.punches,
         }
     }
 
@@ -648,8 +674,9 @@ impl Backend for FileBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), HostError> {
-        let unaligned = self.direct.is_some_and(|a| (offset | len) % a.offset != 0);
-        if self.regular && !unaligned {
+        let unaligned = self.direct.is_some_and(|a| (offset | len) % a.offset != 0)
+            || (offset | len) % self.punch_align != 0;
+        if self.punches && !unaligned {
             let mode = if unmap {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
@@ -668,8 +695,12 @@ impl Backend for FileBackend {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), HostError> {
-        if !self.regular {
+        if !self.punches {
             return Err(HostError::new(HostOp::Discard, libc::EOPNOTSUPP));
+        }
+        if (offset | len) % self.punch_align != 0 {
+            // Discard is advice: a range the device cannot discard loses nothing.
+            return Ok(());
         }
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
