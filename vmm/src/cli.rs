@@ -1,7 +1,10 @@
-//! `holdfast run`'s command line. Every error names the option it is about.
+//! `holdfast run`'s command line (clap derive: [`RunArgs`]), its help, and the checks
+//! that make it [`RunOpts`], each error naming the option it is about; the `holdfast`
+//! command as a whole is defined in `main.rs` from these pieces.
 
 use std::path::PathBuf;
 
+use clap::{Args, Parser};
 use holdfast_block::sim::strategy::Strategy;
 use holdfast_block::sim::HostModel;
 use holdfast_block::{DiskConfig, ErrorPolicy};
@@ -11,112 +14,173 @@ pub const DEFAULT_MEM: u64 = 512 << 20;
 const MIN_MEM: u64 = 64 << 20;
 const MAX_MEM: u64 = 1 << 40;
 
-/// `holdfast run --help`, with the simulated host models' names.
-pub fn run_help() -> String {
-    RUN_HELP.replace("{MODELS}", &HostModel::names())
+/// The end of parsing without a command to run: help, a version, or an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliExit {
+    /// What to print, on stdout (`ok`) or stderr.
+    pub text: String,
+    pub ok: bool,
 }
 
-pub const RUN_HELP: &str = "\
-Usage: holdfast run --kernel PATH [options]
+impl CliExit {
+    /// From clap's error: help and version as clap prints them; the errors a user
+    /// meets most in holdfast's own words (`--qmp needs a value`, `unknown option
+    /// `--x``), the rest in clap's.
+    pub fn from_clap(e: clap::Error) -> CliExit {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        let arg = || match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
+            _ => None,
+        };
+        let text = match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                return CliExit {
+                    text: e.render().to_string(),
+                    ok: matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion),
+                }
+            }
+            ErrorKind::UnknownArgument => match arg() {
+                Some(a) => format!("unknown option `{a}` (see --help)\n"),
+                None => e.render().to_string(),
+            },
+            ErrorKind::InvalidValue if matches!(e.get(ContextKind::InvalidValue), Some(ContextValue::String(v)) if v.is_empty()) => {
+                match arg() {
+                    Some(a) => format!("{a} needs a value\n"),
+                    None => e.render().to_string(),
+                }
+            }
+            _ => e.render().to_string(),
+        };
+        CliExit { text, ok: false }
+    }
+}
 
+/// `holdfast run`'s options, as written; [`RunArgs::check`] makes them [`RunOpts`].
+#[derive(Debug, Default, Args)]
+#[command(after_long_help = run_after_help())]
+pub struct RunArgs {
+    /// Guest kernel: a bzImage or an ELF vmlinux (required)
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<String>,
+    /// Initial ramdisk
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<String>,
+    /// Kernel command line (default: "console=ttyS0 panic=-1")
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// vCPUs, 1 to 254 (default: 1); the guest learns them from ACPI
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+    /// Guest memory, K/M/G suffixes, at least 64M (default: 512M)
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// A virtio-blk disk (repeatable): path=IMG followed by key=value options (below)
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// Where the guest's serial console goes: stdio (default), file:PATH or none
+    #[arg(long, value_name = "WHERE")]
+    pub serial: Option<String>,
+    /// A QMP socket (mode 0600) for QEMU's clients and `holdfast qmp` (below)
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<String>,
+}
+
+/// `holdfast faults`: checks a fault plan; its help is the plan language.
+#[derive(Debug, Args)]
+#[command(after_long_help = holdfast_block::fault::PLAN_HELP)]
+pub struct FaultsArgs {
+    /// A fault plan (JSON) to check: it says what is wrong, naming the field, or
+    /// lists its rules
+    pub plan: Option<PathBuf>,
+}
+
+/// `holdfast run --help`'s text after the options, with the simulated host models'
+/// names.
+pub fn run_after_help() -> String {
+    RUN_AFTER_HELP.replace("{MODELS}", &HostModel::names())
+}
+
+const RUN_AFTER_HELP: &str = "\
 Boots a Linux guest on KVM with virtio-blk disks that survive host storage outages:
 a host write or flush error pauses the guest and keeps every unflushed guest write
 in holdfast's memory until storage is back.
 
-Options:
-  --kernel PATH        guest kernel: a bzImage or an ELF vmlinux (required)
-  --initrd PATH        initial ramdisk
-  --cmdline STR        kernel command line (default: \"console=ttyS0 panic=-1\")
-  --cpus N             vCPUs, 1 to 254 (default: 1); the guest learns them from ACPI
-  --mem SIZE           guest memory, K/M/G suffixes, at least 64M (default: 512M)
-  --disk SPEC          a virtio-blk disk; repeatable. SPEC is path=IMG (a file, or a block
-                       device: a dm device such as dm-flakey's, a partition, an LVM
-                       volume, a loop device) followed by any of
-                         id=NAME               name in messages and QMP (default: diskN)
-                         readonly=on|off       (default: off)
-                         cache=writeback|writethrough|none
-                                               writeback (default): the host page cache,
-                                               guest flushes become fdatasync;
-                                               writethrough: every write is flushed;
-                                               none: O_DIRECT, write-back semantics,
-                                               aligned as the host file system or
-                                               device asks (statx, else its logical
-                                               block size, else 4096)
-                         x-direct-align=N      with cache=none: align O_DIRECT calls
-                                               to N bytes (512 to 65536, a power of
-                                               two) instead, as 4K-native storage
-                                               would ask
-                         werror=stop|report|ignore|enospc   host write/flush errors
-                         rerror=stop|report|ignore|enospc   host read errors
-                                               (default: stop for both)
-                         unflushed-limit=SIZE  bound of the unflushed buffer's memory;
-                                               past it holdfast flushes on its own
-                                               (default: 128M, at least 32M: the
-                                               longest request). Memory a flush frees
-                                               is kept for later writes, up to the
-                                               disks' bounds (the kernel may take it
-                                               back under memory pressure)
-                         serial=STR            what the guest reads as the disk's ID
-                         hang-timeout=N        (seconds; `Ns` too) a host call to the
-                                               image outstanding longer than this
-                                               (a hard NFS mount, a lost iSCSI path,
-                                               a suspended dm table) pauses the guest
-                                               as a host error does (io-error,
-                                               BLOCK_IO_ERROR saying which call for
-                                               how long), so that its kernel sees no
-                                               hung tasks; cont is refused until the
-                                               call returns. Default: off (the guest
-                                               waits with the call). 30 is a sensible
-                                               value: under Linux's 120 s hung-task
-                                               timeout, above a busy disk's stalls
-                         extra-flush=on|off    keep buffered writes one extra
-                                               successful flush, and flush twice on
-                                               replay: for hosts that report a failed
-                                               write-back one flush late (ext4
-                                               data=journal) (default: off)
-                         x-host=simulated:MODEL  (holdfast lab) a simulated host page
-                                               cache with the failure behaviour of
-                                               MODEL: {MODELS};
-                                               x-block-fault's
-                                               layer=writeback breaks its write-back
-                         x-strategy=holdfast|retry-flush|sticky|x-lying-flush
-                                               (holdfast lab) what the disk does after
-                                               a host error: holdfast (default), or an
-                                               imitation of QEMU's werror=stop
-                                               (retry-flush), of its default file
-                                               backend (sticky), or a deliberately
-                                               broken holdfast (x-lying-flush)
-  --serial stdio|file:PATH|none
-                       where the guest's serial console goes (default: stdio)
-  --qmp PATH           a QMP socket (mode 0600) for QEMU's clients: query-status, stop,
-                       cont, quit, query-block, and holdfast's x-query-unflushed,
-                       x-block-fault, x-query-timings, x-block-detach and
-                       x-block-attach; events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR,
-                       X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED, X_DEVICE_NEEDS_RESET (the
-                       guest broke a disk's queue). A stale socket at PATH is replaced.
-                       At most 128 clients at once; a client more than 1024 events
-                       behind (it does not read) is disconnected, with a log line.
-  -h, --help           this text
+--disk SPEC is path=IMG (or file=IMG, as QEMU spells it) followed by any of:
+  IMG                   a file, or a block device: a dm device such as dm-flakey's,
+                        a partition, an LVM volume, a loop device
+  id=NAME               name in messages and QMP (default: diskN)
+  format=raw            the only format (a raw image or device); others are refused
+  readonly=on|off       (default: off)
+  cache=writeback|writethrough|none
+                        writeback (default): the host page cache, guest flushes
+                        become fdatasync; writethrough: every write is flushed;
+                        none: O_DIRECT, write-back semantics, aligned as the host
+                        file system or device asks (statx, else its logical block
+                        size, else 4096)
+  x-direct-align=N      with cache=none: align O_DIRECT calls to N bytes (512 to
+                        65536, a power of two) instead, as 4K-native storage would ask
+  werror=stop|report|ignore|enospc   host write/flush errors
+  rerror=stop|report|ignore|enospc   host read errors (default: stop for both)
+  unflushed-limit=SIZE  bound of the unflushed buffer's memory; past it holdfast
+                        flushes on its own (default: 128M, at least 32M: the longest
+                        request). Memory a flush frees is kept for later writes, up
+                        to the disks' bounds (the kernel may take it back under
+                        memory pressure)
+  serial=STR            what the guest reads as the disk's ID
+  hang-timeout=N        (seconds; `Ns` too) a host call to the image outstanding
+                        longer than this (a hard NFS mount, a lost iSCSI path, a
+                        suspended dm table) pauses the guest as a host error does
+                        (io-error, BLOCK_IO_ERROR saying which call for how long),
+                        so that its kernel sees no hung tasks; cont is refused until
+                        the call returns. Default: off (the guest waits with the
+                        call). 30 is a sensible value: under Linux's 120 s hung-task
+                        timeout, above a busy disk's stalls
+  extra-flush=on|off    keep buffered writes one extra successful flush, and flush
+                        twice on replay: for hosts that report a failed write-back
+                        one flush late (ext4 data=journal) (default: off)
+  faults=FILE           a fault plan armed in front of the image before the guest
+                        boots: errors, delays and hangs by operation, byte range,
+                        count, time window and seeded chance (holdfast faults --help);
+                        checked first, a bad one refused naming the field
+  x-host=simulated:MODEL  (holdfast lab) a simulated host page cache with the
+                        failure behaviour of MODEL: {MODELS}; x-block-fault's
+                        layer=writeback breaks its write-back
+  x-strategy=holdfast|retry-flush|sticky|x-lying-flush
+                        (holdfast lab) what the disk does after a host error:
+                        holdfast (default), or an imitation of QEMU's werror=stop
+                        (retry-flush), of its default file backend (sticky), or a
+                        deliberately broken holdfast (x-lying-flush)
 
-Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not reset a guest;
-it exits, like QEMU -no-reboot); 1 on a VMM error; 2 on bad options; 3 when the guest
-panics (reported through pvpanic); 4 when this host's KVM cannot run the guest's kernel
-code (run holdfast inside the nested test host: tests/testhost). Dropping unflushed bytes
-at the end (storage still broken) makes any of the 0 cases 1.
+QMP (--qmp): query-status, stop, cont, quit, query-block, and holdfast's
+x-query-unflushed, x-block-fault, x-query-timings, x-block-detach and x-block-attach;
+events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR, X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED,
+X_DEVICE_NEEDS_RESET (the guest broke a disk's queue). A stale socket at PATH is
+replaced. At most 128 clients at once; a client more than 1024 events behind (it does
+not read) is disconnected, with a log line.
 
-Signals: SIGTERM, SIGINT and SIGHUP end holdfast like QMP quit: the guest is paused, every
-disk's buffered bytes are written and flushed, and what cannot be is reported per disk.
+Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not
+reset a guest; it exits, like QEMU -no-reboot); 1 on a VMM error; 2 on bad options; 3
+when the guest panics (reported through pvpanic); 4 when this host's KVM cannot run the
+guest's kernel code (run holdfast inside the nested test host: tests/testhost).
+Dropping unflushed bytes at the end (storage still broken) makes any of the 0 cases 1.
 
-On a host storage error (werror=stop) the guest pauses and every guest write no host flush
-has covered stays in holdfast's memory; `cont` writes it again, flushes, and resumes. When
-the host file system itself went down (ext4 read-only after a journal abort: cont fails
-with EROFS; XFS shut down: EIO after the device is back), `x-block-detach` lets go of the
-image so the file system can be unmounted, repaired and mounted again; `x-block-attach`
-takes it back; `cont` then replays. The contract, step by step: docs/durability.md.
+Signals: SIGTERM, SIGINT and SIGHUP end holdfast like QMP quit: the guest is paused,
+every disk's buffered bytes are written and flushed, and what cannot be is reported per
+disk.
 
-Log: what happens while the guest runs goes to stderr, one timestamped line each with its
-level, naming the disk it is about. RUST_LOG filters it (default: info; e.g. RUST_LOG=warn).
-";
+On a host storage error (werror=stop) the guest pauses and every guest write no host
+flush has covered stays in holdfast's memory; `cont` writes it again, flushes, and
+resumes. When the host file system itself went down (ext4 read-only after a journal
+abort: cont fails with EROFS; XFS shut down: EIO after the device is back),
+`x-block-detach` lets go of the image so the file system can be unmounted, repaired and
+mounted again; `x-block-attach` takes it back; `cont` then replays. The contract, step
+by step: docs/durability.md.
+
+Log: what happens while the guest runs goes to stderr, one timestamped line each with
+its level, naming the disk it is about. RUST_LOG filters it (default: info; e.g.
+RUST_LOG=warn).";
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +206,8 @@ pub struct DiskOpt {
     /// `x-strategy=S`: how the disk handles host errors (holdfast, or another
     /// device's way, for `holdfast lab`'s comparisons).
     pub strategy: Strategy,
+    /// `faults=FILE`: a fault plan armed before the guest boots.
+    pub faults: Option<holdfast_block::FaultPlan>,
 }
 
 /// A parsed `holdfast run`.
@@ -157,90 +223,80 @@ pub struct RunOpts {
     pub qmp: Option<PathBuf>,
 }
 
-/// `None` means `--help`.
+/// `holdfast run ARGS`: the options checked, or `None` for `--help`; an error says
+/// what is wrong in one line.
 pub fn parse_run(args: &[String]) -> Result<Option<RunOpts>, String> {
-    let mut kernel = None;
-    let mut initrd = None;
-    let mut cmdline = None;
-    let mut cpus = 1u8;
-    let mut mem = DEFAULT_MEM;
-    let mut disks = Vec::new();
-    let mut serial = SerialOut::Stdio;
-    let mut qmp = None;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (arg.as_str(), None),
+    /// `holdfast run` alone.
+    #[derive(Parser)]
+    #[command(name = "holdfast run")]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+    let argv = std::iter::once("holdfast run".to_owned()).chain(args.iter().cloned());
+    match Run::try_parse_from(argv).map_err(CliExit::from_clap) {
+        Ok(run) => run.args.check().map(Some),
+        Err(CliExit { ok: true, .. }) => Ok(None),
+        Err(CliExit { text, .. }) => Err(text.trim_end().trim_start_matches("error: ").to_owned()),
+    }
+}
+
+impl RunArgs {
+    /// The options checked, each error naming its option.
+    pub fn check(self) -> Result<RunOpts, String> {
+        let kernel = self
+            .kernel
+            .ok_or("--kernel is required (see holdfast run --help)")?;
+        let kernel = existing("--kernel", &kernel)?;
+        let initrd = self.initrd.map(|p| existing("--initrd", &p)).transpose()?;
+        let cpus = match self.cpus {
+            None => 1,
+            Some(v) => v
+                .parse::<u8>()
+                .ok()
+                .filter(|n| (1..=254).contains(n))
+                .ok_or(format!("--cpus: `{v}` is not a number from 1 to 254"))?,
         };
-        if name == "-h" || name == "--help" {
-            return Ok(None);
-        }
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or(format!("{name} needs a value"))
-        };
-        match name {
-            "--kernel" => kernel = Some(existing(name, &value()?)?),
-            "--initrd" => initrd = Some(existing(name, &value()?)?),
-            "--cmdline" => cmdline = Some(value()?),
-            "--cpus" => {
-                let v = value()?;
-                cpus = v
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|n| (1..=254).contains(n))
-                    .ok_or(format!("--cpus: `{v}` is not a number from 1 to 254"))?;
-            }
-            "--mem" => {
-                let v = value()?;
-                mem = parse_size(&v).map_err(|e| format!("--mem: {e}"))?;
+        let mem = match self.mem {
+            None => DEFAULT_MEM,
+            Some(v) => {
+                let mem = parse_size(&v).map_err(|e| format!("--mem: {e}"))?;
                 if !(MIN_MEM..=MAX_MEM).contains(&mem) {
                     return Err(format!("--mem: {v} is outside 64M..1T"));
                 }
                 if mem % 4096 != 0 {
                     return Err(format!("--mem: {v} is not a multiple of 4K"));
                 }
+                mem
             }
-            "--disk" => {
-                let d = parse_disk(&value()?, disks.len()).map_err(|e| format!("--disk: {e}"))?;
-                if disks.iter().any(|o: &DiskOpt| o.id == d.id) {
-                    return Err(format!("--disk: id `{}` is used twice", d.id));
-                }
-                disks.push(d);
+        };
+        let mut disks = Vec::new();
+        for spec in &self.disks {
+            let d = parse_disk(spec, disks.len()).map_err(|e| format!("--disk: {e}"))?;
+            if disks.iter().any(|o: &DiskOpt| o.id == d.id) {
+                return Err(format!("--disk: id `{}` is used twice", d.id));
             }
-            "--serial" => {
-                let v = value()?;
-                serial = match v.as_str() {
-                    "stdio" => SerialOut::Stdio,
-                    "none" => SerialOut::None,
-                    s if s.starts_with("file:") && s.len() > 5 => {
-                        SerialOut::File(PathBuf::from(&s[5..]))
-                    }
-                    _ => return Err(format!("--serial: `{v}` is not stdio, file:PATH or none")),
-                };
-            }
-            "--qmp" => qmp = Some(PathBuf::from(value()?)),
-            other => {
-                return Err(format!(
-                    "unknown option `{other}` (see holdfast run --help)"
-                ))
-            }
+            disks.push(d);
         }
+        let serial = match self.serial.as_deref() {
+            None | Some("stdio") => SerialOut::Stdio,
+            Some("none") => SerialOut::None,
+            Some(s) if s.starts_with("file:") && s.len() > 5 => {
+                SerialOut::File(PathBuf::from(&s[5..]))
+            }
+            Some(v) => return Err(format!("--serial: `{v}` is not stdio, file:PATH or none")),
+        };
+        Ok(RunOpts {
+            kernel,
+            initrd,
+            cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cpus,
+            mem,
+            disks,
+            serial,
+            qmp: self.qmp.map(PathBuf::from),
+        })
     }
-    let kernel = kernel.ok_or("--kernel is required (see holdfast run --help)")?;
-    Ok(Some(RunOpts {
-        kernel,
-        initrd,
-        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-        cpus,
-        mem,
-        disks,
-        serial,
-        qmp,
-    }))
 }
 
 fn existing(name: &str, path: &str) -> Result<PathBuf, String> {
@@ -302,6 +358,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     let mut config = DiskConfig::default();
     let mut simulated = None;
     let mut strategy = Strategy::Holdfast;
+    let mut faults = None;
     let mut hang_timeout = None;
     let mut direct_align = None;
     for part in spec.split(',') {
@@ -309,7 +366,20 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             .split_once('=')
             .ok_or(format!("`{part}` is not key=value"))?;
         match key {
-            "path" => path = Some(image(v)?),
+            // QEMU's spelling too.
+            "path" | "file" => path = Some(image(v)?),
+            "format" if v == "raw" => {}
+            "format" => {
+                return Err(format!(
+                    "format: `{v}` is not supported: holdfast reads and writes raw images and \
+                     block devices only (convert with qemu-img convert -O raw)"
+                ))
+            }
+            "faults" => {
+                let plan = holdfast_block::FaultPlan::load(std::path::Path::new(v))
+                    .map_err(|e| format!("faults: {}", crate::error_chain(&e)))?;
+                faults = Some(plan);
+            }
             "id" if !v.is_empty()
                 && v.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
@@ -365,7 +435,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             _ => return Err(format!("unknown key `{key}`")),
         }
     }
-    let path = path.ok_or("path=IMG is required")?;
+    let path = path.ok_or("path=IMG is required (or file=IMG)")?;
     if config.serial.is_empty() {
         config.serial = id.clone();
     }
@@ -384,6 +454,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
         hang_timeout,
         direct_align,
         strategy,
+        faults,
     })
 }
 

@@ -2,63 +2,163 @@
 
 use std::process::ExitCode;
 
+use clap::{CommandFactory, Parser, Subcommand};
 use holdfast_block::sim::HostCache;
-use holdfast_block::{Backend, FaultInjector, FileBackend, FileOptions};
+use holdfast_block::{Backend, FaultInjector, FaultPlan, FileBackend, FileOptions};
 use holdfast_qmp::{EventSink, Machine, Server};
-use holdfast_vmm::cli::{self, RunOpts, SerialOut};
+use holdfast_vmm::cli::{CliExit, RunOpts, SerialOut};
 use holdfast_vmm::disk::{DiskSpec, SimulatedHost};
 use holdfast_vmm::host_signals;
 use holdfast_vmm::owner::{self, Exit, QmpBridge};
 use holdfast_vmm::vm::{error_chain, Vm, VmConfig};
 
-const HELP: &str = "\
-holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host storage
-outages without losing a byte.
+/// holdfast: a KVM virtual machine monitor whose virtio-blk disks survive host
+/// storage outages without losing a byte.
+#[derive(Debug, Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "A KVM virtual machine monitor whose virtio-blk disks survive host storage \
+             outages without losing a byte",
+    after_help = TOP_AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-Usage: holdfast <command> [options]
-
-Commands:
-  run        boot a guest (holdfast run --help)
-  lab        rerun storage outages from a scenario file and report what the guest
-             kept, against QEMU-like strategies (holdfast lab --help)
-  help       print this text
-
+const TOP_AFTER_HELP: &str = "\
 What holdfast promises a guest's data through host storage outages, and what the
 operator does when the host file system itself goes down: docs/durability.md.
 
 To rerun storage outages against QEMU-like strategies on simulated host file systems:
-  holdfast lab images/lab/matrix.json
+  holdfast lab images/lab/matrix.json";
 
-Options:
-  -h, --help       print this text
-  -V, --version    print the version
-";
+/// holdfast's commands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest on KVM whose disks survive host storage outages
+    Run(holdfast_vmm::cli::RunArgs),
+    /// Rerun host storage outages from a scenario file and report what the guest kept
+    Lab(holdfast_vmm::lab::LabArgs),
+    /// Check a fault plan (--disk ...,faults=FILE); --help explains the format
+    Faults(holdfast_vmm::cli::FaultsArgs),
+    /// Print the man page of holdfast or of one of its commands (roff: | man -l -)
+    Man {
+        /// A command (run, lab, faults, ...); holdfast itself if none
+        command: Option<String>,
+    },
+    /// Print shell completions for holdfast (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Cli {
+    /// Parses `args` (the first is the program's name); a help or version request, or
+    /// a bad command line, is an [`CliExit`] with what to print.
+    fn parse_args<I, T>(args: I) -> Result<Cli, CliExit>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::try_parse_from(args).map_err(CliExit::from_clap)
+    }
+
+    /// The man page of holdfast, or of its command `name`.
+    fn man(name: Option<&str>) -> Result<Vec<u8>, String> {
+        let top = Cli::command();
+        let command = match name {
+            None => top,
+            Some(n) => {
+                let sub = top
+                    .get_subcommands()
+                    .find(|c| c.get_name() == n)
+                    .cloned()
+                    .ok_or(format!("man: no command `{n}` (see holdfast --help)"))?;
+                sub.name(format!("holdfast-{n}"))
+                    .version(env!("CARGO_PKG_VERSION"))
+            }
+        };
+        let mut out = Vec::new();
+        clap_mangen::Man::new(command)
+            .render(&mut out)
+            .map_err(|e| format!("man: {e}"))?;
+        Ok(out)
+    }
+
+    /// Completions for `shell`.
+    fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut out);
+        out
+    }
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("help" | "-h" | "--help") => {
-            print!("{HELP}");
-            ExitCode::SUCCESS
+    let cli = match Cli::parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(CliExit { text, ok: true }) => return write_out(text.as_bytes()),
+        Err(CliExit { text, ok: false }) => {
+            let command = std::env::args()
+                .nth(1)
+                .filter(|c| Cli::command().find_subcommand(c).is_some());
+            let who = command.map_or("holdfast".to_owned(), |c| format!("holdfast {c}"));
+            eprint!("{who}: {}", text.trim_start_matches("error: "));
+            return ExitCode::from(2);
         }
-        Some("-V" | "--version") => {
-            println!("holdfast {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Some("run") => match cli::parse_run(&args[1..]) {
-            Ok(None) => {
-                print!("{}", cli::run_help());
-                ExitCode::SUCCESS
-            }
-            Ok(Some(opts)) => run(opts),
+    };
+    match cli.command {
+        None => write_out(Cli::command().render_help().to_string().as_bytes()),
+        Some(Command::Run(args)) => match args.check() {
+            Ok(opts) => run(opts),
             Err(e) => {
                 eprintln!("holdfast run: {e}");
                 ExitCode::from(2)
             }
         },
-        Some("lab") => holdfast_vmm::lab::main(&args[1..]),
-        Some(other) => {
-            eprintln!("holdfast: unknown command `{other}` (see `holdfast --help`)");
+        Some(Command::Lab(args)) => holdfast_vmm::lab::main(args),
+        Some(Command::Faults(args)) => faults(args),
+        Some(Command::Man { command }) => match Cli::man(command.as_deref()) {
+            Ok(page) => write_out(&page),
+            Err(e) => {
+                eprintln!("holdfast {e}");
+                ExitCode::from(2)
+            }
+        },
+        Some(Command::Completions { shell }) => write_out(&Cli::completions(shell)),
+    }
+}
+
+fn write_out(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(1),
+    }
+}
+
+/// `holdfast faults [PLAN]`: checks a plan and lists its rules.
+fn faults(args: holdfast_vmm::cli::FaultsArgs) -> ExitCode {
+    let Some(path) = args.plan else {
+        return write_out(format!("{}\n", holdfast_block::fault::PLAN_HELP).as_bytes());
+    };
+    match FaultPlan::load(&path) {
+        Ok(plan) => {
+            let mut out = format!(
+                "{}: ok, {} rule(s){}\n",
+                path.display(),
+                plan.rules.len(),
+                plan.seed.map_or(String::new(), |s| format!(", seed {s}"))
+            );
+            for (i, rule) in plan.seeded_rules().iter().enumerate() {
+                out.push_str(&format!("  rules[{i}]: {rule}\n"));
+            }
+            write_out(out.as_bytes())
+        }
+        Err(e) => {
+            eprintln!("holdfast faults: {}: {}", path.display(), error_chain(&e));
             ExitCode::from(2)
         }
     }
@@ -146,6 +246,14 @@ fn run(opts: RunOpts) -> ExitCode {
                         )
                     }
                 };
+                if let Some(plan) = &d.faults {
+                    let ids = faults.arm_plan(plan);
+                    log::info!(
+                        "disk {}: fault plan armed: {} rule(s) in front of the image",
+                        d.id,
+                        ids.len()
+                    );
+                }
                 let (strategy, config) = (d.strategy, d.config.clone());
                 let mut spec =
                     DiskSpec::with_engine(&d.id, backend, &d.path.display().to_string(), |b| {

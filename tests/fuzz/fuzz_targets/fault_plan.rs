@@ -1,4 +1,4 @@
-//! Fault plans (files) and rules (QMP's x-block-fault): parsed, and when valid,
+//! Fault plans (files, --disk faults=) and rules (QMP's x-block-fault): parsed, and when valid,
 //! armed and matched against host calls anywhere in the address space. Nothing may
 //! panic (an overflowing range once killed the device thread).
 #![no_main]
@@ -22,8 +22,10 @@ fuzz_target!(|data: &[u8]| {
     let mut injector = FaultInjector::new(MemBackend::new(1 << 16));
     let handle = injector.handle();
     // A hang rule makes a matching call wait until another thread clears it (by
-    // design); here nobody would: it is parsed above and not armed.
-    for rule in rules.into_iter().filter(|r| !r.hang) {
+    // design); here nobody would: it is parsed above and not armed. Delays are armed
+    // at a millisecond at most, so that a plan cannot stall the fuzzer.
+    for mut rule in rules.into_iter().filter(|r| !r.hang) {
+        rule.delay_ms = rule.delay_ms.map(|d| d.min(1));
         handle.arm(rule);
     }
     let mut buf = [0u8; 512];

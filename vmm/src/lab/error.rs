@@ -98,16 +98,3 @@ pub enum Unsupported {
         outage: OutageKind,
     },
 }
-
-/// `holdfast lab`'s command line.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Usage {
-    #[error("unknown option `{0}`")]
-    UnknownOption(String),
-    #[error("{0} needs {1}")]
-    MissingValue(&'static str, &'static str),
-    #[error("one scenario file at a time")]
-    TwoScenarios,
-    #[error("which scenario file?")]
-    NoScenario,
-}

@@ -20,24 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub use error::Error;
-use error::{Unsupported, Usage};
+use error::Unsupported;
 use report::RunRecord;
 use scenario::{Guest, Plan};
 
+/// What `holdfast lab --help` says after the options (before the format).
 pub const HELP: &str = "\
-holdfast lab: rerun host storage outages from a scenario file, against holdfast and
-QEMU-like strategies, and report what the guest kept.
-
-Usage: holdfast lab [options] SCENARIO.json
-
-Options:
-  --out DIR    the results folder (default: holdfast-lab/NAME-YYYYMMDD-HHMMSS in the
-               current directory); it must not exist yet
-  --check      check the scenario file and list the runs; run nothing
-  --host H     run only this host of the scenario's (repeatable; the others are not
-               checked either: a user without root can run the simulated ones)
-  --strategy S run only this strategy of the scenario's (repeatable)
-  -h, --help   print this text, with the scenario file's format
+Reruns host storage outages from a scenario file, against holdfast and QEMU-like
+strategies, and reports what the guest kept.
 
 The first line printed names the results folder. It gets results.md (a table: one row
 per host x strategy x outage: resumed, app-visible errors, acknowledged units, lost,
@@ -156,71 +146,38 @@ Example (the outage matrix's cells for two hosts):
    "strategies": ["holdfast", "retry-flush", "sticky"]}
 "#;
 
-struct Args {
-    scenario: PathBuf,
-    out: Option<PathBuf>,
-    check_only: bool,
-    hosts: Vec<String>,
-    strategies: Vec<String>,
+/// `holdfast lab`'s command line.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = lab_after_help())]
+pub struct LabArgs {
+    /// The scenario file (JSON; the format below)
+    #[arg(value_name = "SCENARIO.json")]
+    pub scenario: PathBuf,
+    /// The results folder (default: holdfast-lab/NAME-YYYYMMDD-HHMMSS in the current
+    /// directory); it must not exist yet
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Check the scenario file and list the runs; run nothing
+    #[arg(long)]
+    pub check: bool,
+    /// Run only this host of the scenario's (repeatable; the others are not checked
+    /// either: a user without root can run the simulated ones)
+    #[arg(long = "host", value_name = "H")]
+    pub hosts: Vec<String>,
+    /// Run only this strategy of the scenario's (repeatable)
+    #[arg(long = "strategy", value_name = "S")]
+    pub strategies: Vec<String>,
 }
 
-fn parse_args(args: &[String]) -> Result<Option<Args>, Usage> {
-    let mut scenario = None;
-    let mut out = None;
-    let mut check_only = false;
-    let mut hosts = Vec::new();
-    let mut strategies = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--check" => check_only = true,
-            "--host" => hosts.push(
-                it.next()
-                    .ok_or(Usage::MissingValue("--host", "a host"))?
-                    .clone(),
-            ),
-            "--strategy" => strategies.push(
-                it.next()
-                    .ok_or(Usage::MissingValue("--strategy", "a strategy"))?
-                    .clone(),
-            ),
-            "--out" => {
-                let folder = it.next().ok_or(Usage::MissingValue("--out", "a folder"))?;
-                out = Some(PathBuf::from(folder))
-            }
-            s if s.starts_with('-') => return Err(Usage::UnknownOption(s.to_owned())),
-            s => {
-                if scenario.replace(PathBuf::from(s)).is_some() {
-                    return Err(Usage::TwoScenarios);
-                }
-            }
-        }
-    }
-    let scenario = scenario.ok_or(Usage::NoScenario)?;
-    Ok(Some(Args {
-        scenario,
-        out,
-        check_only,
-        hosts,
-        strategies,
-    }))
+/// `holdfast lab --help`'s text after the options: the results, the exit status and
+/// the scenario file's format.
+pub fn lab_after_help() -> String {
+    let models = holdfast_block::sim::HostModel::names();
+    format!("{HELP}{}", FORMAT_HELP.replace("{MODELS}", &models))
 }
 
 /// `holdfast lab ARGS`.
-pub fn main(args: &[String]) -> ExitCode {
-    let args = match parse_args(args) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            let models = holdfast_block::sim::HostModel::names();
-            print!("{HELP}{}", FORMAT_HELP.replace("{MODELS}", &models));
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("holdfast lab: {e} (see holdfast lab --help)");
-            return ExitCode::from(2);
-        }
-    };
+pub fn main(args: LabArgs) -> ExitCode {
     let plan = match scenario::load_only(&args.scenario, &args.hosts, &args.strategies) {
         Ok(p) => p,
         Err(e) => {
@@ -229,7 +186,7 @@ pub fn main(args: &[String]) -> ExitCode {
         }
     };
     let runs = combinations(&plan).len() * plan.outages.len();
-    if args.check_only {
+    if args.check {
         println!(
             "{}: ok, {runs} runs ({} hosts x {} strategies x {} outages, QEMU on the real host only)",
             args.scenario.display(),

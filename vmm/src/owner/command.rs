@@ -33,7 +33,7 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// Arm a rule on a layer; answers its id.
-    Arm(Layer, FaultRule),
+    Arm(Layer, Box<FaultRule>),
     /// Clear a layer's rules of this name; answers how many.
     Clear(Layer, String),
     /// Clear every rule of a layer; answers how many.
@@ -101,7 +101,7 @@ fn block_fault(args: &Args) -> Result<Command, QmpError> {
     } else if let Some(rule) = args.get("arm") {
         let rule = FaultRule::from_json_value(rule.clone())
             .map_err(|e| QmpError::generic(format!("arm: {e}")))?;
-        Fault::Arm(layer, rule)
+        Fault::Arm(layer, Box::new(rule))
     } else if let Some(name) = args.opt_str("clear")? {
         Fault::Clear(layer, name.to_owned())
     } else if args.opt_bool("clear-all")? == Some(true) {

@@ -568,7 +568,7 @@ fn block_fault(m: &impl Lifecycle, device: &str, fault: Fault) -> Result<Value, 
             (simulated()?.evict)();
             json!({})
         }
-        Fault::Arm(l, rule) => json!({"id": layer(l)?.arm(rule)}),
+        Fault::Arm(l, rule) => json!({"id": layer(l)?.arm(*rule)}),
         Fault::Clear(l, name) => json!({"cleared": layer(l)?.clear_named(&name)}),
         Fault::ClearAll(l) => {
             let faults = layer(l)?;

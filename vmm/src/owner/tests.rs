@@ -318,7 +318,7 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
                 device: "data".into(),
                 fault: Fault::Arm(
                     Layer::Calls,
-                    FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Once),
+                    Box::new(FaultRule::new(FaultOp::Flush, libc::EIO, Trigger::Once)),
                 ),
             },
             Resume::Replays,
