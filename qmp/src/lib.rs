@@ -18,6 +18,7 @@
 //! Events reach every negotiated client through an [`EventSink`]. Bad input never
 //! takes a connection down unless QEMU's would go down too.
 
+pub mod client;
 pub mod server;
 pub mod stream;
 

@@ -23,6 +23,7 @@ pub mod layout;
 pub mod logging;
 pub mod owner;
 pub mod panics;
+pub mod qmp_command;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -41,6 +41,8 @@ enum Command {
     Run(holdfast_vmm::cli::RunArgs),
     /// Rerun host storage outages from a scenario file and report what the guest kept
     Lab(holdfast_vmm::lab::LabArgs),
+    /// Talk to a QMP server (holdfast's or QEMU's): one command, the events, or a shell
+    Qmp(holdfast_vmm::qmp_command::QmpArgs),
     /// Check a fault plan (--disk ...,faults=FILE); --help explains the format
     Faults(holdfast_vmm::cli::FaultsArgs),
     /// Print the man page of holdfast or of one of its commands (roff: | man -l -)
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Lab(args)) => holdfast_vmm::lab::main(args),
         Some(Command::Faults(args)) => faults(args),
+        Some(Command::Qmp(args)) => holdfast_vmm::qmp_command::main(args),
         Some(Command::Man { command }) => match Cli::man(command.as_deref()) {
             Ok(page) => write_out(&page),
             Err(e) => {
