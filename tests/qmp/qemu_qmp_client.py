@@ -41,7 +41,7 @@ def check(name, ok, detail=""):
     print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + str(detail) if detail and not ok else ''}")
 
 
-def start(sock):
+def start(sock, extra=()):
     if os.path.exists(sock):
         os.unlink(sock)
     disk = os.path.join(work, "disk.img")
@@ -49,7 +49,7 @@ def start(sock):
         f.truncate(1 << 20)
     proc = subprocess.Popen(
         [holdfast, "run", "--kernel", kernel, "--mem", "128M", "--serial", "none",
-         "--disk", f"path={disk},id=data", "--qmp", sock],
+         "--disk", f"path={disk},id=data", "--qmp", sock, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
         if os.path.exists(sock):
@@ -154,7 +154,37 @@ def shell_detach_attach(sock):
         check("holdfast exits 0 after qmp-shell quit (detach session)", finish(proc) == 0)
 
 
+async def machine_queries(sock):
+    """query-name, query-cpus-fast, query-blockstats and system_reset, as QEMU answers
+    them, through QMPClient."""
+    proc = start(sock, ["--name", "holdfast-test-vm", "--cpus", "2"])
+    qmp = QMPClient("holdfast-test")
+    try:
+        await qmp.connect(sock)
+        name = await qmp.execute("query-name")
+        check("query-name answers --name", name == {"name": "holdfast-test-vm"}, name)
+        cpus = await qmp.execute("query-cpus-fast")
+        check("query-cpus-fast lists both vCPUs", [c["cpu-index"] for c in cpus] == [0, 1], cpus)
+        threads = [c["thread-id"] for c in cpus]
+        check("query-cpus-fast's thread-ids are holdfast's threads",
+              all(os.path.exists(f"/proc/{proc.pid}/task/{t}") for t in threads), threads)
+        check("query-cpus-fast says x86_64", all(c["target"] == "x86_64" for c in cpus), cpus)
+        stats = await qmp.execute("query-blockstats")
+        check("query-blockstats has the disk's counters",
+              stats[0]["device"] == "data" and stats[0]["stats"]["wr_operations"] == 0
+              and "failed_flush_operations" in stats[0]["stats"], stats)
+        with qmp.listener() as listener:
+            await qmp.execute("system_reset")
+            event = await asyncio.wait_for(listener.get(), 10)
+            check("system_reset ends the run (as -no-reboot) with SHUTDOWN",
+                  event["event"] == "SHUTDOWN" and event["data"]["reason"] == "host-qmp-system-reset", event)
+        await qmp.disconnect()
+    finally:
+        check("holdfast exits 0 after system_reset", finish(proc) == 0)
+
+
 asyncio.run(async_client(os.path.join(work, "async.sock")))
+asyncio.run(machine_queries(os.path.join(work, "machine.sock")))
 legacy_client(os.path.join(work, "legacy.sock"))
 shell(os.path.join(work, "shell.sock"))
 shell_detach_attach(os.path.join(work, "detach.sock"))

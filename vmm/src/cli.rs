@@ -85,6 +85,13 @@ pub struct RunArgs {
     /// A QMP socket (mode 0600) for QEMU's clients and `holdfast qmp` (below)
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<String>,
+    /// End the run (status 5) if the kernel has not started the guest's init within
+    /// this many seconds (it says "Run /init as init process" on the console)
+    #[arg(long, value_name = "SECONDS")]
+    pub boot_timeout: Option<String>,
+    /// The machine's name, as QMP's query-name answers it (QEMU's -name)
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// `holdfast faults`: checks a fault plan; its help is the plan language.
@@ -153,18 +160,32 @@ in holdfast's memory until storage is back.
                         (retry-flush), of its default file backend (sticky), or a
                         deliberately broken holdfast (x-lying-flush)
 
-QMP (--qmp): query-status, stop, cont, quit, query-block, and holdfast's
+QMP (--qmp): query-status, stop, cont, quit, query-block, query-blockstats, query-name,
+query-cpus-fast, system_reset (holdfast exits, as QEMU -no-reboot does), and holdfast's
 x-query-unflushed, x-block-fault, x-query-timings, x-block-detach and x-block-attach;
 events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR, X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED,
 X_DEVICE_NEEDS_RESET (the guest broke a disk's queue). A stale socket at PATH is
 replaced. At most 128 clients at once; a client more than 1024 events behind (it does
 not read) is disconnected, with a log line.
 
-Exit status: 0 when the guest powers off or reboots, or on QMP quit (holdfast does not
-reset a guest; it exits, like QEMU -no-reboot); 1 on a VMM error; 2 on bad options; 3
-when the guest panics (reported through pvpanic); 4 when this host's KVM cannot run the
-guest's kernel code (run holdfast inside the nested test host: tests/testhost).
-Dropping unflushed bytes at the end (storage still broken) makes any of the 0 cases 1.
+A test's verdict: the guest ends its run by writing a status byte to I/O port 0x501
+(QEMU's isa-debug-exit; from a shell: printf '\\007' | dd of=/dev/port bs=1
+seek=1281), and holdfast exits with that status. The default guest's init runs the
+command in holdfast.run=\"...\" on the kernel command line and reports its status so.
+
+Exit status:
+  0    the guest powered off or rebooted, QMP quit, or a signal (holdfast does not
+       reset a guest; it exits, like QEMU -no-reboot)
+  N    the guest wrote N to the debug-exit port (0 to 255, as it is)
+  1    holdfast failed (a VMM error)
+  2    bad options
+  3    the guest's kernel panicked (pvpanic, or \"Kernel panic\" on its console)
+  4    this host's KVM cannot run the guest's kernel code (run holdfast inside the
+       nested test host: tests/testhost)
+  5    the kernel did not start the guest's init within --boot-timeout
+  6    the run ended with acknowledged bytes dropped (storage still broken at the end)
+On 3, 5 and 6 the console's last lines are printed on stderr. Where a guest's status
+may be one of holdfast's own, holdfast's last line on stderr says which it is.
 
 Signals: SIGTERM, SIGINT and SIGHUP end holdfast like QMP quit: the guest is paused,
 every disk's buffered bytes are written and flushed, and what cannot be is reported per
@@ -221,6 +242,10 @@ pub struct RunOpts {
     pub disks: Vec<DiskOpt>,
     pub serial: SerialOut,
     pub qmp: Option<PathBuf>,
+    /// `--boot-timeout`: how long the kernel has to start the guest's init.
+    pub boot_timeout: Option<std::time::Duration>,
+    /// `--name`.
+    pub name: Option<String>,
 }
 
 /// `holdfast run ARGS`: the options checked, or `None` for `--help`; an error says
@@ -286,7 +311,28 @@ impl RunArgs {
             }
             Some(v) => return Err(format!("--serial: `{v}` is not stdio, file:PATH or none")),
         };
+        let boot_timeout = match self.boot_timeout {
+            None => None,
+            Some(v) => match v.trim_end_matches('s').parse::<u64>() {
+                Ok(n) if (1..=86_400).contains(&n) => Some(std::time::Duration::from_secs(n)),
+                _ => {
+                    return Err(format!(
+                        "--boot-timeout: `{v}` is not a number of seconds from 1 to 86400"
+                    ))
+                }
+            },
+        };
+        if let Some(n) = &self.name {
+            if n.is_empty() || n.len() > 255 || n.chars().any(char::is_control) {
+                return Err(format!(
+                    "--name: `{}` is not a name (1 to 255 characters, no control characters)",
+                    n.escape_debug()
+                ));
+            }
+        }
         Ok(RunOpts {
+            name: self.name,
+            boot_timeout,
             kernel,
             initrd,
             cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),

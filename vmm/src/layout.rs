@@ -47,5 +47,8 @@ pub const ACPI_RESET: u16 = 0x604;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// The PCI reset control register.
 pub const PCI_RESET: u16 = 0xcf9;
+/// QEMU's isa-debug-exit port (its default iobase): the guest writes its status
+/// here to end the run; holdfast exits with that status.
+pub const DEBUG_EXIT: u16 = 0x501;
 /// QEMU's pvpanic port: the guest writes here when it panics.
 pub const PVPANIC: u16 = 0x505;

@@ -15,6 +15,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cli;
+pub mod console;
 pub mod devices;
 pub mod disk;
 pub mod host_signals;

@@ -199,6 +199,8 @@ fn run(opts: RunOpts) -> ExitCode {
             }
         },
     };
+    let (serial, console) = holdfast_vmm::console::Tap::new(serial);
+    let serial: Box<dyn std::io::Write + Send> = Box::new(serial);
     let mut disks = Vec::new();
     for d in &opts.disks {
         let options = FileOptions {
@@ -282,6 +284,7 @@ fn run(opts: RunOpts) -> ExitCode {
         mem: opts.mem,
         disks,
         serial,
+        name: opts.name.clone(),
     };
     // The QMP socket first: a bad --qmp fails before the guest starts.
     let qmp = match &opts.qmp {
@@ -321,6 +324,23 @@ fn run(opts: RunOpts) -> ExitCode {
     if let Err(e) = host_signals::forward_termination_signals(inbox.clone()) {
         eprintln!("holdfast run: cannot start the signal thread: {e}");
         return ExitCode::from(1);
+    }
+    if let Some(limit) = opts.boot_timeout {
+        let (inbox, console) = (inbox.clone(), console.clone());
+        let watcher = std::thread::Builder::new()
+            .name("boot-timeout".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                if !console.init_started() {
+                    let _ = inbox.send(owner::Input::BootTimeout {
+                        seconds: limit.as_secs(),
+                    });
+                }
+            });
+        if let Err(e) = watcher {
+            eprintln!("holdfast run: cannot start the boot-timeout thread: {e}");
+            return ExitCode::from(1);
+        }
     }
     let events = EventSink::new();
     if let Some((rt, server)) = qmp {
@@ -369,33 +389,74 @@ fn run(opts: RunOpts) -> ExitCode {
             dropped.push(r);
         }
     }
+    // A guest without pvpanic that panics with panic=-1 reboots: its console says why.
+    let exit = match exit {
+        Exit::Reboot | Exit::Poweroff if console.panicked() => Exit::GuestPanic,
+        other => other,
+    };
+    let last_lines = || {
+        eprintln!("holdfast run: the console's last lines:");
+        for line in console.last_lines() {
+            eprintln!("  | {line}");
+        }
+    };
     match exit {
-        Exit::Poweroff | Exit::Quit if dropped.is_empty() => ExitCode::SUCCESS,
-        Exit::Reboot if dropped.is_empty() => {
-            log::info!("the guest rebooted; holdfast exits instead of resetting it");
-            ExitCode::SUCCESS
-        }
-        Exit::Signal(name) if dropped.is_empty() => {
-            log::info!("ended by {name}; every disk's buffered bytes are on stable storage");
-            ExitCode::SUCCESS
-        }
-        Exit::Poweroff | Exit::Reboot | Exit::Quit | Exit::Signal(_) => ExitCode::from(1),
-        Exit::GuestPanic => {
-            log::error!("the guest panicked");
-            ExitCode::from(3)
+        Exit::Failed(message) => {
+            log::error!("exiting 1: {message}");
+            ExitCode::from(1)
         }
         Exit::EmulationFailure { cpu } => {
             log::error!(
-                "vCPU {cpu} stopped: this host's KVM could not run the guest's kernel code \
+                "exiting 4: vCPU {cpu} stopped: this host's KVM could not run the guest's kernel code \
                  (KVM internal error: emulation failure). On hosts whose /dev/kvm emulates guest \
                  kernel code instead of running it (no VT-x/AMD-V, e.g. kvm_pvm), run holdfast inside \
                  the nested test host instead: tests/testhost (README.md)."
             );
             ExitCode::from(4)
         }
-        Exit::Failed(message) => {
-            log::error!("{message}");
-            ExitCode::from(1)
+        _ if !dropped.is_empty() => {
+            last_lines();
+            log::error!(
+                "exiting 6: acknowledged bytes were dropped ({exit:?}; the guest's own status, if \
+                 any, is not the exit status)"
+            );
+            ExitCode::from(6)
+        }
+        Exit::GuestPanic => {
+            last_lines();
+            log::error!("exiting 3: the guest panicked");
+            ExitCode::from(3)
+        }
+        Exit::BootTimeout { seconds } => {
+            last_lines();
+            log::error!(
+                "exiting 5: the kernel did not start the guest's init within {seconds} s \
+                 (--boot-timeout; it says \"Run /init as init process\" on the console unless \
+                 the command line has quiet or a low loglevel)"
+            );
+            ExitCode::from(5)
+        }
+        Exit::GuestStatus(status) => {
+            log::info!("exiting {status}: the guest's status (the debug-exit port)");
+            ExitCode::from(status)
+        }
+        Exit::Poweroff => {
+            log::info!("exiting 0: the guest powered off");
+            ExitCode::SUCCESS
+        }
+        Exit::Quit => {
+            log::info!("exiting 0: QMP quit; every disk's buffered bytes are on stable storage");
+            ExitCode::SUCCESS
+        }
+        Exit::Reboot => {
+            log::info!("exiting 0: the guest rebooted (or system_reset); holdfast exits instead of resetting it");
+            ExitCode::SUCCESS
+        }
+        Exit::Signal(name) => {
+            log::info!(
+                "exiting 0: ended by {name}; every disk's buffered bytes are on stable storage"
+            );
+            ExitCode::SUCCESS
         }
     }
 }

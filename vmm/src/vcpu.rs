@@ -158,6 +158,8 @@ pub enum Want {
 pub struct Control {
     state: Mutex<(Want, bool /* parked */)>,
     changed: Condvar,
+    /// The vCPU thread's Linux thread id, once it runs (`query-cpus-fast`).
+    thread_id: std::sync::atomic::AtomicI32,
 }
 
 impl Control {
@@ -165,7 +167,13 @@ impl Control {
         Arc::new(Control {
             state: Mutex::new((Want::Run, false)),
             changed: Condvar::new(),
+            thread_id: std::sync::atomic::AtomicI32::new(0),
         })
+    }
+
+    /// The vCPU thread's Linux thread id (0 before it started).
+    pub fn thread_id(&self) -> i32 {
+        self.thread_id.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Want, bool)> {
@@ -233,6 +241,11 @@ pub fn run(
     events: Sender<Input>,
 ) {
     let _gone = ParkedWhenGone(&control);
+    // SAFETY: gettid(2) takes nothing and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    control
+        .thread_id
+        .store(tid, std::sync::atomic::Ordering::SeqCst);
     KVM_RUN.with(|r| r.set(vcpu.get_kvm_run() as *mut kvm_run));
     loop {
         if !control.park(&vcpu) {
@@ -243,6 +256,7 @@ pub fn run(
                 Request::Poweroff => Input::Poweroff,
                 Request::Reboot => Input::Reboot,
                 Request::Panic => Input::GuestPanic,
+                Request::Exit(status) => Input::GuestStatus(status),
             }),
             Ok(VcpuExit::IoIn(port, data)) => {
                 ports.read(port, data);

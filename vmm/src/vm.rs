@@ -36,6 +36,8 @@ pub struct VmConfig {
     pub mem: u64,
     pub disks: Vec<DiskSpec>,
     pub serial: Box<dyn Write + Send>,
+    /// `--name`: what `query-name` answers.
+    pub name: Option<String>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -88,6 +90,7 @@ pub struct Vm {
     /// Disks a refused `cont` replayed before another disk refused: the next `cont`
     /// that resumes reports them.
     replayed_before_a_refusal: Vec<Replayed>,
+    name: Option<String>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -105,6 +108,7 @@ impl Vm {
     /// Builds the machine and starts its vCPUs; they and the disks send the run-state
     /// owner's inputs to `inbox`.
     pub fn start(config: VmConfig, inbox: Inbox) -> Result<Vm, Error> {
+        let name = config.name.clone();
         let kvm = Kvm::new().map_err(Error::Kvm)?;
         let vm = kvm
             .create_vm()
@@ -240,6 +244,7 @@ impl Vm {
             workers_stop,
             reported_dropped: Vec::new(),
             replayed_before_a_refusal: Vec::new(),
+            name,
         })
     }
 
@@ -249,7 +254,7 @@ impl Vm {
     }
 
     /// What the owner reported dropped when it settled the disks at the end
-    /// (`X_UNFLUSHED_DROPPED`): holdfast exits 1 then, even if a hung call returned
+    /// (`X_UNFLUSHED_DROPPED`): holdfast exits 6 then, even if a hung call returned
     /// later and [`Vm::shutdown`] could write them after all.
     pub fn reported_dropped(&self) -> &[Dropped] {
         &self.reported_dropped
@@ -346,6 +351,14 @@ impl Lifecycle for Vm {
 
     fn disks(&self) -> Vec<DiskInfo> {
         self.slots.iter().map(|s| s.info()).collect()
+    }
+
+    fn name(&self) -> Option<String> {
+        self.name.clone()
+    }
+
+    fn cpu_threads(&self) -> Vec<i32> {
+        self.vcpus.iter().map(|(c, _)| c.thread_id()).collect()
     }
 
     fn calls(&self) -> Vec<DiskCall> {

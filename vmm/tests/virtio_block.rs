@@ -201,6 +201,13 @@ fn write_then_read_back() {
         .expect("read back");
     assert_eq!(back, [0xAB; 1024]);
     assert_eq!(&disk.contents()[1536..2560], &[0xAB; 1024][..]);
+    // query-blockstats' counters: one of each, their bytes.
+    let s = rig.slot.info().stats;
+    assert_eq!(
+        (s.wr_operations, s.wr_bytes, s.rd_operations, s.rd_bytes),
+        (1, 1024, 1, 1024)
+    );
+    assert_eq!((s.flush_operations, s.failed_flush_operations), (1, 0));
 }
 
 #[test]
@@ -489,6 +496,11 @@ fn host_error_stops_taking_requests_until_resume() {
         &disk.contents()[..1024],
         &[[5u8; 512], [6; 512]].concat()[..]
     );
+    // The flush that failed on the host was answered ok after the replay: the guest
+    // saw no failure, and the counters say what the guest saw.
+    let s = rig.slot.info().stats;
+    assert_eq!((s.wr_operations, s.flush_operations), (2, 1));
+    assert_eq!((s.failed_wr_operations, s.failed_flush_operations), (0, 0));
 }
 
 #[test]

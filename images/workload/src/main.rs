@@ -21,6 +21,9 @@
 //! record slot of FILE that holds record n intact, `CORRUPT <n>` for one that holds
 //! something else that is not zeroes, then `RECORDS <slots>`.
 //!
+//! `workload exit STATUS` writes STATUS to the debug-exit port (0x501), which ends
+//! the run of holdfast (or of QEMU with isa-debug-exit) with that status.
+//!
 //! `workload time-to MARKER -- CMD ARGS...` runs CMD, passes its output through,
 //! and prints `TIME-TO <ms>` once a line containing MARKER appeared (for boot-time
 //! benchmarks of VMMs whose guest prints MARKER on the serial console).
@@ -970,6 +973,10 @@ fn run(args: &[String]) -> Result<(), String> {
             sectors(device, &plan, &print_line).map(|_| ())
         }
         [cmd, image, console] if cmd == "verify-sectors" => verify_sectors(image, console),
+        [cmd, status] if cmd == "exit" => match num(status, "STATUS")? {
+            s @ 0..=255 => debug_exit(s as u8),
+            _ => Err("STATUS must be 0 to 255".into()),
+        },
         [cmd, socket, command] if cmd == "qmp" => qmp(socket, command, None),
         [cmd, socket, command, arguments] if cmd == "qmp" => qmp(socket, command, Some(arguments)),
         _ => Err(
@@ -977,10 +984,32 @@ fn run(args: &[String]) -> Result<(), String> {
                   workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
                   workload burst DEVICE MIB... | workload seqwrite FILE MIB | \
                   workload sectors DEVICE PHASES WRITES [--threads N] [--sync-every K] [--gate GATEDEV] [--seed S] | \
-                  workload verify-sectors IMAGE CONSOLE"
+                  workload verify-sectors IMAGE CONSOLE | workload exit STATUS"
                 .into(),
         ),
     }
+}
+
+/// QEMU's isa-debug-exit port, which holdfast's debug-exit device also takes.
+const DEBUG_EXIT_PORT: u16 = 0x501;
+
+/// `workload exit STATUS`: ends the virtual machine's run with STATUS, written to
+/// the debug-exit port (as root: ioperm), for kernels without /dev/port. Returns only
+/// if the write did not end the run (no such device).
+fn debug_exit(status: u8) -> Result<(), String> {
+    // SAFETY: ioperm(2) changes this process's I/O permission bitmap only.
+    if unsafe { libc::ioperm(u64::from(DEBUG_EXIT_PORT), 1, 1) } != 0 {
+        return Err(format!(
+            "ioperm({DEBUG_EXIT_PORT:#x}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `out` to a port this process was just given; it writes one byte to the
+    // device and touches no memory.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") DEBUG_EXIT_PORT, in("al") status, options(nomem, nostack));
+    }
+    Err("the debug-exit port did not end the run (not holdfast, nor QEMU's isa-debug-exit?)".into())
 }
 
 fn main() -> ExitCode {

@@ -26,6 +26,8 @@ pub enum Request {
     Poweroff,
     Reboot,
     Panic,
+    /// The guest ended its run with this status (the debug-exit port).
+    Exit(u8),
 }
 
 /// ACPI sleep control: SLP_EN (bit 5) with SLP_TYP (bits 2..4) = 5 (the DSDT's \_S5).
@@ -72,6 +74,11 @@ impl PortBus {
     }
 
     pub fn write(&self, port: u16, data: &[u8]) -> Option<Request> {
+        // The debug-exit port takes a byte, a word or a double word (QEMU's iosize);
+        // the status is the low byte.
+        if port == DEBUG_EXIT {
+            return data.first().map(|s| Request::Exit(*s));
+        }
         let [value] = data else { return None };
         match port {
             COM1..=0x3ff => {
@@ -132,6 +139,9 @@ mod tests {
         assert_eq!(bus.write(PCI_RESET, &[0x2]), None);
         assert_eq!(bus.write(PVPANIC, &[1]), Some(Request::Panic));
         assert_eq!(bus.write(PVPANIC, &[2]), None, "crash-loaded only");
+        assert_eq!(bus.write(DEBUG_EXIT, &[7]), Some(Request::Exit(7)));
+        assert_eq!(bus.write(DEBUG_EXIT, &[0, 0, 0, 0]), Some(Request::Exit(0)));
+        assert_eq!(bus.write(DEBUG_EXIT, &[]), None);
         let mut b = [0u8; 1];
         bus.read(0x80, &mut b);
         assert_eq!(b, [0xff]);

@@ -259,6 +259,7 @@ impl Slot {
     /// What the owner shows of the disk; while a host call hangs, the status its
     /// worker saw last and the call.
     pub fn info(&self) -> DiskInfo {
+        let stats = self.transport().device().stats();
         let (status, path, read_only, writeback) =
             match self.disk_within(Duration::ZERO, false, false) {
                 Ok(disk) => (
@@ -289,6 +290,7 @@ impl Slot {
             status,
             outstanding: self.watch.outstanding(),
             hang_timeout: self.hang_timeout,
+            stats,
         }
     }
 

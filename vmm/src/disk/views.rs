@@ -69,6 +69,8 @@ pub struct DiskInfo {
     pub outstanding: Option<Outstanding>,
     /// Past this, an outstanding call pauses the VM (`--disk hang-timeout=N`).
     pub hang_timeout: Option<Duration>,
+    /// What the guest's requests did (`query-blockstats`).
+    pub stats: crate::virtio::block::BlockStats,
 }
 
 /// A host call a disk is in.

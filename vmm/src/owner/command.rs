@@ -14,6 +14,10 @@ pub enum Command {
     Cont,
     Quit,
     QueryBlock,
+    QueryBlockstats,
+    QueryName,
+    QueryCpusFast,
+    SystemReset,
     XQueryUnflushed,
     XQueryTimings,
     XBlockFault {
@@ -61,6 +65,19 @@ pub const TABLE: &[(&str, Parse)] = &[
     ("cont", |a| bare(a, Command::Cont)),
     ("quit", |a| bare(a, Command::Quit)),
     ("query-block", |a| bare(a, Command::QueryBlock)),
+    ("query-blockstats", |a| {
+        // QEMU's arguments: per node (query-nodes) is not what holdfast has.
+        a.only(&["query-nodes"])?;
+        match a.opt_bool("query-nodes")? {
+            Some(true) => Err(QmpError::generic(
+                "query-blockstats: holdfast has no block nodes beyond its disks (query-nodes: false)",
+            )),
+            _ => Ok(Command::QueryBlockstats),
+        }
+    }),
+    ("query-name", |a| bare(a, Command::QueryName)),
+    ("query-cpus-fast", |a| bare(a, Command::QueryCpusFast)),
+    ("system_reset", |a| bare(a, Command::SystemReset)),
     ("x-query-unflushed", |a| bare(a, Command::XQueryUnflushed)),
     ("x-query-timings", |a| bare(a, Command::XQueryTimings)),
     ("x-block-fault", block_fault),

@@ -35,6 +35,10 @@ pub enum Input {
     Reboot,
     /// The guest said it panicked (pvpanic).
     GuestPanic,
+    /// The guest ended its run with a status (the debug-exit port).
+    GuestStatus(u8),
+    /// The guest did not reach its init within `--boot-timeout` (seconds).
+    BootTimeout { seconds: u64 },
     /// KVM could not run the guest's code on this vCPU.
     EmulationFailure { cpu: u8 },
     /// A vCPU failed for another reason.
@@ -67,6 +71,12 @@ pub enum Exit {
     Signal(&'static str),
     Reboot,
     GuestPanic,
+    /// The guest's status (the debug-exit port).
+    GuestStatus(u8),
+    /// No init within `--boot-timeout` (seconds); the disks were settled.
+    BootTimeout {
+        seconds: u64,
+    },
     EmulationFailure {
         cpu: u8,
     },

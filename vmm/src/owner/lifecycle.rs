@@ -38,4 +38,8 @@ pub trait Lifecycle {
     fn detach(&mut self, disk: &str) -> Result<(), AttachFailure>;
     /// Opens a detached disk's image again (`path`, or the one it had).
     fn attach(&mut self, disk: &str, path: Option<&Path>) -> Result<(), AttachFailure>;
+    /// The machine's name (`--name`), if it has one.
+    fn name(&self) -> Option<String>;
+    /// Each vCPU's Linux thread id, by index.
+    fn cpu_threads(&self) -> Vec<i32>;
 }

@@ -170,6 +170,9 @@ impl Owner {
                 emit(&self.events, events::GuestPanicked { action: "poweroff" });
                 self.guest_ended(Exit::GuestPanic, "guest-panic")
             }
+            (_, Input::GuestStatus(status)) => {
+                self.guest_ended(Exit::GuestStatus(status), "guest-shutdown")
+            }
             (_, Input::EmulationFailure { cpu }) => Step::End(Exit::EmulationFailure { cpu }),
             (_, Input::VcpuFailed { cpu, message }) => {
                 Step::End(Exit::Failed(format!("vCPU {cpu}: {message}")))
@@ -184,6 +187,14 @@ impl Owner {
                 log::error!("ending: pausing the guest and settling its disks");
                 self.settle_and_end(m, "host-error");
                 Step::End(Exit::Failed(format!("thread {thread} panicked: {message}")))
+            }
+            (_, Input::BootTimeout { seconds }) => {
+                log::error!(
+                    "the guest did not reach its init within {seconds} s (--boot-timeout): \
+                     pausing it and settling its disks"
+                );
+                self.settle_and_end(m, "host-error");
+                Step::End(Exit::BootTimeout { seconds })
             }
             (_, Input::HostSignal { name }) => {
                 log::info!("{name}: pausing the guest and settling its disks");
@@ -352,6 +363,17 @@ impl Owner {
                 return (Ok(json!({})), Step::End(Exit::Quit));
             }
             (_, Command::QueryBlock) => Ok(query_block(&m.disks())),
+            (_, Command::QueryBlockstats) => Ok(query_blockstats(&m.disks())),
+            (_, Command::QueryName) => Ok(match m.name() {
+                Some(name) => json!({ "name": name }),
+                None => json!({}),
+            }),
+            (_, Command::QueryCpusFast) => Ok(query_cpus_fast(&m.cpu_threads())),
+            // holdfast does not reset a guest; as QEMU -no-reboot, it ends instead.
+            (_, Command::SystemReset) => {
+                self.settle_and_end(m, "host-qmp-system-reset");
+                return (Ok(json!({})), Step::End(Exit::Reboot));
+            }
             (_, Command::XQueryUnflushed) => Ok(query_unflushed(&m.disks())),
             (_, Command::XQueryTimings) => Ok(self.timings.to_json()),
             (_, Command::XBlockFault { device, fault }) => block_fault(m, &device, fault),
@@ -446,6 +468,48 @@ fn disk_stopped(m: &impl Lifecycle, disk: &str) -> bool {
 
 fn errno_desc(e: &HostError) -> String {
     holdfast_block::strerror(e.errno)
+}
+
+/// `query-blockstats`: QEMU's `BlockStats` per disk, with the counters holdfast keeps.
+fn query_blockstats(disks: &[DiskInfo]) -> Value {
+    Value::Array(
+        disks
+            .iter()
+            .map(|d| {
+                let s = &d.stats;
+                json!({
+                    "device": d.id, "qdev": d.id, "node-name": d.id,
+                    "stats": {
+                        "rd_bytes": s.rd_bytes, "wr_bytes": s.wr_bytes, "unmap_bytes": s.unmap_bytes,
+                        "rd_operations": s.rd_operations, "wr_operations": s.wr_operations,
+                        "flush_operations": s.flush_operations, "unmap_operations": s.unmap_operations,
+                        "failed_rd_operations": s.failed_rd_operations,
+                        "failed_wr_operations": s.failed_wr_operations,
+                        "failed_flush_operations": s.failed_flush_operations,
+                        "failed_unmap_operations": s.failed_unmap_operations,
+                        "account_invalid": false, "account_failed": true,
+                    },
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `query-cpus-fast`: each vCPU's index and thread, as QEMU answers for x86_64.
+fn query_cpus_fast(threads: &[i32]) -> Value {
+    Value::Array(
+        threads
+            .iter()
+            .enumerate()
+            .map(|(i, tid)| {
+                json!({
+                    "cpu-index": i, "thread-id": tid, "target": "x86_64",
+                    "qom-path": format!("/machine/unattached/device[{i}]"),
+                    "props": {"socket-id": i, "core-id": 0, "thread-id": 0},
+                })
+            })
+            .collect(),
+    )
 }
 
 fn query_block(disks: &[DiskInfo]) -> Value {

@@ -68,6 +68,14 @@ impl Fake {
 }
 
 impl Lifecycle for Fake {
+    fn name(&self) -> Option<String> {
+        Some("fake".into())
+    }
+
+    fn cpu_threads(&self) -> Vec<i32> {
+        vec![101, 102]
+    }
+
     fn pause(&mut self) -> SavedClock {
         self.calls.push("pause".into());
         Some(kvm_bindings::kvm_clock_data {
@@ -121,6 +129,7 @@ impl Lifecycle for Fake {
             },
             outstanding: self.hanging.first().map(|c| c.call),
             hang_timeout: self.hanging.first().and_then(|c| c.hang_timeout),
+            stats: holdfast_vmm_stats(),
         }]
     }
 
@@ -152,6 +161,8 @@ enum Case {
     Poweroff,
     Reboot,
     GuestPanic,
+    GuestStatus,
+    BootTimeout,
     EmulationFailure,
     VcpuFailed,
     DeviceFailed,
@@ -172,6 +183,10 @@ enum Case {
     ContBusy,
     Quit,
     QueryBlock,
+    QueryBlockstats,
+    QueryName,
+    QueryCpusFast,
+    SystemReset,
     XQueryUnflushed,
     XQueryTimings,
     XBlockFault,
@@ -179,10 +194,12 @@ enum Case {
     XBlockAttach,
 }
 
-const CASES: [Case; 27] = [
+const CASES: [Case; 33] = [
     Case::Poweroff,
     Case::Reboot,
     Case::GuestPanic,
+    Case::GuestStatus,
+    Case::BootTimeout,
     Case::EmulationFailure,
     Case::VcpuFailed,
     Case::DeviceFailed,
@@ -202,6 +219,10 @@ const CASES: [Case; 27] = [
     Case::ContBusy,
     Case::Quit,
     Case::QueryBlock,
+    Case::QueryBlockstats,
+    Case::QueryName,
+    Case::QueryCpusFast,
+    Case::SystemReset,
     Case::XQueryUnflushed,
     Case::XQueryTimings,
     Case::XBlockFault,
@@ -216,6 +237,8 @@ fn case_of(input: &Input, resume: Resume, hanging: bool, stopped: bool) -> Case 
         Input::Poweroff => Case::Poweroff,
         Input::Reboot => Case::Reboot,
         Input::GuestPanic => Case::GuestPanic,
+        Input::GuestStatus(_) => Case::GuestStatus,
+        Input::BootTimeout { .. } => Case::BootTimeout,
         Input::EmulationFailure { .. } => Case::EmulationFailure,
         Input::VcpuFailed { .. } => Case::VcpuFailed,
         Input::DeviceFailed { .. } => Case::DeviceFailed,
@@ -240,6 +263,10 @@ fn case_of(input: &Input, resume: Resume, hanging: bool, stopped: bool) -> Case 
             },
             Command::Quit => Case::Quit,
             Command::QueryBlock => Case::QueryBlock,
+            Command::QueryBlockstats => Case::QueryBlockstats,
+            Command::QueryName => Case::QueryName,
+            Command::QueryCpusFast => Case::QueryCpusFast,
+            Command::SystemReset => Case::SystemReset,
             Command::XQueryUnflushed => Case::XQueryUnflushed,
             Command::XQueryTimings => Case::XQueryTimings,
             Command::XBlockFault { .. } => Case::XBlockFault,
@@ -282,6 +309,8 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
         Case::Poweroff => plain(Input::Poweroff),
         Case::Reboot => plain(Input::Reboot),
         Case::GuestPanic => plain(Input::GuestPanic),
+        Case::GuestStatus => plain(Input::GuestStatus(7)),
+        Case::BootTimeout => plain(Input::BootTimeout { seconds: 30 }),
         Case::EmulationFailure => plain(Input::EmulationFailure { cpu: 0 }),
         Case::VcpuFailed => plain(Input::VcpuFailed {
             cpu: 0,
@@ -311,6 +340,10 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
         Case::ContBusy => qmp(Command::Cont, Resume::Busy),
         Case::Quit => qmp(Command::Quit, Resume::Replays),
         Case::QueryBlock => qmp(Command::QueryBlock, Resume::Replays),
+        Case::QueryBlockstats => qmp(Command::QueryBlockstats, Resume::Replays),
+        Case::QueryName => qmp(Command::QueryName, Resume::Replays),
+        Case::QueryCpusFast => qmp(Command::QueryCpusFast, Resume::Replays),
+        Case::SystemReset => qmp(Command::SystemReset, Resume::Replays),
         Case::XQueryUnflushed => qmp(Command::XQueryUnflushed, Resume::Replays),
         Case::XQueryTimings => qmp(Command::XQueryTimings, Resume::Replays),
         Case::XBlockFault => qmp(
@@ -384,6 +417,8 @@ fn expect(state: RunState, case: Case) -> Expect {
     match case {
         Case::Poweroff => e(After::End(Exit::Poweroff), &["SHUTDOWN"], &[], None),
         Case::Reboot => e(After::End(Exit::Reboot), &["SHUTDOWN"], &[], None),
+        Case::GuestStatus => e(After::End(Exit::GuestStatus(7)), &["SHUTDOWN"], &[], None),
+        Case::BootTimeout => host_end(Exit::BootTimeout { seconds: 30 }, None),
         Case::GuestPanic => e(
             After::End(Exit::GuestPanic),
             &["GUEST_PANICKED", "SHUTDOWN"],
@@ -401,6 +436,7 @@ fn expect(state: RunState, case: Case) -> Expect {
         Case::ThreadPanicked => host_end(Exit::Failed("thread qmp panicked".into()), None),
         Case::HostSignal => host_end(Exit::Signal("SIGTERM"), None),
         Case::Quit => host_end(Exit::Quit, Some(true)),
+        Case::SystemReset => host_end(Exit::Reboot, Some(true)),
         Case::DeviceNeedsReset => e(same, &["X_DEVICE_NEEDS_RESET"], &[], None),
         Case::DiskErrorStop if running => e(
             After::State(IoError),
@@ -442,6 +478,9 @@ fn expect(state: RunState, case: Case) -> Expect {
         ),
         Case::QueryStatus
         | Case::QueryBlock
+        | Case::QueryBlockstats
+        | Case::QueryName
+        | Case::QueryCpusFast
         | Case::XQueryUnflushed
         | Case::XQueryTimings
         | Case::XBlockFault => e(same, &[], &[], Some(true)),
@@ -625,4 +664,39 @@ fn query_block_shows_the_outstanding_call() {
     assert_eq!(out["operation"], "flush");
     assert!(out["seconds"].as_f64().expect("seconds") >= 31.0, "{out}");
     assert_eq!(answer[0]["x-hang-timeout"], 30.0);
+}
+
+#[test]
+fn query_blockstats_name_and_cpus_answer_as_qemu_does() {
+    let mut owner = Owner::new(EventSink::new());
+    let mut fake = Fake::new(Resume::Replays);
+    let stats = ask(&mut owner, &mut fake, Command::QueryBlockstats).expect("stats");
+    assert_eq!(stats[0]["device"], "data");
+    assert_eq!(stats[0]["stats"]["rd_bytes"], 4096);
+    assert_eq!(stats[0]["stats"]["rd_operations"], 1);
+    assert_eq!(stats[0]["stats"]["flush_operations"], 2);
+    assert_eq!(stats[0]["stats"]["failed_wr_operations"], 1);
+    assert_eq!(stats[0]["stats"]["wr_bytes"], 0);
+    let name = ask(&mut owner, &mut fake, Command::QueryName).expect("name");
+    assert_eq!(name, serde_json::json!({"name": "fake"}));
+    let cpus = ask(&mut owner, &mut fake, Command::QueryCpusFast).expect("cpus");
+    assert_eq!(cpus[1]["cpu-index"], 1);
+    assert_eq!(cpus[1]["thread-id"], 102);
+    assert_eq!(cpus[1]["target"], "x86_64");
+    // query-nodes: true asks for what holdfast does not have, and says so.
+    let mut args = serde_json::Map::new();
+    args.insert("query-nodes".into(), serde_json::json!(true));
+    let e = Command::parse("query-blockstats", &holdfast_qmp::Args(args)).expect_err("refused");
+    assert!(e.desc.contains("query-nodes"), "{e}");
+}
+
+/// A disk's counters as the fake shows them.
+fn holdfast_vmm_stats() -> crate::virtio::block::BlockStats {
+    crate::virtio::block::BlockStats {
+        rd_bytes: 4096,
+        rd_operations: 1,
+        flush_operations: 2,
+        failed_wr_operations: 1,
+        ..Default::default()
+    }
 }

@@ -83,6 +83,9 @@ pub struct QueueRun {
 #[derive(Debug)]
 struct Inflight {
     head: u16,
+    /// What it counts as in [`BlockStats`], and its bytes.
+    kind: Kind,
+    bytes: u64,
     /// Device-writable data regions, status byte excluded.
     data: Vec<(GuestAddress, usize)>,
     status: GuestAddress,
@@ -148,7 +151,7 @@ pub enum Next {
 
 /// Writes this long or longer are taken as a [`GuestWrite`]: their host write need
 /// not wait for the copy that the unflushed buffer keeps (copying 1 MiB takes about
-/// as long as a fifth of QEMU's 1 MiB write in the test host, README). Shorter ones
+/// as long as a fifth of QEMU's 1 MiB write in the test host, docs/benchmarks.md). Shorter ones
 /// are copied at once (the copy is short, a second thread would cost more).
 pub const BORROW_FROM: usize = 64 << 10;
 
@@ -220,6 +223,7 @@ pub struct BlockDevice {
     next_tag: u64,
     /// How many times the driver reset the device.
     resets: u64,
+    stats: BlockStats,
 }
 
 impl BlockDevice {
@@ -255,6 +259,7 @@ impl BlockDevice {
             inflight: HashMap::new(),
             next_tag: 0,
             resets: 0,
+            stats: BlockStats::default(),
         }
     }
 
@@ -277,6 +282,11 @@ impl BlockDevice {
     /// memory of requests it had made.
     pub fn resets(&self) -> u64 {
         self.resets
+    }
+
+    /// What the device answered so far (`query-blockstats`).
+    pub fn stats(&self) -> BlockStats {
+        self.stats
     }
 
     pub fn read_only(&self) -> bool {
@@ -374,7 +384,8 @@ impl BlockDevice {
                 self.reject(mem, queue, rejected)?;
                 Ok(Next::Refused)
             }
-            Ok((taken, inflight)) => {
+            Ok((taken, mut inflight)) => {
+                (inflight.kind, inflight.bytes) = Kind::of(&taken);
                 self.next_tag += 1;
                 let tag = self.next_tag;
                 self.inflight.insert(tag, inflight);
@@ -473,6 +484,8 @@ impl BlockDevice {
                 Err(()) => status = Status::IoErr,
             }
         }
+        self.stats
+            .count(inflight.kind, inflight.bytes, status == Status::Ok);
         let used = match mem.write_obj(status.virtio_code(), inflight.status) {
             Ok(()) => written + 1,
             Err(_) => 0,
@@ -662,9 +675,89 @@ fn inflight(
 ) -> Inflight {
     Inflight {
         head,
+        kind: Kind::Other,
+        bytes: 0,
         data,
         status,
         pad_to,
+    }
+}
+
+/// A request's kind as [`BlockStats`] counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    Other,
+}
+
+impl Kind {
+    fn of(taken: &Taken) -> (Kind, u64) {
+        match taken {
+            Taken::Op(RequestOp::Read { len, .. }) => (Kind::Read, *len),
+            Taken::Op(RequestOp::Write { data, .. }) => (Kind::Write, data.len() as u64),
+            // QEMU counts write-zeroes as writes.
+            Taken::Op(RequestOp::WriteZeroes { len, .. }) => (Kind::Write, *len),
+            Taken::Op(RequestOp::Flush) => (Kind::Flush, 0),
+            Taken::Op(RequestOp::Discard { len, .. }) => (Kind::Discard, *len),
+            Taken::Op(RequestOp::GetId) => (Kind::Other, 0),
+            Taken::Write { runs, .. } => (Kind::Write, runs.iter().map(|r| r.len() as u64).sum()),
+        }
+    }
+}
+
+/// What a disk did for its guest since it started, as QEMU's `query-blockstats`
+/// counts it: requests answered, by kind, their bytes, and those that failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub unmap_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+    pub failed_rd_operations: u64,
+    pub failed_wr_operations: u64,
+    pub failed_flush_operations: u64,
+    pub failed_unmap_operations: u64,
+}
+
+impl BlockStats {
+    fn count(&mut self, kind: Kind, bytes: u64, ok: bool) {
+        let (ops, failed, total) = match kind {
+            Kind::Read => (
+                &mut self.rd_operations,
+                &mut self.failed_rd_operations,
+                Some(&mut self.rd_bytes),
+            ),
+            Kind::Write => (
+                &mut self.wr_operations,
+                &mut self.failed_wr_operations,
+                Some(&mut self.wr_bytes),
+            ),
+            Kind::Flush => (
+                &mut self.flush_operations,
+                &mut self.failed_flush_operations,
+                None,
+            ),
+            Kind::Discard => (
+                &mut self.unmap_operations,
+                &mut self.failed_unmap_operations,
+                Some(&mut self.unmap_bytes),
+            ),
+            Kind::Other => return,
+        };
+        if ok {
+            *ops += 1;
+            if let Some(t) = total {
+                *t += bytes;
+            }
+        } else {
+            *failed += 1;
+        }
     }
 }
 

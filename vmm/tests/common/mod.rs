@@ -99,6 +99,7 @@ pub fn counting_vm_with_disks(
         mem: 128 << 20,
         disks,
         serial: Box::new(std::io::sink()),
+        name: None,
     }
 }
 
