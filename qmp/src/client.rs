@@ -51,6 +51,8 @@ pub struct Client {
     stream: UnixStream,
     /// Bytes read and not yet split into lines.
     unread: Vec<u8>,
+    /// How much of `unread` is known to hold no newline.
+    scanned: usize,
     /// Events read while waiting for an answer, in order.
     events: VecDeque<Value>,
     /// The server's `{"QMP": ...}` greeting.
@@ -68,6 +70,7 @@ impl Client {
         let mut client = Client {
             stream,
             unread: Vec::new(),
+            scanned: 0,
             events: VecDeque::new(),
             greeting: Value::Null,
             next_id: 0,
@@ -234,8 +237,19 @@ impl Client {
 
     /// One JSON object from the server; `None` at the end of the connection.
     fn read_message(&mut self, deadline: Option<Instant>) -> Result<Option<Value>, ClientError> {
+        // One read is always tried, so that a deadline of now takes what has come.
+        let mut tried = false;
         loop {
-            if let Some(end) = self.unread.iter().position(|&b| b == b'\n') {
+            let newline = self.unread[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| self.scanned + i);
+            self.scanned = if newline.is_some() {
+                0
+            } else {
+                self.unread.len()
+            };
+            if let Some(end) = newline {
                 let line: Vec<u8> = self.unread.drain(..=end).collect();
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
@@ -253,6 +267,16 @@ impl Client {
                     MAX_LINE >> 20
                 )));
             }
+            // Checked before every read, not only when one times out: a server that
+            // keeps sending without ever ending a line must not outlast the deadline.
+            let timed_out = || ClientError::Timeout {
+                command: String::new(),
+                timeout: Duration::ZERO,
+            };
+            if tried && deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(timed_out());
+            }
+            tried = true;
             let wait = match deadline {
                 None => None,
                 Some(d) => {
@@ -274,14 +298,7 @@ impl Client {
                 }
                 Ok(n) => self.unread.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(ClientError::Timeout {
-                            command: String::new(),
-                            timeout: Duration::ZERO,
-                        });
-                    }
-                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(None),
                 Err(e) => return Err(ClientError::Io(e)),
             }

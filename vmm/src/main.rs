@@ -330,11 +330,17 @@ fn run(opts: RunOpts) -> ExitCode {
         let watcher = std::thread::Builder::new()
             .name("boot-timeout".into())
             .spawn(move || {
+                // The owner decides on the guest's running time (pauses do not count):
+                // asked each second from the limit on, until init starts or it ends.
                 std::thread::sleep(limit);
-                if !console.init_started() {
-                    let _ = inbox.send(owner::Input::BootTimeout {
+                while !console.init_started() {
+                    let asked = inbox.send(owner::Input::BootTimeout {
                         seconds: limit.as_secs(),
                     });
+                    if asked.is_err() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             });
         if let Err(e) = watcher {
@@ -401,6 +407,17 @@ fn run(opts: RunOpts) -> ExitCode {
         }
     };
     match exit {
+        _ if !dropped.is_empty() => {
+            last_lines();
+            if let Exit::Failed(message) = &exit {
+                log::error!("{message}");
+            }
+            log::error!(
+                "exiting 6: acknowledged bytes were dropped ({exit:?}; the guest's own status, if \
+                 any, is not the exit status)"
+            );
+            ExitCode::from(6)
+        }
         Exit::Failed(message) => {
             log::error!("exiting 1: {message}");
             ExitCode::from(1)
@@ -413,14 +430,6 @@ fn run(opts: RunOpts) -> ExitCode {
                  the nested test host instead: tests/testhost (README.md)."
             );
             ExitCode::from(4)
-        }
-        _ if !dropped.is_empty() => {
-            last_lines();
-            log::error!(
-                "exiting 6: acknowledged bytes were dropped ({exit:?}; the guest's own status, if \
-                 any, is not the exit status)"
-            );
-            ExitCode::from(6)
         }
         Exit::GuestPanic => {
             last_lines();

@@ -131,3 +131,61 @@ fn a_boot_that_starts_init_runs_past_the_boot_timeout() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_boot_timeout_waits_while_the_guest_is_paused() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let kernel = dir.path().join("guest.elf");
+    std::fs::write(&kernel, common::elf(&SPIN)).expect("guest");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = common::holdfast_run(&kernel)
+        .args(["--boot-timeout", "2", "--qmp"])
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("holdfast");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut qmp = holdfast_qmp::client::Client::connect(&sock).expect("qmp");
+    let mut ask = |command: &str| {
+        qmp.execute(command, None, Some(Duration::from_secs(10)))
+            .expect("answered")
+            .expect("ok")
+    };
+    ask("stop");
+    // Paused for twice the limit: the guest has not run 2 s, holdfast goes on.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the boot timeout ended a paused guest"
+    );
+    assert_eq!(ask("query-status")["status"], "paused");
+    ask("cont");
+    let out = child.wait_with_output().expect("exit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+}
+
+#[test]
+fn a_failed_last_flush_with_nothing_buffered_is_not_dropped_bytes() {
+    if !common::kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+    let plan = dir.path().join("plan.json");
+    std::fs::write(&plan, r#"{"rules": [{"op": "flush", "errno": "EIO"}]}"#).expect("plan");
+    let mut code = out_bytes(0x501, &[0]);
+    code.extend_from_slice(&SPIN);
+    let disk = format!("path={},faults={}", img.display(), plan.display());
+    let (code, err) = run(&code, &["--disk", &disk]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no acknowledged bytes are at risk"), "{err}");
+}

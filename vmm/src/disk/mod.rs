@@ -399,6 +399,13 @@ impl Slot {
     pub fn settle(&self, wait: Duration, patient: bool) -> Option<Dropped> {
         let mut disk = match self.disk_within(wait, patient, true) {
             Ok(disk) => disk,
+            Err(Busy(call)) if self.last_status().buffer.bytes == 0 => {
+                log::warn!(
+                    "disk {}: {call}; nothing was buffered: no acknowledged bytes are at risk",
+                    self.id
+                );
+                return None;
+            }
             Err(Busy(call)) => {
                 return Some(Dropped {
                     disk: self.id.clone(),
@@ -411,6 +418,16 @@ impl Slot {
             }
         };
         let e = disk.settle().err()?;
+        if e.unflushed_bytes == 0 {
+            // Every acknowledged write is covered by a flush that succeeded.
+            log::warn!(
+                "disk {}: the last host flush failed ({}), with nothing buffered: no \
+                 acknowledged bytes are at risk",
+                self.id,
+                e.error
+            );
+            return None;
+        }
         let why = if disk.is_detached() {
             "the disk is detached from its image".to_owned()
         } else {

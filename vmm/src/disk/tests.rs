@@ -602,12 +602,9 @@ fn a_hung_flush_holds_its_disk_only() {
         hung.change(|d| d.detach()),
         Err(AttachFailure::Busy { .. })
     ));
-    let dropped = hung.settle(HUNG_AFTER, false).expect("cannot settle");
-    assert!(
-        dropped.why.contains("cannot be cancelled"),
-        "{}",
-        dropped.why
-    );
+    // It cannot settle while the flush hangs; with nothing buffered (no write
+    // before the flush) no acknowledged bytes are at risk, and none are dropped.
+    assert_eq!(hung.settle(HUNG_AFTER, false), None);
     // The storage answers again: the flush completes, the disk is free.
     faults.clear_named("stall");
     worker.join().expect("worker");

@@ -117,6 +117,10 @@ pub struct Owner {
     events: EventSink,
     /// The host calls already reported as hung (disk, when the call started).
     hung: Vec<(String, Instant)>,
+    /// How long the guest ran before its last pause, and since when it runs now:
+    /// `--boot-timeout` counts only the time it runs.
+    ran: Duration,
+    running_since: Option<Instant>,
 }
 
 /// Runs the machine until it ends, taking its inputs from `inputs` (a [`TICK`]
@@ -151,16 +155,41 @@ impl Owner {
             timings: Timings::default(),
             events,
             hung: Vec::new(),
+            ran: Duration::ZERO,
+            running_since: (state == RunState::Running).then(Instant::now),
         }
+    }
+
+    /// How long the guest has run (its vCPUs, not counting pauses).
+    pub fn running_time(&self) -> Duration {
+        self.ran + self.running_since.map_or(Duration::ZERO, |s| s.elapsed())
     }
 
     pub fn state(&self) -> RunState {
         self.state
     }
 
+    /// One input, in the current state ([`Owner::transition`]), keeping count of the
+    /// time the guest runs.
+    pub fn step(&mut self, m: &mut impl Lifecycle, input: Input) -> Step {
+        let before = self.state;
+        let step = self.transition(m, input);
+        match (before == RunState::Running, self.state == RunState::Running) {
+            (true, false) => {
+                self.ran += self
+                    .running_since
+                    .take()
+                    .map_or(Duration::ZERO, |s| s.elapsed())
+            }
+            (false, true) => self.running_since = Some(Instant::now()),
+            _ => {}
+        }
+        step
+    }
+
     /// The transition function: one input, in the current state. Commands have
     /// their own table (`Owner::command`).
-    pub fn step(&mut self, m: &mut impl Lifecycle, input: Input) -> Step {
+    fn transition(&mut self, m: &mut impl Lifecycle, input: Input) -> Step {
         use RunState::{IoError, Paused, Running};
         match (self.state, input) {
             // The guest ends the machine.
@@ -188,7 +217,15 @@ impl Owner {
                 self.settle_and_end(m, "host-error");
                 Step::End(Exit::Failed(format!("thread {thread} panicked: {message}")))
             }
-            (_, Input::BootTimeout { seconds }) => {
+            // Only running time counts: a pause (the operator's, or on an I/O error
+            // with bytes to replay) holds the boot timeout too.
+            (Paused | IoError, Input::BootTimeout { .. }) => Step::Go,
+            (Running, Input::BootTimeout { seconds })
+                if self.running_time() < Duration::from_secs(seconds) =>
+            {
+                Step::Go
+            }
+            (Running, Input::BootTimeout { seconds }) => {
                 log::error!(
                     "the guest did not reach its init within {seconds} s (--boot-timeout): \
                      pausing it and settling its disks"

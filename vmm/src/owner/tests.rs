@@ -310,7 +310,7 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
         Case::Reboot => plain(Input::Reboot),
         Case::GuestPanic => plain(Input::GuestPanic),
         Case::GuestStatus => plain(Input::GuestStatus(7)),
-        Case::BootTimeout => plain(Input::BootTimeout { seconds: 30 }),
+        Case::BootTimeout => plain(Input::BootTimeout { seconds: 0 }),
         Case::EmulationFailure => plain(Input::EmulationFailure { cpu: 0 }),
         Case::VcpuFailed => plain(Input::VcpuFailed {
             cpu: 0,
@@ -418,7 +418,9 @@ fn expect(state: RunState, case: Case) -> Expect {
         Case::Poweroff => e(After::End(Exit::Poweroff), &["SHUTDOWN"], &[], None),
         Case::Reboot => e(After::End(Exit::Reboot), &["SHUTDOWN"], &[], None),
         Case::GuestStatus => e(After::End(Exit::GuestStatus(7)), &["SHUTDOWN"], &[], None),
-        Case::BootTimeout => host_end(Exit::BootTimeout { seconds: 30 }, None),
+        // Past the limit it ends a running guest; a paused one waits (running time).
+        Case::BootTimeout if running => host_end(Exit::BootTimeout { seconds: 0 }, None),
+        Case::BootTimeout => e(same, &[], &[], None),
         Case::GuestPanic => e(
             After::End(Exit::GuestPanic),
             &["GUEST_PANICKED", "SHUTDOWN"],
@@ -688,6 +690,33 @@ fn query_blockstats_name_and_cpus_answer_as_qemu_does() {
     args.insert("query-nodes".into(), serde_json::json!(true));
     let e = Command::parse("query-blockstats", &holdfast_qmp::Args(args)).expect_err("refused");
     assert!(e.desc.contains("query-nodes"), "{e}");
+}
+
+#[test]
+fn the_boot_timeout_counts_only_the_time_the_guest_runs() {
+    let mut owner = Owner::new(EventSink::new());
+    let mut fake = Fake::new(Resume::Replays);
+    // Under the limit: nothing happens.
+    assert_eq!(
+        owner.step(&mut fake, Input::BootTimeout { seconds: 3600 }),
+        Step::Go
+    );
+    ask(&mut owner, &mut fake, Command::Stop).expect("stop");
+    let paused_at = owner.running_time();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(owner.running_time(), paused_at, "a pause does not count");
+    // Past any limit, but paused: it waits.
+    assert_eq!(
+        owner.step(&mut fake, Input::BootTimeout { seconds: 0 }),
+        Step::Go
+    );
+    ask(&mut owner, &mut fake, Command::Cont).expect("cont");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(owner.running_time() > paused_at, "running counts again");
+    assert_eq!(
+        owner.step(&mut fake, Input::BootTimeout { seconds: 0 }),
+        Step::End(Exit::BootTimeout { seconds: 0 })
+    );
 }
 
 /// A disk's counters as the fake shows them.
