@@ -172,7 +172,8 @@ async def machine_queries(sock):
         stats = await qmp.execute("query-blockstats")
         check("query-blockstats has the disk's counters",
               stats[0]["device"] == "data" and stats[0]["stats"]["wr_operations"] == 0
-              and "failed_flush_operations" in stats[0]["stats"], stats)
+              and all(k in stats[0]["stats"] for k in ("failed_flush_operations", "invalid_rd_operations",
+                                                        "rd_total_time_ns", "x-unflushed-bytes", "x-replays")), stats)
         with qmp.listener() as listener:
             await qmp.execute("system_reset")
             event = await asyncio.wait_for(listener.get(), 10)

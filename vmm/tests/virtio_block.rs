@@ -204,10 +204,12 @@ fn write_then_read_back() {
     // query-blockstats' counters: one of each, their bytes.
     let s = rig.slot.info().stats;
     assert_eq!(
-        (s.wr_operations, s.wr_bytes, s.rd_operations, s.rd_bytes),
+        (s.wr.operations, s.wr.bytes, s.rd.operations, s.rd.bytes),
         (1, 1024, 1, 1024)
     );
-    assert_eq!((s.flush_operations, s.failed_flush_operations), (1, 0));
+    assert_eq!((s.flush.operations, s.flush.failed), (1, 0));
+    assert!(s.wr.total_time_ns > 0 && s.flush.total_time_ns > 0);
+    assert_eq!(s.replays, 0);
 }
 
 #[test]
@@ -419,6 +421,12 @@ fn malformed_chains_end_as_errors_not_crashes() {
     assert_eq!(status, S_UNSUPP);
     assert_eq!(used[&(unknown as u32)], 1);
     assert!(!rig.status().stopped);
+    // query-blockstats: refused as malformed once the header says what they are
+    // (the wild write; the odd and the huge read), answered with an error (the read
+    // past the end).
+    let stats = rig.slot.info().stats;
+    assert_eq!((stats.wr.invalid, stats.rd.invalid), (1, 2));
+    assert_eq!((stats.rd.failed, stats.rd.operations), (1, 0));
     assert!(
         disk.contents().iter().all(|&b| b == 0),
         "nothing reached the disk"
@@ -499,8 +507,9 @@ fn host_error_stops_taking_requests_until_resume() {
     // The flush that failed on the host was answered ok after the replay: the guest
     // saw no failure, and the counters say what the guest saw.
     let s = rig.slot.info().stats;
-    assert_eq!((s.wr_operations, s.flush_operations), (2, 1));
-    assert_eq!((s.failed_wr_operations, s.failed_flush_operations), (0, 0));
+    assert_eq!((s.wr.operations, s.flush.operations), (2, 1));
+    assert_eq!((s.wr.failed, s.flush.failed), (0, 0));
+    assert_eq!((s.replays, s.replayed_bytes), (1, 512));
 }
 
 #[test]

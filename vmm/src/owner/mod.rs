@@ -507,7 +507,8 @@ fn errno_desc(e: &HostError) -> String {
     holdfast_block::strerror(e.errno)
 }
 
-/// `query-blockstats`: QEMU's `BlockStats` per disk, with the counters holdfast keeps.
+/// `query-blockstats`: QEMU's `BlockStats` per disk, with the counters holdfast
+/// keeps, and its own: the unflushed bytes now and the replays.
 fn query_blockstats(disks: &[DiskInfo]) -> Value {
     Value::Array(
         disks
@@ -517,14 +518,24 @@ fn query_blockstats(disks: &[DiskInfo]) -> Value {
                 json!({
                     "device": d.id, "qdev": d.id, "node-name": d.id,
                     "stats": {
-                        "rd_bytes": s.rd_bytes, "wr_bytes": s.wr_bytes, "unmap_bytes": s.unmap_bytes,
-                        "rd_operations": s.rd_operations, "wr_operations": s.wr_operations,
-                        "flush_operations": s.flush_operations, "unmap_operations": s.unmap_operations,
-                        "failed_rd_operations": s.failed_rd_operations,
-                        "failed_wr_operations": s.failed_wr_operations,
-                        "failed_flush_operations": s.failed_flush_operations,
-                        "failed_unmap_operations": s.failed_unmap_operations,
-                        "account_invalid": false, "account_failed": true,
+                        "rd_bytes": s.rd.bytes, "wr_bytes": s.wr.bytes, "unmap_bytes": s.unmap.bytes,
+                        "rd_operations": s.rd.operations, "wr_operations": s.wr.operations,
+                        "flush_operations": s.flush.operations, "unmap_operations": s.unmap.operations,
+                        "rd_total_time_ns": s.rd.total_time_ns, "wr_total_time_ns": s.wr.total_time_ns,
+                        "flush_total_time_ns": s.flush.total_time_ns,
+                        "unmap_total_time_ns": s.unmap.total_time_ns,
+                        "failed_rd_operations": s.rd.failed, "failed_wr_operations": s.wr.failed,
+                        "failed_flush_operations": s.flush.failed,
+                        "failed_unmap_operations": s.unmap.failed,
+                        "invalid_rd_operations": s.rd.invalid, "invalid_wr_operations": s.wr.invalid,
+                        "invalid_flush_operations": s.flush.invalid,
+                        "invalid_unmap_operations": s.unmap.invalid,
+                        "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
+                        "idle_time_ns": 0,
+                        "account_invalid": true, "account_failed": true,
+                        "timed_stats": [],
+                        "x-unflushed-bytes": d.status.buffer.bytes,
+                        "x-replays": s.replays, "x-replayed-bytes": s.replayed_bytes,
                     },
                 })
             })

@@ -679,6 +679,11 @@ fn query_blockstats_name_and_cpus_answer_as_qemu_does() {
     assert_eq!(stats[0]["stats"]["flush_operations"], 2);
     assert_eq!(stats[0]["stats"]["failed_wr_operations"], 1);
     assert_eq!(stats[0]["stats"]["wr_bytes"], 0);
+    assert_eq!(stats[0]["stats"]["rd_total_time_ns"], 1000);
+    assert_eq!(stats[0]["stats"]["invalid_flush_operations"], 1);
+    assert_eq!(stats[0]["stats"]["x-replays"], 1);
+    assert_eq!(stats[0]["stats"]["x-replayed-bytes"], 512);
+    assert!(stats[0]["stats"]["x-unflushed-bytes"].is_u64());
     let name = ask(&mut owner, &mut fake, Command::QueryName).expect("name");
     assert_eq!(name, serde_json::json!({"name": "fake"}));
     let cpus = ask(&mut owner, &mut fake, Command::QueryCpusFast).expect("cpus");
@@ -721,11 +726,25 @@ fn the_boot_timeout_counts_only_the_time_the_guest_runs() {
 
 /// A disk's counters as the fake shows them.
 fn holdfast_vmm_stats() -> crate::virtio::block::BlockStats {
-    crate::virtio::block::BlockStats {
-        rd_bytes: 4096,
-        rd_operations: 1,
-        flush_operations: 2,
-        failed_wr_operations: 1,
+    use crate::virtio::block::{BlockStats, KindStats};
+    BlockStats {
+        rd: KindStats {
+            operations: 1,
+            bytes: 4096,
+            total_time_ns: 1000,
+            ..Default::default()
+        },
+        flush: KindStats {
+            operations: 2,
+            invalid: 1,
+            ..Default::default()
+        },
+        wr: KindStats {
+            failed: 1,
+            ..Default::default()
+        },
+        replays: 1,
+        replayed_bytes: 512,
         ..Default::default()
     }
 }

@@ -83,9 +83,10 @@ pub struct QueueRun {
 #[derive(Debug)]
 struct Inflight {
     head: u16,
-    /// What it counts as in [`BlockStats`], and its bytes.
+    /// What it counts as in [`BlockStats`], its bytes, and when it was taken.
     kind: Kind,
     bytes: u64,
+    taken: std::time::Instant,
     /// Device-writable data regions, status byte excluded.
     data: Vec<(GuestAddress, usize)>,
     status: GuestAddress,
@@ -99,6 +100,8 @@ struct Rejected {
     head: u16,
     status: Option<GuestAddress>,
     code: Status,
+    /// What the header asked for, if it could be read (`invalid_*` in [`BlockStats`]).
+    kind: Kind,
 }
 
 /// Changes the driver made that the engine has not had yet.
@@ -436,6 +439,8 @@ impl BlockDevice {
         queue: &mut Queue,
         report: holdfast_block::ReplayReport,
     ) -> Resumed {
+        self.stats.replays += 1;
+        self.stats.replayed_bytes += report.bytes_rewritten;
         let mut resumed = Resumed {
             used: 0,
             bytes_rewritten: report.bytes_rewritten,
@@ -484,8 +489,12 @@ impl BlockDevice {
                 Err(()) => status = Status::IoErr,
             }
         }
-        self.stats
-            .count(inflight.kind, inflight.bytes, status == Status::Ok);
+        self.stats.count(
+            inflight.kind,
+            inflight.bytes,
+            status == Status::Ok,
+            inflight.taken.elapsed(),
+        );
         let used = match mem.write_obj(status.virtio_code(), inflight.status) {
             Ok(()) => written + 1,
             Err(_) => 0,
@@ -501,6 +510,7 @@ impl BlockDevice {
         queue: &mut Queue,
         r: Rejected,
     ) -> Result<(), Error> {
+        self.stats.invalid(r.kind);
         let used = match r.status.map(|at| mem.write_obj(r.code.virtio_code(), at)) {
             Some(Ok(())) => 1,
             _ => 0,
@@ -582,7 +592,12 @@ where
     }
     // The status byte is the chain's last writable byte.
     let status = last_byte(&mut writable);
-    let reject = |code| Rejected { head, status, code };
+    let reject = |code| Rejected {
+        head,
+        status,
+        code,
+        kind: Kind::Other,
+    };
     let Some(status) = status else {
         return Err(reject(Status::IoErr));
     };
@@ -593,6 +608,13 @@ where
     }
     let header = gather(mem, &readable, 0, HEADER_SIZE).map_err(|()| reject(Status::IoErr))?;
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    // From here on a refusal says what kind of request it refused.
+    let reject = |code| Rejected {
+        head,
+        status: Some(status),
+        code,
+        kind: Kind::of_type(kind),
+    };
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let payload = readable_len - HEADER_SIZE;
     let offset = sector
@@ -677,6 +699,7 @@ fn inflight(
         head,
         kind: Kind::Other,
         bytes: 0,
+        taken: std::time::Instant::now(),
         data,
         status,
         pad_to,
@@ -694,6 +717,17 @@ enum Kind {
 }
 
 impl Kind {
+    /// A request type's kind (write-zeroes counts as a write, as in QEMU).
+    fn of_type(t: u32) -> Kind {
+        match t {
+            VIRTIO_BLK_T_IN => Kind::Read,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_WRITE_ZEROES => Kind::Write,
+            VIRTIO_BLK_T_FLUSH => Kind::Flush,
+            VIRTIO_BLK_T_DISCARD => Kind::Discard,
+            _ => Kind::Other,
+        }
+    }
+
     fn of(taken: &Taken) -> (Kind, u64) {
         match taken {
             Taken::Op(RequestOp::Read { len, .. }) => (Kind::Read, *len),
@@ -709,54 +743,57 @@ impl Kind {
 }
 
 /// What a disk did for its guest since it started, as QEMU's `query-blockstats`
-/// counts it: requests answered, by kind, their bytes, and those that failed.
+/// counts it: requests answered, by kind, their bytes and the time from taking them
+/// to answering, those answered with an error (`failed_*`) and those refused as
+/// malformed (`invalid_*`); and the replays that rewrote the buffer after outages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlockStats {
-    pub rd_bytes: u64,
-    pub wr_bytes: u64,
-    pub unmap_bytes: u64,
-    pub rd_operations: u64,
-    pub wr_operations: u64,
-    pub flush_operations: u64,
-    pub unmap_operations: u64,
-    pub failed_rd_operations: u64,
-    pub failed_wr_operations: u64,
-    pub failed_flush_operations: u64,
-    pub failed_unmap_operations: u64,
+    pub rd: KindStats,
+    pub wr: KindStats,
+    pub flush: KindStats,
+    pub unmap: KindStats,
+    /// Replays done (a `cont` after a host error), and the bytes they rewrote.
+    pub replays: u64,
+    pub replayed_bytes: u64,
+}
+
+/// One kind of request's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindStats {
+    pub operations: u64,
+    pub bytes: u64,
+    pub failed: u64,
+    pub invalid: u64,
+    pub total_time_ns: u64,
 }
 
 impl BlockStats {
-    fn count(&mut self, kind: Kind, bytes: u64, ok: bool) {
-        let (ops, failed, total) = match kind {
-            Kind::Read => (
-                &mut self.rd_operations,
-                &mut self.failed_rd_operations,
-                Some(&mut self.rd_bytes),
-            ),
-            Kind::Write => (
-                &mut self.wr_operations,
-                &mut self.failed_wr_operations,
-                Some(&mut self.wr_bytes),
-            ),
-            Kind::Flush => (
-                &mut self.flush_operations,
-                &mut self.failed_flush_operations,
-                None,
-            ),
-            Kind::Discard => (
-                &mut self.unmap_operations,
-                &mut self.failed_unmap_operations,
-                Some(&mut self.unmap_bytes),
-            ),
-            Kind::Other => return,
-        };
+    fn of_kind(&mut self, kind: Kind) -> Option<&mut KindStats> {
+        match kind {
+            Kind::Read => Some(&mut self.rd),
+            Kind::Write => Some(&mut self.wr),
+            Kind::Flush => Some(&mut self.flush),
+            Kind::Discard => Some(&mut self.unmap),
+            Kind::Other => None,
+        }
+    }
+
+    fn count(&mut self, kind: Kind, bytes: u64, ok: bool, took: std::time::Duration) {
+        let Some(k) = self.of_kind(kind) else { return };
         if ok {
-            *ops += 1;
-            if let Some(t) = total {
-                *t += bytes;
-            }
+            k.operations += 1;
+            k.bytes += bytes;
         } else {
-            *failed += 1;
+            k.failed += 1;
+        }
+        k.total_time_ns = k
+            .total_time_ns
+            .saturating_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    fn invalid(&mut self, kind: Kind) {
+        if let Some(k) = self.of_kind(kind) {
+            k.invalid += 1;
         }
     }
 }
