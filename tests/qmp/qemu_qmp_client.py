@@ -175,6 +175,11 @@ async def machine_queries(sock):
               and all(k in stats[0]["stats"] for k in ("failed_flush_operations", "invalid_rd_operations",
                                                         "rd_total_time_ns", "x-unflushed-bytes", "x-replays")), stats)
         with qmp.listener() as listener:
+            answer = await qmp.execute("system_powerdown")
+            event = await asyncio.wait_for(listener.get(), 10)
+            check("system_powerdown presses the power button (POWERDOWN)",
+                  answer == {} and event["event"] == "POWERDOWN", event)
+        with qmp.listener() as listener:
             await qmp.execute("system_reset")
             event = await asyncio.wait_for(listener.get(), 10)
             check("system_reset ends the run (as -no-reboot) with SHUTDOWN",

@@ -64,10 +64,32 @@ got=$(cat "$WORK/mnt/verdict" 2> /dev/null)
 umount "$WORK/mnt"
 [ "$got" = written-under-faults ] || fail "the file the guest wrote is not on the dm device ('$got')"
 
+# system_powerdown: the guest's ACPI power button (the GED's event); the default
+# guest's init powers off cleanly on it, whatever runs (here a long sleep): exit 0.
+"$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --serial stdio \
+    --qmp "$WORK/power.sock" --cmdline 'console=ttyS0 panic=-1 holdfast.run="sleep 600; exit 9"' \
+    > "$WORK/power.log" 2> "$WORK/power.err" &
+pid=$!
+i=0
+until grep -q "POWER BUTTON WAITING" "$WORK/power.log"; do
+    sleep 0.5; i=$((i + 1))
+    [ $i -lt 240 ] || { kill "$pid"; cat "$WORK/power.log"; fail "the guest's power-button watcher did not start"; }
+done
+"$HOLDFAST" qmp "$WORK/power.sock" system_powerdown > /dev/null || fail "holdfast qmp system_powerdown failed"
+i=0
+while kill -0 "$pid" 2> /dev/null; do
+    sleep 0.5; i=$((i + 1))
+    [ $i -lt 120 ] || { kill "$pid"; cat "$WORK/power.log"; fail "the guest did not power off on system_powerdown within 60 s"; }
+done
+wait "$pid"
+status=$?
+grep -q "GUEST POWER BUTTON" "$WORK/power.log" || { cat "$WORK/power.log"; fail "the guest did not see its power button"; }
+[ "$status" -eq 0 ] || { cat "$WORK/power.err"; fail "a power-off on system_powerdown ended holdfast with $status, not 0"; }
+
 # A command that panics the kernel (sysrq c): holdfast exits 3 and prints the
 # console's last lines.
 verdict crash 'echo c > /proc/sysrq-trigger'
 status=$?
 [ "$status" -eq 3 ] || { cat "$WORK/crash.log" "$WORK/crash.err"; fail "a panicking command ended holdfast with $status, not 3"; }
 grep -q "the console's last lines" "$WORK/crash.err" || fail "holdfast did not print the console's last lines on the panic"
-echo "SCENARIO OK exits: reboot ended holdfast with 0, panic (pvpanic) with 3; holdfast.run's 'exit 7' with 7 (holdfast qmp query-status beside it), also on a dm device under a seeded fault plan (its file on the device after the run); a panicking command with 3 and the console's last lines"
+echo "SCENARIO OK exits: reboot ended holdfast with 0, panic (pvpanic) with 3; holdfast.run's 'exit 7' with 7 (holdfast qmp query-status beside it), also on a dm device under a seeded fault plan (its file on the device after the run); a panicking command with 3 and the console's last lines; system_powerdown powered the guest off (0)"

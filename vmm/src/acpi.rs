@@ -53,32 +53,62 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
 }
 
 fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
-    let mut children: Vec<Raw> = Vec::new();
-    children.push(Raw(bytes(&aml::Device::new(
-        "COM1".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new(
-                "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![
-                    &aml::IO::new(COM1, COM1, 1, 8),
-                    &aml::Interrupt::new(true, true, false, false, SERIAL_IRQ),
-                ]),
-            ),
-        ],
-    ))));
-    children.push(Raw(bytes(&aml::Device::new(
-        "PEVT".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &"QEMU0001"),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new(
-                "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::IO::new(PVPANIC, PVPANIC, 1, 1)]),
-            ),
-        ],
-    ))));
+    let mut children: Vec<Raw> = vec![
+        Raw(bytes(&aml::Device::new(
+            "COM1".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::IO::new(COM1, COM1, 1, 8),
+                        &aml::Interrupt::new(true, true, false, false, SERIAL_IRQ),
+                    ]),
+                ),
+            ],
+        ))),
+        Raw(bytes(&aml::Device::new(
+            "PEVT".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"QEMU0001"),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![&aml::IO::new(PVPANIC, PVPANIC, 1, 1)]),
+                ),
+            ],
+        ))),
+        // The power button, a control-method device (the FADT's PWR_BUTTON flag), which
+        // the Generic Event Device notifies when its interrupt fires (system_powerdown).
+        Raw(bytes(&aml::Device::new(
+            "PWRB".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+            ],
+        ))),
+        Raw(bytes(&aml::Device::new(
+            "GED_".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"ACPI0013"),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                        true, true, false, false, GED_IRQ,
+                    )]),
+                ),
+                // Its one event: the power button was pressed (Notify 0x80).
+                &aml::Method::new(
+                    "_EVT".into(),
+                    1,
+                    true,
+                    vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                ),
+            ],
+        ))),
+    ];
     for (i, d) in devices.iter().enumerate() {
         let uid = i as u32;
         children.push(Raw(bytes(&aml::Device::new(
@@ -197,6 +227,10 @@ mod tests {
         let d = dsdt(&devices);
         let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"LNRO0005") && has(b"QEMU0001") && has(b"_S5_"));
+        assert!(
+            has(b"ACPI0013") && has(b"_EVT") && has(b"PWRB"),
+            "the GED and the power button"
+        );
         let m = madt(2);
         assert_eq!(m.len(), 44 + 2 * 8 + 12, "header, 2 local APICs, 1 IOAPIC");
     }

@@ -161,7 +161,8 @@ in holdfast's memory until storage is back.
                         deliberately broken holdfast (x-lying-flush)
 
 QMP (--qmp): query-status, stop, cont, quit, query-block, query-blockstats, query-name,
-query-cpus-fast, system_reset (holdfast exits, as QEMU -no-reboot does), and holdfast's
+query-cpus-fast, system_reset (holdfast exits, as QEMU -no-reboot does),
+system_powerdown (the guest's ACPI power button; event POWERDOWN), and holdfast's
 x-query-unflushed, x-block-fault, x-query-timings, x-block-detach and x-block-attach;
 events STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR, X_BLOCK_REPLAY, X_UNFLUSHED_DROPPED,
 X_DEVICE_NEEDS_RESET (the guest broke a disk's queue). A stale socket at PATH is
@@ -296,6 +297,13 @@ impl RunArgs {
             }
         };
         let mut disks = Vec::new();
+        if self.disks.len() > crate::layout::MAX_DISKS {
+            return Err(format!(
+                "--disk: at most {} disks (one interrupt line each), not {}",
+                crate::layout::MAX_DISKS,
+                self.disks.len()
+            ));
+        }
         for spec in &self.disks {
             let d = parse_disk(spec, disks.len()).map_err(|e| format!("--disk: {e}"))?;
             if disks.iter().any(|o: &DiskOpt| o.id == d.id) {
@@ -541,6 +549,26 @@ mod tests {
         assert!(parse_size("99999999999999T")
             .expect_err("overflow")
             .contains("too large"));
+    }
+
+    #[test]
+    fn at_most_as_many_disks_as_interrupt_lines_and_names_checked() {
+        let (_d, f) = file();
+        let mut a = args(&["--kernel", &f]);
+        for i in 0..=crate::layout::MAX_DISKS {
+            a.push("--disk".into());
+            a.push(format!("path={f},id=d{i}"));
+        }
+        let e = parse_run(&a).expect_err("too many");
+        assert!(e.contains("at most 18 disks"), "{e}");
+        a.truncate(2 + 2 * crate::layout::MAX_DISKS);
+        assert!(parse_run(&a).is_ok());
+        let e = parse_run(&args(&["--kernel", &f, "--name", ""])).expect_err("empty");
+        assert!(e.starts_with("--name: "), "{e}");
+        let ok = parse_run(&args(&["--kernel", &f, "--name", "vm-1"]))
+            .expect("valid")
+            .expect("not help");
+        assert_eq!(ok.name.as_deref(), Some("vm-1"));
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub const LAPIC: u64 = 0xfee0_0000;
 pub const SERIAL_IRQ: u32 = 4;
 /// The first virtio device's line; the next ones follow.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// The ACPI Generic Event Device's line (the power button, `system_powerdown`): the
+/// last IOAPIC pin, so the disks have 5..=22.
+pub const GED_IRQ: u32 = 23;
+/// The most disks a machine takes (one interrupt line each, below the GED's).
+pub const MAX_DISKS: usize = (GED_IRQ - VIRTIO_IRQ_BASE) as usize;
 /// ACPI's SCI (unused by a hardware-reduced platform, but declared).
 pub const SCI_IRQ: u16 = 9;
 

@@ -91,6 +91,8 @@ pub struct Vm {
     /// that resumes reports them.
     replayed_before_a_refusal: Vec<Replayed>,
     name: Option<String>,
+    /// The Generic Event Device's interrupt: the power button (`system_powerdown`).
+    power_button: EventFd,
 }
 
 impl std::fmt::Debug for Vm {
@@ -186,6 +188,9 @@ impl Vm {
         )?;
         crate::acpi::write(&mem, config.cpus, &acpi_devices)?;
 
+        let power_button = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?;
+        vm.register_irqfd(&power_button, GED_IRQ)
+            .map_err(|e| Error::Create("KVM_IRQFD", e))?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Plumbing)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| Error::Create("KVM_IRQFD", e))?;
@@ -245,6 +250,7 @@ impl Vm {
             reported_dropped: Vec::new(),
             replayed_before_a_refusal: Vec::new(),
             name,
+            power_button,
         })
     }
 
@@ -359,6 +365,12 @@ impl Lifecycle for Vm {
 
     fn cpu_threads(&self) -> Vec<i32> {
         self.vcpus.iter().map(|(c, _)| c.thread_id()).collect()
+    }
+
+    fn press_power_button(&mut self) -> Result<(), String> {
+        self.power_button
+            .write(1)
+            .map_err(|e| format!("cannot raise the power button's interrupt: {e}"))
     }
 
     fn calls(&self) -> Vec<DiskCall> {

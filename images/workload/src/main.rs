@@ -21,6 +21,9 @@
 //! record slot of FILE that holds record n intact, `CORRUPT <n>` for one that holds
 //! something else that is not zeroes, then `RECORDS <slots>`.
 //!
+//! `workload power-button` waits for the power key on an input device (the ACPI
+//! power button, pressed by QMP's system_powerdown), prints `POWER BUTTON` and exits 0.
+//!
 //! `workload exit STATUS` writes STATUS to the debug-exit port (0x501), which ends
 //! the run of holdfast (or of QEMU with isa-debug-exit) with that status.
 //!
@@ -973,6 +976,7 @@ fn run(args: &[String]) -> Result<(), String> {
             sectors(device, &plan, &print_line).map(|_| ())
         }
         [cmd, image, console] if cmd == "verify-sectors" => verify_sectors(image, console),
+        [cmd] if cmd == "power-button" => power_button(),
         [cmd, status] if cmd == "exit" => match num(status, "STATUS")? {
             s @ 0..=255 => debug_exit(s as u8),
             _ => Err("STATUS must be 0 to 255".into()),
@@ -984,9 +988,72 @@ fn run(args: &[String]) -> Result<(), String> {
                   workload time-to MARKER -- CMD [ARGS...] | workload qmp SOCKET COMMAND [ARGUMENTS-JSON] | workload relay PORT SOCKET | \
                   workload burst DEVICE MIB... | workload seqwrite FILE MIB | \
                   workload sectors DEVICE PHASES WRITES [--threads N] [--sync-every K] [--gate GATEDEV] [--seed S] | \
-                  workload verify-sectors IMAGE CONSOLE | workload exit STATUS"
+                  workload verify-sectors IMAGE CONSOLE | workload exit STATUS | workload power-button"
                 .into(),
         ),
+    }
+}
+
+/// `workload power-button`: waits until an input device (/dev/input/event*) reports
+/// the power key pressed (the ACPI power button: holdfast's or QEMU's
+/// system_powerdown), prints `POWER BUTTON` and returns (`POWER BUTTON WAITING`
+/// once it watches a device). Devices that appear later
+/// are looked for every second.
+fn power_button() -> Result<(), String> {
+    use std::os::unix::io::AsRawFd;
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    /// struct input_event on x86_64: a timeval, then type, code, value.
+    const EVENT_SIZE: usize = 24;
+    let mut open: Vec<(String, std::fs::File)> = Vec::new();
+    let mut said = false;
+    loop {
+        if let Ok(dir) = std::fs::read_dir("/dev/input") {
+            for entry in dir.flatten() {
+                let path = entry.path().display().to_string();
+                if path.contains("/event") && !open.iter().any(|(p, _)| *p == path) {
+                    if let Ok(f) = std::fs::File::open(&path) {
+                        open.push((path, f));
+                    }
+                }
+            }
+        }
+        if !said && !open.is_empty() {
+            println!("POWER BUTTON WAITING ({} input devices)", open.len());
+            said = true;
+        }
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|(_, f)| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd of the length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if n <= 0 {
+            continue;
+        }
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            let mut buf = [0u8; EVENT_SIZE * 16];
+            let got = open[i]
+                .1
+                .read(&mut buf)
+                .map_err(|e| format!("{}: {e}", open[i].0))?;
+            for ev in buf[..got].chunks_exact(EVENT_SIZE) {
+                let kind = u16::from_le_bytes([ev[16], ev[17]]);
+                let code = u16::from_le_bytes([ev[18], ev[19]]);
+                let value = i32::from_le_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                if kind == EV_KEY && code == KEY_POWER && value == 1 {
+                    println!("POWER BUTTON");
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub enum Command {
     QueryName,
     QueryCpusFast,
     SystemReset,
+    SystemPowerdown,
     XQueryUnflushed,
     XQueryTimings,
     XBlockFault {
@@ -78,6 +79,7 @@ pub const TABLE: &[(&str, Parse)] = &[
     ("query-name", |a| bare(a, Command::QueryName)),
     ("query-cpus-fast", |a| bare(a, Command::QueryCpusFast)),
     ("system_reset", |a| bare(a, Command::SystemReset)),
+    ("system_powerdown", |a| bare(a, Command::SystemPowerdown)),
     ("x-query-unflushed", |a| bare(a, Command::XQueryUnflushed)),
     ("x-query-timings", |a| bare(a, Command::XQueryTimings)),
     ("x-block-fault", block_fault),

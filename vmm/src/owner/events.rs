@@ -78,6 +78,14 @@ impl Event for Stop {
     const NAME: &'static str = "STOP";
 }
 
+/// `POWERDOWN`: the guest's power button was pressed (`system_powerdown`).
+#[derive(Debug, Serialize)]
+pub struct Powerdown;
+
+impl Event for Powerdown {
+    const NAME: &'static str = "POWERDOWN";
+}
+
 /// `RESUME`: the vCPUs run again.
 #[derive(Debug, Serialize)]
 pub struct Resume;

@@ -42,4 +42,7 @@ pub trait Lifecycle {
     fn name(&self) -> Option<String>;
     /// Each vCPU's Linux thread id, by index.
     fn cpu_threads(&self) -> Vec<i32>;
+    /// Presses the ACPI power button (the guest decides what to do; a paused guest
+    /// sees it when it runs again).
+    fn press_power_button(&mut self) -> Result<(), String>;
 }

@@ -406,6 +406,13 @@ impl Owner {
                 None => json!({}),
             }),
             (_, Command::QueryCpusFast) => Ok(query_cpus_fast(&m.cpu_threads())),
+            (_, Command::SystemPowerdown) => m
+                .press_power_button()
+                .map(|()| {
+                    emit(&self.events, events::Powerdown);
+                    json!({})
+                })
+                .map_err(QmpError::generic),
             // holdfast does not reset a guest; as QEMU -no-reboot, it ends instead.
             (_, Command::SystemReset) => {
                 self.settle_and_end(m, "host-qmp-system-reset");

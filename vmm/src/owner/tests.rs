@@ -76,6 +76,11 @@ impl Lifecycle for Fake {
         vec![101, 102]
     }
 
+    fn press_power_button(&mut self) -> Result<(), String> {
+        self.calls.push("power button".into());
+        Ok(())
+    }
+
     fn pause(&mut self) -> SavedClock {
         self.calls.push("pause".into());
         Some(kvm_bindings::kvm_clock_data {
@@ -187,6 +192,7 @@ enum Case {
     QueryName,
     QueryCpusFast,
     SystemReset,
+    SystemPowerdown,
     XQueryUnflushed,
     XQueryTimings,
     XBlockFault,
@@ -194,7 +200,7 @@ enum Case {
     XBlockAttach,
 }
 
-const CASES: [Case; 33] = [
+const CASES: [Case; 34] = [
     Case::Poweroff,
     Case::Reboot,
     Case::GuestPanic,
@@ -223,6 +229,7 @@ const CASES: [Case; 33] = [
     Case::QueryName,
     Case::QueryCpusFast,
     Case::SystemReset,
+    Case::SystemPowerdown,
     Case::XQueryUnflushed,
     Case::XQueryTimings,
     Case::XBlockFault,
@@ -267,6 +274,7 @@ fn case_of(input: &Input, resume: Resume, hanging: bool, stopped: bool) -> Case 
             Command::QueryName => Case::QueryName,
             Command::QueryCpusFast => Case::QueryCpusFast,
             Command::SystemReset => Case::SystemReset,
+            Command::SystemPowerdown => Case::SystemPowerdown,
             Command::XQueryUnflushed => Case::XQueryUnflushed,
             Command::XQueryTimings => Case::XQueryTimings,
             Command::XBlockFault { .. } => Case::XBlockFault,
@@ -344,6 +352,7 @@ fn input_and_resume(case: Case) -> (Input, Resume, Option<Reply>) {
         Case::QueryName => qmp(Command::QueryName, Resume::Replays),
         Case::QueryCpusFast => qmp(Command::QueryCpusFast, Resume::Replays),
         Case::SystemReset => qmp(Command::SystemReset, Resume::Replays),
+        Case::SystemPowerdown => qmp(Command::SystemPowerdown, Resume::Replays),
         Case::XQueryUnflushed => qmp(Command::XQueryUnflushed, Resume::Replays),
         Case::XQueryTimings => qmp(Command::XQueryTimings, Resume::Replays),
         Case::XBlockFault => qmp(
@@ -439,6 +448,8 @@ fn expect(state: RunState, case: Case) -> Expect {
         Case::HostSignal => host_end(Exit::Signal("SIGTERM"), None),
         Case::Quit => host_end(Exit::Quit, Some(true)),
         Case::SystemReset => host_end(Exit::Reboot, Some(true)),
+        // In any state: a paused guest sees the press when it runs again.
+        Case::SystemPowerdown => e(same, &["POWERDOWN"], &["power button"], Some(true)),
         Case::DeviceNeedsReset => e(same, &["X_DEVICE_NEEDS_RESET"], &[], None),
         Case::DiskErrorStop if running => e(
             After::State(IoError),
