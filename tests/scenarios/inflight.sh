@@ -92,7 +92,7 @@ run_phases() { # label, holdfast|qemu, extra disk options
     row_paused="error: io-error"
     if [ "$kind" = holdfast ]; then
         end_outage
-        q cont || fail "cont failed after the outage ($recovery)"
+        holdfast_cont_after_outage
         resumed=yes
     else
         linear || fail "cannot end the outage"

@@ -9,7 +9,11 @@ Usage: python3 outage-client.client.py QMP CTL_TO_SCENARIO CTL_FROM_SCENARIO
 The control channel (a socket for both directions, or two FIFOs) carries one word a
 line: hello, started, connected, outage, end-outage, ended, async-done, then
 started, connected, outage, end-outage, ended, done for the second outage (or
-`fail WHY`).
+`fail WHY`). After `ended`, a cont that fails with the host file system's error makes
+the client say `recheck`, as an operator would look again: the host file system can
+go down a moment after the scenario found it working (ext4 aborts its journal when a
+commit that met the outage completes); the scenario answers `repaired` (it was
+down: detached, repaired, attached) or `not-down` (then the failed cont is a defect).
 Prints one line per check and exits 1 on the first failure.
 """
 
@@ -75,6 +79,17 @@ async def expect(ctl, word):
     check(f"the scenario says {word}", got == word, got)
 
 
+def recheck(desc):
+    """The operator's second look after a cont failed once the outage ended."""
+    print(f"     cont after the outage ended failed: {desc}", flush=True)
+    check("the failed cont names the host's error and says what to do",
+          ("EIO" in desc or "EROFS" in desc) and "x-block-detach" in desc, desc)
+    ctl.say("recheck")
+    word = ctl.hear()
+    check("the host file system had gone down after the outage ended (repaired, attached)",
+          word == "repaired", word)
+
+
 async def next_event(listener, name, seconds):
     """The next event named `name` (others are printed and skipped)."""
     deadline = time.time() + seconds
@@ -138,7 +153,13 @@ async def main():
 
         ctl.say("end-outage")
         await expect(ctl, "ended")
-        reply = await qmp.execute("cont")
+        try:
+            reply = await qmp.execute("cont")
+        except ExecuteError as e:
+            failed = await next_event(listener, "X_BLOCK_REPLAY", 10)
+            check("X_BLOCK_REPLAY says the replay failed", failed["data"].get("outcome") == "failed", failed)
+            await asyncio.to_thread(recheck, str(e))
+            reply = await qmp.execute("cont")
         check("cont after the outage ended succeeds", reply == {}, reply)
         replay = await next_event(listener, "X_BLOCK_REPLAY", 10)
         check("X_BLOCK_REPLAY reports the replay",
@@ -192,6 +213,11 @@ def legacy_phase():
     ctl.say("end-outage")
     check("the scenario says ended (the second outage)", ctl.hear() == "ended")
     raw = qmp.cmd_raw("cont")
+    if "error" in raw:
+        failed = legacy_next_event(qmp, "X_BLOCK_REPLAY", 10)
+        check("legacy: X_BLOCK_REPLAY says the replay failed", failed["data"].get("outcome") == "failed", failed)
+        recheck(raw["error"].get("desc", ""))
+        raw = qmp.cmd_raw("cont")
     check("legacy: cont after the outage succeeds", raw.get("return") == {}, raw)
     replay = legacy_next_event(qmp, "X_BLOCK_REPLAY", 10)
     check("legacy: X_BLOCK_REPLAY says ok", replay["data"].get("outcome") == "ok", replay)
