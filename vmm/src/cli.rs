@@ -86,7 +86,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<String>,
     /// End the run (status 5) if the kernel has not started the guest's init within
-    /// this many seconds (it says "Run /init as init process" on the console)
+    /// this many seconds of running: the kernel says "Run /init as init process" on the
+    /// console, or (with `quiet`) a line that is not a kernel message appears there
     #[arg(long, value_name = "SECONDS")]
     pub boot_timeout: Option<String>,
     /// The machine's name, as QMP's query-name answers it (QEMU's -name)

@@ -71,13 +71,44 @@ impl Watch {
 
     fn look_at(&self, line: &str) {
         // init/main.c: "Run %s as init process"; panic.c: "Kernel panic - not syncing".
-        if line.contains("Run ") && line.contains(" as init process") {
+        // With `quiet` the kernel keeps its "Run" line to itself (KERN_INFO): then the
+        // first line that is not the kernel's says that user space runs.
+        if (line.contains("Run ") && line.contains(" as init process")) || from_user_space(line) {
             self.init_started.store(true, Ordering::SeqCst);
         }
         if line.contains("Kernel panic - not syncing") {
             self.panicked.store(true, Ordering::SeqCst);
         }
     }
+}
+
+/// Whether a console line was written by the guest's user space: it is not empty,
+/// does not start with the kernel's printk timestamp (`[    1.234567] `, on in the
+/// kernels distributions build) and is not one of the lines the x86 decompressor
+/// prints before the kernel's own (with `earlyprintk`). A kernel built without printk
+/// timestamps reads as user space: the boot timeout then never fires, rather than
+/// end a guest that runs.
+fn from_user_space(line: &str) -> bool {
+    let line = line.trim();
+    if line.is_empty() {
+        return false;
+    }
+    if let Some(rest) = line.strip_prefix('[') {
+        if let Some((stamp, _)) = rest.split_once(']') {
+            let stamp = stamp.trim();
+            if !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                return false;
+            }
+        }
+    }
+    const DECOMPRESSOR: [&str; 5] = [
+        "early console in",
+        "Decompressing Linux",
+        "Parsing ELF",
+        "Performing relocations",
+        "Booting the kernel",
+    ];
+    !DECOMPRESSOR.iter().any(|p| line.starts_with(p))
 }
 
 /// The console's writer: passes every byte on and shows it to its [`Watch`].
@@ -125,7 +156,7 @@ mod tests {
     fn keeps_the_last_lines_and_sees_init_and_panics() {
         let (mut tap, watch) = Tap::new(Box::new(std::io::sink()));
         for i in 0..30 {
-            write!(tap, "line {i}\r\n").expect("write");
+            write!(tap, "[    0.{i:06}] line {i}\r\n").expect("write");
         }
         assert!(!watch.init_started() && !watch.panicked());
         tap.write_all(b"[    1.0] Run /init as init process\n")
@@ -137,8 +168,35 @@ mod tests {
         let last = watch.last_lines();
         assert_eq!(last.len(), LAST_LINES);
         assert_eq!(last[LAST_LINES - 1], "half");
-        assert_eq!(last[0], "line 13");
+        assert_eq!(last[0], "[    0.000013] line 13");
         assert!(last[LAST_LINES - 3].ends_with("as init process"));
+    }
+
+    #[test]
+    fn with_quiet_the_first_line_of_user_space_says_init_runs() {
+        let kernel = [
+            "",
+            "\r",
+            "Decompressing Linux... Parsing ELF... done.",
+            "Booting the kernel.",
+            "[    0.533129] PCI: Fatal: No config space access function found",
+            "[12345.000001] a late one",
+        ];
+        for line in kernel {
+            let (mut tap, watch) = Tap::new(Box::new(std::io::sink()));
+            write!(tap, "{line}\n").expect("write");
+            assert!(!watch.init_started(), "{line:?} is the kernel's");
+        }
+        for line in [
+            "GUEST INIT",
+            "Welcome to Debian!",
+            "[  OK  ] Started udev",
+            "[] x",
+        ] {
+            let (mut tap, watch) = Tap::new(Box::new(std::io::sink()));
+            write!(tap, "{line}\n").expect("write");
+            assert!(watch.init_started(), "{line:?} is user space's");
+        }
     }
 
     #[test]

@@ -80,7 +80,7 @@ fn a_boot_that_never_starts_init_ends_at_the_boot_timeout_with_status_5() {
     if !common::kvm_available() {
         return;
     }
-    let mut code = out_bytes(0x3f8, b"Linux version 6.1 (stuck)\n");
+    let mut code = out_bytes(0x3f8, b"[    0.000000] Linux version 6.1 (stuck)\n");
     code.extend_from_slice(&SPIN);
     let start = Instant::now();
     let (code, err) = run(&code, &["--boot-timeout", "1"]);
@@ -90,7 +90,10 @@ fn a_boot_that_never_starts_init_ends_at_the_boot_timeout_with_status_5() {
         err.contains("did not start the guest's init within 1 s"),
         "{err}"
     );
-    assert!(err.contains("  | Linux version 6.1 (stuck)"), "{err}");
+    assert!(
+        err.contains("  | [    0.000000] Linux version 6.1 (stuck)"),
+        "{err}"
+    );
 
     let (code, err) = run(&SPIN, &["--boot-timeout", "0"]);
     assert_eq!(code, 2, "{err}");
