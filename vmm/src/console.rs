@@ -184,7 +184,7 @@ mod tests {
         ];
         for line in kernel {
             let (mut tap, watch) = Tap::new(Box::new(std::io::sink()));
-            write!(tap, "{line}\n").expect("write");
+            writeln!(tap, "{line}").expect("write");
             assert!(!watch.init_started(), "{line:?} is the kernel's");
         }
         for line in [
@@ -194,7 +194,7 @@ mod tests {
             "[] x",
         ] {
             let (mut tap, watch) = Tap::new(Box::new(std::io::sink()));
-            write!(tap, "{line}\n").expect("write");
+            writeln!(tap, "{line}").expect("write");
             assert!(watch.init_started(), "{line:?} is user space's");
         }
     }
