@@ -7,7 +7,7 @@ set -u -o pipefail
 fail() { echo "SCENARIO FAIL exits: $*"; exit 1; }
 boot() {
     "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --serial stdio \
-        --cmdline "console=ttyS0 panic=-1 holdfast.workload=$1" | tee "$WORK/$1.log"
+        --cmdline "console=ttyS0 panic=-1 quiet holdfast.workload=$1" | tee "$WORK/$1.log"
 }
 boot reboot
 status=$?
@@ -23,7 +23,7 @@ verdict() { # NAME 'COMMAND' [holdfast run options...]
     local name=$1 command=$2
     shift 2
     "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --serial stdio \
-        --boot-timeout 300 "$@" --cmdline "console=ttyS0 panic=-1 holdfast.run=\"$command\"" \
+        --boot-timeout 300 "$@" --cmdline "console=ttyS0 panic=-1 quiet holdfast.run=\"$command\"" \
         > "$WORK/$name.log" 2> "$WORK/$name.err"
 }
 # As the README's quickstart: the run in the background, holdfast qmp beside it.
@@ -67,7 +67,7 @@ umount "$WORK/mnt"
 # system_powerdown: the guest's ACPI power button (the GED's event); the default
 # guest's init powers off cleanly on it, whatever runs (here a long sleep): exit 0.
 "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --serial stdio \
-    --qmp "$WORK/power.sock" --cmdline 'console=ttyS0 panic=-1 holdfast.run="sleep 600; exit 9"' \
+    --qmp "$WORK/power.sock" --cmdline 'console=ttyS0 panic=-1 quiet holdfast.run="sleep 600; exit 9"' \
     > "$WORK/power.log" 2> "$WORK/power.err" &
 pid=$!
 i=0

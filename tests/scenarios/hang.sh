@@ -23,7 +23,7 @@ RECORDS=${RECORDS:-150}
 . "$(dirname "$0")/outage.lib"
 HANG_S=25
 SECOND="$WORK/second.img"
-CMDLINE_HANG="console=ttyS0 panic=-1 holdfast.workload=records-second holdfast.records=$RECORDS holdfast.gate=vdc:$GATE_AT sysctl.kernel.hung_task_timeout_secs=10"
+CMDLINE_HANG="console=ttyS0 panic=-1 quiet holdfast.workload=records-second holdfast.records=$RECORDS holdfast.gate=vdc:$GATE_AT sysctl.kernel.hung_task_timeout_secs=10"
 export HOLDFAST_QMP_TIMING=1
 ms() { "$WORKLOAD" qmp "$SOCK" "$@" 2>&1 >/dev/null | sed -n 's/^QMP-MS [^ ]* //p'; }
 vdb() { n=$(grep -c "^VDB " "$CONSOLE" 2>/dev/null); echo "${n:-0}"; }

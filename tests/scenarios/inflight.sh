@@ -29,7 +29,7 @@ NAME=inflight
 . "$(dirname "$0")/outage.lib"
 WRITES=${INFLIGHT_WRITES:-240}
 RAW="$WORK/host/raw.img"
-CMDLINE_SECTORS="console=ttyS0 panic=-1 holdfast.workload=sectors holdfast.sectors=3,$WRITES,16 holdfast.gate=vdb:1"
+CMDLINE_SECTORS="console=ttyS0 panic=-1 quiet holdfast.workload=sectors holdfast.sectors=3,$WRITES,16 holdfast.gate=vdb:1"
 suspend_host() { dmsetup suspend --noflush --nolockfs "$DM_HOST" || fail "cannot suspend the host device"; }
 resume_host() { dmsetup resume "$DM_HOST" || fail "cannot resume the host device"; }
 sector_acks() { n=$(grep -c "^A " "$CONSOLE" 2>/dev/null); echo "${n:-0}"; }

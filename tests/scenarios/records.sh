@@ -10,7 +10,7 @@ N=${RECORDS:-200}
 cp "$GUEST/disk.img" "$WORK/disk.img" || fail "cannot copy the disk image"
 "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M \
     --disk "path=$WORK/disk.img,id=data" --serial stdio \
-    --cmdline "console=ttyS0 panic=-1 holdfast.workload=records holdfast.records=$N" | tee "$WORK/console.log"
+    --cmdline "console=ttyS0 panic=-1 quiet holdfast.workload=records holdfast.records=$N" | tee "$WORK/console.log"
 status=$?
 [ "$status" -eq 0 ] || fail "holdfast exited with $status"
 grep -q "GUEST WORKLOAD OK" "$WORK/console.log" || fail "the guest's workload did not finish"

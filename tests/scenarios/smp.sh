@@ -5,7 +5,7 @@ fail() { echo "SCENARIO FAIL smp: $*"; exit 1; }
 cp "$GUEST/disk.img" "$WORK/a.img" && cp "$GUEST/disk.img" "$WORK/b.img" || fail "cannot copy the disk images"
 "$HOLDFAST" run --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --mem 256M --cpus 2 --serial stdio \
     --disk "path=$WORK/a.img,id=a" --disk "path=$WORK/b.img,id=b,readonly=on" \
-    --cmdline "console=ttyS0 panic=-1 holdfast.workload=none" | tee "$WORK/console.log"
+    --cmdline "console=ttyS0 panic=-1 quiet holdfast.workload=none" | tee "$WORK/console.log"
 status=$?
 [ "$status" -eq 0 ] || fail "holdfast exited with $status"
 grep -q "GUEST NPROC 2" "$WORK/console.log" || fail "the guest does not see 2 CPUs"
