@@ -31,6 +31,7 @@ pub mod request;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod watch;
+pub mod writelog;
 
 pub use backend::{
     AttachError, Backend, Capabilities, FileBackend, FileOptions, MemBackend, SharedIo,
@@ -47,6 +48,7 @@ pub use host_error::{errno_from_name, errno_name, strerror, HostError, HostOp};
 pub use policy::{ErrorAction, ErrorPolicy, IoStatus};
 pub use request::{Completion, Request, RequestOp, Status};
 pub use watch::{CallWatch, Outstanding, Watched};
+pub use writelog::{read_log, LogEntry, LogError, WriteLog};
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves its data
 /// consistent even if a panic unwinds through it.

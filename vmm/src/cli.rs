@@ -152,6 +152,13 @@ in holdfast's memory until storage is back.
                         boots: errors, delays and hangs by operation, byte range,
                         count, time window and seeded chance (holdfast faults --help);
                         checked first, a bad one refused naming the field
+  write-log=FILE        log every write, zeroing and discard, and every FLUSH, the
+                        guest is told is done, in that order, to FILE (created or
+                        truncated) in the dm-log-writes format: replay-log from the
+                        dm-log-writes userspace or holdfast lab's power cuts rebuild
+                        the disk as a power cut could leave it at any point. Every
+                        entry is written as it happens (a killed holdfast leaves a
+                        whole log); a log that cannot be written stops, said on stderr
   x-host=simulated:MODEL  (holdfast lab) a simulated host page cache with the
                         failure behaviour of MODEL: {MODELS}; x-block-fault's
                         layer=writeback breaks its write-back
@@ -231,6 +238,8 @@ pub struct DiskOpt {
     pub strategy: Strategy,
     /// `faults=FILE`: a fault plan armed before the guest boots.
     pub faults: Option<holdfast_block::FaultPlan>,
+    /// `write-log=FILE`: the dm-log-writes log of what the guest was told is done.
+    pub write_log: Option<PathBuf>,
 }
 
 /// A parsed `holdfast run`.
@@ -416,6 +425,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
     let mut faults = None;
     let mut hang_timeout = None;
     let mut direct_align = None;
+    let mut write_log = None;
     for part in spec.split(',') {
         let (key, v) = part
             .split_once('=')
@@ -468,6 +478,8 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
             "serial" => config.serial = v.into(),
             "extra-flush" => config.keep_extra_flush = on_off(key, v)?,
             "hang-timeout" => hang_timeout = Some(seconds(key, v)?),
+            "write-log" if !v.is_empty() => write_log = Some(PathBuf::from(v)),
+            "write-log" => return Err("write-log: name a file".into()),
             "x-direct-align" => {
                 let n = parse_size(v).map_err(|e| format!("x-direct-align: {e}"))?;
                 if !n.is_power_of_two() || !(512..=65536).contains(&n) {
@@ -510,6 +522,7 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<DiskOpt, String> {
         direct_align,
         strategy,
         faults,
+        write_log,
     })
 }
 

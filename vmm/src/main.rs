@@ -268,6 +268,19 @@ fn run(opts: RunOpts) -> ExitCode {
                 spec.faults = Some(faults);
                 spec.simulated = simulated;
                 spec.hang_timeout = d.hang_timeout;
+                if let Some(path) = &d.write_log {
+                    match holdfast_block::WriteLog::create(path) {
+                        Ok(log) => spec.write_log = Some(log),
+                        Err(e) => {
+                            eprintln!(
+                                "holdfast run: --disk {}: write-log: cannot create {}: {e}",
+                                d.id,
+                                path.display()
+                            );
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
                 disks.push(spec);
             }
             Err(e) => {

@@ -246,6 +246,7 @@ fn disk(id: &str) -> DiskSpec {
         watch: Default::default(),
         hang_timeout: None,
         io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
+        write_log: None,
     }
 }
 

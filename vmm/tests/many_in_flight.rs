@@ -12,6 +12,11 @@
 //! reports, and `O_DIRECT` at 4 KiB (as on 4K-native storage: then 512-byte writes
 //! are read-modify-writes of host blocks). `HOLDFAST_STRESS_SEED` repeats a run
 //! (each prints its seed); `HOLDFAST_STRESS_ROUNDS` makes it longer (default 100).
+//!
+//! With a write log (`write-log=`, 20 rounds): every acked write and every flush is
+//! in the log, the log ends with the last flush, and the log replayed onto the empty
+//! image in its order gives the image exactly (overlapping writes complete in the
+//! order they reach the host).
 
 mod common;
 
@@ -174,6 +179,10 @@ fn round(rig: &Rig, mem: &GuestMemoryMmap<()>, oracle: &mut Oracle, requests: &[
 }
 
 fn stress(label: &str, options: FileOptions) {
+    stress_with(label, options, 100, false)
+}
+
+fn stress_with(label: &str, options: FileOptions, default_rounds: usize, logged: bool) {
     let seed: u64 = std::env::var("HOLDFAST_STRESS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -186,7 +195,7 @@ fn stress(label: &str, options: FileOptions) {
     let rounds: usize = std::env::var("HOLDFAST_STRESS_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(default_rounds);
     eprintln!("{label}: seed {seed} (HOLDFAST_STRESS_SEED), {rounds} rounds");
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("disk.img");
@@ -196,11 +205,14 @@ fn stress(label: &str, options: FileOptions) {
         "{label}: granularity {}",
         holdfast_block::Backend::granularity(&backend)
     );
-    let (rig, _) = Rig::new(Box::new(backend), DiskConfig::default());
+    let log_path = dir.path().join("disk.wlog");
+    let log = logged.then(|| holdfast_block::WriteLog::create(&log_path).expect("log"));
+    let (rig, _) = Rig::logged(Box::new(backend), DiskConfig::default(), log);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
     let mut oracle = Oracle::new(IMAGE);
     let mut rng = Rng(seed);
     let mut requests_made = 0;
+    let mut flushes_made = 1;
     for _ in 0..rounds {
         let mut requests = Vec::new();
         let mut bytes = 0;
@@ -218,6 +230,10 @@ fn stress(label: &str, options: FileOptions) {
             requests.push((kind, sector, sectors));
         }
         requests_made += requests.len();
+        flushes_made += requests
+            .iter()
+            .filter(|r| r.0 == VIRTIO_BLK_T_FLUSH)
+            .count();
         round(&rig, &mem, &mut oracle, &requests);
     }
     round(&rig, &mem, &mut oracle, &[(VIRTIO_BLK_T_FLUSH, 0, 0)]);
@@ -241,6 +257,52 @@ fn stress(label: &str, options: FileOptions) {
     eprintln!(
         "{label}: {requests_made} requests, {} acked writes, all on the image",
         oracle.acked_writes()
+    );
+    if logged {
+        use holdfast_block::LogEntry;
+        let entries =
+            holdfast_block::read_log(&std::fs::read(&log_path).expect("log")).expect("a whole log");
+        let mut replayed = vec![0u8; IMAGE as usize];
+        let (mut writes, mut flushes) = (0, 0);
+        for e in &entries {
+            match e {
+                LogEntry::Write { offset, data } => {
+                    replayed[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                    writes += 1;
+                }
+                LogEntry::Flush => flushes += 1,
+                other => panic!("no discards or marks were made: {other:?}"),
+            }
+        }
+        assert_eq!(writes, oracle.acked_writes(), "every acked write, once");
+        assert_eq!(flushes, flushes_made, "every flush, once");
+        assert_eq!(
+            entries.last(),
+            Some(&LogEntry::Flush),
+            "the last flush ends it"
+        );
+        let first_bad = replayed.iter().zip(&stable).position(|(a, b)| a != b);
+        assert_eq!(
+            first_bad, None,
+            "{label} (seed {seed}): the log replayed differs from the image at byte {first_bad:?}"
+        );
+        eprintln!(
+            "{label}: the write log's {writes} writes and {flushes} flushes replay to the image"
+        );
+    }
+}
+
+#[test]
+fn a_write_log_replays_to_the_image() {
+    stress_with(
+        "write log, O_DIRECT at 4 KiB",
+        FileOptions {
+            direct: true,
+            direct_align: Some(4096),
+            ..FileOptions::default()
+        },
+        20,
+        true,
     );
 }
 

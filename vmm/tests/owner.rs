@@ -222,6 +222,7 @@ fn spec(id: &str, path: &std::path::Path) -> (DiskSpec, FaultHandle) {
         watch: Default::default(),
         hang_timeout: None,
         io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
+        write_log: None,
     };
     (spec, faults)
 }

@@ -129,6 +129,7 @@ fn a_refused_resume_keeps_the_replays_it_made_for_the_next() {
             watch: Default::default(),
             hang_timeout: None,
             io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
+            write_log: None,
         };
         (spec, faults)
     };

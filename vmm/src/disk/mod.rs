@@ -91,6 +91,9 @@ pub struct Slot {
     replay: Mutex<Replay>,
     /// Signalled when a replay ends.
     replay_done: Condvar,
+    /// With a write log: completions reach the used ring, and the log, in the order
+    /// the engine made them ([`LogOrder`]).
+    log_order: Option<LogOrder>,
     /// The guest's queue notifications (an ioeventfd).
     pub notify: EventFd,
     /// The device's interrupt (an irqfd).
@@ -103,6 +106,62 @@ impl std::fmt::Debug for Slot {
             .field("id", &self.id)
             .field("base", &self.base)
             .finish_non_exhaustive()
+    }
+}
+
+/// A write log's order. The engine completes requests in one order (under its
+/// lock); the threads that then put the completions in the used ring race each
+/// other, and a completion the device logs late could land after a later write to
+/// the same sectors, or after a flush it preceded. So with a log each completion
+/// takes a ticket from the engine's order and waits its turn to be answered and
+/// logged. (Without a log, nothing waits.)
+#[derive(Debug, Default)]
+pub(super) struct LogOrder {
+    /// The next ticket (taken with the engine's lock held).
+    next: std::sync::atomic::AtomicU64,
+    /// The ticket whose turn it is.
+    turn: Mutex<u64>,
+    moved: Condvar,
+}
+
+impl LogOrder {
+    /// A ticket for `outcome`, if it completes a request; the caller holds the
+    /// engine's lock.
+    pub(super) fn ticket(&self, outcome: &holdfast_block::Outcome) -> Option<u64> {
+        outcome
+            .completion
+            .as_ref()
+            .map(|_| self.next.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// Waits until every ticket before `ticket` has been answered.
+    pub(super) fn wait(&self, ticket: u64) {
+        let mut turn = self
+            .turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *turn < ticket {
+            turn = self
+                .moved
+                .wait(turn)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// `ticket` was answered: the next one's turn.
+    pub(super) fn done(&self, ticket: u64) {
+        let mut turn = self
+            .turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *turn = (*turn).max(ticket + 1);
+        self.moved.notify_all();
+    }
+
+    /// Waits until every ticket taken so far has been answered (a replay's
+    /// completions come after them).
+    pub(super) fn wait_all(&self) {
+        self.wait(self.next.load(Ordering::SeqCst));
     }
 }
 
@@ -126,7 +185,11 @@ impl Slot {
     /// A slot at `base` for the disk `spec` describes.
     pub fn new(spec: DiskSpec, base: u64, notify: EventFd, irq: EventFd) -> Slot {
         let status = spec.engine.status();
-        let device = BlockDevice::new(&*spec.engine);
+        let mut device = BlockDevice::new(&*spec.engine);
+        let log_order = spec.write_log.map(|log| {
+            device.log_to(&spec.id, log);
+            LogOrder::default()
+        });
         Slot {
             id: spec.id,
             path: spec.path,
@@ -147,6 +210,7 @@ impl Slot {
             last_status: Mutex::new(status),
             replay: Mutex::new(Replay::Idle),
             replay_done: Condvar::new(),
+            log_order,
             notify,
             irq,
         }

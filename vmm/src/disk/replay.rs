@@ -171,6 +171,10 @@ impl Slot {
         events: &DiskEvents,
         report: holdfast_block::ReplayReport,
     ) {
+        // (With a write log: after every completion the engine made before.)
+        if let Some(order) = &self.log_order {
+            order.wait_all();
+        }
         let mut t = self.transport();
         let (device, queues) = t.device_and_queues();
         let resumed = device.complete_replay(mem, &mut queues[0], report);

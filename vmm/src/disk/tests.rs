@@ -188,12 +188,12 @@ fn completions_that_meet_in_the_used_ring_share_one_interrupt() {
         completion: None,
         error: None,
     };
-    answered(&d, &mem, &tx, parked());
+    answered(&d, &mem, &tx, parked(), None);
     assert_eq!(d.irq.read().unwrap_or(0), 1);
     let vring = d.transport().interrupt_status().load(Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING;
     assert_ne!(vring, 0);
     // Nothing left unsignalled: the next lone answer with nothing to add raises none.
-    answer(&d, &mem, &tx, parked());
+    answer(&d, &mem, &tx, parked(), None);
     assert_eq!(d.irq.read().unwrap_or(0), 0);
 }
 
@@ -1135,4 +1135,44 @@ fn a_reset_during_a_long_write_leaves_the_host_as_the_buffer() {
         "the host holds what the buffer holds"
     );
     slot.stop_io_threads();
+}
+
+#[test]
+fn with_a_write_log_completions_are_answered_in_the_engines_order() {
+    use holdfast_block::{Completion, Outcome};
+    let order = std::sync::Arc::new(super::LogOrder::default());
+    let tickets: Vec<u64> = (0..4)
+        .map(|i| {
+            order
+                .ticket(&Outcome::done(Completion::ok(i)))
+                .expect("a ticket")
+        })
+        .collect();
+    assert_eq!(tickets, [0, 1, 2, 3]);
+    assert_eq!(
+        order.ticket(&Outcome::parked()),
+        None,
+        "nothing to answer, no ticket"
+    );
+    // The threads arrive last ticket first; they pass in ticket order.
+    let passed = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = tickets
+        .iter()
+        .rev()
+        .map(|&t| {
+            let (order, passed) = (order.clone(), passed.clone());
+            let handle = std::thread::spawn(move || {
+                order.wait(t);
+                passed.lock().expect("lock").push(t);
+                order.done(t);
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            handle
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(*passed.lock().expect("lock"), [0, 1, 2, 3]);
+    order.wait_all();
 }

@@ -174,6 +174,9 @@ pub struct DiskSpec {
     /// Host calls the disk runs beside each other at most: its I/O threads
     /// ([`super::CALLS_PER_DISK`]; fuzzing uses fewer).
     pub io_threads: usize,
+    /// (`write-log=FILE`) every write and flush the guest was told is done, in the
+    /// dm-log-writes format.
+    pub write_log: Option<holdfast_block::WriteLog>,
 }
 
 impl DiskSpec {
@@ -211,6 +214,7 @@ impl DiskSpec {
             watch,
             hang_timeout: None,
             io_threads: super::CALLS_PER_DISK,
+            write_log: None,
         }
     }
 }

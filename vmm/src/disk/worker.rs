@@ -105,19 +105,23 @@ pub fn serve(slot: &Arc<Slot>, mem: &GuestMemoryMmap, events: &DiskEvents) {
                 }
             }
         };
-        let (begun, ahead) = {
+        let (begun, ahead, ticket) = {
             let mut disk = slot.engine();
             pending.apply(&mut **disk);
             let begun = disk.begin(req);
+            let ticket = match (&begun, &slot.log_order) {
+                (Begun::Done(outcome), Some(order)) => order.ticket(outcome),
+                _ => None,
+            };
             let ahead = disk.flush_ahead();
             slot.remember(&**disk);
-            (begun, ahead)
+            (begun, ahead, ticket)
         };
         if let Some(flush) = ahead {
             slot.run_apart(Job::Call(flush), mem, events);
         }
-        let outcome = match begun {
-            Begun::Done(outcome) => outcome,
+        let (outcome, ticket) = match begun {
+            Begun::Done(outcome) => (outcome, ticket),
             Begun::Call(call) => {
                 slot.run_apart(Job::Call(call), mem, events);
                 continue;
@@ -126,11 +130,12 @@ pub fn serve(slot: &Arc<Slot>, mem: &GuestMemoryMmap, events: &DiskEvents) {
             Begun::Alone(req) => {
                 let mut disk = slot.disk_alone();
                 let outcome = disk.submit(req);
+                let ticket = slot.log_order.as_ref().and_then(|o| o.ticket(&outcome));
                 slot.remember(&**disk);
-                outcome
+                (outcome, ticket)
             }
         };
-        answer(slot, mem, events, outcome);
+        answer(slot, mem, events, outcome, ticket);
     }
 }
 
@@ -221,29 +226,48 @@ fn end_call(slot: &Slot, mem: &GuestMemoryMmap, events: &DiskEvents, mut call: C
     call.run();
     // From here this completion counts for the shared interrupt (see `answer`).
     slot.answering.fetch_add(1, Ordering::SeqCst);
-    let outcome = {
+    let (outcome, ticket) = {
         let mut disk = slot.engine();
         let outcome = disk.end(call);
+        let ticket = slot.log_order.as_ref().and_then(|o| o.ticket(&outcome));
         slot.remember(&**disk);
         if disk.in_flight() == 0 {
             slot.idle.notify_all();
         }
-        outcome
+        (outcome, ticket)
     };
-    answered(slot, mem, events, outcome);
+    answered(slot, mem, events, outcome, ticket);
 }
 
 /// Puts what the disk did with a request in the used ring (with an interrupt) and
 /// tells the owner about a host error. Completions that reach the used ring at the
 /// same time share one interrupt: the last thread to leave raises it for all.
-pub(super) fn answer(slot: &Slot, mem: &GuestMemoryMmap, events: &DiskEvents, outcome: Outcome) {
+pub(super) fn answer(
+    slot: &Slot,
+    mem: &GuestMemoryMmap,
+    events: &DiskEvents,
+    outcome: Outcome,
+    ticket: Option<u64>,
+) {
     slot.answering.fetch_add(1, Ordering::SeqCst);
-    answered(slot, mem, events, outcome);
+    answered(slot, mem, events, outcome, ticket);
 }
 
 /// [`answer`], for a completion already counted in `answering` (an I/O thread
 /// counts its own from the moment its host call returned).
-pub(super) fn answered(slot: &Slot, mem: &GuestMemoryMmap, events: &DiskEvents, outcome: Outcome) {
+/// With a write log, `ticket` is the completion's place in the engine's order: it
+/// waits for its turn ([`super::LogOrder`]).
+pub(super) fn answered(
+    slot: &Slot,
+    mem: &GuestMemoryMmap,
+    events: &DiskEvents,
+    outcome: Outcome,
+    ticket: Option<u64>,
+) {
+    let order = slot.log_order.as_ref().zip(ticket);
+    if let Some((order, ticket)) = order {
+        order.wait(ticket);
+    }
     let mut run = QueueRun::default();
     {
         let mut t = slot.transport();
@@ -258,6 +282,9 @@ pub(super) fn answered(slot: &Slot, mem: &GuestMemoryMmap, events: &DiskEvents, 
         if last && slot.unsignalled.load(Ordering::SeqCst) {
             used_interrupt(slot, &mut t, mem);
         }
+    }
+    if let Some((order, ticket)) = order {
+        order.done(ticket);
     }
     if let Some(report) = run.error {
         events.send(DiskEvent::Error {

@@ -48,6 +48,9 @@ pub enum Error {
     /// The real host (its devices, its file system, its tools).
     #[error("the real host: {0}")]
     RealHost(#[from] super::realhost::Error),
+    /// A power-cut run whose guest ended (or timed out) before the cut.
+    #[error("the power cut never came: {0}")]
+    NoPowerCut(String),
     /// The plan asks for a run that cannot be.
     #[error(transparent)]
     Unsupported(#[from] Unsupported),

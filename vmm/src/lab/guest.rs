@@ -119,7 +119,7 @@ impl Qmp {
 }
 
 /// Kills the child if the run ends early.
-struct Reap(Child);
+pub(super) struct Reap(Child);
 
 impl Drop for Reap {
     fn drop(&mut self) {
@@ -138,7 +138,7 @@ fn holdfast_exe() -> Result<PathBuf, Error> {
 }
 
 /// Copies `from` to `to`, leaving zeroed MiBs as holes (images are mostly empty).
-fn copy_image(from: &Path, to: &Path) -> Result<(), Error> {
+pub(super) fn copy_image(from: &Path, to: &Path) -> Result<(), Error> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
     let fail = |what: &Path, source| Error::File {
@@ -169,12 +169,14 @@ fn copy_image(from: &Path, to: &Path) -> Result<(), Error> {
     dst.sync_all().map_err(|e| fail(to, e))
 }
 
-/// `holdfast run` for the guest with these disks and command line.
+/// `holdfast run` for the guest with these disks and command line; with
+/// `write_logs`, each disk logs its writes and flushes to `DIR/ID.wlog`.
 fn holdfast_command(
     guest: &LinuxGuest,
     cmdline: &str,
     disks: &[(String, PathBuf)],
     disk_options: &str,
+    write_logs: Option<&Path>,
     dir: &Path,
     log_name: &str,
 ) -> Result<Command, Error> {
@@ -194,8 +196,11 @@ fn holdfast_command(
         c.arg("--initrd").arg(initrd);
     }
     for (id, path) in disks {
+        let log = write_logs
+            .map(|d| format!(",write-log={}", write_log_path(d, id).display()))
+            .unwrap_or_default();
         c.arg("--disk")
-            .arg(format!("path={},id={id}{disk_options}", path.display()));
+            .arg(format!("path={},id={id}{disk_options}{log}", path.display()));
     }
     let log_path = dir.join(log_name);
     let log = std::fs::File::create(&log_path).map_err(Error::file(&log_path))?;
@@ -203,9 +208,14 @@ fn holdfast_command(
     Ok(c)
 }
 
+/// Where a power-cut run's disk `id` logs its writes and flushes.
+pub(super) fn write_log_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.wlog"))
+}
+
 /// The VMM a run boots the guest under.
 #[derive(Debug, Clone)]
-enum Vmm {
+pub(super) enum Vmm {
     /// `holdfast run` with these extra `--disk` options.
     Holdfast(String),
     /// QEMU 10 as Debian ships it: `werror=stop,rerror=stop`, its default cache or
@@ -267,7 +277,7 @@ fn qemu_command(
 }
 
 /// How a run breaks and mends the host storage.
-enum Breaker<'a> {
+pub(super) enum Breaker<'a> {
     /// Fault rules over QMP (`x-block-fault`) on the simulated host of this disk.
     Simulated { target: String },
     /// The real host's dm device.
@@ -373,23 +383,23 @@ fn note(timeline: &mut Timeline, at: u64, what: impl Into<String>) {
 
 /// What the workload run saw.
 #[derive(Default)]
-struct Seen {
-    acked: Vec<String>,
+pub(super) struct Seen {
+    pub(super) acked: Vec<String>,
     app_errors: usize,
     paused: usize,
     resumed_after_pause: bool,
-    outage_started: bool,
+    pub(super) outage_started: bool,
     fs_went_down: bool,
     repaired: bool,
     gave_up: bool,
-    timed_out: bool,
+    pub(super) timed_out: bool,
     exit: Option<std::process::ExitStatus>,
 }
 
 /// The workload part of a run: boot, outage, operator, until the guest ends. Each
 /// turn of its loop takes the steps below in order ([`Workload::turn`]), then one
 /// console line or QMP event.
-struct Workload<'a> {
+pub(super) struct Workload<'a> {
     plan: &'a Plan,
     progress: &'a Progress,
     outage: &'a OutagePlan,
@@ -427,7 +437,7 @@ enum Turn {
 impl<'a> Workload<'a> {
     /// Boots the guest under `vmm` and connects to its QMP socket.
     #[allow(clippy::too_many_arguments)]
-    fn boot(
+    pub(super) fn boot(
         plan: &'a Plan,
         guest: &LinuxGuest,
         progress: &'a Progress,
@@ -440,10 +450,19 @@ impl<'a> Workload<'a> {
     ) -> Result<Workload<'a>, Error> {
         let sock = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&sock);
+        // A power cut's crash states come from the disks' write logs.
+        let logs = (outage.kind == OutageKind::PowerCut).then_some(dir);
         let mut command = match vmm {
             Vmm::Holdfast(options) => {
-                let mut c =
-                    holdfast_command(guest, &guest.cmdline, disks, options, dir, "holdfast.log")?;
+                let mut c = holdfast_command(
+                    guest,
+                    &guest.cmdline,
+                    disks,
+                    options,
+                    logs,
+                    dir,
+                    "holdfast.log",
+                )?;
                 c.arg("--qmp").arg(&sock);
                 c
             }
@@ -493,7 +512,7 @@ impl<'a> Workload<'a> {
     }
 
     /// Runs the guest until it ends (or the plan's timeout); what it saw.
-    fn run(mut self) -> Result<Seen, Error> {
+    pub(super) fn run(mut self) -> Result<Seen, Error> {
         while let Turn::Next = self.turn()? {}
         let end = self.ms(Instant::now());
         self.timeline.end = end;
@@ -565,6 +584,22 @@ impl<'a> Workload<'a> {
             _ => false,
         };
         if !due || self.outage_since.is_some() || self.outage_over {
+            return Ok(());
+        }
+        if self.outage.kind == OutageKind::PowerCut {
+            // The machine stops dead: no flush, no shutdown; what the disks' write
+            // logs hold is all that was ever told done.
+            let _ = self.child.0.kill();
+            self.outage_since = Some(now);
+            self.outage_over = true;
+            self.seen.outage_started = true;
+            let ms = self.ms(now);
+            self.timeline.host(ms, HostState::Down);
+            let at = match &self.outage.when {
+                When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
+                When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
+            };
+            self.note(now, format!("power cut{at}"));
             return Ok(());
         }
         self.breaker.start(&mut self.qmp, self.outage.kind)?;
@@ -764,11 +799,11 @@ impl<'a> Workload<'a> {
 }
 
 /// What the verification found: the units present, the check's verdict.
-struct Found {
-    have: BTreeSet<String>,
-    corrupt: usize,
-    passed: bool,
-    verdict: String,
+pub(super) struct Found {
+    pub(super) have: BTreeSet<String>,
+    pub(super) corrupt: usize,
+    pub(super) passed: bool,
+    pub(super) verdict: String,
 }
 
 impl Found {
@@ -809,7 +844,7 @@ fn keys(text: &str, prefix: &str) -> BTreeSet<String> {
 /// paused with no one to `cont` it, and the check waited for its whole timeout.
 const VERIFY_DISK_OPTIONS: &str = ",werror=report,rerror=report";
 
-fn verify(
+pub(super) fn verify(
     plan: &Plan,
     guest: &LinuxGuest,
     disks: &[(String, PathBuf)],
@@ -822,6 +857,7 @@ fn verify(
                 &b.cmdline,
                 disks,
                 VERIFY_DISK_OPTIONS,
+                None,
                 dir,
                 "verify-holdfast.log",
             )?;
@@ -958,6 +994,7 @@ pub fn run(
         verified: false,
         svg: String::new(),
         timeline: Timeline::default(),
+        crash: None,
     };
     record.svg = format!("{}.svg", record.slug());
     let dir = out.join("runs").join(record.slug());
@@ -1147,6 +1184,7 @@ mod tests {
             "check",
             &disks,
             VERIFY_DISK_OPTIONS,
+            Some(dir.path()),
             dir.path(),
             "verify-holdfast.log",
         )
@@ -1164,6 +1202,11 @@ mod tests {
         assert_eq!(
             (config.werror, config.rerror),
             (ErrorPolicy::Report, ErrorPolicy::Report)
+        );
+        assert_eq!(
+            opts.disks[0].write_log.as_deref(),
+            Some(dir.path().join("data.wlog").as_path()),
+            "a power cut's run logs each disk's writes beside its files"
         );
     }
 

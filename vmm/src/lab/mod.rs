@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod guest;
+pub mod powercut;
 pub mod realhost;
 pub mod report;
 pub mod scenario;
@@ -22,7 +23,7 @@ use std::process::ExitCode;
 pub use error::Error;
 use error::Unsupported;
 use report::RunRecord;
-use scenario::{Guest, Plan};
+use scenario::{Guest, OutageKind, Plan};
 
 /// What `holdfast lab --help` says after the options (before the format).
 pub const HELP: &str = "\
@@ -38,8 +39,9 @@ operator's commands as markers). A progress line per run goes to standard error.
 
 Exit status: 0 when every run of a strategy that promises to lose nothing (holdfast)
 kept every acknowledged unit, intact, and its verification passed; 1 if one did not
-(the runs that broke the promise are named); 2 when the scenario file is wrong
-(before anything runs; the message names the field) or the results cannot be written.
+(the runs that broke the promise are named), or a power cut's control lost
+nothing; 2 when the scenario file is wrong (before anything runs; the message names
+the field) or the results cannot be written.
 Other strategies' losses are findings, not failures.
 ";
 
@@ -86,6 +88,30 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       of uncached pages wait; on the real host a dm device suspended
                       with --noflush; without hang_timeout the guest waits with
                       it)
+                      | power-cut (Linux guests; holdfast's strategies: the machine
+                      stops dead at `when`, no flush, no shutdown; every disk kept a
+                      write log (write-log=FILE, dm-log-writes format) of what the
+                      guest was told is done. Each crash state rebuilds the disks
+                      from their images and logs as a power cut could leave them:
+                      everything a completed FLUSH covered is there; of the writes
+                      after the last one, `modes` choose. The check then boots on
+                      them (its file system and application recover) and counts the
+                      acknowledged units it finds. The states come from the log,
+                      not the host: the same on simulated and real hosts, and the
+                      same log, mode and seed give the same state. No `lasts`.)
+                modes: (power-cut) crash states to try, in turn (default all):
+                      none (none of the writes after the last flush), all, prefix
+                      (those before a point the seed picks), subset (each or not,
+                      by the seed), torn (subset, and a write of several sectors
+                      may land sector by sector)
+                from_run: (power-cut) an earlier power-cut run's folder
+                      (results/runs/...): its write logs (DISK.wlog) and acked.txt
+                      give the crash states without booting the first run again;
+                      the guest's images must be those that run started from
+                control: (power-cut) true: the application is set up unsafely
+                      (SQLite synchronous=OFF, fsync=off...); some crash state must
+                      lose, else the lab fails: an unsafe setting that never loses
+                      means the power cut is not testing
                 when: {"at": "5s"} after the ready marker, or
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N"), or
@@ -137,7 +163,14 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
 
 Each Linux-guest run has a folder, runs/HOST_STRATEGY_N-OUTAGE/, with the consoles
 and holdfast's logs of both boots; the disk images are kept there only when the run
-lost or damaged something, or its check failed.
+lost or damaged something, or its check failed. A power cut's folder has the write
+logs (DISK.wlog: `replay-log --log DISK.wlog --replay DEV --limit N` from the
+dm-log-writes userspace rebuilds the disk after its first N entries, on a copy of
+the image it started from), acked.txt, and a state-NN folder per crash state (its
+check's console; its images only if it lost something). results.md then has one row
+per crash state (outage `power-cut MODE seed S`; resumed: the check passed) and a
+"Power cuts" table: states tried, recovered, states that lost acknowledged units.
+Rerun one state alone: --seed S --runs 1 with `modes` [MODE] and `from_run`.
 
 Example (the outage matrix's cells for two hosts):
   {"name": "matrix", "seed": 24301, "guest": {"synthetic": {}},
@@ -167,6 +200,14 @@ pub struct LabArgs {
     /// Run only this strategy of the scenario's (repeatable)
     #[arg(long = "strategy", value_name = "S")]
     pub strategies: Vec<String>,
+    /// Crash states per power cut (default 10): the i-th (from 0) has seed SEED + i
+    /// and the i-th of the outage's modes, round
+    #[arg(long, value_name = "N")]
+    pub runs: Option<usize>,
+    /// The seed (default: the scenario's): fault timing on a simulated host, the
+    /// line a `nth_between` picks, a power cut's crash states
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
 }
 
 /// `holdfast lab --help`'s text after the options: the results, the exit status and
@@ -178,13 +219,30 @@ pub fn lab_after_help() -> String {
 
 /// `holdfast lab ARGS`.
 pub fn main(args: LabArgs) -> ExitCode {
-    let plan = match scenario::load_only(&args.scenario, &args.hosts, &args.strategies) {
+    let mut plan = match scenario::load_only(&args.scenario, &args.hosts, &args.strategies) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("holdfast lab: {}: {e}", args.scenario.display());
             return ExitCode::from(2);
         }
     };
+    if let Some(seed) = args.seed {
+        plan.seed = seed;
+    }
+    match args.runs {
+        Some(0) => {
+            eprintln!("holdfast lab: --runs: 0 crash states explore nothing; give 1 or more");
+            return ExitCode::from(2);
+        }
+        Some(n) if plan.outages.iter().all(|o| o.kind != OutageKind::PowerCut) => {
+            eprintln!(
+                "holdfast lab: --runs {n}: the scenario has no power-cut outage (only a power cut has crash states)"
+            );
+            return ExitCode::from(2);
+        }
+        Some(n) => plan.crash_states = n,
+        None => {}
+    }
     let runs = combinations(&plan).len() * plan.outages.len();
     if args.check {
         println!(
@@ -202,6 +260,20 @@ pub fn main(args: LabArgs) -> ExitCode {
                 }
             };
             println!("  outage {}: {} {when}", i + 1, o.kind.as_str());
+            if let Some(c) = &o.cut {
+                println!(
+                    "    {} crash states (seeds {} to {}), modes {}{}{}",
+                    plan.crash_states,
+                    plan.seed,
+                    plan.seed.wrapping_add(plan.crash_states as u64 - 1),
+                    c.modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "),
+                    c.from_run
+                        .as_ref()
+                        .map(|d| format!(", from the logs of {}", d.display()))
+                        .unwrap_or_default(),
+                    if c.control { ", a control (must lose)" } else { "" }
+                );
+            }
         }
         return ExitCode::SUCCESS;
     }
@@ -235,7 +307,15 @@ pub fn main(args: LabArgs) -> ExitCode {
     }
     print!("\n{}", report::markdown(&plan, &records));
     let broken: Vec<&RunRecord> = records.iter().filter(|r| r.broke_promise()).collect();
-    if broken.is_empty() {
+    let idle_controls = report::control_never_lost(&records);
+    for c in &idle_controls {
+        eprintln!(
+            "holdfast lab: the control {c} lost nothing in any of its {} crash states: an \
+             unsafe setting that never loses means the power cut is not testing",
+            plan.crash_states
+        );
+    }
+    if broken.is_empty() && idle_controls.is_empty() {
         println!(
             "\nEvery run of a strategy that promises to lose nothing kept every acknowledged unit."
         );
@@ -246,7 +326,7 @@ pub fn main(args: LabArgs) -> ExitCode {
                 "holdfast lab: {} on {} ({}) promised to lose nothing: {} lost, {} corrupt, {}",
                 r.strategy,
                 r.host,
-                r.outage.as_str(),
+                r.outage_label(),
                 r.lost,
                 r.corrupt,
                 r.verdict
@@ -316,6 +396,17 @@ fn run_into(plan: &Plan, out: &Path, records: &mut Vec<RunRecord>) -> Result<(),
                 Guest::Synthetic(_) => eprint!("lab: [{n}/{total}] {host} {strategy} {kind} ... "),
                 Guest::Linux(_) => eprintln!("lab: [{n}/{total}] {host} {strategy} {kind}"),
             }
+            if let (Guest::Linux(g), OutageKind::PowerCut) = (&plan.guest, outage) {
+                let states = powercut::run(plan, g, host, strategy, index, out)?;
+                let lost = states.iter().filter(|r| r.lost_something()).count();
+                eprintln!(
+                    "lab: [{n}/{total}] {} crash states: {} recovered, {lost} lost or damaged something",
+                    states.len(),
+                    states.iter().filter(|r| r.verified).count()
+                );
+                records.extend(states);
+                continue;
+            }
             let record = match &plan.guest {
                 Guest::Synthetic(g) => synthetic::run(plan, g, host, strategy, index).ok_or(
                     Unsupported::Synthetic {
@@ -362,7 +453,11 @@ fn write_results(out: &Path, plan: &Plan, records: &[RunRecord]) -> std::io::Res
             r.outage.as_str(),
             r.outage_index + 1
         );
-        std::fs::write(out.join(&r.svg), svg::timeline(&title, &r.timeline))?;
+        let picture = match &r.crash {
+            None => svg::timeline(&title, &r.timeline),
+            Some(c) => svg::crash_state(&title, &r.timeline, c),
+        };
+        std::fs::write(out.join(&r.svg), picture)?;
     }
     Ok(())
 }

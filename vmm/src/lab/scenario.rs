@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use holdfast_block::sim::matrix::Outage;
+pub use holdfast_block::sim::powercut::CutMode;
 use holdfast_block::sim::strategy::Strategy;
 use holdfast_block::sim::HostModel;
 use serde::Deserialize;
@@ -106,9 +107,19 @@ pub struct ProgressFile {
 #[serde(deny_unknown_fields)]
 pub struct OutageFile {
     pub kind: String,
-    pub when: WhenFile,
+    /// (power-cut from a run's write logs: none)
+    pub when: Option<WhenFile>,
     pub lasts: Option<String>,
     pub disk: Option<String>,
+    /// (power-cut) which crash states: none, all, prefix, subset, torn
+    pub modes: Option<Vec<String>>,
+    /// (power-cut) the folder of an earlier power-cut run: its write logs and
+    /// acknowledged units, instead of booting the first run again
+    pub from_run: Option<String>,
+    /// (power-cut) the application is configured unsafely: some crash state must
+    /// lose, or the run fails
+    #[serde(default)]
+    pub control: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +182,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// holdfast's `hang-timeout` on every disk.
     pub hang_timeout: Option<Duration>,
+    /// Crash states per power cut (`--runs`).
+    pub crash_states: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -216,10 +229,11 @@ pub enum OutageKind {
     RepeatInReplay,
     Hang,
     FsDown,
+    PowerCut,
 }
 
 impl OutageKind {
-    const ALL: [OutageKind; 8] = [
+    const ALL: [OutageKind; 9] = [
         OutageKind::FlushEio,
         OutageKind::WriteEio,
         OutageKind::WriteEnospc,
@@ -228,6 +242,7 @@ impl OutageKind {
         OutageKind::RepeatInReplay,
         OutageKind::Hang,
         OutageKind::FsDown,
+        OutageKind::PowerCut,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -240,6 +255,7 @@ impl OutageKind {
             OutageKind::RepeatInReplay => "repeat-in-replay",
             OutageKind::Hang => "hang",
             OutageKind::FsDown => "fs-down",
+            OutageKind::PowerCut => "power-cut",
         }
     }
 
@@ -252,7 +268,7 @@ impl OutageKind {
             OutageKind::FlushEnospc => Outage::FlushEnospc,
             OutageKind::WritebackEio => Outage::WritebackEio,
             OutageKind::RepeatInReplay => Outage::RepeatDuringReplay,
-            OutageKind::Hang | OutageKind::FsDown => return None,
+            OutageKind::Hang | OutageKind::FsDown | OutageKind::PowerCut => return None,
         })
     }
 }
@@ -273,9 +289,22 @@ pub struct OutagePlan {
     pub kind: OutageKind,
     pub when: When,
     /// How long the storage stays broken; `None`: until the operator's first `cont`
-    /// has been refused (the synthetic guest's rule).
+    /// has been refused (the synthetic guest's rule), or for ever (a power cut).
     pub lasts: Option<Duration>,
     pub disk: Option<String>,
+    /// A power cut's crash states.
+    pub cut: Option<CutPlan>,
+}
+
+/// What a power cut explores (`holdfast lab --runs N --seed S`: N states, the i-th
+/// with seed S + i and mode `modes[i % len]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutPlan {
+    pub modes: Vec<CutMode>,
+    /// An earlier power-cut run's folder (its `DISK.wlog` files and `acked.txt`).
+    pub from_run: Option<PathBuf>,
+    /// The application is configured unsafely: some state must lose.
+    pub control: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,11 +485,24 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
     check_name(&f.name)?;
     let guest = check_guest(&f.guest, base)?;
     let progress = check_progress(f.progress.as_ref(), &guest)?;
-    let outages = check_outages(&f, &guest, progress.as_ref())?;
+    let outages = check_outages(&f, &guest, progress.as_ref(), base)?;
     let operator = check_operator(&f.operator, &guest)?;
     let verify = check_verify(f.verify.as_ref(), &guest, base)?;
     let hosts = check_hosts(&f.hosts, &guest, &outages)?;
     let strategies = check_strategies(&f.strategies, &guest, &hosts)?;
+    if let (Some(i), Some(j)) = (
+        outages.iter().position(|o| o.kind == OutageKind::PowerCut),
+        strategies.iter().position(|s| matches!(s, LabStrategy::Qemu { .. })),
+    ) {
+        return err(
+            format!("strategies[{j}]"),
+            format!(
+                "outages[{i}] is a power cut, whose crash states come from holdfast's write \
+                 log (write-log=FILE): {} cannot keep one",
+                strategies[j]
+            ),
+        );
+    }
     let timeout = match &f.timeout {
         Some(t) => duration("timeout", t)?,
         None => Duration::from_secs(600),
@@ -478,8 +520,12 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
         strategies,
         timeout,
         hang_timeout,
+        crash_states: DEFAULT_CRASH_STATES,
     })
 }
+
+/// Crash states per power cut unless `--runs` says otherwise.
+pub const DEFAULT_CRASH_STATES: usize = 10;
 
 /// holdfast's hang-timeout: whole seconds, for a Linux guest (the synthetic guest's
 /// host never hangs).
@@ -544,6 +590,7 @@ fn check_outages(
     f: &ScenarioFile,
     guest: &Guest,
     progress: Option<&Progress>,
+    base: &Path,
 ) -> Result<Vec<OutagePlan>, FieldError> {
     if f.outages.is_empty() {
         return err("outages", "empty: name at least one outage");
@@ -551,7 +598,7 @@ fn check_outages(
     f.outages
         .iter()
         .enumerate()
-        .map(|(i, o)| check_outage(f, i, o, guest, progress))
+        .map(|(i, o)| check_outage(f, i, o, guest, progress, base))
         .collect()
 }
 
@@ -562,12 +609,27 @@ fn check_outage(
     o: &OutageFile,
     guest: &Guest,
     progress: Option<&Progress>,
+    base: &Path,
 ) -> Result<OutagePlan, FieldError> {
     let synthetic = matches!(guest, Guest::Synthetic(_));
     let at = |k: &str| format!("outages[{i}].{k}");
     let kind = check_outage_kind(f, &at("kind"), &o.kind, synthetic)?;
-    let when = check_when(f, i, &o.when, guest, progress)?;
+    let cut = check_cut(i, o, kind, base)?;
+    let from_run = cut.as_ref().is_some_and(|c| c.from_run.is_some());
+    let when = match &o.when {
+        Some(_) if from_run => {
+            return err(at("when"), "the power cut of `from_run` has happened: remove this")
+        }
+        // Never used: the run's logs say where the power went.
+        None if from_run => When::At(Duration::ZERO),
+        None => return err(at("when"), "missing: `at` (a time) or `line` (a console line)"),
+        Some(w) => check_when(f, i, w, guest, progress)?,
+    };
     let lasts = match &o.lasts {
+        None if kind == OutageKind::PowerCut => None,
+        Some(_) if kind == OutageKind::PowerCut => {
+            return err(at("lasts"), "a power cut does not end: remove this")
+        }
         None if synthetic => None,
         None => return err(at("lasts"), "missing: how long the storage stays broken (like 10s)"),
         Some(_) if synthetic => return err(at("lasts"), "the synthetic guest's outage ends after the operator's first `cont` is refused; remove this"),
@@ -592,7 +654,62 @@ fn check_outage(
         when,
         lasts,
         disk,
+        cut,
     })
+}
+
+/// A power cut's modes, earlier run and control flag; other outages have none.
+fn check_cut(
+    i: usize,
+    o: &OutageFile,
+    kind: OutageKind,
+    base: &Path,
+) -> Result<Option<CutPlan>, FieldError> {
+    let at = |k: &str| format!("outages[{i}].{k}");
+    if kind != OutageKind::PowerCut {
+        for (set, key) in [
+            (o.modes.is_some(), "modes"),
+            (o.from_run.is_some(), "from_run"),
+            (o.control, "control"),
+        ] {
+            if set {
+                return err(at(key), format!("goes with `power-cut`, not `{}`", kind.as_str()));
+            }
+        }
+        return Ok(None);
+    }
+    let modes = match &o.modes {
+        None => CutMode::ALL.to_vec(),
+        Some(m) if m.is_empty() => {
+            return err(at("modes"), format!("empty: name at least one ({})", CutMode::names()))
+        }
+        Some(m) => m
+            .iter()
+            .enumerate()
+            .map(|(j, name)| name.parse().or_else(|e| err(format!("outages[{i}].modes[{j}]"), e)))
+            .collect::<Result<_, _>>()?,
+    };
+    let from_run = match &o.from_run {
+        None => None,
+        Some(dir) => {
+            let dir = base.join(dir);
+            if !dir.join("acked.txt").is_file() {
+                return err(
+                    at("from_run"),
+                    format!(
+                        "{}: not an earlier power-cut run's folder (no acked.txt)",
+                        dir.display()
+                    ),
+                );
+            }
+            Some(dir)
+        }
+    };
+    Ok(Some(CutPlan {
+        modes,
+        from_run,
+        control: o.control,
+    }))
 }
 
 /// An outage's kind, and whether this guest and these hosts can have it.
@@ -617,6 +734,9 @@ fn check_outage_kind(
     }
     if !synthetic && matches!(kind, OutageKind::WritebackEio | OutageKind::RepeatInReplay) {
         return err(field, format!("`{name}` is the synthetic guest's only"));
+    }
+    if synthetic && kind == OutageKind::PowerCut {
+        return err(field, "`power-cut` needs a Linux guest: its check boots it again on the crash state");
     }
     if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
         return err(

@@ -6,6 +6,8 @@ use std::fmt::Write;
 
 use holdfast_block::sim::timeline::{HostState, Timeline, VmState};
 
+use super::report::{CrashInfo, LogMark};
+
 const WIDTH: f64 = 900.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
@@ -137,6 +139,90 @@ pub fn timeline(title: &str, t: &Timeline) -> String {
     s
 }
 
+/// A power cut's crash state: the first run's timeline (up to the cut), and below
+/// it the write log of the first disk, entry by entry in the order the device
+/// completed them: flushes as black ticks, writes before the last flush (on the disk
+/// in every state) grey, and of the writes after it those that landed green, torn
+/// orange, lost red. A log longer than the strip is drawn a column per group of
+/// entries, coloured by the group's worst (lost, torn, landed, flushed, stable).
+pub fn crash_state(title: &str, t: &Timeline, crash: &CrashInfo) -> String {
+    let inner = timeline(title, t);
+    let strip_top = HEIGHT + 30.0;
+    let strip_height = 30.0;
+    let total = strip_top + strip_height + 60.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{total}" viewBox="0 0 {WIDTH} {total}" font-family="sans-serif" font-size="11">"##
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    s.push_str(&inner);
+    let _ = writeln!(
+        s,
+        r##"<text x="{LEFT}" y="{:.1}">write log, in completion order ({} entries): state {} ({} seed {}): {}</text>"##,
+        strip_top - 8.0,
+        crash.picture.len(),
+        crash.state,
+        crash.mode,
+        crash.seed,
+        esc(&crash.landed.chars().take(110).collect::<String>())
+    );
+    let plot = WIDTH - LEFT - RIGHT;
+    let n = crash.picture.len().max(1);
+    let columns = n.min(plot as usize);
+    let rank = |m: LogMark| match m {
+        LogMark::Stable => 0,
+        LogMark::Flush => 1,
+        LogMark::Landed => 2,
+        LogMark::Torn => 3,
+        LogMark::Lost => 4,
+    };
+    for c in 0..columns {
+        let (from, to) = (c * n / columns, ((c + 1) * n / columns).max(c * n / columns + 1));
+        let Some(worst) = crash.picture[from..to.min(crash.picture.len())]
+            .iter()
+            .copied()
+            .max_by_key(|m| rank(*m))
+        else {
+            continue;
+        };
+        let colour = match worst {
+            LogMark::Stable => "#9e9e9e",
+            LogMark::Flush => "#000000",
+            LogMark::Landed => "#43a047",
+            LogMark::Torn => "#fb8c00",
+            LogMark::Lost => "#e53935",
+        };
+        let w = plot / columns as f64;
+        let _ = writeln!(
+            s,
+            r##"<rect x="{:.2}" y="{strip_top}" width="{:.2}" height="{strip_height}" fill="{colour}"/>"##,
+            LEFT + c as f64 * w,
+            w.max(0.5)
+        );
+    }
+    let legend = [
+        ("#9e9e9e", "before the last flush"),
+        ("#000000", "flush"),
+        ("#43a047", "landed"),
+        ("#fb8c00", "torn"),
+        ("#e53935", "lost"),
+    ];
+    let mut x = LEFT;
+    for (colour, name) in legend {
+        let y = strip_top + strip_height + 20.0;
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{y:.1}">{name}</text>"##,
+            y - 9.0,
+            x + 14.0
+        );
+        x += 150.0;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 fn band<S: Copy>(
     s: &mut String,
     label: &str,
@@ -199,5 +285,31 @@ mod tests {
             "one label at one time"
         );
         assert!(!svg.contains("a<b"));
+    }
+
+    #[test]
+    fn a_crash_state_shows_its_log() {
+        let t = Timeline {
+            end: 2000,
+            ..Default::default()
+        };
+        let mut picture = vec![LogMark::Stable, LogMark::Flush, LogMark::Landed, LogMark::Torn];
+        picture.extend(std::iter::repeat(LogMark::Lost).take(5000));
+        let crash = CrashInfo {
+            state: 3,
+            mode: super::super::scenario::CutMode::Torn,
+            seed: 9,
+            landed: "data: torn seed 9: ...".into(),
+            control: false,
+            picture,
+        };
+        let svg = crash_state("cut", &t, &crash);
+        assert!(svg.starts_with("<svg ") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("5004 entries): state 3 (torn seed 9)"));
+        for colour in ["#9e9e9e", "#43a047", "#fb8c00", "#e53935"] {
+            assert!(svg.contains(colour), "{colour}");
+        }
+        let columns = svg.matches(r#"height="30" fill"#).count();
+        assert!(columns <= 810, "one column per pixel at most: {columns}");
     }
 }

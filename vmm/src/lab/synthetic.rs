@@ -73,6 +73,7 @@ pub fn run(
         verified,
         svg: String::new(),
         timeline: run.timeline,
+        crash: None,
     };
     record.svg = format!("{}.svg", record.slug());
     Some(record)

@@ -89,6 +89,8 @@ struct Inflight {
     taken: std::time::Instant,
     /// Device-writable data regions, status byte excluded.
     data: Vec<(GuestAddress, usize)>,
+    /// What the write log gets when it completes (with a log only).
+    logged: Logged,
     status: GuestAddress,
     /// GET_ID answers exactly `VIRTIO_BLK_ID_BYTES`, zero-padded.
     pad_to: usize,
@@ -227,6 +229,37 @@ pub struct BlockDevice {
     /// How many times the driver reset the device.
     resets: u64,
     stats: BlockStats,
+    /// (`write-log=FILE`) what the guest is told is done, logged as it is told.
+    log: Option<DeviceLog>,
+}
+
+/// A device's write log and the disk's name (for the message if it fails).
+#[derive(Debug)]
+struct DeviceLog {
+    disk: String,
+    log: holdfast_block::WriteLog,
+}
+
+/// What a request adds to the write log once the guest is told it is done.
+#[derive(Debug, Clone, Default)]
+enum Logged {
+    #[default]
+    Nothing,
+    /// The chain's device-readable regions and where its payload lies in them.
+    Write {
+        offset: u64,
+        readable: Vec<(GuestAddress, usize)>,
+        len: usize,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    Flush,
 }
 
 impl BlockDevice {
@@ -263,7 +296,17 @@ impl BlockDevice {
             next_tag: 0,
             resets: 0,
             stats: BlockStats::default(),
+            log: None,
         }
+    }
+
+    /// Logs every write, zeroing, discard and flush the guest is told is done, in
+    /// that order, to `log` (`write-log=FILE`).
+    pub fn log_to(&mut self, disk: &str, log: holdfast_block::WriteLog) {
+        self.log = Some(DeviceLog {
+            disk: disk.to_string(),
+            log,
+        });
     }
 
     /// The driver's changes not yet applied to the engine; the caller applies them.
@@ -382,7 +425,7 @@ impl BlockDevice {
             }
         };
         let head = chain.head_index();
-        match parse(mem, chain, head, self.acked) {
+        match parse(mem, chain, head, self.acked, self.log.is_some()) {
             Err(rejected) => {
                 self.reject(mem, queue, rejected)?;
                 Ok(Next::Refused)
@@ -489,6 +532,9 @@ impl BlockDevice {
                 Err(()) => status = Status::IoErr,
             }
         }
+        if status == Status::Ok {
+            self.log_done(mem, &inflight.logged);
+        }
         self.stats.count(
             inflight.kind,
             inflight.bytes,
@@ -502,6 +548,40 @@ impl BlockDevice {
         queue
             .add_used(mem, inflight.head, used as u32)
             .map_err(Error::UsedRing)
+    }
+
+    /// Appends what the guest is about to be told is done to the write log. A log
+    /// that cannot be written stops logging, says so once, and leaves the guest's
+    /// I/O alone: a shorter log must not pass for a whole one, so the message names
+    /// how many entries it kept.
+    fn log_done<M: GuestMemory>(&mut self, mem: &M, logged: &Logged) {
+        let Some(dev) = &mut self.log else {
+            return;
+        };
+        let written = match logged {
+            Logged::Nothing => return,
+            Logged::Write {
+                offset,
+                readable,
+                len,
+            } => match gather(mem, readable, HEADER_SIZE, *len) {
+                Ok(data) => dev.log.write(*offset, &data),
+                Err(()) => Err(std::io::Error::other(
+                    "its bytes are no longer in guest memory",
+                )),
+            },
+            Logged::Zeroes { offset, len } => dev.log.zeroes(*offset, *len),
+            Logged::Discard { offset, len } => dev.log.discard(*offset, *len),
+            Logged::Flush => dev.log.flush(),
+        };
+        if let Err(e) = written {
+            log::error!(
+                "disk {}: write log: cannot append: {e}; the log stops after its {} entries",
+                dev.disk,
+                dev.log.entries()
+            );
+            self.log = None;
+        }
     }
 
     fn reject<M: GuestMemory>(
@@ -574,6 +654,7 @@ fn parse<M: GuestMemory, C>(
     chain: C,
     head: u16,
     acked: u64,
+    logging: bool,
 ) -> Result<(Taken, Inflight), Rejected>
 where
     C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
@@ -622,6 +703,7 @@ where
         .ok_or(reject(Status::IoErr))?;
     let sized = |len: usize| len as u64 % SECTOR_SIZE == 0 && len as u64 <= MAX_REQUEST_BYTES;
     let mut pad_to = 0;
+    let mut logged = Logged::Nothing;
     let op = match kind {
         VIRTIO_BLK_T_IN if sized(writable_len) && payload == 0 => RequestOp::Read {
             offset,
@@ -630,16 +712,27 @@ where
         VIRTIO_BLK_T_OUT if sized(payload) && writable_len == 0 => {
             let runs = borrow_write(mem, &readable, HEADER_SIZE, payload)
                 .map_err(|()| reject(Status::IoErr))?;
+            if logging {
+                logged = Logged::Write {
+                    offset,
+                    readable: readable.clone(),
+                    len: payload,
+                };
+            }
             if payload >= BORROW_FROM {
-                return Ok((
-                    Taken::Write { offset, runs },
-                    inflight(head, writable, status, 0),
-                ));
+                let mut taken = inflight(head, writable, status, 0);
+                taken.logged = logged;
+                return Ok((Taken::Write { offset, runs }, taken));
             }
             let data = WriteBytes::copy_of(&runs);
             RequestOp::Write { offset, data }
         }
-        VIRTIO_BLK_T_FLUSH => RequestOp::Flush,
+        VIRTIO_BLK_T_FLUSH => {
+            if logging {
+                logged = Logged::Flush;
+            }
+            RequestOp::Flush
+        }
         VIRTIO_BLK_T_GET_ID if writable_len >= VIRTIO_BLK_ID_BYTES as usize => {
             pad_to = VIRTIO_BLK_ID_BYTES as usize;
             RequestOp::GetId
@@ -676,8 +769,14 @@ where
                 .ok_or(reject(Status::IoErr))?;
             let len = u64::from(sectors) * SECTOR_SIZE;
             if kind == VIRTIO_BLK_T_DISCARD {
+                if logging {
+                    logged = Logged::Discard { offset, len };
+                }
                 RequestOp::Discard { offset, len }
             } else {
+                if logging {
+                    logged = Logged::Zeroes { offset, len };
+                }
                 RequestOp::WriteZeroes { offset, len, unmap }
             }
         }
@@ -686,7 +785,9 @@ where
         }
         _ => return Err(reject(Status::Unsupp)),
     };
-    Ok((Taken::Op(op), inflight(head, writable, status, pad_to)))
+    let mut taken = inflight(head, writable, status, pad_to);
+    taken.logged = logged;
+    Ok((Taken::Op(op), taken))
 }
 
 fn inflight(
@@ -703,6 +804,7 @@ fn inflight(
         data,
         status,
         pad_to,
+        logged: Logged::Nothing,
     }
 }
 

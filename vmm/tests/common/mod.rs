@@ -79,6 +79,7 @@ pub fn counting_vm_config(
             watch: Default::default(),
             hang_timeout: None,
             io_threads: holdfast_vmm::disk::CALLS_PER_DISK,
+            write_log: None,
         }],
     )
 }

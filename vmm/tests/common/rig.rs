@@ -28,10 +28,20 @@ pub struct Run {
 impl Rig {
     /// A disk `data` over `backend`, with a fault point in front of it.
     pub fn new(backend: Box<dyn Backend>, config: DiskConfig) -> (Rig, FaultHandle) {
+        Rig::logged(backend, config, None)
+    }
+
+    /// As [`Rig::new`], the disk logging what it completes to `log` (`write-log=`).
+    pub fn logged(
+        backend: Box<dyn Backend>,
+        config: DiskConfig,
+        log: Option<holdfast_block::WriteLog>,
+    ) -> (Rig, FaultHandle) {
         let injector = FaultInjector::new(backend);
         let faults = injector.handle();
         let mut spec = DiskSpec::new("data", Box::new(injector), config, "test");
         spec.faults = Some(faults.clone());
+        spec.write_log = log;
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
         let (tx, events) = channel();
