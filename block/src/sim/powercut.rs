@@ -264,7 +264,10 @@ mod tests {
             LogEntry::Flush,
             w(512, 2, 1),
             w(1024, 3, 4),
-            LogEntry::Discard { offset: 0, len: 512 },
+            LogEntry::Discard {
+                offset: 0,
+                len: 512,
+            },
         ];
         for mode in CutMode::ALL {
             for seed in 0..50 {
@@ -282,7 +285,10 @@ mod tests {
         assert_eq!(image_after(&log, &none)[512..], vec![0xee; 7 * 512][..]);
         let all = CrashState::choose(&log, CutMode::All, 7);
         let img = image_after(&log, &all);
-        assert_eq!((img[0], img[512], img[1024], img[3071], img[3072]), (0, 2, 3, 3, 0xee));
+        assert_eq!(
+            (img[0], img[512], img[1024], img[3071], img[3072]),
+            (0, 2, 3, 3, 0xee)
+        );
     }
 
     #[test]
@@ -302,7 +308,9 @@ mod tests {
             .find(|s| matches!(&s.tail[0], Landed::Sectors(v) if v.iter().any(|b| *b) && !v.iter().all(|b| *b)))
             .expect("some seed tears the write");
         let img = image_after(&big, &torn);
-        let Landed::Sectors(on) = &torn.tail[0] else { unreachable!() };
+        let Landed::Sectors(on) = &torn.tail[0] else {
+            unreachable!()
+        };
         for (i, landed) in on.iter().enumerate() {
             assert_eq!(img[i * 512], if *landed { 9 } else { 0xee }, "sector {i}");
         }
@@ -322,6 +330,9 @@ mod tests {
             CrashState::choose(&log, CutMode::Subset, 1),
             CrashState::choose(&log, CutMode::Subset, 2)
         );
-        assert!("half".parse::<CutMode>().unwrap_err().contains("none, all, prefix, subset, torn"));
+        assert!("half"
+            .parse::<CutMode>()
+            .expect_err("not a mode")
+            .contains("none, all, prefix, subset, torn"));
     }
 }

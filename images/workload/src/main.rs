@@ -48,6 +48,9 @@
 //! `BURST WRITTEN <k> <mib>`, then fdatasyncs (the flush that fails on the host and
 //! stops the VM) and prints `BURST FLUSHED <k> <mib>` once it returned.
 //!
+//! `workload noise FILE KIB`: KIB KiB written with O_DIRECT and never flushed every
+//! 50 ms round FILE's first 4 MiB, `NOISE n` after each, until /tmp/noise-stop exists.
+//!
 //! `workload seqwrite FILE MIB` (the benchmark's baseline on the host): overwrites
 //! MIB MiB of FILE (allocated first, untimed) with 1 MiB pwrites and one fdatasync,
 //! twice: from one 1 MiB buffer, then from MIB MiB of distinct memory (as a replay
@@ -404,6 +407,47 @@ impl Drop for AlignedMib {
         // SAFETY: allocated in `new` with the same layout.
         unsafe { std::alloc::dealloc(self.0, Self::layout()) };
     }
+}
+
+/// `workload noise FILE KIB`: writes KIB KiB (at most 1 MiB) with O_DIRECT and no
+/// flush every 50 ms, round the first 4 MiB of FILE (allocated and synced first),
+/// printing `NOISE n` once the n-th returned, until /tmp/noise-stop exists: writes
+/// no flush covers, on their way to the disk all the time (holdfast lab's power cuts
+/// choose from them).
+fn noise(file: &str, kib: u64) -> Result<(), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const SPAN: u64 = 4 << 20;
+    let len = (kib.clamp(4, 1024) * 1024) & !4095;
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(file)
+            .map_err(|e| format!("cannot create {file}: {e}"))?;
+        let zero = AlignedMib::new(0);
+        for at in (0..SPAN).step_by(MIB) {
+            f.write_all_at(zero.bytes(), at)
+                .map_err(|e| format!("cannot fill {file}: {e}"))?;
+        }
+        f.sync_all().map_err(|e| format!("fsync of {file}: {e}"))?;
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(file)
+        .map_err(|e| format!("cannot open {file} with O_DIRECT: {e}"))?;
+    let buf = AlignedMib::new(0x6e);
+    let mut n: u64 = 0;
+    while !std::path::Path::new("/tmp/noise-stop").exists() {
+        let at = ((n * len) % (SPAN - len + 1)) & !4095;
+        f.write_all_at(&buf.bytes()[..len as usize], at)
+            .map_err(|e| format!("O_DIRECT write at {at}: {e}"))?;
+        n += 1;
+        println!("NOISE {n}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 fn burst(device: &str, sizes: &[u64]) -> Result<(), String> {
@@ -950,6 +994,7 @@ fn run(args: &[String]) -> Result<(), String> {
             burst(device, &sizes)
         }
         [cmd, file, mib] if cmd == "seqwrite" => seqwrite(file, num(mib, "MIB")?),
+        [cmd, file, kib] if cmd == "noise" => noise(file, num(kib, "KIB")?),
         [cmd, rest @ ..] if cmd == "sectors" => {
             let mut rest = rest.to_vec();
             let mut option = |name, default| match take_option(&mut rest, name)? {

@@ -199,8 +199,10 @@ fn holdfast_command(
         let log = write_logs
             .map(|d| format!(",write-log={}", write_log_path(d, id).display()))
             .unwrap_or_default();
-        c.arg("--disk")
-            .arg(format!("path={},id={id}{disk_options}{log}", path.display()));
+        c.arg("--disk").arg(format!(
+            "path={},id={id}{disk_options}{log}",
+            path.display()
+        ));
     }
     let log_path = dir.join(log_name);
     let log = std::fs::File::create(&log_path).map_err(Error::file(&log_path))?;

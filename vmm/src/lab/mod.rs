@@ -266,12 +266,20 @@ pub fn main(args: LabArgs) -> ExitCode {
                     plan.crash_states,
                     plan.seed,
                     plan.seed.wrapping_add(plan.crash_states as u64 - 1),
-                    c.modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "),
+                    c.modes
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     c.from_run
                         .as_ref()
                         .map(|d| format!(", from the logs of {}", d.display()))
                         .unwrap_or_default(),
-                    if c.control { ", a control (must lose)" } else { "" }
+                    if c.control {
+                        ", a control (must lose)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }

@@ -122,17 +122,23 @@ pub fn run(
         let landed = landed.join("; ");
         eprintln!("lab:   state {}: {landed}", i + 1);
         let found = guest::verify(plan, guest, &disks, &state_dir)?;
-        let lost = acked_set
+        let lost: Vec<&String> = acked_set
             .iter()
             .filter(|k| !found.have.contains(**k))
-            .count();
+            .copied()
+            .collect();
         let mut record = template.clone();
         record.acked = acked_set.len();
-        record.lost = lost;
+        record.lost = lost.len();
         record.corrupt = found.corrupt;
         record.resumed = found.passed;
         record.verified = found.passed;
         record.verdict = format!("state {}: {}", i + 1, found.verdict);
+        if !lost.is_empty() {
+            let some: Vec<&str> = lost.iter().take(8).map(|k| k.as_str()).collect();
+            let more = if lost.len() > 8 { " ..." } else { "" };
+            record.verdict = format!("{}; lost {}{more}", record.verdict, some.join(" "));
+        }
         record.timeline = timeline.clone();
         record.crash = Some(CrashInfo {
             state: i + 1,

@@ -109,8 +109,16 @@ impl RunRecord {
 /// anything: the cut was not testing.
 pub fn control_never_lost(runs: &[RunRecord]) -> Vec<String> {
     let mut groups: Vec<(String, bool)> = Vec::new();
-    for r in runs.iter().filter(|r| r.crash.as_ref().is_some_and(|c| c.control)) {
-        let key = format!("{} on {} (outage {})", r.strategy, r.host, r.outage_index + 1);
+    for r in runs
+        .iter()
+        .filter(|r| r.crash.as_ref().is_some_and(|c| c.control))
+    {
+        let key = format!(
+            "{} on {} (outage {})",
+            r.strategy,
+            r.host,
+            r.outage_index + 1
+        );
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, lost)) => *lost |= r.lost_something(),
             None => groups.push((key, r.lost_something())),

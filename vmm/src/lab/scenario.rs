@@ -492,7 +492,9 @@ pub fn check(f: ScenarioFile, base: &Path) -> Result<Plan, FieldError> {
     let strategies = check_strategies(&f.strategies, &guest, &hosts)?;
     if let (Some(i), Some(j)) = (
         outages.iter().position(|o| o.kind == OutageKind::PowerCut),
-        strategies.iter().position(|s| matches!(s, LabStrategy::Qemu { .. })),
+        strategies
+            .iter()
+            .position(|s| matches!(s, LabStrategy::Qemu { .. })),
     ) {
         return err(
             format!("strategies[{j}]"),
@@ -618,11 +620,19 @@ fn check_outage(
     let from_run = cut.as_ref().is_some_and(|c| c.from_run.is_some());
     let when = match &o.when {
         Some(_) if from_run => {
-            return err(at("when"), "the power cut of `from_run` has happened: remove this")
+            return err(
+                at("when"),
+                "the power cut of `from_run` has happened: remove this",
+            )
         }
         // Never used: the run's logs say where the power went.
         None if from_run => When::At(Duration::ZERO),
-        None => return err(at("when"), "missing: `at` (a time) or `line` (a console line)"),
+        None => {
+            return err(
+                at("when"),
+                "missing: `at` (a time) or `line` (a console line)",
+            )
+        }
         Some(w) => check_when(f, i, w, guest, progress)?,
     };
     let lasts = match &o.lasts {
@@ -673,7 +683,10 @@ fn check_cut(
             (o.control, "control"),
         ] {
             if set {
-                return err(at(key), format!("goes with `power-cut`, not `{}`", kind.as_str()));
+                return err(
+                    at(key),
+                    format!("goes with `power-cut`, not `{}`", kind.as_str()),
+                );
             }
         }
         return Ok(None);
@@ -681,12 +694,18 @@ fn check_cut(
     let modes = match &o.modes {
         None => CutMode::ALL.to_vec(),
         Some(m) if m.is_empty() => {
-            return err(at("modes"), format!("empty: name at least one ({})", CutMode::names()))
+            return err(
+                at("modes"),
+                format!("empty: name at least one ({})", CutMode::names()),
+            )
         }
         Some(m) => m
             .iter()
             .enumerate()
-            .map(|(j, name)| name.parse().or_else(|e| err(format!("outages[{i}].modes[{j}]"), e)))
+            .map(|(j, name)| {
+                name.parse()
+                    .or_else(|e| err(format!("outages[{i}].modes[{j}]"), e))
+            })
             .collect::<Result<_, _>>()?,
     };
     let from_run = match &o.from_run {
@@ -736,7 +755,10 @@ fn check_outage_kind(
         return err(field, format!("`{name}` is the synthetic guest's only"));
     }
     if synthetic && kind == OutageKind::PowerCut {
-        return err(field, "`power-cut` needs a Linux guest: its check boots it again on the crash state");
+        return err(
+            field,
+            "`power-cut` needs a Linux guest: its check boots it again on the crash state",
+        );
     }
     if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
         return err(

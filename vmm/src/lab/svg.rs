@@ -178,7 +178,10 @@ pub fn crash_state(title: &str, t: &Timeline, crash: &CrashInfo) -> String {
         LogMark::Lost => 4,
     };
     for c in 0..columns {
-        let (from, to) = (c * n / columns, ((c + 1) * n / columns).max(c * n / columns + 1));
+        let (from, to) = (
+            c * n / columns,
+            ((c + 1) * n / columns).max(c * n / columns + 1),
+        );
         let Some(worst) = crash.picture[from..to.min(crash.picture.len())]
             .iter()
             .copied()
@@ -293,8 +296,13 @@ mod tests {
             end: 2000,
             ..Default::default()
         };
-        let mut picture = vec![LogMark::Stable, LogMark::Flush, LogMark::Landed, LogMark::Torn];
-        picture.extend(std::iter::repeat(LogMark::Lost).take(5000));
+        let mut picture = vec![
+            LogMark::Stable,
+            LogMark::Flush,
+            LogMark::Landed,
+            LogMark::Torn,
+        ];
+        picture.extend(std::iter::repeat_n(LogMark::Lost, 5000));
         let crash = CrashInfo {
             state: 3,
             mode: super::super::scenario::CutMode::Torn,
