@@ -61,13 +61,29 @@ impl Server {
             Err(e) => return Err(io(e)),
         }
         // Create it private from the start: no window where others could connect.
+        // And listening before it appears at `path`: bound under a name of its own
+        // beside it, then renamed into place (a client that waits for the path and
+        // connects at once was refused when it came between bind and listen, under
+        // load). A path too long for that name is bound in place.
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let staged = name
+            .map(|n| path.with_file_name(format!(".{n}.{}", std::process::id())))
+            .filter(|p| p.as_os_str().len() < 100);
+        let at = staged.as_deref().unwrap_or(path);
+        let _ = staged.as_deref().map(std::fs::remove_file);
         // SAFETY: umask only changes this process's file-creation mask; restored below.
         let old = unsafe { libc::umask(0o177) };
-        let listener = std::os::unix::net::UnixListener::bind(path);
+        let listener = std::os::unix::net::UnixListener::bind(at);
         // SAFETY: as above.
         unsafe { libc::umask(old) };
         let listener = listener.map_err(io)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        if at != path {
+            std::fs::rename(at, path).map_err(|e| {
+                let _ = std::fs::remove_file(at);
+                io(e)
+            })?;
+        }
         listener.set_nonblocking(true).map_err(io)?;
         let listener = UnixListener::from_std(listener).map_err(io)?;
         Ok(Server {
