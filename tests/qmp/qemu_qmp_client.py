@@ -47,10 +47,13 @@ def start(sock, extra=()):
     disk = os.path.join(work, "disk.img")
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
+    # holdfast's stderr goes to SOCK.err, printed if it does not exit 0 (finish).
+    err = open(sock + ".err", "wb")
     proc = subprocess.Popen(
         [holdfast, "run", "--kernel", kernel, "--mem", "128M", "--serial", "none",
          "--disk", f"path={disk},id=data", "--qmp", sock, *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=err)
+    proc.err_path = sock + ".err"
     for _ in range(200):
         if os.path.exists(sock):
             return proc
@@ -60,13 +63,20 @@ def start(sock, extra=()):
 
 
 def finish(proc):
-    """holdfast's exit status, or None (after killing it) if it does not exit."""
+    """holdfast's exit status, or None (after killing it) if it does not exit; its
+    stderr is printed unless it exited 0."""
     try:
-        return proc.wait(timeout=20)
+        status = proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        return None
+        status = None
+    if status != 0:
+        with open(proc.err_path, "rb") as f:
+            print(f"     holdfast exited {status}; its stderr:")
+            for line in f.read().decode(errors="replace").splitlines()[-20:]:
+                print(f"     | {line}")
+    return status
 
 
 async def async_client(sock):
