@@ -71,11 +71,19 @@ impl WriteLog {
         self.append(offset, data.len() as u64, 0, Some(data))
     }
 
+    /// A write that was on stable storage when it completed (a writethrough disk
+    /// flushes each one first): flagged FUA, which readers take as the write and a
+    /// flush after it.
+    pub fn write_fua(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.append(offset, data.len() as u64, FLAG_FUA, Some(data))
+    }
+
     /// `len` bytes of zeroes at `offset`: a write of zeroes, as QEMU's blklogwrites
-    /// logs them (the log's readers then need no special case).
-    pub fn zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    /// logs them (the log's readers then need no special case); `fua` as in
+    /// [`WriteLog::write_fua`].
+    pub fn zeroes(&mut self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let zero = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
-        self.append(offset, len, 0, Some(&zero))
+        self.append(offset, len, if fua { FLAG_FUA } else { 0 }, Some(&zero))
     }
 
     /// A discard: the range's content is unspecified from here on.
@@ -228,13 +236,14 @@ mod tests {
         let mut log = WriteLog::create(&path).expect("log");
         log.write(4096, &[7u8; 1024]).expect("write");
         log.flush().expect("flush");
-        log.zeroes(512, 512).expect("zeroes");
+        log.zeroes(512, 512, false).expect("zeroes");
         log.discard(8192, 4096).expect("discard");
         log.write(0, &[1u8; 512]).expect("write");
-        assert_eq!(log.entries(), 5);
+        log.write_fua(1024, &[2u8; 512]).expect("write");
+        assert_eq!(log.entries(), 6);
         let bytes = std::fs::read(&path).expect("read");
         // Super, then entry + 2 data sectors, flush, entry + 1, discard, entry + 1.
-        assert_eq!(bytes.len(), 512 * (1 + 3 + 1 + 2 + 1 + 2));
+        assert_eq!(bytes.len(), 512 * (1 + 3 + 1 + 2 + 1 + 2 + 2));
         assert_eq!(
             read_log(&bytes).expect("parse"),
             vec![
@@ -255,6 +264,11 @@ mod tests {
                     offset: 0,
                     data: vec![1; 512]
                 },
+                LogEntry::Write {
+                    offset: 1024,
+                    data: vec![2; 512]
+                },
+                LogEntry::Flush,
             ]
         );
     }

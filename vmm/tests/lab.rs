@@ -468,3 +468,89 @@ fn a_hang_timeout_is_whole_seconds_for_a_linux_guest() {
         "never hangs",
     );
 }
+
+#[test]
+fn a_power_cut_that_cannot_be_is_refused_before_anything_boots() {
+    let cut = |v: &mut Value, extra: Value| {
+        let mut o = serde_json::json!({"kind": "power-cut", "when": {"at": "3s"}});
+        if let (Some(o), Some(e)) = (o.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        v["outages"] = serde_json::json!([o]);
+    };
+    refused(
+        &linux(|v| cut(v, serde_json::json!({"modes": ["half"]}))),
+        "outages[0].modes[0]",
+        "`half` is not a power-cut mode (none, all, prefix, subset, torn)",
+    );
+    refused(
+        &linux(|v| cut(v, serde_json::json!({"modes": []}))),
+        "outages[0].modes",
+        "empty",
+    );
+    refused(
+        &linux(|v| cut(v, serde_json::json!({"lasts": "3s"}))),
+        "outages[0].lasts",
+        "a power cut does not end",
+    );
+    refused(
+        &linux(|v| cut(v, serde_json::json!({"disk": "data"}))),
+        "outages[0].disk",
+        "a power cut takes every disk",
+    );
+    refused(
+        &linux(|v| {
+            cut(v, serde_json::json!({"from_run": "nowhere"}));
+            v["outages"][0]
+                .as_object_mut()
+                .expect("outage")
+                .remove("when");
+        }),
+        "outages[0].from_run",
+        "no acked.txt",
+    );
+    refused(
+        &linux(|v| v["outages"][0]["modes"] = serde_json::json!(["all"])),
+        "outages[0].modes",
+        "goes with `power-cut`",
+    );
+    refused(
+        &synthetic(
+            &["holdfast"],
+            r#"[{"kind": "power-cut", "when": {"line": "round 2"}}]"#,
+        ),
+        "outages[0].kind",
+        "`power-cut` needs a real guest",
+    );
+    // A good one is listed with its states, seeds and modes; --runs 0 is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = scenario(
+        dir.path(),
+        &linux(|v| {
+            cut(
+                v,
+                serde_json::json!({"modes": ["torn", "none"], "control": true}),
+            )
+        }),
+    );
+    let p = path.to_str().expect("utf-8");
+    let (code, out, err) = holdfast(&["lab", "--check", "--runs", "4", "--seed", "9", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("4 crash states (seeds 9 to 12), modes torn, none, a control (must lose)"),
+        "{out}"
+    );
+    let (code, _, err) = holdfast(&["lab", "--check", "--runs", "0", p]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--runs: 0 crash states"), "{err}");
+    let flush = scenario(dir.path(), &linux(|_| {}));
+    let (code, _, err) = holdfast(&[
+        "lab",
+        "--check",
+        "--runs",
+        "3",
+        flush.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no power-cut outage"), "{err}");
+}

@@ -1176,3 +1176,91 @@ fn with_a_write_log_completions_are_answered_in_the_engines_order() {
     assert_eq!(*passed.lock().expect("lock"), [0, 1, 2, 3]);
     order.wait_all();
 }
+
+/// (From an adversarial review.) A guest that changes a page while its write is in
+/// flight: the log holds the bytes the engine took (and the host got), not the page
+/// as it was at completion.
+#[test]
+fn the_write_log_holds_the_bytes_the_host_got() {
+    use holdfast_block::writelog::{read_log, LogEntry};
+    use holdfast_block::{FaultOp, FaultRule};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+    let dir = tempfile::tempdir().expect("dir");
+    let log_path = dir.path().join("d.wlog");
+    let stable = MemBackend::new(1 << 20);
+    let injector = holdfast_block::FaultInjector::new(stable.clone());
+    let faults = injector.handle();
+    let mut spec = DiskSpec::new("data", Box::new(injector), DiskConfig::default(), "memory");
+    spec.write_log = Some(holdfast_block::WriteLog::create(&log_path).expect("log"));
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+    let (tx, _rx) = events();
+    faults.arm(
+        FaultRule::hang(FaultOp::Write)
+            .in_range(0, 4096)
+            .named("stall"),
+    );
+    let at = 0x20_0000;
+    drive_requests(&slot, &mem, at, &[(VIRTIO_BLK_T_OUT, 0, 4096)]); // bytes all 1
+    serve(&slot, &mem, &tx);
+    while faults.hanging() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    mem.write_slice(&[0x55u8; 4096], GuestAddress(at + 0x1000))
+        .expect("the guest changes its page");
+    faults.clear_named("stall");
+    assert!(slot.wait_quiet(Duration::from_secs(5)));
+    assert_eq!(request_status(&mem, at, 0), 0, "completed S_OK");
+    let host = stable.contents()[..4096].to_vec();
+    let entries = read_log(&std::fs::read(&log_path).expect("read log")).expect("log");
+    let logged = match &entries[..] {
+        [LogEntry::Write { offset: 0, data }] => data.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(host[0], 1, "the host got the bytes as taken");
+    assert_eq!(
+        logged[0], host[0],
+        "the log says the write put {:#x} where the host got {:#x}",
+        logged[0], host[0]
+    );
+    slot.stop_io_threads();
+}
+
+/// (From an adversarial review.) A writethrough disk's write is on stable storage
+/// when it completes, with no FLUSH from the guest: its entry is FUA, stable in
+/// every crash state.
+#[test]
+fn a_writethrough_write_is_stable_in_every_crash_state() {
+    use holdfast_block::sim::powercut::{CrashState, CutMode};
+    use holdfast_block::writelog::read_log;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+    let dir = tempfile::tempdir().expect("dir");
+    let log_path = dir.path().join("d.wlog");
+    let backend: Box<dyn Backend> = Box::new(MemBackend::new(1 << 20));
+    let config = DiskConfig {
+        writeback: false,
+        ..DiskConfig::default()
+    };
+    let mut spec = DiskSpec::new("data", backend, config, "memory");
+    spec.write_log = Some(holdfast_block::WriteLog::create(&log_path).expect("log"));
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+    let (tx, _rx) = events();
+    let at = 0x20_0000;
+    drive_requests(&slot, &mem, at, &[(VIRTIO_BLK_T_OUT, 0, 4096)]);
+    serve(&slot, &mem, &tx);
+    assert!(slot.wait_quiet(Duration::from_secs(5)));
+    assert_eq!(request_status(&mem, at, 0), 0, "completed S_OK");
+    assert!(!slot.transport().device().writeback(), "writethrough");
+    let entries = read_log(&std::fs::read(&log_path).expect("read log")).expect("log");
+    for mode in CutMode::ALL {
+        let state = CrashState::choose(&entries, mode, 0);
+        assert!(
+            state.tail.is_empty() && state.stable == entries.len(),
+            "{mode}: a write flushed before it completed is not stable: {state:?}"
+        );
+    }
+    slot.stop_io_threads();
+}

@@ -150,6 +150,15 @@ fn begin_guest_write(
     write: GuestWrite,
     pending: Pending,
 ) -> Option<Request> {
+    // With a write log, the copy the engine keeps is made first and the log records
+    // it (the bytes a replay would write), not guest memory at completion, which the
+    // guest may have changed meanwhile.
+    let logged_copy = slot.log_order.as_ref().map(|_| write.copy());
+    if let Some(copy) = &logged_copy {
+        slot.transport()
+            .device_mut()
+            .log_copy(write.tag, copy.clone());
+    }
     let (call, ahead) = {
         let mut disk = slot.engine();
         pending.apply(&mut **disk);
@@ -162,7 +171,16 @@ fn begin_guest_write(
         slot.run_apart(Job::Call(flush), mem, events);
     }
     let Some(call) = call else {
-        return Some(write.into_request());
+        return Some(match logged_copy {
+            Some(data) => Request::new(
+                write.tag,
+                holdfast_block::RequestOp::Write {
+                    offset: write.offset,
+                    data,
+                },
+            ),
+            None => write.into_request(),
+        });
     };
     let write = Arc::new(write);
     let (copied, copy) = std::sync::mpsc::sync_channel(1);
@@ -171,12 +189,13 @@ fn begin_guest_write(
         write: Arc::clone(&write),
         copy,
     }));
+    let copy = || logged_copy.clone().unwrap_or_else(|| write.copy());
     match slot.hand_over(job, mem, events) {
         Ok(()) => {
-            let _ = copied.send(write.copy());
+            let _ = copied.send(copy());
         }
         Err(job) => {
-            let _ = copied.send(write.copy());
+            let _ = copied.send(copy());
             run_job(slot, mem, events, job);
         }
     }

@@ -51,6 +51,9 @@ pub enum Error {
     /// A power-cut run whose guest ended (or timed out) before the cut.
     #[error("the power cut never came: {0}")]
     NoPowerCut(String),
+    /// A disk's write log stopped before the cut: its crash states would be wrong.
+    #[error("a write log stopped before the power cut (holdfast said: {0})")]
+    WriteLogStopped(String),
     /// The plan asks for a run that cannot be.
     #[error(transparent)]
     Unsupported(#[from] Unsupported),

@@ -228,6 +228,15 @@ fn first_run(
         &mut timeline,
     )
     .and_then(Workload::run)?;
+    // A log that stopped (its file system full) would give crash states that miss
+    // what the guest was told: holdfast says so on its stderr.
+    let said = std::fs::read_to_string(dir.join("holdfast.log")).unwrap_or_default();
+    if let Some(line) = said
+        .lines()
+        .find(|l| l.contains("write log: cannot append"))
+    {
+        return Err(Error::WriteLogStopped(line.trim().to_string()));
+    }
     // The images the guest wrote are not the crash states: those come from the logs.
     for (_, p) in &disks {
         let _ = std::fs::remove_file(p);

@@ -80,6 +80,12 @@ impl RunRecord {
         self.lost > 0 || self.corrupt > 0 || !self.verified
     }
 
+    /// Whether acknowledged units are missing or damaged (a check that fails for
+    /// another reason is not a control's loss).
+    pub fn lost_units(&self) -> bool {
+        self.lost > 0 || self.corrupt > 0
+    }
+
     /// `simulated-xfs_holdfast_1-flush-eio`: the run's name in file names.
     pub fn slug(&self) -> String {
         format!(
@@ -120,8 +126,8 @@ pub fn control_never_lost(runs: &[RunRecord]) -> Vec<String> {
             r.outage_index + 1
         );
         match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, lost)) => *lost |= r.lost_something(),
-            None => groups.push((key, r.lost_something())),
+            Some((_, lost)) => *lost |= r.lost_units(),
+            None => groups.push((key, r.lost_units())),
         }
     }
     groups
@@ -165,7 +171,11 @@ fn power_cut_summary(runs: &[RunRecord]) -> String {
         let losing = states.iter().filter(|r| r.lost > 0).count();
         let most = states.iter().map(|r| r.lost).max().unwrap_or(0);
         let damaged = states.iter().filter(|r| r.corrupt > 0).count();
-        let any = states.iter().any(|r| r.lost_something());
+        let any = if control {
+            states.iter().any(|r| r.lost_units())
+        } else {
+            states.iter().any(|r| r.lost_something())
+        };
         let verdict = match (control, any) {
             (false, false) => "kept every acknowledged unit",
             (false, true) => "LOST acknowledged units",

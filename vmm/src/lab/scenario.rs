@@ -648,6 +648,9 @@ fn check_outage(
     let disk_ids: Vec<&str> = f.guest.disks.iter().map(|d| d.id.as_str()).collect();
     let disk = match &o.disk {
         None => None,
+        Some(_) if kind == OutageKind::PowerCut => {
+            return err(at("disk"), "a power cut takes every disk: remove this")
+        }
         Some(_) if synthetic => {
             return err(at("disk"), "the synthetic guest has one disk; remove this")
         }
@@ -753,12 +756,6 @@ fn check_outage_kind(
     }
     if !synthetic && matches!(kind, OutageKind::WritebackEio | OutageKind::RepeatInReplay) {
         return err(field, format!("`{name}` is the synthetic guest's only"));
-    }
-    if synthetic && kind == OutageKind::PowerCut {
-        return err(
-            field,
-            "`power-cut` needs a Linux guest: its check boots it again on the crash state",
-        );
     }
     if kind == OutageKind::FsDown && f.hosts.iter().any(|h| h != "real") {
         return err(

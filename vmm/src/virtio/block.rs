@@ -245,15 +245,18 @@ struct DeviceLog {
 enum Logged {
     #[default]
     Nothing,
-    /// The chain's device-readable regions and where its payload lies in them.
+    /// A write, with the copy the engine keeps (and writes again on a replay) once
+    /// the device has it ([`BlockDevice::log_copy`] for a long write), and whether it
+    /// was on stable storage when it completed (the disk ran writethrough).
     Write {
         offset: u64,
-        readable: Vec<(GuestAddress, usize)>,
-        len: usize,
+        data: Option<WriteBytes>,
+        fua: bool,
     },
     Zeroes {
         offset: u64,
         len: u64,
+        fua: bool,
     },
     Discard {
         offset: u64,
@@ -297,6 +300,16 @@ impl BlockDevice {
             resets: 0,
             stats: BlockStats::default(),
             log: None,
+        }
+    }
+
+    /// The copy of a long write the engine keeps, for the write log (the worker
+    /// makes it, [`crate::disk::worker`]); what the log records of the write.
+    pub fn log_copy(&mut self, tag: u64, data: WriteBytes) {
+        if let Some(Logged::Write { data: slot, .. }) =
+            self.inflight.get_mut(&tag).map(|i| &mut i.logged)
+        {
+            *slot = Some(data);
         }
     }
 
@@ -425,7 +438,10 @@ impl BlockDevice {
             }
         };
         let head = chain.head_index();
-        match parse(mem, chain, head, self.acked, self.log.is_some()) {
+        // A write completes on stable storage when the disk runs writethrough (the
+        // mode the engine has when it takes this request: pending changes first).
+        let logging = self.log.is_some().then_some(!self.writeback_now);
+        match parse(mem, chain, head, self.acked, logging) {
             Err(rejected) => {
                 self.reject(mem, queue, rejected)?;
                 Ok(Next::Refused)
@@ -533,7 +549,7 @@ impl BlockDevice {
             }
         }
         if status == Status::Ok {
-            self.log_done(mem, &inflight.logged);
+            self.log_done(&inflight.logged);
         }
         self.stats.count(
             inflight.kind,
@@ -554,7 +570,7 @@ impl BlockDevice {
     /// that cannot be written stops logging, says so once, and leaves the guest's
     /// I/O alone: a shorter log must not pass for a whole one, so the message names
     /// how many entries it kept.
-    fn log_done<M: GuestMemory>(&mut self, mem: &M, logged: &Logged) {
+    fn log_done(&mut self, logged: &Logged) {
         let Some(dev) = &mut self.log else {
             return;
         };
@@ -562,15 +578,16 @@ impl BlockDevice {
             Logged::Nothing => return,
             Logged::Write {
                 offset,
-                readable,
-                len,
-            } => match gather(mem, readable, HEADER_SIZE, *len) {
-                Ok(data) => dev.log.write(*offset, &data),
-                Err(()) => Err(std::io::Error::other(
-                    "its bytes are no longer in guest memory",
-                )),
+                data: Some(data),
+                fua,
+            } => match fua {
+                true => dev.log.write_fua(*offset, data),
+                false => dev.log.write(*offset, data),
             },
-            Logged::Zeroes { offset, len } => dev.log.zeroes(*offset, *len),
+            Logged::Write { data: None, .. } => Err(std::io::Error::other(
+                "a write completed before the device had its copy",
+            )),
+            Logged::Zeroes { offset, len, fua } => dev.log.zeroes(*offset, *len, *fua),
             Logged::Discard { offset, len } => dev.log.discard(*offset, *len),
             Logged::Flush => dev.log.flush(),
         };
@@ -654,7 +671,7 @@ fn parse<M: GuestMemory, C>(
     chain: C,
     head: u16,
     acked: u64,
-    logging: bool,
+    logging: Option<bool>,
 ) -> Result<(Taken, Inflight), Rejected>
 where
     C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
@@ -712,23 +729,30 @@ where
         VIRTIO_BLK_T_OUT if sized(payload) && writable_len == 0 => {
             let runs = borrow_write(mem, &readable, HEADER_SIZE, payload)
                 .map_err(|()| reject(Status::IoErr))?;
-            if logging {
-                logged = Logged::Write {
-                    offset,
-                    readable: readable.clone(),
-                    len: payload,
-                };
-            }
             if payload >= BORROW_FROM {
                 let mut taken = inflight(head, writable, status, 0);
-                taken.logged = logged;
+                if let Some(fua) = logging {
+                    // The copy comes with `log_copy`.
+                    taken.logged = Logged::Write {
+                        offset,
+                        data: None,
+                        fua,
+                    };
+                }
                 return Ok((Taken::Write { offset, runs }, taken));
             }
             let data = WriteBytes::copy_of(&runs);
+            if let Some(fua) = logging {
+                logged = Logged::Write {
+                    offset,
+                    data: Some(data.clone()),
+                    fua,
+                };
+            }
             RequestOp::Write { offset, data }
         }
         VIRTIO_BLK_T_FLUSH => {
-            if logging {
+            if logging.is_some() {
                 logged = Logged::Flush;
             }
             RequestOp::Flush
@@ -769,13 +793,13 @@ where
                 .ok_or(reject(Status::IoErr))?;
             let len = u64::from(sectors) * SECTOR_SIZE;
             if kind == VIRTIO_BLK_T_DISCARD {
-                if logging {
+                if logging.is_some() {
                     logged = Logged::Discard { offset, len };
                 }
                 RequestOp::Discard { offset, len }
             } else {
-                if logging {
-                    logged = Logged::Zeroes { offset, len };
+                if let Some(fua) = logging {
+                    logged = Logged::Zeroes { offset, len, fua };
                 }
                 RequestOp::WriteZeroes { offset, len, unmap }
             }
