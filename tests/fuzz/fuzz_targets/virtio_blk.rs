@@ -196,7 +196,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
     }
     let status = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
     slot.write_register(status, &0u32.to_le_bytes());
-    slot.stop_io_threads();
+    slot.join_io_threads();
     Ok(())
 }
 

@@ -60,7 +60,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         }
         Ok(())
     })();
-    slot.stop_io_threads();
+    slot.join_io_threads();
     result
 }
 

@@ -18,6 +18,8 @@ pub(super) struct Calls {
     started: bool,
     /// The worker ended: the threads run what is queued and end.
     ending: bool,
+    /// The threads, for [`Slot::join_io_threads`].
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Slot {
@@ -40,7 +42,10 @@ impl Slot {
                 let spawned = std::thread::Builder::new()
                     .name(format!("{WORKER_PREFIX}{}", self.id))
                     .spawn(move || io_thread(&slot, &mem, &events));
-                started += usize::from(spawned.is_ok());
+                if let Ok(handle) = spawned {
+                    calls.threads.push(handle);
+                    started += 1;
+                }
             }
             if started == 0 {
                 return Err(call);
@@ -75,6 +80,20 @@ impl Slot {
     pub fn stop_io_threads(&self) {
         self.lock_calls().ending = true;
         self.call_ready.notify_all();
+    }
+
+    /// [`Slot::stop_io_threads`], then waits until they have ended (their
+    /// thread-local state freed: a fuzz target's leak check after each input found
+    /// the threads of the last one still ending).
+    pub fn join_io_threads(&self) {
+        self.stop_io_threads();
+        let threads = std::mem::take(&mut self.lock_calls().threads);
+        let me = std::thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
     }
 }
 
