@@ -982,22 +982,7 @@ pub fn run(
 ) -> Result<RunRecord, Error> {
     let outage = &plan.outages[index];
     let progress = plan.progress.as_ref().ok_or(Unsupported::NoProgress)?;
-    let mut record = RunRecord {
-        host,
-        strategy,
-        outage: outage.kind,
-        outage_index: index,
-        resumed: false,
-        app_errors: 0,
-        acked: 0,
-        lost: 0,
-        corrupt: 0,
-        verdict: String::new(),
-        verified: false,
-        svg: String::new(),
-        timeline: Timeline::default(),
-        crash: None,
-    };
+    let mut record = RunRecord::new(host, strategy, outage.kind, index);
     record.svg = format!("{}.svg", record.slug());
     let dir = out.join("runs").join(record.slug());
     std::fs::create_dir_all(&dir).map_err(Error::file(&dir))?;

@@ -47,22 +47,7 @@ pub fn run(
     let LabStrategy::Engine(engine) = strategy else {
         return Err(Unsupported::QemuOnSimulatedHost(strategy).into());
     };
-    let template = RunRecord {
-        host,
-        strategy,
-        outage: OutageKind::PowerCut,
-        outage_index: index,
-        resumed: false,
-        app_errors: 0,
-        acked: 0,
-        lost: 0,
-        corrupt: 0,
-        verdict: String::new(),
-        verified: false,
-        svg: String::new(),
-        timeline: Timeline::default(),
-        crash: None,
-    };
+    let template = RunRecord::new(host, strategy, OutageKind::PowerCut, index);
     let dir = out.join("runs").join(template.slug());
     std::fs::create_dir_all(&dir).map_err(Error::file(&dir))?;
     let (logs_dir, acked, timeline) = match &cut.from_run {

@@ -64,6 +64,26 @@ pub enum LogMark {
 }
 
 impl RunRecord {
+    /// A run before it ran: nothing seen, nothing verified.
+    pub fn new(host: Host, strategy: LabStrategy, outage: OutageKind, index: usize) -> Self {
+        RunRecord {
+            host,
+            strategy,
+            outage,
+            outage_index: index,
+            resumed: false,
+            app_errors: 0,
+            acked: 0,
+            lost: 0,
+            corrupt: 0,
+            verdict: String::new(),
+            verified: false,
+            svg: String::new(),
+            timeline: Timeline::default(),
+            crash: None,
+        }
+    }
+
     /// Whether this run broke a promise: a strategy that claims holdfast's guarantee
     /// lost, corrupted or failed verification.
     pub fn broke_promise(&self) -> bool {
