@@ -1177,6 +1177,21 @@ fn with_a_write_log_completions_are_answered_in_the_engines_order() {
     order.wait_all();
 }
 
+/// A disk "data" on `backend` with a write log at `log_path`, and 4 MiB of guest
+/// memory.
+fn logged_slot(
+    backend: Box<dyn Backend>,
+    config: DiskConfig,
+    log_path: &std::path::Path,
+) -> (Arc<Slot>, GuestMemoryMmap) {
+    let mut spec = DiskSpec::new("data", backend, config, "memory");
+    spec.write_log = Some(holdfast_block::WriteLog::create(log_path).expect("log"));
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+    (slot, mem)
+}
+
 /// (From an adversarial review.) A guest that changes a page while its write is in
 /// flight: the log holds the bytes the engine took (and the host got), not the page
 /// as it was at completion.
@@ -1190,11 +1205,7 @@ fn the_write_log_holds_the_bytes_the_host_got() {
     let stable = MemBackend::new(1 << 20);
     let injector = holdfast_block::FaultInjector::new(stable.clone());
     let faults = injector.handle();
-    let mut spec = DiskSpec::new("data", Box::new(injector), DiskConfig::default(), "memory");
-    spec.write_log = Some(holdfast_block::WriteLog::create(&log_path).expect("log"));
-    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+    let (slot, mem) = logged_slot(Box::new(injector), DiskConfig::default(), &log_path);
     let (tx, _rx) = events();
     faults.arm(
         FaultRule::hang(FaultOp::Write)
@@ -1242,11 +1253,7 @@ fn a_writethrough_write_is_stable_in_every_crash_state() {
         writeback: false,
         ..DiskConfig::default()
     };
-    let mut spec = DiskSpec::new("data", backend, config, "memory");
-    spec.write_log = Some(holdfast_block::WriteLog::create(&log_path).expect("log"));
-    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let slot = Arc::new(Slot::new(spec, 0, eventfd(), eventfd()));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+    let (slot, mem) = logged_slot(backend, config, &log_path);
     let (tx, _rx) = events();
     let at = 0x20_0000;
     drive_requests(&slot, &mem, at, &[(VIRTIO_BLK_T_OUT, 0, 4096)]);
