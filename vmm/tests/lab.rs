@@ -470,6 +470,40 @@ fn a_hang_timeout_is_whole_seconds_for_a_linux_guest() {
 }
 
 #[test]
+fn a_read_only_disk_is_never_the_one_an_outage_hits() {
+    // A read-only root beside the data disk passes; the outage hits the data disk.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two = |v: &mut Value| {
+        v["guest"]["disks"] = serde_json::json!([
+            {"id": "root", "image": "data.img", "readonly": true},
+            {"id": "data", "image": "data.img"}
+        ])
+    };
+    let path = scenario(dir.path(), &linux(two));
+    let (code, _, err) = holdfast(&["lab", "--check", path.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
+    let plan = holdfast_vmm::lab::scenario::load(&path).expect("plan");
+    let holdfast_vmm::lab::scenario::Guest::Linux(g) = &plan.guest else {
+        panic!("a Linux guest")
+    };
+    assert!(g.is_read_only("root") && !g.is_read_only("data"));
+    assert_eq!(g.first_writable(), "data");
+    refused(
+        &linux(|v| {
+            two(v);
+            v["outages"][0]["disk"] = "root".into();
+        }),
+        "outages[0].disk",
+        "disk `root` is read-only",
+    );
+    refused(
+        &linux(|v| v["guest"]["disks"][0]["readonly"] = true.into()),
+        "guest.disks",
+        "every disk is read-only",
+    );
+}
+
+#[test]
 fn a_power_cut_that_cannot_be_is_refused_before_anything_boots() {
     let cut = |v: &mut Value, extra: Value| {
         let mut o = serde_json::json!({"kind": "power-cut", "when": {"at": "3s"}});

@@ -169,8 +169,36 @@ pub(super) fn copy_image(from: &Path, to: &Path) -> Result<(), Error> {
     dst.sync_all().map_err(|e| fail(to, e))
 }
 
+/// The disks a run boots on: a copy in `dir` of each disk the guest writes, the
+/// image itself of each it sees read-only (`guest.disks[].readonly`).
+pub(super) fn run_disks(guest: &LinuxGuest, dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
+    let mut disks = Vec::new();
+    for (id, image) in &guest.disks {
+        if guest.is_read_only(id) {
+            disks.push((id.clone(), image.clone()));
+            continue;
+        }
+        let copy = dir.join(format!("{id}.img"));
+        eprintln!("lab:   copying {} to {}", image.display(), copy.display());
+        copy_image(image, &copy)?;
+        disks.push((id.clone(), copy));
+    }
+    Ok(disks)
+}
+
+/// Removes a run's copies of the disks the guest writes (never a read-only disk's
+/// image: that is the scenario's own).
+pub(super) fn remove_copies(guest: &LinuxGuest, disks: &[(String, PathBuf)]) {
+    for (id, p) in disks {
+        if !guest.is_read_only(id) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// `holdfast run` for the guest with these disks and command line; with
-/// `write_logs`, each disk logs its writes and flushes to `DIR/ID.wlog`.
+/// `write_logs`, each disk the guest writes logs its writes and flushes to
+/// `DIR/ID.wlog`; a read-only disk is `readonly=on`.
 fn holdfast_command(
     guest: &LinuxGuest,
     cmdline: &str,
@@ -196,11 +224,15 @@ fn holdfast_command(
         c.arg("--initrd").arg(initrd);
     }
     for (id, path) in disks {
-        let log = write_logs
-            .map(|d| format!(",write-log={}", write_log_path(d, id).display()))
-            .unwrap_or_default();
+        let extra = if guest.is_read_only(id) {
+            ",readonly=on".to_string()
+        } else {
+            write_logs
+                .map(|d| format!(",write-log={}", write_log_path(d, id).display()))
+                .unwrap_or_default()
+        };
         c.arg("--disk").arg(format!(
-            "path={},id={id}{disk_options}{log}",
+            "path={},id={id}{disk_options}{extra}",
             path.display()
         ));
     }
@@ -264,9 +296,14 @@ fn qemu_command(
     }
     let cache = if cache_none { ",cache=none" } else { "" };
     for (id, path) in disks {
+        let ro = if guest.is_read_only(id) {
+            ",readonly=on"
+        } else {
+            ""
+        };
         c.arg("-drive")
             .arg(format!(
-                "file={},if=none,id={id},format=raw,werror=stop,rerror=stop{cache}",
+                "file={},if=none,id={id},format=raw,werror=stop,rerror=stop{cache}{ro}",
                 path.display()
             ))
             .arg("-device")
@@ -1006,13 +1043,7 @@ pub fn run(
         .as_ref()
         .map(|r| r.mount_point().to_path_buf())
         .unwrap_or(dir.clone());
-    let mut disks = Vec::new();
-    for (id, image) in &guest.disks {
-        let copy = images_dir.join(format!("{id}.img"));
-        eprintln!("lab:   copying {} to {}", image.display(), copy.display());
-        copy_image(image, &copy)?;
-        disks.push((id.clone(), copy));
-    }
+    let disks = run_disks(guest, &images_dir)?;
     let hang = plan
         .hang_timeout
         .map(|t| format!(",hang-timeout={}", t.as_secs()))
@@ -1039,7 +1070,10 @@ pub fn run(
     let breaker = match &real {
         Some(r) => Breaker::Real(r),
         None => Breaker::Simulated {
-            target: outage.disk.clone().unwrap_or_else(|| disks[0].0.clone()),
+            target: outage
+                .disk
+                .clone()
+                .unwrap_or_else(|| guest.first_writable().to_string()),
         },
     };
     let mut timeline = Timeline::default();
@@ -1100,9 +1134,7 @@ pub fn run(
     record.timeline = timeline;
     // The images are the largest part of a run; keep them only where something was lost.
     if record.lost == 0 && record.corrupt == 0 && record.verified {
-        for (_, p) in &disks {
-            let _ = std::fs::remove_file(p);
-        }
+        remove_copies(guest, &disks);
     } else if let Some(r) = &mut real {
         r.keep();
     }
@@ -1164,6 +1196,7 @@ mod tests {
             memory: 256 << 20,
             cpus: 1,
             disks: vec![],
+            read_only: vec![],
         };
         let disks = [("data".to_string(), image)];
         let command = holdfast_command(
@@ -1195,6 +1228,60 @@ mod tests {
             Some(dir.path().join("data.wlog").as_path()),
             "a power cut's run logs each disk's writes beside its files"
         );
+    }
+
+    #[test]
+    fn a_read_only_disk_is_readonly_on_and_keeps_no_log() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (kernel, root, data) = (
+            dir.path().join("vmlinuz"),
+            dir.path().join("root.img"),
+            dir.path().join("data.img"),
+        );
+        for p in [&kernel, &root, &data] {
+            std::fs::write(p, b"x").expect("file");
+        }
+        let guest = LinuxGuest {
+            kernel,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            memory: 256 << 20,
+            cpus: 1,
+            disks: vec![("root".into(), root.clone()), ("data".into(), data)],
+            read_only: vec!["root".into()],
+        };
+        let runs = dir.path().join("run");
+        std::fs::create_dir(&runs).expect("dir");
+        let disks = run_disks(&guest, &runs).expect("disks");
+        assert_eq!(disks[0].1, root, "the read-only image itself, no copy");
+        assert_eq!(
+            disks[1].1,
+            runs.join("data.img"),
+            "a copy of the one it writes"
+        );
+        let command = holdfast_command(
+            &guest,
+            "check",
+            &disks,
+            "",
+            Some(&runs),
+            &runs,
+            "holdfast.log",
+        )
+        .expect("command");
+        let args: Vec<String> = command
+            .get_args()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let opts = crate::cli::parse_run(&args)
+            .expect("parses")
+            .expect("not --help");
+        assert!(opts.disks[0].config.read_only && opts.disks[0].write_log.is_none());
+        assert!(!opts.disks[1].config.read_only && opts.disks[1].write_log.is_some());
+        remove_copies(&guest, &disks);
+        assert!(root.exists(), "the scenario's read-only image stays");
+        assert!(!disks[1].1.exists(), "the run's copy goes");
     }
 
     #[test]

@@ -60,7 +60,10 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                   request_time ("20ms", virtual); it prints `round N` as round N starts
               or a Linux guest:
                 kernel (required), initrd, cmdline, memory ("512M"), cpus (1),
-                disks: [{"id": "data", "image": "data.img"}, ...]
+                disks: [{"id": "data", "image": "data.img"}, ...]; a disk with
+                  "readonly": true is readonly=on to the guest, booted as it is
+                  (no copy, no write log) in every run and crash state, and never
+                  the one an outage hits (images/lab/power-cut.json: the root)
   progress    (Linux guests) how the guest reports on its serial console:
                 ready: a text; the line containing it says the workload runs
                 ack: a prefix; each line starting with it acknowledges one unit, the

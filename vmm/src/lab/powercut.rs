@@ -21,7 +21,9 @@ use holdfast_block::sim::timeline::Timeline;
 use holdfast_block::writelog::{read_log, LogEntry};
 
 use super::error::{Error, Unsupported};
-use super::guest::{self, copy_image, write_log_path, Breaker, Vmm, Workload};
+use super::guest::{
+    self, copy_image, remove_copies, run_disks, write_log_path, Breaker, Vmm, Workload,
+};
 use super::realhost::RealHost;
 use super::report::{CrashInfo, LogMark, RunRecord};
 use super::scenario::{Host, LabStrategy, LinuxGuest, OutageKind, Plan};
@@ -62,6 +64,11 @@ pub fn run(
     };
     let mut logs = Vec::new();
     for (id, _) in &guest.disks {
+        if guest.is_read_only(id) {
+            // Read-only: nothing to log, the same image in every state.
+            logs.push(Vec::new());
+            continue;
+        }
         let path = write_log_path(&logs_dir, id);
         let bytes = std::fs::read(&path).map_err(Error::file(&path))?;
         let entries = read_log(&bytes).map_err(|e| Error::File {
@@ -85,7 +92,12 @@ pub fn run(
         let mut disks = Vec::new();
         let mut landed = Vec::new();
         let mut picture = Vec::new();
-        for (k, ((id, base), entries)) in guest.disks.iter().zip(&logs).enumerate() {
+        let mut first = true;
+        for ((id, base), entries) in guest.disks.iter().zip(&logs) {
+            if guest.is_read_only(id) {
+                disks.push((id.clone(), base.clone()));
+                continue;
+            }
             // Each disk its own state, from the same seed.
             let state = CrashState::choose(entries, mode, seed);
             let image = state_dir.join(format!("{id}.img"));
@@ -99,8 +111,9 @@ pub fn run(
                 .and_then(|()| file.sync_all())
                 .map_err(Error::file(&image))?;
             landed.push(format!("{id}: {}", state.describe()));
-            if k == 0 {
+            if first {
                 picture = marks(entries, &state);
+                first = false;
             }
             disks.push((id.clone(), image));
         }
@@ -144,9 +157,7 @@ pub fn run(
         );
         // The images are the largest part; keep a state's only where it lost.
         if !record.lost_something() {
-            for (_, p) in &disks {
-                let _ = std::fs::remove_file(p);
-            }
+            remove_copies(guest, &disks);
         }
         records.push(record);
     }
@@ -182,13 +193,7 @@ fn first_run(
         .as_ref()
         .map(|r| r.mount_point().to_path_buf())
         .unwrap_or(dir.to_path_buf());
-    let mut disks = Vec::new();
-    for (id, image) in &guest.disks {
-        let copy = images_dir.join(format!("{id}.img"));
-        eprintln!("lab:   copying {} to {}", image.display(), copy.display());
-        copy_image(image, &copy)?;
-        disks.push((id.clone(), copy));
-    }
+    let disks = run_disks(guest, &images_dir)?;
     let options = match host {
         Host::Simulated(model) => format!(",x-host=simulated:{model},x-strategy={engine}"),
         Host::Real => format!(",x-strategy={engine}"),
@@ -197,7 +202,7 @@ fn first_run(
     let breaker = match &real {
         Some(r) => Breaker::Real(r),
         None => Breaker::Simulated {
-            target: disks[0].0.clone(),
+            target: guest.first_writable().to_string(),
         },
     };
     let mut timeline = Timeline::default();
@@ -223,9 +228,7 @@ fn first_run(
         return Err(Error::WriteLogStopped(line.trim().to_string()));
     }
     // The images the guest wrote are not the crash states: those come from the logs.
-    for (_, p) in &disks {
-        let _ = std::fs::remove_file(p);
-    }
+    remove_copies(guest, &disks);
     drop(real);
     if !seen.outage_started {
         let why = if seen.timed_out {

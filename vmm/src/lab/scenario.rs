@@ -93,6 +93,10 @@ pub struct SyntheticFile {
 pub struct DiskFile {
     pub id: String,
     pub image: PathBuf,
+    /// The guest sees the disk read-only (`readonly=on`): the lab boots every run and
+    /// crash state on the image itself, not on a copy, and logs nothing of it.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +212,25 @@ pub struct LinuxGuest {
     pub memory: u64,
     pub cpus: u8,
     pub disks: Vec<(String, PathBuf)>,
+    /// The ids of the disks the guest sees read-only (`guest.disks[].readonly`).
+    pub read_only: Vec<String>,
+}
+
+impl LinuxGuest {
+    /// Whether the guest sees disk `id` read-only.
+    pub fn is_read_only(&self, id: &str) -> bool {
+        self.read_only.iter().any(|r| r == id)
+    }
+
+    /// The disk an outage hits when it names none: the first the guest writes
+    /// (scenario checking refuses a guest whose disks are all read-only).
+    pub fn first_writable(&self) -> &str {
+        self.disks
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .find(|id| !self.is_read_only(id))
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -658,6 +681,12 @@ fn check_outage(
             return err(
                 at("disk"),
                 format!("no disk `{d}` in guest.disks ({})", disk_ids.join(", ")),
+            )
+        }
+        Some(d) if f.guest.disks.iter().any(|g| g.id == *d && g.readonly) => {
+            return err(
+                at("disk"),
+                format!("disk `{d}` is read-only (guest.disks[].readonly): the outage needs one the guest writes"),
             )
         }
         Some(d) => Some(d.clone()),
@@ -1120,6 +1149,7 @@ fn check_guest(g: &GuestFile, base: &Path) -> Result<Guest, FieldError> {
         );
     }
     let mut disks: Vec<(String, PathBuf)> = Vec::new();
+    let mut read_only = Vec::new();
     for (i, d) in g.disks.iter().enumerate() {
         if d.id.is_empty() || d.id.contains([',', '=']) {
             return err(
@@ -1132,6 +1162,15 @@ fn check_guest(g: &GuestFile, base: &Path) -> Result<Guest, FieldError> {
         }
         let image = existing_file(&format!("guest.disks[{i}].image"), base, &d.image)?;
         disks.push((d.id.clone(), image));
+        if d.readonly {
+            read_only.push(d.id.clone());
+        }
+    }
+    if read_only.len() == disks.len() {
+        return err(
+            "guest.disks",
+            "every disk is read-only: the outage needs one the guest writes",
+        );
     }
     Ok(Guest::Linux(LinuxGuest {
         kernel,
@@ -1143,5 +1182,6 @@ fn check_guest(g: &GuestFile, base: &Path) -> Result<Guest, FieldError> {
         memory,
         cpus,
         disks,
+        read_only,
     }))
 }
