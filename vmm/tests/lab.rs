@@ -479,7 +479,12 @@ fn a_read_only_disk_is_never_the_one_an_outage_hits() {
             {"id": "data", "image": "data.img"}
         ])
     };
-    let path = scenario(dir.path(), &linux(two));
+    let with_boot = |v: &mut Value| {
+        two(v);
+        v["verify"] =
+            serde_json::json!({"boot": {"cmdline": "check", "ok": "CHECK OK", "have": "HAVE "}});
+    };
+    let path = scenario(dir.path(), &linux(with_boot));
     let (code, _, err) = holdfast(&["lab", "--check", path.to_str().expect("utf-8")]);
     assert_eq!(code, 0, "{err}");
     let plan = holdfast_vmm::lab::scenario::load(&path).expect("plan");
@@ -490,7 +495,7 @@ fn a_read_only_disk_is_never_the_one_an_outage_hits() {
     assert_eq!(g.first_writable(), "data");
     refused(
         &linux(|v| {
-            two(v);
+            with_boot(v);
             v["outages"][0]["disk"] = "root".into();
         }),
         "outages[0].disk",
@@ -501,6 +506,9 @@ fn a_read_only_disk_is_never_the_one_an_outage_hits() {
         "guest.disks",
         "every disk is read-only",
     );
+    // A host command gets the images' paths: a read-only one's would be the
+    // scenario's own.
+    refused(&linux(two), "verify.host", "disk `root` is read-only");
 }
 
 #[test]

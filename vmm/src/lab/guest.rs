@@ -1029,6 +1029,7 @@ pub fn run(
             let images: u64 = guest
                 .disks
                 .iter()
+                .filter(|(id, _)| !guest.is_read_only(id))
                 .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
                 .sum();
             Some(RealHost::set_up(

@@ -124,7 +124,7 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       `at` depends on how fast the guest runs
                 lasts: how long the storage stays broken (Linux guests; the synthetic
                        guest's outage ends once the operator's first cont is refused)
-                disk: which guest disk (default: the first)
+                disk: which guest disk (default: the first the guest writes)
   operator    cont_after (2s; synthetic 1s): when the VM has paused, the operator
               waits this long before each `cont`; tries (3): `cont`s after the outage
               ended before giving up; detach (false): detach the image during the
@@ -148,7 +148,7 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
               root; per run the lab makes a sparse file in the run's folder, a loop
               device over it, a dm device over that and ext4 on it with its default
               options, mounted in the run's folder, and says so; the images are
-              copied there; an outage swaps the dm table for `error`; after the run
+              copied there (a read-only disk's stays where it is); an outage swaps the dm table for `error`; after the run
               the file system is unmounted (its page cache goes), repaired with
               e2fsck if it went down, and mounted again for the check; at the end
               everything it made is removed

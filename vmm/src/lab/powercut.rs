@@ -182,6 +182,7 @@ fn first_run(
             guest
                 .disks
                 .iter()
+                .filter(|(id, _)| !guest.is_read_only(id))
                 .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
                 .sum::<u64>()
                 + (256 << 20),

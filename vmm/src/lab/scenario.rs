@@ -948,6 +948,14 @@ fn check_verify(v: Option<&VerifyFile>, guest: &Guest, base: &Path) -> Result<Ve
             let Some(program) = h.command.first() else {
                 return err("verify.host.command", "empty");
             };
+            if let Guest::Linux(g) = guest {
+                if let Some(id) = g.read_only.first() {
+                    return err(
+                        "verify.host",
+                        format!("disk `{id}` is read-only: the host command would get the scenario's own image, not a copy; check with `boot`"),
+                    );
+                }
+            }
             let program = if program.contains('/') {
                 base.join(program).to_string_lossy().into_owned()
             } else {

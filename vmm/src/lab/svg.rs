@@ -140,7 +140,7 @@ pub fn timeline(title: &str, t: &Timeline) -> String {
 }
 
 /// A power cut's crash state: the first run's timeline (up to the cut), and below
-/// it the write log of the first disk, entry by entry in the order the device
+/// it the write log of the first disk the guest writes, entry by entry in the order the device
 /// completed them: flushes as black ticks, writes before the last flush (on the disk
 /// in every state) grey, and of the writes after it those that landed green, torn
 /// orange, lost red. A log longer than the strip is drawn a column per group of
