@@ -1183,6 +1183,18 @@ mod tests {
         assert!(outage_rules(OutageKind::FsDown).is_err());
     }
 
+    /// A `holdfast run` command's arguments as `holdfast run` parses them.
+    fn parsed(command: &Command) -> crate::cli::RunOpts {
+        let args: Vec<String> = command
+            .get_args()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        crate::cli::parse_run(&args)
+            .expect("parses")
+            .expect("not --help")
+    }
+
     #[test]
     fn the_check_boot_reports_host_io_errors_to_its_guest() {
         use holdfast_block::ErrorPolicy;
@@ -1210,15 +1222,7 @@ mod tests {
             "verify-holdfast.log",
         )
         .expect("command");
-        // The arguments as `holdfast run` parses them.
-        let args: Vec<String> = command
-            .get_args()
-            .skip(1)
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let opts = crate::cli::parse_run(&args)
-            .expect("parses")
-            .expect("not --help");
+        let opts = parsed(&command);
         let config = &opts.disks[0].config;
         assert_eq!(
             (config.werror, config.rerror),
@@ -1270,14 +1274,7 @@ mod tests {
             "holdfast.log",
         )
         .expect("command");
-        let args: Vec<String> = command
-            .get_args()
-            .skip(1)
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let opts = crate::cli::parse_run(&args)
-            .expect("parses")
-            .expect("not --help");
+        let opts = parsed(&command);
         assert!(opts.disks[0].config.read_only && opts.disks[0].write_log.is_none());
         assert!(!opts.disks[1].config.read_only && opts.disks[1].write_log.is_some());
         remove_copies(&guest, &disks);
