@@ -1183,6 +1183,23 @@ mod tests {
         assert!(outage_rules(OutageKind::FsDown).is_err());
     }
 
+    /// A 256 MiB, one-CPU guest with these disks (and these of them read-only).
+    fn test_guest(
+        kernel: PathBuf,
+        disks: Vec<(String, PathBuf)>,
+        read_only: Vec<String>,
+    ) -> LinuxGuest {
+        LinuxGuest {
+            kernel,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            memory: 256 << 20,
+            cpus: 1,
+            disks,
+            read_only,
+        }
+    }
+
     /// A `holdfast run` command's arguments as `holdfast run` parses them.
     fn parsed(command: &Command) -> crate::cli::RunOpts {
         let args: Vec<String> = command
@@ -1202,15 +1219,7 @@ mod tests {
         let (kernel, image) = (dir.path().join("vmlinuz"), dir.path().join("disk.img"));
         std::fs::write(&kernel, b"k").expect("kernel");
         std::fs::write(&image, b"d").expect("image");
-        let guest = LinuxGuest {
-            kernel,
-            initrd: None,
-            cmdline: "console=ttyS0".into(),
-            memory: 256 << 20,
-            cpus: 1,
-            disks: vec![],
-            read_only: vec![],
-        };
+        let guest = test_guest(kernel, vec![], vec![]);
         let disks = [("data".to_string(), image)];
         let command = holdfast_command(
             &guest,
@@ -1246,15 +1255,11 @@ mod tests {
         for p in [&kernel, &root, &data] {
             std::fs::write(p, b"x").expect("file");
         }
-        let guest = LinuxGuest {
+        let guest = test_guest(
             kernel,
-            initrd: None,
-            cmdline: "console=ttyS0".into(),
-            memory: 256 << 20,
-            cpus: 1,
-            disks: vec![("root".into(), root.clone()), ("data".into(), data)],
-            read_only: vec!["root".into()],
-        };
+            vec![("root".into(), root.clone()), ("data".into(), data)],
+            vec!["root".into()],
+        );
         let runs = dir.path().join("run");
         std::fs::create_dir(&runs).expect("dir");
         let disks = run_disks(&guest, &runs).expect("disks");
