@@ -446,6 +446,48 @@ fn the_seed_picks_the_line_the_outage_meets() {
 }
 
 #[test]
+fn an_outage_can_start_a_while_after_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = linux(|v| {
+        v["outages"][0]["when"] = serde_json::json!({"line": "ACK", "nth": 3, "after": "500ms"});
+    });
+    let path = scenario(dir.path(), &json);
+    let (code, out, err) = holdfast(&["lab", "--check", path.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("0.5 s after the 3. line with `ACK` after the ready marker"),
+        "{out}"
+    );
+    let plan = holdfast_vmm::lab::scenario::load(&path).expect("plan");
+    assert_eq!(
+        plan.outages[0].when,
+        holdfast_vmm::lab::scenario::When::Line {
+            text: "ACK".into(),
+            nth: 3,
+            after: std::time::Duration::from_millis(500)
+        }
+    );
+    refused(
+        &linux(|v| v["outages"][0]["when"] = serde_json::json!({"at": "5s", "after": "1s"})),
+        "outages[0].when.after",
+        "goes with `line`",
+    );
+    refused(
+        &linux(|v| v["outages"][0]["when"] = serde_json::json!({"line": "ACK", "after": "soon"})),
+        "outages[0].when.after",
+        "soon",
+    );
+    refused(
+        &synthetic(
+            &["holdfast"],
+            r#"[{"kind": "flush-eio", "when": {"line": "round 2", "after": "1s"}}]"#,
+        ),
+        "outages[0].when.after",
+        "Linux guests",
+    );
+}
+
+#[test]
 fn a_hang_timeout_is_whole_seconds_for_a_linux_guest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = scenario(dir.path(), &linux(|v| v["hang_timeout"] = "3s".into()));

@@ -456,6 +456,8 @@ pub(super) struct Workload<'a> {
     ready: Option<Instant>,
     /// Console lines that matched the outage's `when.line` since then.
     matches: u32,
+    /// When the `nth` of them came (the outage starts `after` it).
+    line_met: Option<Instant>,
     /// The outage is on (since then).
     outage_since: Option<Instant>,
     outage_over: bool,
@@ -531,6 +533,7 @@ impl<'a> Workload<'a> {
             seen: Seen::default(),
             ready: None,
             matches: 0,
+            line_met: None,
             outage_since: None,
             outage_over: false,
             stopped_since: None,
@@ -619,7 +622,9 @@ impl<'a> Workload<'a> {
     fn start_outage_when_due(&mut self, now: Instant) -> Result<(), Error> {
         let due = match (&self.outage.when, self.ready) {
             (When::At(d), Some(r)) => now.duration_since(r) >= *d,
-            (When::Line { nth, .. }, Some(_)) => self.matches >= *nth,
+            (When::Line { after, .. }, Some(_)) => self
+                .line_met
+                .is_some_and(|met| now.duration_since(met) >= *after),
             _ => false,
         };
         if !due || self.outage_since.is_some() || self.outage_over {
@@ -635,7 +640,7 @@ impl<'a> Workload<'a> {
             let ms = self.ms(now);
             self.timeline.host(ms, HostState::Down);
             let at = match &self.outage.when {
-                When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
+                When::Line { text, nth, after } => line_and_after(text, *nth, *after),
                 When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
             };
             self.note(now, format!("power cut{at}"));
@@ -652,7 +657,7 @@ impl<'a> Workload<'a> {
         let ms = self.ms(now);
         self.timeline.host(ms, state);
         let at = match &self.outage.when {
-            When::Line { text, nth } => format!(" at line {nth} with `{text}`"),
+            When::Line { text, nth, after } => line_and_after(text, *nth, *after),
             When::At(d) => format!(" {} s after ready", d.as_secs_f64()),
         };
         let what = format!("outage: {}{at}", self.outage.kind.as_str());
@@ -794,9 +799,12 @@ impl<'a> Workload<'a> {
                 self.seen.app_errors += 1;
             }
         }
-        if let When::Line { text, .. } = &self.outage.when {
+        if let When::Line { text, nth, .. } = &self.outage.when {
             if line.contains(text.as_str()) {
                 self.matches += 1;
+                if self.matches == *nth {
+                    self.line_met = Some(at);
+                }
             }
         }
     }
@@ -1140,6 +1148,16 @@ pub fn run(
         r.keep();
     }
     Ok(record)
+}
+
+/// How a line trigger is told in the run's notes: " at line 3 with `ACK`", and
+/// " 0.5 s after" it.
+fn line_and_after(text: &str, nth: u32, after: Duration) -> String {
+    if after.is_zero() {
+        format!(" at line {nth} with `{text}`")
+    } else {
+        format!(" {} s after line {nth} with `{text}`", after.as_secs_f64())
+    }
 }
 
 #[cfg(test)]

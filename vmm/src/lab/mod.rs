@@ -119,7 +119,11 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       {"line": "TEXT", "nth": 3}: the 3rd console line after the ready
                       marker that contains TEXT (synthetic guest: "round N"), or
                       {"line": "TEXT", "nth_between": [10, 90]}: one of those, picked
-                      by the seed (the same for every host and strategy).
+                      by the seed (the same for every host and strategy);
+                      with "after": "500ms" (Linux guests), that long after the
+                      line (images/lab/power-cut.json: while the application
+                      waits between units, so that writes no flush covers
+                      gather before the power goes).
                       Line triggers meet the guest at the same point on every rerun;
                       `at` depends on how fast the guest runs
                 lasts: how long the storage stays broken (Linux guests; the synthetic
@@ -258,9 +262,14 @@ pub fn main(args: LabArgs) -> ExitCode {
         for (i, o) in plan.outages.iter().enumerate() {
             let when = match &o.when {
                 scenario::When::At(d) => format!("{} s after the ready marker", d.as_secs_f64()),
-                scenario::When::Line { text, nth } => {
-                    format!("at the {nth}. line with `{text}` after the ready marker")
-                }
+                scenario::When::Line { text, nth, after } => format!(
+                    "{} the {nth}. line with `{text}` after the ready marker",
+                    if after.is_zero() {
+                        "at".to_string()
+                    } else {
+                        format!("{} s after", after.as_secs_f64())
+                    }
+                ),
             };
             println!("  outage {}: {} {when}", i + 1, o.kind.as_str());
             if let Some(c) = &o.cut {

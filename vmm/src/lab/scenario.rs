@@ -133,6 +133,8 @@ pub struct WhenFile {
     pub line: Option<String>,
     pub nth: Option<u32>,
     pub nth_between: Option<[u32; 2]>,
+    /// (with `line`) how long after that line the outage starts
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -300,10 +302,12 @@ impl OutageKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum When {
     At(Duration),
-    /// The `nth` console line (from 1) after the ready marker that contains `text`.
+    /// `after` past the `nth` console line (from 1) after the ready marker that
+    /// contains `text`.
     Line {
         text: String,
         nth: u32,
+        after: Duration,
     },
 }
 
@@ -818,6 +822,9 @@ fn check_when(
             if w.nth.is_some() || w.nth_between.is_some() {
                 return err(at("when.nth"), "goes with `line`, not `at`");
             }
+            if w.after.is_some() {
+                return err(at("when.after"), "goes with `line`; `at` is a time already");
+            }
             if t.trim_start().starts_with('-') {
                 return err(
                     at("when.at"),
@@ -850,9 +857,20 @@ fn check_when(
                     "the synthetic guest prints each `round N` once",
                 );
             }
+            let after = match &w.after {
+                None => Duration::ZERO,
+                Some(_) if synthetic => {
+                    return err(
+                        at("when.after"),
+                        "the synthetic guest starts an outage at its round; `after` is for Linux guests",
+                    )
+                }
+                Some(t) => duration(&at("when.after"), t)?,
+            };
             When::Line {
                 text: text.clone(),
                 nth,
+                after,
             }
         }
     };
