@@ -399,6 +399,7 @@ fn malformed_chains_end_as_errors_not_crashes() {
         (0x0, u32::MAX - 4096, true),
         (0x37_1000, 1, true),
     ]);
+    assert!(rig.slot.info().stats.last_io.is_none(), "no request yet");
     rig.start(d.queue(), 0);
     let run = rig.serve(&mem);
     assert_eq!(d.used().len(), 8);
@@ -427,6 +428,7 @@ fn malformed_chains_end_as_errors_not_crashes() {
     let stats = rig.slot.info().stats;
     assert_eq!((stats.wr.invalid, stats.rd.invalid), (1, 2));
     assert_eq!((stats.rd.failed, stats.rd.operations), (1, 0));
+    assert!(stats.last_io.is_some(), "idle_time_ns counts from these");
     assert!(
         disk.contents().iter().all(|&b| b == 0),
         "nothing reached the disk"

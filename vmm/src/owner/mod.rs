@@ -515,14 +515,18 @@ fn errno_desc(e: &HostError) -> String {
 }
 
 /// `query-blockstats`: QEMU's `BlockStats` per disk, with the counters holdfast
-/// keeps, and its own: the unflushed bytes now and the replays.
+/// keeps, and its own: the unflushed bytes now and the replays. Holdfast never
+/// merges requests (`*_merged` are 0) and keeps no timed intervals (`timed_stats`
+/// empty, as QEMU's without `stats-intervals`); `idle_time_ns`, the time since the
+/// last request, is missing until there was one, as in QEMU.
 fn query_blockstats(disks: &[DiskInfo]) -> Value {
+    let now = std::time::Instant::now();
     Value::Array(
         disks
             .iter()
             .map(|d| {
                 let s = &d.stats;
-                json!({
+                let mut v = json!({
                     "device": d.id, "qdev": d.id, "node-name": d.id,
                     "stats": {
                         "rd_bytes": s.rd.bytes, "wr_bytes": s.wr.bytes, "unmap_bytes": s.unmap.bytes,
@@ -538,13 +542,17 @@ fn query_blockstats(disks: &[DiskInfo]) -> Value {
                         "invalid_flush_operations": s.flush.invalid,
                         "invalid_unmap_operations": s.unmap.invalid,
                         "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
-                        "idle_time_ns": 0,
                         "account_invalid": true, "account_failed": true,
                         "timed_stats": [],
                         "x-unflushed-bytes": d.status.buffer.bytes,
                         "x-replays": s.replays, "x-replayed-bytes": s.replayed_bytes,
                     },
-                })
+                });
+                if let Some(last) = s.last_io {
+                    let idle = u64::try_from(now.saturating_duration_since(last).as_nanos());
+                    v["stats"]["idle_time_ns"] = idle.unwrap_or(u64::MAX).into();
+                }
+                v
             })
             .collect(),
     )

@@ -695,6 +695,11 @@ fn query_blockstats_name_and_cpus_answer_as_qemu_does() {
     assert_eq!(stats[0]["stats"]["x-replays"], 1);
     assert_eq!(stats[0]["stats"]["x-replayed-bytes"], 512);
     assert!(stats[0]["stats"]["x-unflushed-bytes"].is_u64());
+    // The fake's last request was 2 s ago.
+    let idle = stats[0]["stats"]["idle_time_ns"]
+        .as_u64()
+        .expect("idle_time_ns");
+    assert!((2_000_000_000..60_000_000_000).contains(&idle), "{idle}");
     let name = ask(&mut owner, &mut fake, Command::QueryName).expect("name");
     assert_eq!(name, serde_json::json!({"name": "fake"}));
     let cpus = ask(&mut owner, &mut fake, Command::QueryCpusFast).expect("cpus");
@@ -756,6 +761,7 @@ fn holdfast_vmm_stats() -> crate::virtio::block::BlockStats {
         },
         replays: 1,
         replayed_bytes: 512,
+        last_io: std::time::Instant::now().checked_sub(std::time::Duration::from_secs(2)),
         ..Default::default()
     }
 }

@@ -871,13 +871,16 @@ impl Kind {
 /// What a disk did for its guest since it started, as QEMU's `query-blockstats`
 /// counts it: requests answered, by kind, their bytes and the time from taking them
 /// to answering, those answered with an error (`failed_*`) and those refused as
-/// malformed (`invalid_*`); and the replays that rewrote the buffer after outages.
+/// malformed (`invalid_*`); when the last of them was (QEMU's `idle_time_ns`); and
+/// the replays that rewrote the buffer after outages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlockStats {
     pub rd: KindStats,
     pub wr: KindStats,
     pub flush: KindStats,
     pub unmap: KindStats,
+    /// When the last request counted here was answered or refused (none yet: never).
+    pub last_io: Option<std::time::Instant>,
     /// Replays done (a `cont` after a host error), and the bytes they rewrote.
     pub replays: u64,
     pub replayed_bytes: u64,
@@ -905,6 +908,7 @@ impl BlockStats {
     }
 
     fn count(&mut self, kind: Kind, bytes: u64, ok: bool, took: std::time::Duration) {
+        let now = std::time::Instant::now();
         let Some(k) = self.of_kind(kind) else { return };
         if ok {
             k.operations += 1;
@@ -915,11 +919,13 @@ impl BlockStats {
         k.total_time_ns = k
             .total_time_ns
             .saturating_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+        self.last_io = Some(now);
     }
 
     fn invalid(&mut self, kind: Kind) {
         if let Some(k) = self.of_kind(kind) {
             k.invalid += 1;
+            self.last_io = Some(std::time::Instant::now());
         }
     }
 }
