@@ -132,9 +132,16 @@ impl CrashState {
                         _ => 1,
                     };
                     if sectors <= 1 {
+                        return Landed::Whole;
+                    }
+                    let each: Vec<bool> = (0..sectors).map(|_| coin()).collect();
+                    // Every sector or none is not torn: counted as what it is.
+                    if each.iter().all(|b| *b) {
                         Landed::Whole
+                    } else if !each.iter().any(|b| *b) {
+                        Landed::Not
                     } else {
-                        Landed::Sectors((0..sectors).map(|_| coin()).collect())
+                        Landed::Sectors(each)
                     }
                 })
                 .collect(),
@@ -158,16 +165,40 @@ impl CrashState {
         (whole, part, self.tail.len() - whole - part)
     }
 
-    /// One line: the mode, the seed and what landed.
+    /// One line: the mode, the seed, what landed, and a fingerprint of which
+    /// writes and sectors landed (two states with the same counts and another
+    /// choice differ in it).
     pub fn describe(&self) -> String {
         let (whole, part, not) = self.counts();
         format!(
-            "{} seed {}: {} entries up to the last flush; after it {} writes: {whole} landed, {part} torn, {not} lost",
+            "{} seed {}: {} entries up to the last flush; after it {} writes: {whole} landed, {part} torn, {not} lost (choice {:016x})",
             self.mode,
             self.seed,
             self.stable,
-            self.tail.len()
+            self.tail.len(),
+            self.fingerprint()
         )
+    }
+
+    /// FNV-1a over what landed of each write after the last flush, in order.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: u8| {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        };
+        for l in &self.tail {
+            match l {
+                Landed::Not => eat(0),
+                Landed::Whole => eat(1),
+                Landed::Sectors(v) => {
+                    eat(2);
+                    v.iter().for_each(|b| eat(u8::from(*b)));
+                    eat(3);
+                }
+            }
+        }
+        h
     }
 
     /// Writes the state onto `image`, which holds the disk as it was when the log
@@ -334,5 +365,42 @@ mod tests {
             .parse::<CutMode>()
             .expect_err("not a mode")
             .contains("none, all, prefix, subset, torn"));
+    }
+
+    #[test]
+    fn a_torn_write_is_one_that_landed_in_part_and_the_choice_is_told() {
+        // Two sectors: some seeds land both or neither; those are not torn.
+        let big = vec![w(0, 9, 2)];
+        let states: Vec<CrashState> = (0..200)
+            .map(|seed| CrashState::choose(&big, CutMode::Torn, seed))
+            .collect();
+        for s in &states {
+            if let Landed::Sectors(v) = &s.tail[0] {
+                assert!(v.iter().any(|b| *b) && !v.iter().all(|b| *b), "{v:?}");
+            }
+        }
+        for want in [(1, 0, 0), (0, 1, 0), (0, 0, 1)] {
+            assert!(states.iter().any(|s| s.counts() == want), "{want:?}");
+        }
+        // The same counts, another choice: the description tells them apart.
+        let log: Vec<LogEntry> = (0..8).map(|i| w(i * 512, 1, 1)).collect();
+        let a = CrashState::choose(&log, CutMode::Subset, 1);
+        let b = (2..200)
+            .map(|seed| CrashState::choose(&log, CutMode::Subset, seed))
+            .find(|b| b.counts() == a.counts() && b.tail != a.tail)
+            .expect("another subset of the same size");
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let what = |s: &CrashState| {
+            s.describe()
+                .split_once(": ")
+                .expect("seed: rest")
+                .1
+                .to_string()
+        };
+        assert_ne!(what(&a), what(&b), "same counts, told apart");
+        assert_eq!(
+            a.fingerprint(),
+            CrashState::choose(&log, CutMode::Subset, 1).fingerprint()
+        );
     }
 }

@@ -367,7 +367,9 @@ impl Breaker<'_> {
     }
 }
 
-/// Reads the child's console into `tx` (and into `log`), line by line.
+/// Reads the child's console into `tx` (and into `log`), line by line. Text without
+/// its newline at the end is not a line: a power cut can stop the guest in the middle
+/// of `ACK 31`, and `ACK 3` is not an acknowledgement (the log keeps it).
 fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), Error> {
     let out = child.stdout.take().ok_or(Error::NoConsole)?;
     let mut file = std::fs::File::create(&log).map_err(Error::file(&log))?;
@@ -378,6 +380,11 @@ fn read_console(child: &mut Child, tx: Sender<Msg>, log: PathBuf) -> Result<(), 
             raw.clear();
             match reader.read_until(b'\n', &mut raw) {
                 Ok(0) | Err(_) => break,
+                // read_until stops short of a newline only at the end.
+                Ok(_) if raw.last() != Some(&b'\n') => {
+                    let _ = file.write_all(&raw);
+                    break;
+                }
                 Ok(_) => {
                     let _ = file.write_all(&raw);
                     let line = String::from_utf8_lossy(&raw).trim_end().to_string();
@@ -1163,6 +1170,34 @@ fn line_and_after(text: &str, nth: u32, after: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_the_power_cut_cut_short_is_not_a_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "printf 'ACK 30\\nACK 3'"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = dir.path().join("console.log");
+        read_console(&mut child, tx, log.clone()).expect("reader");
+        let mut lines = Vec::new();
+        for m in rx.iter() {
+            match m {
+                Msg::Line(l) => lines.push(l),
+                Msg::ConsoleClosed => break,
+                Msg::Event(_) => {}
+            }
+        }
+        child.wait().expect("wait");
+        assert_eq!(lines, ["ACK 30"]);
+        let kept = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(
+            kept, "ACK 30\nACK 3",
+            "the log keeps what the guest printed"
+        );
+    }
 
     #[test]
     fn keys_are_the_first_word_after_the_prefix() {
