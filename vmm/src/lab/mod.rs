@@ -120,10 +120,10 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
                       marker that contains TEXT (synthetic guest: "round N"), or
                       {"line": "TEXT", "nth_between": [10, 90]}: one of those, picked
                       by the seed (the same for every host and strategy);
-                      with "after": "500ms" (Linux guests), that long after the
-                      line (images/lab/power-cut.json: while the application
-                      waits between units, so that writes no flush covers
-                      gather before the power goes).
+                      with "after": "300ms" (Linux guests), that long after the
+                      line (images/lab/power-cut.json: the power goes in the
+                      middle of the application's work, not at its
+                      acknowledgement, right after its flush).
                       Line triggers meet the guest at the same point on every rerun;
                       `at` depends on how fast the guest runs
                 lasts: how long the storage stays broken (Linux guests; the synthetic
@@ -152,10 +152,11 @@ file's folder; durations like 500ms, 5s, 2m; sizes like 512M). Examples: images/
               root; per run the lab makes a sparse file in the run's folder, a loop
               device over it, a dm device over that and ext4 on it with its default
               options, mounted in the run's folder, and says so; the images are
-              copied there (a read-only disk's stays where it is); an outage swaps the dm table for `error`; after the run
-              the file system is unmounted (its page cache goes), repaired with
-              e2fsck if it went down, and mounted again for the check; at the end
-              everything it made is removed
+              copied there (a read-only disk's stays where it is); an outage
+              swaps the dm table for `error`; after the run the file system is
+              unmounted (its page cache goes), repaired with e2fsck if it went
+              down, and mounted again for the check; at the end everything it
+              made is removed
   strategies  a list of holdfast | retry-flush (QEMU's werror=stop: re-issue only the
               parked requests) | sticky (QEMU's default file backend: every flush fails
               after the first failure) | qemu | qemu-cache-none (QEMU 10 itself, real

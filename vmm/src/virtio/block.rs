@@ -908,7 +908,6 @@ impl BlockStats {
     }
 
     fn count(&mut self, kind: Kind, bytes: u64, ok: bool, took: std::time::Duration) {
-        let now = std::time::Instant::now();
         let Some(k) = self.of_kind(kind) else { return };
         if ok {
             k.operations += 1;
@@ -919,7 +918,7 @@ impl BlockStats {
         k.total_time_ns = k
             .total_time_ns
             .saturating_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
-        self.last_io = Some(now);
+        self.last_io = Some(std::time::Instant::now());
     }
 
     fn invalid(&mut self, kind: Kind) {
